@@ -1,0 +1,16 @@
+"""MTGR / HSTU model modules and checkpoints (no batching or cache logic here)."""
+
+from __future__ import annotations
+
+from grinfer.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig):
+    """A fresh model for the config: MTGR for kind 'mtgr', HSTURetrieval for kind 'hstu'."""
+    from grinfer.model.hstu import HSTURetrieval
+    from grinfer.model.mtgr import MTGR
+
+    return MTGR(cfg) if cfg.kind == "mtgr" else HSTURetrieval(cfg)
+
+
+__all__ = ["ModelConfig", "build_model"]

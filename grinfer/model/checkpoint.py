@@ -1,0 +1,61 @@
+"""Checkpoints: a directory with config.json (the ModelConfig) and model.safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from grinfer.config import ModelConfig
+from grinfer.model import build_model
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing files or its config does not match its weights."""
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict | None = None) -> Path:
+    """Write config.json (+ `extra` metadata) and model.safetensors into `path`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model.cfg.model_dump(mode="json"), **(extra or {})}
+    (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path / WEIGHTS_FILE))
+    return path
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    """The parsed config.json of a checkpoint directory."""
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no {CONFIG_FILE})")
+    return json.loads(file.read_text())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the model from config.json and load its weights; mismatches name the tensor."""
+    path = Path(path)
+    cfg = ModelConfig.model_validate(read_checkpoint_meta(path)["model"])
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: missing {WEIGHTS_FILE}")
+    model = build_model(cfg)
+    expected = model.state_dict()
+    state = load_file(str(weights), device=str(map_location))
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: config.json does not match {WEIGHTS_FILE}: "
+                              f"missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(tensor.shape)} in {WEIGHTS_FILE} but config.json "
+                f"(d_model={cfg.d_model}, num_items={cfg.num_items}, ...) implies {list(expected[name].shape)}")
+    model.load_state_dict(state)
+    return model.to(map_location).eval()

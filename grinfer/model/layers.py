@@ -1,0 +1,93 @@
+"""The HSTU layer shared by MTGR (dynamic mask, GroupLN) and the causal HSTU retrieval model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from grinfer.config import ModelConfig
+from grinfer.ops import NUM_GROUPS, hstu_attention
+
+
+@dataclass
+class TokenMeta:
+    """Per-token metadata of a jagged sequence batch [U | S | R | C]."""
+
+    offsets: torch.Tensor  # [B + 1]
+    group: torch.Tensor  # [T] token group (GROUP_U .. GROUP_C)
+    pos: torch.Tensor  # [T] position in the full sequence
+    ts: torch.Tensor  # [T] timestamp (seconds) for the time-bucket bias
+
+
+class GroupLayerNorm(nn.Module):
+    """LayerNorm with one (weight, bias) per token group; one group = a plain LayerNorm."""
+
+    def __init__(self, num_groups: int, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_groups, dim))
+        self.bias = nn.Parameter(torch.zeros(num_groups, dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        if self.weight.shape[0] == 1:
+            return y * self.weight[0] + self.bias[0]
+        return y * self.weight[group] + self.bias[group]
+
+
+class RelativeBias(nn.Module):
+    """Learned relative-position and time-bucket attention bias tables (shared by all heads)."""
+
+    def __init__(self, max_seq_len: int, num_time_buckets: int):
+        super().__init__()
+        self.pos_table = nn.Parameter(torch.zeros(2 * max_seq_len + 1))
+        self.time_table = nn.Parameter(torch.zeros(num_time_buckets))
+
+
+class HSTULayer(nn.Module):
+    """X += W_o · (GroupLN(A·V) ⊙ U), with U, V, Q, K = split(SiLU(GroupLN(X) · W_uvqk))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        groups = NUM_GROUPS if cfg.group_ln else 1
+        d = cfg.d_model
+        self.cfg = cfg
+        self.norm_in = GroupLayerNorm(groups, d)
+        self.uvqk = nn.Linear(d, 4 * d)
+        self.norm_attn = GroupLayerNorm(groups, d)
+        self.out = nn.Linear(d, d)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.rel_bias = RelativeBias(cfg.max_seq_len, cfg.num_time_buckets) if cfg.rel_bias else None
+
+    def _group(self, group: torch.Tensor) -> torch.Tensor:
+        return group if self.cfg.group_ln else torch.zeros_like(group)
+
+    def project(self, x: torch.Tensor, group: torch.Tensor):
+        """U [T, d] and V, Q, K [T, H, d/H] of the given tokens."""
+        h = F.silu(self.uvqk(self.norm_in(x, self._group(group))))
+        u, v, q, k = h.split(self.cfg.d_model, dim=-1)
+        shape = (x.shape[0], self.cfg.num_heads, self.cfg.head_dim)
+        return u, v.reshape(shape), q.reshape(shape), k.reshape(shape)
+
+    def attend(self, q, k, v, q_meta: TokenMeta, k_meta: TokenMeta) -> torch.Tensor:
+        """Attention of the queries over the keys (which include every key a query may see)."""
+        tables = {}
+        if self.rel_bias is not None:
+            tables = {"pos_table": self.rel_bias.pos_table, "time_table": self.rel_bias.time_table,
+                          "q_ts": q_meta.ts, "k_ts": k_meta.ts}
+        o = hstu_attention(q, k, v, q_meta.offsets, k_meta.offsets, q_meta.group, q_meta.pos,
+                           k_meta.group, k_meta.pos, mode=self.cfg.mask, normalizer=self.cfg.normalizer,
+                           max_seq_len=self.cfg.max_seq_len, **tables)
+        return o.reshape(o.shape[0], -1)
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Residual update from the attention output."""
+        y = self.norm_attn(attn, self._group(group)) * u
+        return x + self.dropout(self.out(self.dropout(y)))
+
+    def forward(self, x: torch.Tensor, meta: TokenMeta) -> torch.Tensor:
+        u, v, q, k = self.project(x, meta.group)
+        return self.finish(x, self.attend(q, k, v, meta, meta), u, meta.group)

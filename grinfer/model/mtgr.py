@@ -1,0 +1,100 @@
+"""MTGR: one token sequence [U | S | R | C] per ranking request, HSTU layers, multi-task heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grinfer.config import ModelConfig
+from grinfer.features.batch import EventTokens, MTGRBatch
+from grinfer.model.layers import HSTULayer, TokenMeta
+from grinfer.ops import GROUP_C, GROUP_R, GROUP_S, GROUP_U
+from grinfer.ops.jagged import offsets_of, positions_in_seq, seq_ids
+
+
+def mlp(d_in: int, d_out: int) -> nn.Sequential:
+    """The per-group input MLP: Linear -> SiLU -> Linear."""
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.SiLU(), nn.Linear(d_out, d_out))
+
+
+class MTGR(nn.Module):
+    """MTGR ranking model over jagged batches; forward returns per-candidate logits [N_c, num_tasks]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.kind != "mtgr":
+            raise ValueError(f"kind: MTGR needs an 'mtgr' config, got {cfg.kind!r}")
+        self.cfg = cfg
+        e, s, d = cfg.item_emb_dim, cfg.side_emb_dim, cfg.d_model
+        self.item_emb = nn.Embedding(cfg.num_items + 1, e)
+        self.genre_proj = nn.Linear(cfg.num_genres, s, bias=False)
+        self.year_emb = nn.Embedding(cfg.num_year_buckets, s)
+        self.action_emb = nn.Embedding(cfg.num_actions, s)
+        self.gap_emb = nn.Embedding(cfg.num_time_buckets, s)
+        self.profile_emb = nn.ModuleList(nn.Embedding(c, e) for c in cfg.profile_cardinalities)
+        self.field_emb = nn.Embedding(len(cfg.profile_cardinalities), e)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, d)
+        self.user_mlp = mlp(e, d)
+        self.history_mlp = mlp(e + 4 * s, d)
+        self.realtime_mlp = mlp(e + 4 * s, d)
+        self.candidate_mlp = mlp(e + 3 * s + cfg.num_cross_features, d)
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(d)
+        self.heads = nn.ModuleDict({t: nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
+                                    for t in cfg.tasks})
+
+    # ---- token embedding -------------------------------------------------------------------
+    def _item_side(self, ev: EventTokens) -> list[torch.Tensor]:
+        return [self.item_emb(ev.items), self.genre_proj(ev.genres), self.year_emb(ev.years)]
+
+    def _events(self, ev: EventTokens, proj: nn.Module, first_index: torch.Tensor) -> torch.Tensor:
+        """S or R event tokens; `first_index` [B] is each user's event index of its first token."""
+        feats = torch.cat(self._item_side(ev) + [self.action_emb(ev.actions), self.gap_emb(ev.gaps)], -1)
+        index = positions_in_seq(ev.offsets, len(ev.items)) + first_index[seq_ids(ev.offsets, len(ev.items))]
+        return proj(feats) + self.pos_emb(index.clamp(max=self.cfg.max_seq_len - 1))
+
+    def embed(self, batch: MTGRBatch) -> tuple[torch.Tensor, TokenMeta]:
+        """Assemble the jagged token sequence [U | S | R | C] per user and its metadata."""
+        b, nu = batch.profile.shape
+        hist, rt, cand = batch.history, batch.realtime, batch.candidates
+        ns, nr, nc = hist.lengths, rt.lengths, cand.lengths
+        offsets = offsets_of(nu + ns + nr + nc)
+        total, base = int(offsets[-1]), offsets[:-1]
+        dev = batch.profile.device
+
+        fields = torch.arange(nu, device=dev)
+        u_emb = torch.stack([emb(batch.profile[:, i]) for i, emb in enumerate(self.profile_emb)], 1)
+        u_tok = self.user_mlp(u_emb + self.field_emb(fields)).reshape(b * nu, -1)
+        s_tok = self._events(hist, self.history_mlp, torch.zeros_like(ns))
+        r_tok = self._events(rt, self.realtime_mlp, ns)
+        c_feats = self._item_side(cand) + [self.gap_emb(cand.gaps), batch.cross]
+        c_tok = self.candidate_mlp(torch.cat(c_feats, -1))
+
+        def slots(ev: EventTokens, skip: torch.Tensor) -> torch.Tensor:
+            ids = seq_ids(ev.offsets, len(ev.items))
+            return base[ids] + skip[ids] + positions_in_seq(ev.offsets, len(ev.items))
+
+        index = [(base[:, None] + fields).reshape(-1), slots(hist, torch.full_like(ns, nu)),
+                 slots(rt, nu + ns), slots(cand, nu + ns + nr)]
+        x = u_tok.new_empty(total, self.cfg.d_model)
+        group = torch.empty(total, dtype=torch.int64, device=dev)
+        ts = torch.zeros(total, dtype=torch.int64, device=dev)
+        for idx, tok, g, stamps in zip(index, (u_tok, s_tok, r_tok, c_tok), (GROUP_U, GROUP_S, GROUP_R, GROUP_C),
+                                       (None, hist.timestamps, rt.timestamps, cand.timestamps)):
+            x[idx] = tok.to(x.dtype)
+            group[idx] = g
+            if stamps is not None:
+                ts[idx] = stamps
+        return x, TokenMeta(offsets, group, positions_in_seq(offsets, total), ts)
+
+    # ---- layers and heads ----------------------------------------------------------------
+    def head_logits(self, x_candidates: torch.Tensor) -> torch.Tensor:
+        """Per-task logits [N, num_tasks] from final candidate states."""
+        h = self.final_norm(x_candidates)
+        return torch.cat([head(h) for head in self.heads.values()], -1)
+
+    def forward(self, batch: MTGRBatch) -> torch.Tensor:
+        x, meta = self.embed(batch)
+        for layer in self.layers:
+            x = layer(x, meta)
+        return self.head_logits(x[meta.group == GROUP_C])

@@ -1,0 +1,109 @@
+"""HSTU pointwise attention under the MTGR dynamic mask, on jagged tensors (the definition).
+
+Queries are any subset of a sequence's tokens and keys any superset that contains every key the
+queries may see, so the same op serves a whole uncached sequence and "new tokens attend over
+cached K/V plus themselves". Tokens are identified by their token group (U/S/R/C) and their
+position in the full sequence [U | S | R | C].
+
+    A[i, j] = SiLU(alpha * q_i . k_j + bias(i, j)) * M[i, j] / N_i ;  out_i = sum_j A[i, j] v_j
+
+M is the MTGR dynamic mask (or the plain causal mask); N_i is a constant (max_seq_len) or the
+number of keys query i may see. Neither depends on tokens a context query cannot see, so a
+context token's output never changes when candidates or later events are added.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from grinfer.ops.jagged import jagged_to_padded, max_length, padded_to_jagged
+
+GROUP_U, GROUP_S, GROUP_R, GROUP_C = 0, 1, 2, 3
+NUM_GROUPS = 4
+_TIME_BUCKET_BASE = 0.301  # HSTU: bucket = floor(log(|dt|) / 0.301)
+
+
+def visible(q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
+            mode: str) -> torch.Tensor:
+    """Whether query (q_group, q_pos) may see key (k_group, k_pos); broadcasts elementwise.
+
+    dynamic: U and S keys are seen by every token; an R key by R queries at or after it and by
+    every candidate; a C key only by itself. causal: key position <= query position.
+    """
+    if mode == "causal":
+        return k_pos <= q_pos
+    if mode != "dynamic":
+        raise ValueError(f"mask mode: expected 'dynamic' or 'causal', got {mode!r}")
+    context_key = k_group <= GROUP_S
+    realtime_key = (k_group == GROUP_R) & (((q_group == GROUP_R) & (k_pos <= q_pos)) | (q_group == GROUP_C))
+    self_candidate = (k_group == GROUP_C) & (k_pos == q_pos)
+    return context_key | realtime_key | self_candidate
+
+
+def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """HSTU's log time bucket of |dt| seconds, clamped to [0, num_buckets - 1]."""
+    dt = dt.abs().clamp(min=1).to(torch.float32)
+    return (torch.log(dt) / _TIME_BUCKET_BASE).floor().long().clamp(0, num_buckets - 1)
+
+
+def relative_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, q_ts: torch.Tensor, k_ts: torch.Tensor,
+                  pos_table: torch.Tensor, time_table: torch.Tensor) -> torch.Tensor:
+    """Learned relative-position bias plus time-bucket bias; broadcasts elementwise.
+
+    pos_table has 2 * R + 1 entries for relative distances clamped to [-R, R].
+    """
+    reach = (pos_table.shape[0] - 1) // 2
+    rel = (k_pos - q_pos).clamp(-reach, reach) + reach
+    return pos_table[rel] + time_table[time_bucket(q_ts - k_ts, time_table.shape[0])]
+
+
+def hstu_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+    q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
+    *, mode: str = "dynamic", normalizer: str = "visible", max_seq_len: int = 256,
+    alpha: float | None = None,
+    q_ts: torch.Tensor | None = None, k_ts: torch.Tensor | None = None,
+    pos_table: torch.Tensor | None = None, time_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Jagged HSTU attention: q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv].
+
+    Computed in float32 whatever the input dtype; the result has q's dtype. When pos_table is
+    given, candidate queries and keys take the context length as their position for the bias,
+    so a candidate's score does not depend on its place in the candidate list.
+    """
+    _heads, d_qk = q.shape[1], q.shape[2]
+    alpha = 1.0 / math.sqrt(d_qk) if alpha is None else alpha
+    lq, lk = max_length(q_offsets), max_length(k_offsets)
+    qp, q_valid = jagged_to_padded(q.float(), q_offsets, lq)  # [B, Lq, H, D]
+    kp, k_valid = jagged_to_padded(k.float(), k_offsets, lk)
+    vp, _ = jagged_to_padded(v.float(), k_offsets, lk)
+    qg, _ = jagged_to_padded(q_group, q_offsets, lq, pad=-1)
+    qpos, _ = jagged_to_padded(q_pos, q_offsets, lq)
+    kg, _ = jagged_to_padded(k_group, k_offsets, lk, pad=-1)
+    kpos, _ = jagged_to_padded(k_pos, k_offsets, lk)
+
+    mask = visible(qg[:, :, None], qpos[:, :, None], kg[:, None, :], kpos[:, None, :], mode)
+    mask &= q_valid[:, :, None] & k_valid[:, None, :]  # [B, Lq, Lk]
+    scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) * alpha
+    if pos_table is not None:
+        ctx_len = ((kg != GROUP_C) & k_valid).sum(1, keepdim=True)  # [B, 1]
+        qpos_b = torch.where(qg == GROUP_C, ctx_len, qpos)
+        kpos_b = torch.where(kg == GROUP_C, ctx_len, kpos)
+        qts, _ = jagged_to_padded(q_ts, q_offsets, lq)
+        kts, _ = jagged_to_padded(k_ts, k_offsets, lk)
+        bias = relative_bias(qpos_b[:, :, None], kpos_b[:, None, :], qts[:, :, None], kts[:, None, :],
+                             pos_table.float(), time_table.float())
+        scores = scores + bias[:, None]
+    weights = F.silu(scores) * mask[:, None]
+    if normalizer == "visible":
+        weights = weights / mask.sum(-1).clamp(min=1)[:, None, :, None]
+    elif normalizer == "max_len":
+        weights = weights / max_seq_len
+    else:
+        raise ValueError(f"normalizer: expected 'visible' or 'max_len', got {normalizer!r}")
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, vp)
+    return padded_to_jagged(out, q_offsets).to(q.dtype)
