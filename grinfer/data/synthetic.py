@@ -25,7 +25,7 @@ _NUM_GENRES = len(ML1M_GENRES)
 _FAVOURITE_GENRES = 3  # per cluster
 _START_TIME = 956_700_000  # late April 2000, where MovieLens-1M begins
 _SEEN_BITMAP_CELLS = 1 << 24  # bounds the per-chunk "already consumed" bitmap
-_RETRIES = 8  # redraws when a user would repeat an item: half in-genre, then global, then uniform
+_RETRIES = 6  # redraws when a user would repeat an item: half in-genre, half by global popularity
 
 
 def generate_synthetic(
@@ -64,30 +64,29 @@ def generate_synthetic(
     cluster = rng.choice(num_clusters, size=num_users, p=rng.dirichlet(np.full(num_clusters, 5.0)))
     profiles = _make_profiles(rng, cluster, num_clusters)
     sigma = 0.7
-    counts = np.rint(mean_events * rng.lognormal(-sigma**2 / 2, sigma, size=num_users)).astype(np.int64)
+    counts = np.rint(mean_events * rng.lognormal(-(sigma**2) / 2, sigma, size=num_users)).astype(np.int64)
     counts = np.clip(counts, min_events, None).clip(None, num_items)
 
     sampler = _ItemSampler(primary, popularity, genre_taste, p_continue, p_explore)
-    users: list[UserTimeline] = []
-    user_bias = rng.normal(0.0, 0.35, size=num_users)
-    t0 = _START_TIME + rng.integers(0, 80_000_000, size=num_users)
     chunk = max(1, _SEEN_BITMAP_CELLS // num_items)
-    for lo in range(0, num_users, chunk):
-        sequences = sampler.sample(rng, cluster[lo : lo + chunk], counts[lo : lo + chunk])
-        for offset, seq in enumerate(sequences):
-            u = lo + offset
-            n = len(seq)
-            score = 1.9 + 2.6 * fit[cluster[u], seq] + 0.35 * quality[seq] + user_bias[u]
-            ratings = np.clip(np.rint(score + rng.normal(0.0, rating_noise, size=n)), 1, 5)
-            users.append(
-                UserTimeline(
-                    user_id=u + 1,
-                    profile=profiles[u],
-                    items=seq + 1,
-                    timestamps=t0[u] + np.cumsum(_gaps(rng, n)),
-                    ratings=ratings.astype(np.int64),
-                )
-            )
+    item = np.concatenate(
+        [sampler.sample(rng, cluster[lo : lo + chunk], counts[lo : lo + chunk]) for lo in range(0, num_users, chunk)]
+    )
+    owner = np.repeat(np.arange(num_users), counts)  # user index of each event
+    starts = np.cumsum(counts) - counts
+
+    score = 1.6 + 2.6 * fit[cluster[owner], item] + 0.35 * quality[item] + rng.normal(0.0, 0.35, num_users)[owner]
+    ratings = np.clip(np.rint(score + rng.normal(0.0, rating_noise, size=len(item))), 1, 5).astype(np.int64)
+    gaps = _gaps(rng, len(item))
+    gaps[starts] = 0
+    elapsed = np.cumsum(gaps)
+    times = (_START_TIME + rng.integers(0, 80_000_000, size=num_users))[owner] + elapsed - elapsed[starts][owner]
+
+    bounds = starts[1:]
+    users = [
+        UserTimeline(user_id=u + 1, profile=profiles[u], items=i + 1, timestamps=t, ratings=r)
+        for u, (i, t, r) in enumerate(zip(np.split(item, bounds), np.split(times, bounds), np.split(ratings, bounds)))
+    ]
     return Dataset(
         name=f"synthetic-u{num_users}-i{num_items}-e{mean_events:g}-s{seed}",
         catalog=catalog,
@@ -156,12 +155,14 @@ def _gaps(rng: np.random.Generator, n: int) -> np.ndarray:
     long_gap = rng.random(n) < 0.05
     gaps[long_gap] = rng.exponential(7 * 86_400.0, size=int(long_gap.sum()))
     gaps[rng.random(n) < 0.1] = 0.0
-    gaps[0] = 0.0
     return gaps.astype(np.int64)
 
 
 class _ItemSampler:
-    """Draws item sequences (item indices, no repeats within a user) step by step for many users."""
+    """Draws item sequences (item indices, no repeats within a user) step by step for many users.
+
+    Requires ``counts <= num_items`` so that every user can always find an unseen item.
+    """
 
     def __init__(
         self,
@@ -192,14 +193,14 @@ class _ItemSampler:
                 cum[s:e] = g + w / w[-1]
         self.genre_cdf = cum
 
-    def sample(self, rng: np.random.Generator, cluster: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
-        """One array of item indices per user, ``counts[u]`` long unless repeats could not be avoided."""
+    def sample(self, rng: np.random.Generator, cluster: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Item indices of all users' events, user after user, ``counts[u]`` distinct items for user u."""
         n_users = len(cluster)
         order = np.argsort(-counts, kind="stable")  # active users at step t are a prefix
         cluster_sorted, counts_sorted = cluster[order], counts[order]
         steps = int(counts_sorted[0])
         seen = np.zeros((n_users, self.num_items), dtype=bool)
-        out = np.full((n_users, steps), -1, dtype=np.int64)
+        out = np.zeros((n_users, steps), dtype=np.int64)
         prev_genre = np.zeros(n_users, dtype=np.int64)
         for t in range(steps):
             m = int(np.searchsorted(-counts_sorted, -t, side="left"))  # users with counts > t
@@ -207,29 +208,26 @@ class _ItemSampler:
             genre = self._next_genre(rng, cluster_sorted[:m], prev_genre[:m], first=t == 0)
             explore = rng.random(m) < self.p_explore
             item = np.where(explore, self._popular(rng, m), self._in_genre(rng, genre))
-            for attempt in range(_RETRIES):
+            for attempt in range(_RETRIES + 1):
                 clash = np.flatnonzero(seen[rows, item])
                 if len(clash) == 0:
                     break
                 if attempt < _RETRIES // 2:
                     item[clash] = self._in_genre(rng, genre[clash])
-                elif attempt < _RETRIES - 2:
+                elif attempt < _RETRIES:
                     item[clash] = self._popular(rng, len(clash))
-                else:
-                    item[clash] = rng.integers(0, self.num_items, size=len(clash))
-            ok = ~seen[rows, item]
-            seen[rows[ok], item[ok]] = True
-            out[rows[ok], t] = item[ok]
-            prev_genre[rows[ok]] = self.primary[item[ok]]
-        result: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * n_users
-        for pos, u in enumerate(order.tolist()):
-            row = out[pos, : counts_sorted[pos]]
-            result[u] = row[row >= 0]
-        return result
+                else:  # rare: a uniformly random unseen item (one exists as counts <= num_items)
+                    noise = rng.random((len(clash), self.num_items))
+                    noise[seen[clash]] = -1.0
+                    item[clash] = noise.argmax(axis=1)
+            seen[rows, item] = True
+            out[:m, t] = item
+            prev_genre[:m] = self.primary[item]
+        result = np.empty_like(out)
+        result[order] = out
+        return result[np.arange(steps)[None, :] < counts[:, None]]
 
-    def _next_genre(
-        self, rng: np.random.Generator, cluster: np.ndarray, prev: np.ndarray, first: bool
-    ) -> np.ndarray:
+    def _next_genre(self, rng: np.random.Generator, cluster: np.ndarray, prev: np.ndarray, first: bool) -> np.ndarray:
         u = rng.random((len(cluster), 1))
         genre = self.present[np.minimum((u > self.taste_cdf[cluster]).sum(axis=1), len(self.present) - 1)]
         if first:

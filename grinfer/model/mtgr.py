@@ -49,7 +49,7 @@ class MTGR(nn.Module):
 
     def _events(self, ev: EventTokens, proj: nn.Module, first_index: torch.Tensor) -> torch.Tensor:
         """S or R event tokens; `first_index` [B] is each user's event index of its first token."""
-        feats = torch.cat(self._item_side(ev) + [self.action_emb(ev.actions), self.gap_emb(ev.gaps)], -1)
+        feats = torch.cat([*self._item_side(ev), self.action_emb(ev.actions), self.gap_emb(ev.gaps)], -1)
         index = positions_in_seq(ev.offsets, len(ev.items)) + first_index[seq_ids(ev.offsets, len(ev.items))]
         return proj(feats) + self.pos_emb(index.clamp(max=self.cfg.max_seq_len - 1))
 
@@ -67,7 +67,7 @@ class MTGR(nn.Module):
         u_tok = self.user_mlp(u_emb + self.field_emb(fields)).reshape(b * nu, -1)
         s_tok = self._events(hist, self.history_mlp, torch.zeros_like(ns))
         r_tok = self._events(rt, self.realtime_mlp, ns)
-        c_feats = self._item_side(cand) + [self.gap_emb(cand.gaps), batch.cross]
+        c_feats = [*self._item_side(cand), self.gap_emb(cand.gaps), batch.cross]
         c_tok = self.candidate_mlp(torch.cat(c_feats, -1))
 
         def slots(ev: EventTokens, skip: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Training and evaluation loops that produce checkpoints and quality numbers (never imported by serving)."""
