@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+import torch
 
 from grinfer.config import ModelConfig, preset
 from grinfer.data.types import ItemCatalog
@@ -16,6 +17,10 @@ NUM_GENRES = 18
 NUM_YEAR_BUCKETS = 19
 PROFILE_CARDINALITIES = (3, 8, 22, 101)
 START_TS = 956_700_000
+
+# Tests use tiny tensors: one intra-op thread avoids thread hand-off costs that dominate (and get
+# very slow on a busy 2-core machine); results do not depend on it.
+torch.set_num_threads(1)
 
 
 def make_catalog(num_items: int = NUM_ITEMS, seed: int = 0) -> ItemCatalog:

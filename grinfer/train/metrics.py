@@ -37,7 +37,7 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
         if not np.isnan(value):
             total += value * sel.sum()
             weight += sel.sum()
-    return total / weight if weight else float("nan")
+    return float(total / weight) if weight else float("nan")
 
 
 def hit_rate(ranks: np.ndarray, k: int) -> float:

@@ -1,0 +1,197 @@
+"""The `grinfer` command: wiring only; the work lives in grinfer.train, grinfer.recommend and friends."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="grinfer: serve, train and evaluate generative recommenders (MTGR / HSTU).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+DEMO_DATA = "synthetic:users=600,items=500,events=60,seed=0"
+DataOpt = Annotated[str, typer.Option("--data", help="'synthetic', 'synthetic:users=N,items=N,events=N,seed=N' "
+                                                      "or a MovieLens-1M directory.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """--set key=value pairs -> a dict of JSON-parsed values (bare words stay strings)."""
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise _fail(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
+    data: DataOpt = "synthetic",
+    task: Annotated[str, typer.Option(help="ranking (MTGR), retrieval (causal HSTU) or both.")] = "ranking",
+    preset_name: Annotated[str, typer.Option("--preset", help="Ranking preset (mtgr-tiny/small/medium/large), "
+                                                               "or the retrieval preset for --task retrieval.")] = "",
+    retrieval_preset: Annotated[str, typer.Option(help="Retrieval preset for --task both.")] = "hstu-ml1m",
+    set_: Annotated[list[str], typer.Option("--set", help="Override a config field, e.g. --set mask=causal "
+                                                          "--set group_ln=false (repeatable).")] = [],  # noqa: B006
+    epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
+    negatives: Annotated[int, typer.Option(help="Sampled-softmax negatives (retrieval).")] = 128,
+    seed: int = 0, device: DeviceOpt = "auto",
+    validate: Annotated[bool, typer.Option(help="Evaluate after every epoch (for the curves).")] = True,
+) -> None:
+    """Train a model (or both) on a dataset; writes checkpoint, metrics.json and loss.png."""
+    from pydantic import ValidationError
+
+    from grinfer.config import preset
+    from grinfer.data import load_dataset
+    from grinfer.train.loop import TrainSettings, resolve_device
+    from grinfer.train.run import RANKING_DIR, RETRIEVAL_DIR, train_model
+
+    if task not in ("ranking", "retrieval", "both"):
+        raise _fail(f"--task must be ranking, retrieval or both, got {task!r}")
+    jobs = {"ranking": [(preset_name or "mtgr-small", out)],
+            "retrieval": [(preset_name or "hstu-ml1m", out)],
+            "both": [(retrieval_preset, out / RETRIEVAL_DIR), (preset_name or "mtgr-small", out / RANKING_DIR)]}[task]
+    try:
+        configs = [(preset(name).model_copy(update=_overrides(set_)), path) for name, path in jobs]
+        configs = [(type(c).model_validate(c.model_dump()), p) for c, p in configs]
+        ds = load_dataset(data)
+    except (ValueError, ValidationError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                             num_negatives=negatives, seed=seed, device=resolve_device(device))
+    typer.echo(f"dataset {ds.name}: {len(ds.users)} users, {ds.catalog.num_items} items, {ds.num_events} events; "
+               f"device {settings.device}")
+    for cfg, path in configs:
+        record = train_model(cfg, ds, data, settings, path, validate=validate)
+        typer.echo(f"{cfg.name}: wrote {path} in {record['train_seconds']} s")
+        _print_metrics({k: record[k] for k in ("retrieval", "ranking") if k in record})
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="Checkpoint directory (or a --task both output).")],
+    data: DataOpt = "synthetic",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Retrieval HR/NDCG@10/50/200 and per-task ranking AUC/GAUC under DESIGN §5's protocol."""
+    from grinfer import load
+    from grinfer.data import load_dataset
+    from grinfer.train.loop import resolve_device
+    from grinfer.train.run import checkpoint_dirs
+    from grinfer.train.run import evaluate as evaluate_model
+
+    try:
+        dirs = checkpoint_dirs(model)
+        ds = load_dataset(data)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    dev = resolve_device(device)
+    result: dict = {}
+    for d in dirs:
+        result.update(evaluate_model(load(d, map_location=dev), ds, dev))
+    _print_metrics(result)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
+
+
+def _print_metrics(result: dict) -> None:
+    if "retrieval" in result:
+        r = result["retrieval"]
+        typer.echo(f"\nretrieval ({r['users']} users, full ranking, history excluded)")
+        typer.echo("  " + "  ".join(f"{k:>10}" for k in r if k != "users"))
+        typer.echo("  " + "  ".join(f"{v:>10.4f}" for k, v in r.items() if k != "users"))
+    if "ranking" in result:
+        r = result["ranking"]
+        typer.echo(f"\nranking ({r['candidates']} candidates, last 10% of each user's events)")
+        typer.echo(f"  {'task':<8}{'AUC':>10}{'GAUC':>10}")
+        for task, m in r.items():
+            if isinstance(m, dict):
+                typer.echo(f"  {task:<8}{m['auc']:>10.4f}{m['gauc']:>10.4f}")
+
+
+def _demo_cache() -> Path:
+    root = os.environ.get("GRINFER_CACHE") or Path.home() / ".cache" / "grinfer"
+    from grinfer import __version__
+
+    return Path(root) / f"demo-{__version__}"
+
+
+@app.command()
+def demo(
+    model: Annotated[Path | None, typer.Option(help="A --task both checkpoint; default: train (and cache) one.")]
+    = None,
+    data: Annotated[str | None, typer.Option(help="Dataset spec; default: the one the model was trained on.")]
+    = None,
+    users: Annotated[int, typer.Option(help="How many users to show.")] = 3,
+    k: Annotated[int, typer.Option(help="Recommendations per user.")] = 10,
+    device: DeviceOpt = "auto",
+    retrain: Annotated[bool, typer.Option(help="Ignore the cached demo model.")] = False,
+) -> None:
+    """Show a few users' recent history and their top-k recommendations with scores."""
+    from grinfer import load
+    from grinfer.config import preset
+    from grinfer.data import load_dataset
+    from grinfer.recommend import Recommender
+    from grinfer.train.loop import TrainSettings, resolve_device
+    from grinfer.train.run import RANKING_DIR, RETRIEVAL_DIR, train_model, training_data_spec
+
+    dev = resolve_device(device)
+    if model is None:
+        model = _demo_cache()
+        if retrain or not (model / RANKING_DIR / "config.json").is_file():
+            typer.echo(f"training the demo models on {DEMO_DATA} (cached in {model}) ...")
+            ds = load_dataset(DEMO_DATA)
+            settings = TrainSettings(epochs=3, batch_size=64, lr=3e-3, device=dev)
+            retrieval_cfg = preset("hstu-ml1m").model_copy(update={"max_seq_len": 64, "dropout": 0.1})
+            train_model(retrieval_cfg, ds, DEMO_DATA, settings, model / RETRIEVAL_DIR, validate=False)
+            train_model(preset("mtgr-tiny"), ds, DEMO_DATA, settings, model / RANKING_DIR, validate=False)
+    ranking_dir = model / RANKING_DIR if (model / RANKING_DIR).is_dir() else model
+    retrieval_dir = model / RETRIEVAL_DIR
+    try:
+        ranker = load(ranking_dir, map_location=dev)
+        retriever = load(retrieval_dir, map_location=dev) if retrieval_dir.is_dir() else None
+        ds = load_dataset(data or training_data_spec(ranking_dir) or DEMO_DATA)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    show_recommendations(Recommender(ranker, ds.catalog, retriever, device=dev), ds, users, k)
+
+
+def show_recommendations(rec, ds, users: int, k: int) -> None:
+    """Print recent history and top-k recommendations for the first `users` users."""
+    from grinfer.features import UserContext
+
+    cat = ds.catalog
+    genres = lambda item: "|".join(g for g, on in zip(cat.genre_names, cat.genres[item]) if on)
+    for user in ds.users[:users]:
+        ctx = UserContext.from_timeline(user, num_realtime=20)
+        typer.secho(f"\nuser {user.user_id}: {len(user)} events; profile "
+                    + ", ".join(f"{f}={v}" for f, v in zip(ds.profile_fields, user.profile)), bold=True)
+        typer.echo("  recent history:")
+        for item, rating in list(zip(user.items, user.ratings))[-5:]:
+            typer.echo(f"    {'*' * int(rating):<5}  {cat.titles[item][:48]:<48}  {genres(item)}")
+        header = "  ".join(f"{t:>6}" for t in rec.ranker.cfg.tasks)
+        typer.echo(f"  top-{k} recommendations:\n    {'#':>2}  {'item':<48}  {header}  {'score':>6}  genres")
+        for i, r in enumerate(rec.recommend(ctx, k, int(user.timestamps[-1]) + 1), 1):
+            probs = "  ".join(f"{p:>6.3f}" for p in r.probabilities.values())
+            typer.echo(f"    {i:>2}  {cat.titles[r.item][:48]:<48}  {probs}  {r.score:>6.3f}  {genres(r.item)}")
+
+
+if __name__ == "__main__":
+    app()

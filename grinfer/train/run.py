@@ -1,0 +1,75 @@
+"""Train / evaluate entry points used by the CLI: dataset -> model -> checkpoint + metrics + plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from grinfer.config import ModelConfig
+from grinfer.data.types import Dataset
+from grinfer.features.featurizer import NUM_CROSS_FEATURES, Featurizer
+from grinfer.model import build_model
+from grinfer.model.checkpoint import read_checkpoint_meta, save_checkpoint
+from grinfer.train.loop import TrainSettings
+from grinfer.train.plots import plot_history
+from grinfer.train.ranking import evaluate_ranking, train_ranking
+from grinfer.train.retrieval import evaluate_retrieval, train_retrieval
+
+RANKING_DIR, RETRIEVAL_DIR = "ranking", "retrieval"
+
+
+def config_for(cfg: ModelConfig, ds: Dataset) -> ModelConfig:
+    """Fill a preset's vocabulary sizes from the dataset."""
+    cat = ds.catalog
+    return cfg.with_vocab(num_items=cat.num_items, num_genres=cat.num_genres,
+                          num_year_buckets=max(cfg.num_year_buckets, cat.num_year_buckets),
+                          profile_cardinalities=tuple(ds.profile_cardinalities),
+                          num_cross_features=NUM_CROSS_FEATURES if cfg.kind == "mtgr" else 0)
+
+
+def train_model(cfg: ModelConfig, ds: Dataset, data_spec: str, settings: TrainSettings, out: Path,
+                validate: bool = True) -> dict:
+    """Train one model, evaluate it, write its checkpoint, metrics.json and loss.png into `out`."""
+    torch.manual_seed(settings.seed)
+    torch.set_float32_matmul_precision("high")  # TF32 on GPUs that have it
+    cfg = config_for(cfg, ds)
+    model = build_model(cfg).to(settings.device)
+    start = time.perf_counter()
+    if cfg.kind == "hstu":
+        history = train_retrieval(model, ds, settings, validate=validate)
+    else:
+        history = train_ranking(model, ds, Featurizer(ds.catalog, cfg.num_time_buckets), settings, validate=validate)
+    seconds = time.perf_counter() - start
+    metrics = evaluate(model, ds, settings.device)
+    record = {"data": data_spec, "dataset": ds.name, "device": settings.device, "train_seconds": round(seconds, 1),
+              "settings": settings.__dict__, "history": history, **metrics}
+    save_checkpoint(model.cpu(), out, extra={"training": {k: record[k] for k in ("data", "dataset", "device")}})
+    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    plot_history({f"{cfg.name} ({cfg.kind})": history}, out / "loss.png")
+    return record
+
+
+def evaluate(model: torch.nn.Module, ds: Dataset, device: str) -> dict:
+    """The evaluation section for one model: {"retrieval": {...}} or {"ranking": {...}}."""
+    model = model.to(device)
+    if model.cfg.kind == "hstu":
+        return {"retrieval": evaluate_retrieval(model, ds, "test", device)}
+    return {"ranking": evaluate_ranking(model, ds, Featurizer(ds.catalog, model.cfg.num_time_buckets), device)}
+
+
+def checkpoint_dirs(path: Path) -> list[Path]:
+    """The checkpoint(s) at `path`: the directory itself, or its ranking/ and retrieval/ parts."""
+    if (path / "config.json").is_file():
+        return [path]
+    found = [path / d for d in (RETRIEVAL_DIR, RANKING_DIR) if (path / d / "config.json").is_file()]
+    if not found:
+        raise FileNotFoundError(f"{path}: no checkpoint (config.json) here or in {RANKING_DIR}/, {RETRIEVAL_DIR}/")
+    return found
+
+
+def training_data_spec(path: Path) -> str | None:
+    """The dataset spec a checkpoint was trained on, if it recorded one."""
+    return read_checkpoint_meta(path).get("training", {}).get("data")
