@@ -1,0 +1,57 @@
+"""The grinfer command end to end on small synthetic data: train both, eval to JSON, demo, bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from grinfer.cli import app
+
+DATA = "synthetic:users=40,items=60,events=20,seed=4"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("both")
+    result = runner.invoke(app, ["train", "--data", DATA, "--task", "both", "--preset", "mtgr-tiny",
+                                 "--set", "max_seq_len=64", "--epochs", "1", "--batch-size", "16",
+                                 "--out", str(out), "--device", "cpu", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_both_writes_two_checkpoints(trained):
+    assert (trained / "ranking" / "config.json").is_file()
+    assert (trained / "retrieval" / "model.safetensors").is_file()
+
+
+def test_eval_writes_the_documented_json_shape(trained, tmp_path):
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", "--model", str(trained), "--data", DATA, "--json", str(out),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert {"hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200"} <= set(data["retrieval"])
+    assert set(data["ranking"]["ctr"]) == {"auc", "gauc"} and set(data["ranking"]["ctcvr"]) == {"auc", "gauc"}
+    assert "GAUC" in result.output and "hr@10" in result.output
+
+
+def test_demo_prints_history_and_recommendations(trained):
+    result = runner.invoke(app, ["demo", "--model", str(trained), "--users", "2", "--k", "5", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("top-5 recommendations") == 2
+    assert "recent history" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--out", "x", "--task", "nope"], "--task"),
+    (["train", "--out", "x", "--preset", "mtgr-huge"], "preset"),
+    (["train", "--out", "x", "--set", "d_model=63", "--preset", "mtgr-tiny"], "d_model"),
+    (["train", "--out", "x", "--data", "/no/such/dir"], "/no/such/dir"),
+    (["eval", "--model", "/no/such/ckpt"], "/no/such/ckpt"),
+])
+def test_bad_input_gives_a_clear_error(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
