@@ -82,3 +82,22 @@ def preset(name: str) -> ModelConfig:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+class EngineConfig(BaseModel):
+    """Inference-engine settings: KV cache sizing, batching limits, backend."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["eager", "compiled"] = "eager"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    block_size: int = Field(32, ge=1)  # tokens per KV-cache block
+    # device tier capacity: a byte count, or (on CUDA, when kv_cache_bytes is 0) a fraction of free memory
+    kv_cache_bytes: int = Field(256 << 20, ge=0)
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=0.95)
+    host_cache_bytes: int = Field(0, ge=0)  # 0 disables the host tier
+    max_batch_tokens: int = Field(8192, ge=16)  # tokens computed per step (context + candidates)
+    max_batch_requests: int = Field(64, ge=1)
+    max_queue: int = Field(1024, ge=1)  # waiting requests beyond this are rejected (overload)
+    max_realtime: int = Field(100, ge=0)  # R events per request (older ones must be rolled into S)

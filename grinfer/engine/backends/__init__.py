@@ -1,0 +1,19 @@
+"""Execution backends: one interface, picked by name; every backend is checked against `eager`."""
+
+from __future__ import annotations
+
+from grinfer.engine.backends.base import Backend
+from grinfer.engine.backends.compiled import CompiledBackend
+
+BACKENDS: dict[str, type[Backend]] = {"eager": Backend, "compiled": CompiledBackend}
+
+
+def make_backend(name: str, model) -> Backend:
+    """The backend called `name` over `model`; unknown names list the available ones."""
+    try:
+        return BACKENDS[name](model)
+    except KeyError:
+        raise ValueError(f"backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
+
+
+__all__ = ["BACKENDS", "Backend", "make_backend"]

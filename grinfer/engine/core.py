@@ -1,0 +1,104 @@
+"""EngineCore: the synchronous engine loop body (schedule -> execute -> update), no threads."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from grinfer.config import EngineConfig
+from grinfer.data.types import ItemCatalog
+from grinfer.engine.backends import make_backend
+from grinfer.engine.kv_cache import KVCache
+from grinfer.engine.request import EngineError, RankRequest, RankResult
+from grinfer.engine.runner import ModelRunner
+from grinfer.engine.scheduler import RequestState, Scheduler, context_signature
+from grinfer.features.featurizer import Featurizer
+from grinfer.model.mtgr import MTGR
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_blocks(config: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
+    """Number of KV blocks the device tier gets: a byte budget, or a fraction of free CUDA memory."""
+    budget = config.kv_cache_bytes
+    if device.type == "cuda" and budget == 0:
+        budget = int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
+    return budget // (bytes_per_token * config.block_size)
+
+
+class EngineCore:
+    """Holds model, KV cache, scheduler and runner; `step()` advances every admitted request."""
+
+    def __init__(self, model: MTGR, catalog: ItemCatalog, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        dtype = DTYPES[config.dtype]
+        self.model = model.to(self.device, dtype).eval()
+        cfg = model.cfg
+        per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype)
+        self.cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, config.block_size,
+                             cache_blocks(config, per_token, self.device), dtype, self.device,
+                             host_bytes=config.host_cache_bytes)
+        self.scheduler = Scheduler(config, self.cache, cfg.num_layers)
+        self.runner = ModelRunner(make_backend(config.backend, self.model), self.cache,
+                                  Featurizer(catalog, cfg.num_time_buckets), self.device)
+        self.num_profile_tokens = len(cfg.profile_cardinalities)
+        self.steps = 0
+        self.last_step: dict = {}
+
+    def add(self, request: RankRequest) -> RequestState:
+        """Admit a request to the queue (raises Overloaded / ContextTooLarge / ValueError)."""
+        n_rt = len(request.context.items) - request.context.num_static
+        if n_rt > self.config.max_realtime:
+            raise ValueError(f"context: {n_rt} real-time events exceed max_realtime={self.config.max_realtime}; "
+                             "roll older events into the static history")
+        state = RequestState(request, context_signature(request, self.num_profile_tokens))
+        self.scheduler.add(state)
+        return state
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[tuple[RequestState, RankResult | EngineError | Exception]]:
+        """One engine step; returns the requests that finished or failed in it."""
+        plan = self.scheduler.schedule()
+        out: list[tuple[RequestState, RankResult | EngineError | Exception]] = []
+        for state, error in plan.failed:
+            self.scheduler.finish(state, ok=False)
+            out.append((state, error))
+        if not plan.items:
+            return out
+        start = time.perf_counter()
+        try:
+            self.runner.execute(plan)
+        except Exception as exc:  # a failing batch fails its requests, never the engine
+            for item in plan.items:
+                self.scheduler.finish(item.state, ok=False)
+                out.append((item.state, exc))
+            return out
+        self.steps += 1
+        self.last_step = {"requests": len(plan.items), "tokens": sum(i.tokens for i in plan.items),
+                          "seconds": time.perf_counter() - start, "layers": plan.layers}
+        now = time.monotonic()
+        for state in self.scheduler.update(plan):
+            out.append((state, self._result(state, now)))
+        return out
+
+    def _result(self, state: RequestState, now: float) -> RankResult:
+        logits = torch.cat(state.logits) if state.logits else torch.zeros(0, len(self.model.cfg.tasks))
+        req, lookup = state.request, state.lookup
+        return RankResult(req.request_id, torch.sigmoid(logits), lookup.status, lookup.cached_tokens,
+                          lookup.compute_tokens, state.started - req.arrival, now - req.arrival, state.steps)
+
+    def run_until_done(self) -> list[tuple[RequestState, RankResult | EngineError | Exception]]:
+        """Step until nothing is queued or running (tests and offline scoring)."""
+        out = []
+        while self.has_work():
+            out.extend(self.step())
+        return out
+
+    def stats(self) -> dict:
+        """Plain stats: queue, running, KV cache, last step."""
+        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "steps": self.steps, "kv_cache": self.cache.snapshot(), "last_step": self.last_step}

@@ -1,0 +1,97 @@
+"""The transport-free `Engine` facade: a background thread steps an EngineCore; callers await futures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+
+from grinfer.config import EngineConfig
+from grinfer.data.types import ItemCatalog
+from grinfer.engine.core import EngineCore
+from grinfer.engine.request import EngineError, RankRequest, RankResult
+from grinfer.model.mtgr import MTGR
+
+
+class Engine:
+    """Thread-safe front of the engine: `await engine.rank(req)` or `engine.rank_sync(req)`."""
+
+    def __init__(self, model: MTGR, catalog: ItemCatalog, config: EngineConfig = EngineConfig()):
+        self.core = EngineCore(model, catalog, config)
+        self._futures: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the stepping thread (idempotent)."""
+        with self._lock:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="grinfer-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def shutdown(self, drain: bool = True) -> None:
+        """Stop the thread; with drain, admitted requests finish first, else they fail."""
+        with self._lock:
+            self._stopping = True
+            self._drain = drain
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- requests ---------------------------------------------------------------------------
+    def submit(self, request: RankRequest) -> Future:
+        """Queue a request; the future resolves to a RankResult or raises an EngineError."""
+        future: Future = Future()
+        with self._lock:
+            if self._stopping or self._thread is None:
+                raise EngineError("engine is not running")
+            self.core.add(request)  # raises Overloaded etc. synchronously: fail fast
+            self._futures[request.request_id] = future
+            self._wake.notify()
+        return future
+
+    async def rank(self, request: RankRequest) -> RankResult:
+        """Score a request (awaitable; safe from many tasks at once)."""
+        return await asyncio.wrap_future(self.submit(request))
+
+    def rank_sync(self, request: RankRequest, timeout: float | None = None) -> RankResult:
+        """Blocking twin of `rank`."""
+        return self.submit(request).result(timeout)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self.core.stats()
+
+    # ---- loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self.core.has_work() and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and (not self._drain or not self.core.has_work()):
+                    break
+                finished = self.core.step()
+                resolved = [(self._futures.pop(s.request.request_id, None), r) for s, r in finished]
+            for future, result in resolved:
+                if future is None:
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+        with self._lock:
+            pending, self._futures = self._futures, {}
+        for future in pending.values():
+            future.set_exception(EngineError("engine shut down before the request ran"))
