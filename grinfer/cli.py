@@ -126,6 +126,46 @@ def _print_metrics(result: dict) -> None:
                 typer.echo(f"  {task:<8}{m['auc']:>10.4f}{m['gauc']:>10.4f}")
 
 
+@app.command()
+def bench(
+    workloads: Annotated[str, typer.Option(help="Comma-separated: R1-cold, R1-warm, R2, CPU-demo.")] = "CPU-demo",
+    backends: Annotated[str, typer.Option(help="Comma-separated backends to run side by side.")] = "eager",
+    batch: Annotated[list[int], typer.Option(help="Batch size(s) (repeatable); default: the workload's.")]
+    = [],  # noqa: B006
+    static: Annotated[int | None, typer.Option(help="Override S events per request.")] = None,
+    realtime: Annotated[int | None, typer.Option(help="Override R events per request.")] = None,
+    candidates: Annotated[int | None, typer.Option(help="Override candidates per request.")] = None,
+    preset_name: Annotated[str | None, typer.Option("--preset", help="Override the model preset.")] = None,
+    iters: int = 10, warmup: int = 2, seed: int = 0, device: DeviceOpt = "auto",
+    max_batch_tokens: Annotated[int | None, typer.Option(help="Engine token budget (default: a whole batch).")]
+    = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results JSON (and a PNG beside it).")]
+    = None,
+) -> None:
+    """Time workloads through the engine per backend: latency, throughput, TFLOP/s, memory, cache hits."""
+    from grinfer.bench.run import matmul_ceiling, run_workload, write_report
+    from grinfer.bench.workloads import workload
+    from grinfer.engine.backends import BACKENDS
+    from grinfer.train.loop import resolve_device
+
+    dev = resolve_device(device)
+    names, kinds = [w for w in workloads.split(",") if w], [b for b in backends.split(",") if b]
+    try:
+        for kind in kinds:
+            if kind not in BACKENDS:
+                raise ValueError(f"--backends: unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
+        shapes = [workload(n, static=static, realtime=realtime, candidates=candidates, preset=preset_name,
+                           batch=b) for n in names for b in (batch or [None])]
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    import torch
+
+    ceiling = matmul_ceiling(torch.device(dev), torch.bfloat16 if dev.startswith("cuda") else torch.float32)
+    overrides = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
+    rows = [run_workload(w, kind, dev, iters, warmup, seed, overrides) for w in shapes for kind in kinds]
+    typer.echo(write_report(rows, ceiling, dev, json_out))
+
+
 def _demo_cache() -> Path:
     root = os.environ.get("GRINFER_CACHE") or Path.home() / ".cache" / "grinfer"
     from grinfer import __version__

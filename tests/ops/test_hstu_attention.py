@@ -49,6 +49,12 @@ class Seqs:
     def seq(self, b: int) -> slice:
         return slice(int(self.offsets[b]), int(self.offsets[b + 1]))
 
+    def only(self, b: int) -> Seqs:
+        """Sequence b alone, as a batch of one."""
+        sl = self.seq(b)
+        return Seqs(self.q[sl], self.k[sl], self.v[sl], torch.tensor([0, sl.stop - sl.start]), self.group[sl],
+                    self.pos[sl], self.ts[sl])
+
 
 def groups_of(layout: Layout) -> list[int]:
     nu, ns, nr, nc = layout
@@ -151,6 +157,12 @@ def run(s: Seqs, mode: str, normalizer: str, max_seq_len: int = 16, alpha: float
     extra = {} if tables is None else {**tables, "q_ts": s.ts[rows], "k_ts": s.ts}
     return hstu_attention(s.q[rows], s.k, s.v, q_offsets, s.offsets, s.group[rows], s.pos[rows], s.group, s.pos,
                           mode=mode, normalizer=normalizer, max_seq_len=max_seq_len, alpha=alpha, **extra)
+
+
+def run_each(s: Seqs, mode: str, normalizer: str, **kw) -> torch.Tensor:
+    """hstu_attention called once per sequence (so nothing can leak between sequences or via padding)."""
+    outs = [run(s.only(b), mode, normalizer, **kw) for b in range(len(s.offsets) - 1)]
+    return torch.cat(outs)
 
 
 MODES = ["dynamic", "causal"]
@@ -286,12 +298,12 @@ def test_context_outputs_unchanged_by_later_events_and_candidates(normalizer, bi
     # base: U U S S S | R R ; variants add R events and/or candidates
     s = stacked((2, 3, 2, 0), [(2, 3, 2, 3), (2, 3, 4, 0), (2, 3, 4, 3)], seed=5)
     tables = random_tables() if bias else None
-    out = run(s, "dynamic", normalizer, tables=tables)
-    base = out[s.seq(0)]
-    for b in range(1, 4):
-        torch.testing.assert_close(out[s.seq(b)][:7], base, atol=1e-6, rtol=1e-6)
-    # the candidates of variants 1 and 3 differ (variant 3 has more R events before them)
-    assert not torch.allclose(out[s.seq(1)][-3:], out[s.seq(3)][-3:], atol=1e-4)
+    for out in (run(s, "dynamic", normalizer, tables=tables), run_each(s, "dynamic", normalizer, tables=tables)):
+        base = out[s.seq(0)]
+        for b in range(1, 4):
+            torch.testing.assert_close(out[s.seq(b)][:7], base, atol=1e-6, rtol=1e-6)
+        # the candidates of variants 1 and 3 differ (variant 3 has more R events before them)
+        assert not torch.allclose(out[s.seq(1)][-3:], out[s.seq(3)][-3:], atol=1e-4)
 
 
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
@@ -299,13 +311,15 @@ def test_context_outputs_unchanged_by_later_events_and_candidates(normalizer, bi
 def test_context_outputs_unchanged_without_realtime(normalizer, bias):
     s = stacked((1, 4, 0, 0), [(1, 4, 0, 1), (1, 4, 3, 2)], seed=6)
     tables = random_tables() if bias else None
-    out = run(s, "dynamic", normalizer, tables=tables)
-    for b in (1, 2):
-        torch.testing.assert_close(out[s.seq(b)][:5], out[s.seq(0)], atol=1e-6, rtol=1e-6)
+    for out in (run(s, "dynamic", normalizer, tables=tables), run_each(s, "dynamic", normalizer, tables=tables)):
+        for b in (1, 2):
+            torch.testing.assert_close(out[s.seq(b)][:5], out[s.seq(0)], atol=1e-6, rtol=1e-6)
 
 
-def candidates_alone_vs_together(mode: str, normalizer: str, tables) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate outputs of one sequence with candidates {a, b, c} vs three sequences with one each."""
+def candidates_alone_vs_together(mode: str, normalizer: str, tables,
+                                 separate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate outputs of one sequence with candidates {a, b, c} vs three sequences with one each
+    (in one batch, or with `separate` in four calls)."""
     src = make_seqs([(2, 3, 2, 3)], seed=7)
     ctx = torch.arange(7)
     together = torch.arange(10)
@@ -313,14 +327,16 @@ def candidates_alone_vs_together(mode: str, normalizer: str, tables) -> tuple[to
     idx = torch.cat([together, *alone])
     offsets = offsets_of(torch.tensor([10, 8, 8, 8]))
     s = Seqs(src.q[idx], src.k[idx], src.v[idx], offsets, src.group[idx], positions_in_seq(offsets), src.ts[idx])
-    out = run(s, mode, normalizer, tables=tables)
+    out = (run_each if separate else run)(s, mode, normalizer, tables=tables)
     return out[7:10], out[torch.tensor([17, 25, 33])]
 
 
+@pytest.mark.parametrize("separate", [False, True], ids=["one_batch", "separate_calls"])
 @pytest.mark.parametrize("normalizer", NORMALIZERS)
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "rel_bias"])
-def test_candidates_do_not_affect_each_other(normalizer, bias):
-    together, alone = candidates_alone_vs_together("dynamic", normalizer, random_tables() if bias else None)
+def test_candidates_do_not_affect_each_other(normalizer, bias, separate):
+    tables = random_tables() if bias else None
+    together, alone = candidates_alone_vs_together("dynamic", normalizer, tables, separate)
     torch.testing.assert_close(together, alone, atol=1e-6, rtol=1e-6)
 
 

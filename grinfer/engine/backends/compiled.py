@@ -1,4 +1,8 @@
-"""`compiled`: torch.compile of the same per-layer forward (dynamic shapes, no recompiles per length)."""
+"""`compiled`: torch.compile of the same per-layer forward (dynamic shapes).
+
+The compiled functions take the layer module as an argument, so all layers share one compiled
+graph per function (parameters are graph inputs) instead of compiling each layer separately.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,36 @@ from grinfer.engine.backends.base import Backend
 from grinfer.model.mtgr import MTGR
 
 
+def _project(layer, x, group):
+    return layer.project(x, group)
+
+
+def _attend(layer, q, k, v, q_meta, k_meta):
+    return layer.attend(q, k, v, q_meta, k_meta)
+
+
+def _finish(layer, x, attn, u, group):
+    return layer.finish(x, attn, u, group)
+
+
 class CompiledBackend(Backend):
     name = "compiled"
 
     def __init__(self, model: MTGR):
         super().__init__(model)
-        compile_ = lambda fn: torch.compile(fn, dynamic=True)
-        self._project = [compile_(layer.project) for layer in model.layers]
-        self._attend = [compile_(layer.attend) for layer in model.layers]
-        self._finish = [compile_(layer.finish) for layer in model.layers]
-        self._head = compile_(model.head_logits)
+        self._project = torch.compile(_project, dynamic=True)
+        self._attend = torch.compile(_attend, dynamic=True)
+        self._finish = torch.compile(_finish, dynamic=True)
+        self._head = torch.compile(model.head_logits, dynamic=True)
 
     def project(self, layer, x, group):
-        return self._project[layer](x, group)
+        return self._project(self.model.layers[layer], x, group)
 
     def attend(self, layer, q, k, v, q_meta, k_meta):
-        return self._attend[layer](q, k, v, q_meta, k_meta)
+        return self._attend(self.model.layers[layer], q, k, v, q_meta, k_meta)
 
     def finish(self, layer, x, attn, u, group):
-        return self._finish[layer](x, attn, u, group)
+        return self._finish(self.model.layers[layer], x, attn, u, group)
 
     def head(self, x):
         return self._head(x)

@@ -1,0 +1,1 @@
+"""Benchmarks of DESIGN §4's workloads (`grinfer bench`)."""

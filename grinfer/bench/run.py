@@ -1,0 +1,179 @@
+"""`grinfer bench`: workloads x backends, timed through EngineCore, checked against uncached scoring."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from grinfer.bench.workloads import Workload, bench_catalog, make_requests, request_flops
+from grinfer.config import EngineConfig
+from grinfer.engine.core import DTYPES, EngineCore
+from grinfer.features.featurizer import Featurizer
+from grinfer.features.featurizer import RankRequest as FeatureRequest
+from grinfer.model import build_model
+from grinfer.model.mtgr import MTGR
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul TFLOP/s (8192³ bf16 on GPU; 1024³ on CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 10 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.inference_mode()
+def uncached_probs(model: MTGR, featurizer: Featurizer, req, device) -> torch.Tensor:
+    """Full recomputation of one request without any cache (the reference)."""
+    batch = featurizer.rank_batch([FeatureRequest(req.context, req.candidates, req.request_ts)]).to(device)
+    return torch.sigmoid(model(batch).float()).cpu()
+
+
+def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int, seed: int,
+                 engine_overrides: dict, check: int = 2) -> dict:
+    """Time `iters` batches of `w.batch` concurrent requests through one engine; returns one result row."""
+    dev = torch.device(device)
+    cfg = w.model_config()
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    catalog = bench_catalog()
+    tokens_per_request = w.profile_tokens + w.static + w.realtime + w.candidates
+    settings = {"backend": backend, "device": device, "dtype": w.dtype if dev.type == "cuda" else "float32",
+                "max_batch_tokens": w.batch * tokens_per_request, "max_batch_requests": w.batch,
+                "kv_cache_bytes": 0 if dev.type == "cuda" else 1 << 30, **engine_overrides}
+    config = EngineConfig(**settings)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+    core = EngineCore(model, catalog, config)
+    featurizer = Featurizer(catalog, cfg.num_time_buckets)
+    rng = np.random.default_rng(seed)
+    users = [f"user{i}" for i in range(w.batch)]
+    base = None
+    if w.warm:  # cache U + S + the older R events of each user with a context-only request
+        warm_reqs = make_requests(w, users, rng, realtime=w.realtime - w.new_events, num_candidates=0)
+        base = {r.user: r.context for r in warm_reqs}
+        for r in warm_reqs:
+            core.add(r)
+        core.run_until_done()
+
+    latencies, batch_seconds, last_batch = [], [], []
+    steps_before = core.steps
+    for i in tqdm(range(warmup + iters), desc=f"{w.name} {backend}", leave=False):
+        if w.warm:
+            reqs = make_requests(w, users, rng, base_events=base)
+        else:  # fresh users every batch: nothing cached
+            reqs = make_requests(w, [f"cold{i}-{u}" for u in users], rng)
+        sync(dev)
+        start = time.perf_counter()
+        for r in reqs:
+            core.add(r)
+        done = core.run_until_done()
+        sync(dev)
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            batch_seconds.append(elapsed)
+            latencies.extend(res.total_seconds for _, res in done)
+        last_batch = list(zip(reqs, sorted((res for _, res in done), key=lambda r: r.request_id)))
+
+    diffs, fp32_errs = [], []
+    reference = build_model(cfg).to(dev).eval()
+    reference.load_state_dict(model.state_dict())  # fp32 twin of the engine's (maybe bf16) weights
+    reference.float()
+    for req, res in last_batch[:check]:
+        diffs.append(float((uncached_probs(core.model, featurizer, req, dev) - res.probabilities).abs().max()))
+        fp32_errs.append(float((uncached_probs(reference, featurizer, req, dev) - res.probabilities).abs().max()))
+
+    flops = request_flops(cfg, w.profile_tokens, w.static, w.realtime, w.candidates,
+                          computed_realtime=w.new_events, context_cached=w.warm)
+    per_batch = float(np.median(batch_seconds))
+    stats = core.stats()["kv_cache"]
+    per_token = core.cache.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype])
+    context_tokens = w.profile_tokens + w.static + w.realtime
+    return {
+        "workload": w.name, "backend": backend, "device": device, "dtype": config.dtype, "batch": w.batch,
+        "shape": {"profile": w.profile_tokens, "static": w.static, "realtime": w.realtime,
+                  "candidates": w.candidates, "new_events": w.new_events, "preset": w.preset},
+        "p50_ms": 1e3 * float(np.percentile(latencies, 50)), "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
+        "batch_ms": 1e3 * per_batch, "ms_per_request": 1e3 * per_batch / w.batch,
+        "requests_per_s": w.batch / per_batch, "candidates_per_s": w.batch * w.candidates / per_batch,
+        "gflop_per_request": flops / 1e9, "achieved_tflops": flops * w.batch / per_batch / 1e12,
+        "peak_memory_gb": peak_memory_bytes(dev) / 1e9, "kv_hit_ratio": stats["hit_ratio"],
+        "kv_cache": stats, "cache_capacity_users": core.cache.num_blocks * core.cache.block_size // context_tokens,
+        "kv_bytes_per_context": per_token * context_tokens,
+        "max_abs_diff_vs_uncached": max(diffs), "max_abs_err_vs_fp32": max(fp32_errs),
+        "steps_per_batch": (core.steps - steps_before) / (warmup + iters),
+    }
+
+
+def format_table(rows: list[dict], ceiling: float) -> str:
+    """A fixed-width table of the headline numbers."""
+    cols = [("workload", "{:<9}"), ("backend", "{:<9}"), ("batch", "{:>5}"), ("p50_ms", "{:>9.2f}"),
+            ("p99_ms", "{:>9.2f}"), ("ms_per_request", "{:>9.3f}"), ("requests_per_s", "{:>9.1f}"),
+            ("candidates_per_s", "{:>11.0f}"), ("achieved_tflops", "{:>8.3f}"), ("peak_memory_gb", "{:>7.2f}"),
+            ("kv_hit_ratio", "{:>6.2f}"), ("max_abs_diff_vs_uncached", "{:>9.2e}"), ("max_abs_err_vs_fp32", "{:>9.2e}")]
+    heads = ["workload", "backend", "B", "p50 ms", "p99 ms", "ms/req", "req/s", "cand/s", "TFLOP/s", "mem GB",
+             "hit", "diff", "err fp32"]
+    widths = [len(f.format(rows[0][c])) if rows else 8 for c, f in cols]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
+    for r in rows:
+        lines.append("  ".join(f.format(r[c]) for c, f in cols))
+    lines.append(f"matmul ceiling (measured): {ceiling:.3f} TFLOP/s; achieved = counted FLOPs / median batch time")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Requests/s and p99 latency per workload and backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['workload']}\n{r['backend']} B={r['batch']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) * 2), 4))
+    axes[0].bar(labels, [r["requests_per_s"] for r in rows], color="tab:blue")
+    axes[0].set_ylabel("requests / s")
+    axes[1].bar(labels, [r["p99_ms"] for r in rows], color="tab:orange")
+    axes[1].set_ylabel("p99 latency (ms)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], ceiling: float, device: str, out: Path | None) -> str:
+    """Print-ready table; with `out`, also JSON and PNG files named after it."""
+    card = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    table = format_table(rows, ceiling)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"card": card, "matmul_tflops": ceiling, "torch": torch.__version__,
+                                   "results": rows}, indent=2) + "\n")
+        plot(rows, out.with_suffix(".png"))
+    return f"card: {card}\n{table}"
