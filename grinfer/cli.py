@@ -139,6 +139,7 @@ def bench(
     iters: int = 10, warmup: int = 2, seed: int = 0, device: DeviceOpt = "auto",
     max_batch_tokens: Annotated[int | None, typer.Option(help="Engine token budget (default: a whole batch).")]
     = None,
+    host_cache_gb: Annotated[float, typer.Option(help="Host-tier KV cache size in GB (0 = off).")] = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results JSON (and a PNG beside it).")]
     = None,
 ) -> None:
@@ -161,7 +162,9 @@ def bench(
     import torch
 
     ceiling = matmul_ceiling(torch.device(dev), torch.bfloat16 if dev.startswith("cuda") else torch.float32)
-    overrides = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
+    overrides = {"host_cache_bytes": int(host_cache_gb * 1e9)}
+    if max_batch_tokens is not None:
+        overrides["max_batch_tokens"] = max_batch_tokens
     rows = [run_workload(w, kind, dev, iters, warmup, seed, overrides) for w in shapes for kind in kinds]
     typer.echo(write_report(rows, ceiling, dev, json_out))
 

@@ -126,6 +126,7 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
         "peak_memory_gb": peak_memory_bytes(dev) / 1e9, "kv_hit_ratio": stats["hit_ratio"],
         "kv_cache": stats, "cache_capacity_users": core.cache.num_blocks * core.cache.block_size // context_tokens,
         "kv_bytes_per_context": per_token * context_tokens,
+        "host_capacity_users": config.host_cache_bytes // (per_token * context_tokens),
         "max_abs_diff_vs_uncached": max(diffs), "max_abs_err_vs_fp32": max(fp32_errs),
         "steps_per_batch": (core.steps - steps_before) / (warmup + iters),
     }
