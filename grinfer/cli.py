@@ -12,7 +12,6 @@ import typer
 app = typer.Typer(help="grinfer: serve, train and evaluate generative recommenders (MTGR / HSTU).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
-DEMO_DATA = "synthetic:users=600,items=500,events=60,seed=0"
 DataOpt = Annotated[str, typer.Option("--data", help="'synthetic', 'synthetic:users=N,items=N,events=N,seed=N' "
                                                       "or a MovieLens-1M directory.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
@@ -66,8 +65,7 @@ def train(
             "retrieval": [(preset_name or "hstu-ml1m", out)],
             "both": [(retrieval_preset, out / RETRIEVAL_DIR), (preset_name or "mtgr-small", out / RANKING_DIR)]}[task]
     try:
-        configs = [(preset(name).model_copy(update=_overrides(set_)), path) for name, path in jobs]
-        configs = [(type(c).model_validate(c.model_dump()), p) for c, p in configs]
+        configs = [(preset(name).replace(**_overrides(set_)), path) for name, path in jobs]
         ds = load_dataset(data)
     except (ValueError, ValidationError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
@@ -169,10 +167,11 @@ def bench(
     typer.echo(write_report(rows, ceiling, dev, json_out))
 
 
-def _demo_cache() -> Path:
-    root = os.environ.get("GRINFER_CACHE") or Path.home() / ".cache" / "grinfer"
+def demo_model_dir() -> Path:
+    """Where the demo models are cached: $GRINFER_CACHE (default ~/.cache/grinfer)/demo-VERSION."""
     from grinfer import __version__
 
+    root = os.environ.get("GRINFER_CACHE") or Path.home() / ".cache" / "grinfer"
     return Path(root) / f"demo-{__version__}"
 
 
@@ -189,22 +188,17 @@ def demo(
 ) -> None:
     """Show a few users' recent history and their top-k recommendations with scores."""
     from grinfer import load
-    from grinfer.config import preset
     from grinfer.data import load_dataset
     from grinfer.recommend import Recommender
-    from grinfer.train.loop import TrainSettings, resolve_device
-    from grinfer.train.run import RANKING_DIR, RETRIEVAL_DIR, train_model, training_data_spec
+    from grinfer.train.loop import resolve_device
+    from grinfer.train.run import DEMO_DATA, RANKING_DIR, RETRIEVAL_DIR, ensure_demo_models, training_data_spec
 
     dev = resolve_device(device)
     if model is None:
-        model = _demo_cache()
+        model = demo_model_dir()
         if retrain or not (model / RANKING_DIR / "config.json").is_file():
             typer.echo(f"training the demo models on {DEMO_DATA} (cached in {model}) ...")
-            ds = load_dataset(DEMO_DATA)
-            settings = TrainSettings(epochs=3, batch_size=64, lr=3e-3, device=dev)
-            retrieval_cfg = preset("hstu-ml1m").model_copy(update={"max_seq_len": 64, "dropout": 0.1})
-            train_model(retrieval_cfg, ds, DEMO_DATA, settings, model / RETRIEVAL_DIR, validate=False)
-            train_model(preset("mtgr-tiny"), ds, DEMO_DATA, settings, model / RANKING_DIR, validate=False)
+        ensure_demo_models(model, dev, retrain)
     ranking_dir = model / RANKING_DIR if (model / RANKING_DIR).is_dir() else model
     retrieval_dir = model / RETRIEVAL_DIR
     try:

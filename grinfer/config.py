@@ -59,7 +59,11 @@ class ModelConfig(BaseModel):
 
     def with_vocab(self, **vocab) -> ModelConfig:
         """Return a copy with dataset-dependent sizes (num_items, profile_cardinalities, ...) filled in."""
-        return self.model_copy(update=vocab)
+        return self.replace(**vocab)
+
+    def replace(self, **changes) -> ModelConfig:
+        """A validated copy with some fields changed (errors name the field)."""
+        return type(self).model_validate({**self.model_dump(), **changes})
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -101,3 +105,44 @@ class EngineConfig(BaseModel):
     max_batch_requests: int = Field(64, ge=1)
     max_queue: int = Field(1024, ge=1)  # waiting requests beyond this are rejected (overload)
     max_realtime: int = Field(100, ge=0)  # R events per request (older ones must be rolled into S)
+
+
+class ServerConfig(BaseModel):
+    """`grinfer serve` settings: flags > GRINFER_* environment > a TOML file > these defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)  # 0 = no gRPC server
+    model: str | None = None  # checkpoint dir (a --task both output, or a ranking checkpoint); None = demo model
+    store: str = "sqlite:///~/.cache/grinfer/grinfer.db"
+    cache: str = "memory://"
+    api_key: str | None = None
+    device: str = "auto"
+    backend: Literal["eager", "compiled"] = "eager"
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_queue: int = Field(256, ge=1)
+    max_batch_tokens: int = Field(16384, ge=16)
+    kv_cache_mb: int = Field(256, ge=1)
+    user_ttl_s: float = Field(30.0, ge=0)
+    log_level: str = "info"
+
+
+def load_server_config(file: str | None = None, env: dict[str, str] | None = None, **flags) -> ServerConfig:
+    """Merge a TOML file, GRINFER_<FIELD> environment variables and explicit flags (None = not given)."""
+    import os
+    import tomllib
+
+    values: dict = {}
+    if file:
+        with open(os.path.expanduser(file), "rb") as fh:
+            data = tomllib.load(fh)
+        values.update(data.get("server", data))
+    env = os.environ if env is None else env
+    for name in ServerConfig.model_fields:
+        key = f"GRINFER_{name.upper()}"
+        if key in env:
+            values[name] = env[key]
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return ServerConfig.model_validate(values)

@@ -48,20 +48,25 @@ class Recommender:
         return [Recommendation(int(candidates[i]), float(fused[i]),
                                {t: float(probs[i, j]) for j, t in enumerate(tasks)}) for i in order]
 
-    @torch.no_grad()
     def retrieve(self, context: UserContext, n: int) -> np.ndarray:
-        """Top-n unseen items: the retrieval model's nearest items, or the whole catalogue without one."""
-        seen = np.unique(context.items)
-        if self.retriever is None or len(context.items) == 0:
-            pool = np.setdiff1d(np.arange(1, self.catalog.num_items + 1), seen)
-            return pool
-        window = self.retriever.cfg.max_seq_len
-        batch = retrieval_batch([(context.items[-window:], context.timestamps[-window:])], False)
-        scores = self.retriever.user_embedding(batch.to(self.device))[0] @ self.retriever.item_table().T
-        scores[0] = -torch.inf
-        scores[torch.as_tensor(seen, device=scores.device)] = -torch.inf
-        return torch.topk(scores, min(n, self.catalog.num_items - len(seen))).indices.cpu().numpy()
+        """Top-n unseen items (see `retrieve_candidates`)."""
+        return retrieve_candidates(self.retriever, context, n, self.catalog.num_items, self.device)
 
     def recommend(self, context: UserContext, k: int, request_ts: int, num_retrieve: int = 200) -> list[Recommendation]:
         """Retrieve, rank, and return the top k."""
         return self.rank(context, self.retrieve(context, num_retrieve), request_ts)[:k]
+
+
+@torch.no_grad()
+def retrieve_candidates(retriever: HSTURetrieval | None, context: UserContext, n: int, num_items: int,
+                        device: str | torch.device = "cpu") -> np.ndarray:
+    """Top-n unseen items by the retrieval model; without one (or without history), every unseen item."""
+    seen = np.unique(context.items)
+    if retriever is None or len(context.items) == 0:
+        return np.setdiff1d(np.arange(1, num_items + 1), seen)
+    window = retriever.cfg.max_seq_len
+    batch = retrieval_batch([(context.items[-window:], context.timestamps[-window:])], False)
+    scores = retriever.user_embedding(batch.to(device))[0] @ retriever.item_table().T
+    scores[0] = -torch.inf
+    scores[torch.as_tensor(seen, device=scores.device)] = -torch.inf
+    return torch.topk(scores, min(n, num_items - len(seen))).indices.cpu().numpy()

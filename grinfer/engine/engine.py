@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from grinfer.config import EngineConfig
@@ -16,8 +17,10 @@ from grinfer.model.mtgr import MTGR
 class Engine:
     """Thread-safe front of the engine: `await engine.rank(req)` or `engine.rank_sync(req)`."""
 
-    def __init__(self, model: MTGR, catalog: ItemCatalog, config: EngineConfig = EngineConfig()):
+    def __init__(self, model: MTGR, catalog: ItemCatalog, config: EngineConfig = EngineConfig(),
+                 on_step: Callable[[dict], None] | None = None):
         self.core = EngineCore(model, catalog, config)
+        self.on_step = on_step  # called (outside the lock) with each computing step's stats
         self._futures: dict[int, Future] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -70,6 +73,11 @@ class Engine:
         """Blocking twin of `rank`."""
         return self.submit(request).result(timeout)
 
+    @property
+    def running(self) -> bool:
+        """Whether the stepping thread is alive and accepting requests."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def stats(self) -> dict:
         with self._lock:
             return self.core.stats()
@@ -82,8 +90,12 @@ class Engine:
                     self._wake.wait()
                 if self._stopping and (not self._drain or not self.core.has_work()):
                     break
+                steps = self.core.steps
                 finished = self.core.step()
+                step_stats = self.core.last_step if self.core.steps != steps else None
                 resolved = [(self._futures.pop(s.request.request_id, None), r) for s, r in finished]
+            if step_stats is not None and self.on_step is not None:
+                self.on_step(step_stats)
             for future, result in resolved:
                 if future is None:
                     continue

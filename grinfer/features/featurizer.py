@@ -114,6 +114,9 @@ class Featurizer:
 
 def retrieval_batch(sequences: list[tuple[np.ndarray, np.ndarray]], with_targets: bool) -> RetrievalBatch:
     """Batch (items, timestamps) sequences; with targets, position i predicts item i + 1."""
+    for i, (items, stamps) in enumerate(sequences):
+        if len(items) != len(stamps):
+            raise ValueError(f"sequences[{i}]: {len(items)} items but {len(stamps)} timestamps")
     lengths = torch.tensor([len(s[0]) - int(with_targets) for s in sequences], dtype=torch.int64)
     items = np.concatenate([s[0][: len(s[0]) - int(with_targets)] for s in sequences]).astype(np.int64)
     ts = np.concatenate([s[1][: len(s[1]) - int(with_targets)] for s in sequences]).astype(np.int64)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from grinfer.config import ModelConfig
@@ -22,6 +23,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict | None
     """Write config.json (+ `extra` metadata) and model.safetensors into `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    if extra and "model" in extra:
+        raise ValueError("extra: the key 'model' is reserved for the model config")
     meta = {"model": model.cfg.model_dump(mode="json"), **(extra or {})}
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -34,13 +37,22 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{path}: not a checkpoint directory (no {CONFIG_FILE})")
-    return json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CheckpointError(f"{file}: no 'model' section with the model config")
+    return meta
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the model from config.json and load its weights; mismatches name the tensor."""
     path = Path(path)
-    cfg = ModelConfig.model_validate(read_checkpoint_meta(path)["model"])
+    try:
+        cfg = ModelConfig.model_validate(read_checkpoint_meta(path)["model"])
+    except ValidationError as exc:
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid model config: {exc}") from None
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path}: missing {WEIGHTS_FILE}")

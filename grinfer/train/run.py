@@ -73,3 +73,20 @@ def checkpoint_dirs(path: Path) -> list[Path]:
 def training_data_spec(path: Path) -> str | None:
     """The dataset spec a checkpoint was trained on, if it recorded one."""
     return read_checkpoint_meta(path).get("training", {}).get("data")
+
+
+DEMO_DATA = "synthetic:users=600,items=500,events=60,seed=0"
+
+
+def ensure_demo_models(path: Path, device: str, retrain: bool = False) -> Path:
+    """The small demo checkpoints (retrieval + mtgr-tiny ranking on synthetic data), trained once and cached."""
+    from grinfer.config import preset
+    from grinfer.data import load_dataset
+
+    if retrain or not (path / RANKING_DIR / "config.json").is_file() or not (path / RETRIEVAL_DIR).is_dir():
+        ds = load_dataset(DEMO_DATA)
+        settings = TrainSettings(epochs=3, batch_size=64, lr=3e-3, device=device)
+        retrieval_cfg = preset("hstu-ml1m").replace(max_seq_len=64, dropout=0.1)
+        train_model(retrieval_cfg, ds, DEMO_DATA, settings, path / RETRIEVAL_DIR, validate=False)
+        train_model(preset("mtgr-tiny"), ds, DEMO_DATA, settings, path / RANKING_DIR, validate=False)
+    return path

@@ -258,7 +258,21 @@ def test_with_vocab_returns_a_copy():
     assert base.num_items == 4000
 
 
-@pytest.mark.xfail(strict=True, reason="with_vocab uses model_copy(update=...), which skips validation")
 def test_with_vocab_validates():
     with pytest.raises(ValueError):
         preset("mtgr-tiny").with_vocab(num_items=0)
+
+
+def test_corrupt_or_incomplete_config_is_a_checkpoint_error(tmp_path, mtgr_cfg):
+    from grinfer.model import build_model
+    from grinfer.model.checkpoint import CheckpointError, save_checkpoint
+
+    path = save_checkpoint(build_model(mtgr_cfg), tmp_path / "c")
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        grinfer.load(path)
+    (path / "config.json").write_text('{"training": {}}')
+    with pytest.raises(CheckpointError, match="'model'"):
+        grinfer.load(path)
+    with pytest.raises(ValueError, match="reserved"):
+        save_checkpoint(build_model(mtgr_cfg), tmp_path / "d", extra={"model": {}})

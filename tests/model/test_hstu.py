@@ -109,8 +109,6 @@ def test_padding_row_gets_no_gradient():
     assert grad[1:].abs().sum() > 0
 
 
-@pytest.mark.xfail(strict=True, reason="HSTURetrieval.__init__ re-initialises item_emb with normal_() after "
-                   "nn.Embedding(padding_idx=0) zeroed row 0, so the padding row is random (and never trained)")
 def test_padding_row_is_zero():
     model = new_model()
     assert torch.equal(model.item_emb.weight[0], torch.zeros(50))

@@ -25,7 +25,7 @@ from grinfer.ops.jagged import (
 from grinfer.ops.reference.hstu_attention import relative_bias
 
 ATOL = 1e-5
-HYPOTHESIS = settings(max_examples=20, deadline=None, derandomize=True)
+HYPOTHESIS = settings(max_examples=20, deadline=None, derandomize=True, database=None)
 
 # A layout is (num_U, num_S, num_R, num_C) of one sequence, in that order.
 Layout = tuple[int, int, int, int]

@@ -81,3 +81,8 @@ def test_retrieval_batch_targets_shift_by_one():
     assert b.offsets.tolist() == [0, 2, 3]
     assert b.items.tolist() == [5, 6, 8]
     assert b.targets.tolist() == [6, 7, 9]
+
+
+def test_retrieval_batch_rejects_mismatched_timestamps():
+    with pytest.raises(ValueError, match=r"sequences\[0\]: 5 items but 6 timestamps"):
+        retrieval_batch([(np.arange(1, 6), np.arange(6))], False)

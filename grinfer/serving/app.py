@@ -1,0 +1,192 @@
+"""The REST adapter: FastAPI routes over RecommenderService, with limits, auth, errors and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
+from grinfer.schema import (
+    ErrorOut,
+    EventsIn,
+    EventsOut,
+    RankIn,
+    RankOut,
+    RecommendIn,
+    RollIn,
+    RollOut,
+    UserOut,
+)
+from grinfer.serving.metrics import Metrics
+from grinfer.serving.service import FieldError, RecommenderService, Unavailable
+
+ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": ErrorOut},
+          422: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+
+
+@dataclass
+class AppState:
+    """What the routes need: the service, metrics, limits and the readiness probe."""
+
+    service: RecommenderService
+    metrics: Metrics
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    retry_after_s: int = 1
+    draining: bool = False
+
+
+def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(ErrorOut(error=message, field=field).model_dump(), status_code=status, headers=headers)
+
+
+class _BodyLimit(BaseHTTPMiddleware):
+    """413 for bodies over the limit (declared length, or counted while reading)."""
+
+    def __init__(self, app, limit: int):
+        super().__init__(app)
+        self.limit = limit
+
+    async def dispatch(self, request: Request, call_next):
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return _error(413, f"request body of {declared} bytes exceeds the limit of {self.limit}", "body")
+        if request.method in ("POST", "PUT", "PATCH") and declared is None:
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.limit:
+                    return _error(413, f"request body exceeds the limit of {self.limit} bytes", "body")
+            request._body = body
+        return await call_next(request)
+
+
+def create_app(state: AppState) -> FastAPI:
+    """The FastAPI application (OpenAPI at /docs)."""
+    app = FastAPI(title="grinfer", version="0.1.0",
+                  description="Generative-recommender inference: rank, recommend, events.")
+    app.state.grinfer = state
+    app.add_middleware(_BodyLimit, limit=state.max_body_bytes)
+    service, metrics = state.service, state.metrics
+
+    def require_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if given != state.api_key:
+            raise FieldError("x-api-key", "missing or wrong API key", status=401)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
+        field = ".".join(loc) or "body"
+        metrics.error(request.url.path, "validation")
+        return _error(422, f"{field}: {first.get('msg', 'invalid')}", field)
+
+    @app.exception_handler(FieldError)
+    async def _field(request: Request, exc: FieldError):
+        metrics.error(request.url.path, "field")
+        return _error(exc.status, str(exc), exc.field)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded):
+        metrics.error(request.url.path, "overloaded")
+        return _error(429, str(exc), headers={"Retry-After": str(state.retry_after_s)})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, exc: DeadlineExceeded):
+        metrics.error(request.url.path, "deadline")
+        return _error(504, str(exc), "deadline_ms")
+
+    @app.exception_handler(ContextTooLarge)
+    async def _too_large(request: Request, exc: ContextTooLarge):
+        metrics.error(request.url.path, "context_too_large")
+        return _error(413, str(exc), "events")
+
+    @app.exception_handler(Unavailable)
+    @app.exception_handler(EngineError)
+    async def _unavailable(request: Request, exc: Exception):
+        metrics.error(request.url.path, "unavailable")
+        return _error(503, str(exc), headers={"Retry-After": str(state.retry_after_s)})
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        if state.draining and request.url.path.startswith("/v1/"):
+            return _error(503, "server is shutting down", headers={"Retry-After": str(state.retry_after_s)})
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.observe(getattr(route, "path", "unmatched"), time.perf_counter() - start)
+        return response
+
+    @app.post("/v1/rank", response_model=RankOut, responses=ERRORS)
+    async def rank(body: RankIn) -> RankOut:
+        """Score candidate items for a user (per-task probabilities and a fused score, best first)."""
+        out = await service.rank(body)
+        metrics.cache_status.labels(out.cache).inc()
+        return out
+
+    @app.post("/v1/recommend", response_model=RankOut, responses=ERRORS)
+    async def recommend(body: RecommendIn) -> RankOut:
+        """Top-k items for a user: retrieval over the catalogue, then MTGR ranking."""
+        out = await service.recommend(body)
+        metrics.cache_status.labels(out.cache).inc()
+        return out
+
+    @app.post("/v1/events", response_model=EventsOut, responses=ERRORS, dependencies=[Depends(require_key)])
+    async def events(body: EventsIn) -> EventsOut:
+        """Append behaviour events; they are durable before this returns."""
+        return await asyncio.to_thread(service.append_events, body)
+
+    @app.get("/v1/users/{user}", response_model=UserOut, responses=ERRORS)
+    async def get_user(user: str) -> UserOut:
+        """A user's profile, history version and recent events."""
+        return await asyncio.to_thread(service.get_user, user)
+
+    @app.get("/v1/users", responses=ERRORS)
+    async def list_users(limit: int = 50, offset: int = 0) -> dict:
+        """Known user ids (for the web page)."""
+        if not 1 <= limit <= 1000:
+            raise FieldError("limit", "limit must be between 1 and 1000")
+        if offset < 0:
+            raise FieldError("offset", "offset must be >= 0")
+        users = await asyncio.to_thread(service.store.list_users, limit, offset)
+        return {"users": users, "total": await asyncio.to_thread(service.store.count_users)}
+
+    @app.post("/v1/admin/roll-history", response_model=RollOut, responses=ERRORS,
+              dependencies=[Depends(require_key)])
+    async def roll_history(body: RollIn) -> RollOut:
+        """Fold real-time events into the static history (bumps the history version)."""
+        return await asyncio.to_thread(service.roll_history, body)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorOut}})
+    async def readyz():
+        if state.draining or not service.engine.running:
+            return _error(503, "engine is not running")
+        try:
+            await asyncio.to_thread(service.store.count_users)
+        except Exception as exc:  # a store that cannot answer makes us unready, not broken
+            return _error(503, f"store unavailable: {exc}")
+        return {"status": "ready", "model": service.model_name}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(files("grinfer.serving").joinpath("web/index.html").read_text())
+
+    return app

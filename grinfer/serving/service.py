@@ -1,0 +1,181 @@
+"""RecommenderService: the transport-free operations behind REST and gRPC.
+
+It turns API requests into engine requests: user data from the FeatureCache or the UserStore, the
+featurizer's context (S = static history, R = real-time events), catalogue ids <-> model ids, and
+the engine's probabilities back into sorted, fused scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from grinfer.data.types import PROFILE_FIELDS, ItemCatalog
+from grinfer.engine import Engine
+from grinfer.engine.request import RankRequest
+from grinfer.features.featurizer import UserContext
+from grinfer.model.hstu import HSTURetrieval
+from grinfer.recommend import fused_score, retrieve_candidates
+from grinfer.schema import (
+    EventIn,
+    EventOut,
+    EventsIn,
+    EventsOut,
+    RankIn,
+    RankOut,
+    RecommendIn,
+    RollIn,
+    RollOut,
+    ScoredItem,
+    UserOut,
+)
+from grinfer.storage.base import Event, FeatureCache, UserRecord, UserStore
+
+MAX_CATALOGUE_RANK = 2000  # without a retrieval model, /recommend ranks the whole catalogue up to this size
+
+
+class FieldError(ValueError):
+    """A request field the service cannot accept (e.g. an item not in the catalogue)."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(message)
+        self.field, self.status = field, status
+
+
+class Unavailable(RuntimeError):
+    """The service cannot answer this kind of request right now (maps to 503)."""
+
+
+@dataclass
+class ServiceSettings:
+    max_static: int = 1000
+    max_realtime: int = 100
+    user_ttl_s: float = 30.0
+    task_weights: dict[str, float] | None = None
+
+
+class RecommenderService:
+    """Rank, recommend, append events, roll history and read users; safe to call concurrently."""
+
+    def __init__(self, engine: Engine, catalog: ItemCatalog, store: UserStore, cache: FeatureCache,
+                 retriever: HSTURetrieval | None = None, settings: ServiceSettings = ServiceSettings(),
+                 model_name: str = "model"):
+        self.engine, self.catalog, self.store, self.cache = engine, catalog, store, cache
+        self.retriever, self.settings, self.model_name = retriever, settings, model_name
+        model = engine.core.model
+        self.tasks = model.cfg.tasks
+        weights = settings.task_weights or {}
+        self.weights = torch.tensor([weights.get(t, 1.0) for t in self.tasks])
+        self.num_profile = len(model.cfg.profile_cardinalities)
+        self.dense_of = {int(raw): i for i, raw in enumerate(catalog.raw_ids) if i > 0}
+        self._retrieval_device = next(retriever.parameters()).device if retriever is not None else None
+
+    # ---- ids and users -------------------------------------------------------------------------
+    def to_dense(self, items: list[int], field: str) -> np.ndarray:
+        """Catalogue ids -> model ids; unknown ids raise FieldError naming the first bad index."""
+        out = np.empty(len(items), np.int64)
+        for i, item in enumerate(items):
+            dense = self.dense_of.get(item)
+            if dense is None:
+                raise FieldError(f"{field}[{i}].item", f"item {item} is not in the catalogue")
+            out[i] = dense
+        return out
+
+    def to_raw(self, dense: int) -> int:
+        return int(self.catalog.raw_ids[dense])
+
+    def user_record(self, user: str) -> tuple[UserRecord, bool]:
+        """The user's data (cache first), or an empty cold-start record for an unknown user."""
+        record = self.cache.get_user(user)
+        if record is None:
+            record = self.store.get_user(user)
+            if record is not None:
+                self.cache.put_user(record, self.settings.user_ttl_s)
+        if record is None:
+            return UserRecord(user, [0] * self.num_profile), True
+        return record, False
+
+    def context(self, record: UserRecord, extra: list[Event] = ()) -> UserContext:
+        """S = the last max_static static events; R = the last max_realtime real-time (+ extra) events."""
+        static = record.static[-self.settings.max_static:] if self.settings.max_static else []
+        realtime = (list(record.realtime) + list(extra))[-self.settings.max_realtime:]
+        events = static + realtime
+        profile = (list(record.profile) + [0] * self.num_profile)[:self.num_profile]
+        return UserContext(np.asarray(profile, np.int64), np.array([e.item for e in events], np.int64),
+                           np.array([e.ts for e in events], np.int64), np.array([e.action for e in events], np.int64),
+                           num_static=len(static))
+
+    def _events(self, events: list[EventIn], field: str) -> list[Event]:
+        dense = self.to_dense([e.item for e in events], field)
+        now = int(time.time())
+        return [Event(int(d), e.ts if e.ts is not None else now, e.action) for d, e in zip(dense, events)]
+
+    # ---- operations ----------------------------------------------------------------------------
+    async def rank(self, req: RankIn) -> RankOut:
+        """Score the given candidates for the user, best first."""
+        start = time.perf_counter()
+        candidates = self.to_dense([c.item for c in req.candidates], "candidates")
+        extra = self._events(req.events, "events")
+        record, cold = await asyncio.to_thread(self.user_record, req.user)
+        return await self._rank(req.user, record, cold, self.context(record, extra), candidates,
+                                req.deadline_ms, start, len(candidates))
+
+    async def recommend(self, req: RecommendIn) -> RankOut:
+        """Retrieval top-N over the catalogue, ranked by MTGR, top-k."""
+        start = time.perf_counter()
+        record, cold = await asyncio.to_thread(self.user_record, req.user)
+        ctx = self.context(record)
+        if self.retriever is None and self.catalog.num_items > MAX_CATALOGUE_RANK:
+            raise Unavailable("no retrieval model is loaded and the catalogue is too large to rank whole")
+        candidates = await asyncio.to_thread(retrieve_candidates, self.retriever, ctx, req.retrieve,
+                                             self.catalog.num_items, self._retrieval_device)
+        if len(candidates) == 0:
+            return RankOut(user=req.user, items=[], cache="miss", history_version=record.history_version,
+                           cold_start=cold, latency_ms=1e3 * (time.perf_counter() - start))
+        return await self._rank(req.user, record, cold, ctx, candidates, req.deadline_ms, start, req.k)
+
+    async def _rank(self, user: str, record: UserRecord, cold: bool, ctx: UserContext, candidates: np.ndarray,
+                    deadline_ms: int | None, start: float, k: int) -> RankOut:
+        deadline = time.monotonic() + deadline_ms / 1e3 if deadline_ms else None
+        request = RankRequest(user, record.history_version, ctx, candidates, int(time.time()), deadline=deadline)
+        result = await self.engine.rank(request)
+        probs = result.probabilities
+        fused = fused_score(probs, self.weights)
+        order = torch.argsort(fused, descending=True)[:k].tolist()
+        items = [ScoredItem(item=self.to_raw(int(candidates[i])), score=float(fused[i]),
+                            probabilities={t: float(probs[i, j]) for j, t in enumerate(self.tasks)},
+                            title=self.catalog.titles[int(candidates[i])]) for i in order]
+        return RankOut(user=user, items=items, cache=result.cache, history_version=record.history_version,
+                       cold_start=cold, latency_ms=1e3 * (time.perf_counter() - start))
+
+    def append_events(self, req: EventsIn) -> EventsOut:
+        """Durably append events (before returning), then drop the user's cached record."""
+        events = sorted(self._events(req.events, "events"), key=lambda e: e.ts)
+        count = self.store.append_events(req.user, events)
+        self.cache.invalidate_user(req.user)
+        return EventsOut(user=req.user, appended=len(events), realtime_events=count)
+
+    def roll_history(self, req: RollIn) -> RollOut:
+        """Fold the user's real-time events into the static history (new version: old KV cache is void)."""
+        try:
+            version = self.store.roll_history(req.user)
+        except KeyError:
+            raise FieldError("user", f"unknown user {req.user!r}", status=404) from None
+        self.cache.invalidate_user(req.user)
+        return RollOut(user=req.user, history_version=version)
+
+    def get_user(self, user: str, recent: int = 20) -> UserOut:
+        """Profile, history version and recent events (with titles) of a known user."""
+        record = self.store.get_user(user)
+        if record is None:
+            raise FieldError("user", f"unknown user {user!r}", status=404)
+        fields = PROFILE_FIELDS[:self.num_profile]
+        events = (record.static + record.realtime)[-recent:][::-1]
+        return UserOut(user=user, profile=dict(zip(fields, record.profile)), history_version=record.history_version,
+                       static_events=len(record.static), realtime_events=len(record.realtime),
+                       recent=[EventOut(item=self.to_raw(e.item), ts=e.ts, action=e.action,
+                                        title=self.catalog.titles[e.item]) for e in events])
