@@ -167,6 +167,70 @@ def bench(
     typer.echo(write_report(rows, ceiling, dev, json_out))
 
 
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="Checkpoint dir (a --task both output or a ranking checkpoint); "
+                                                   "default: the demo models, trained on first start.")] = None,
+    store: Annotated[str | None, typer.Option(help="sqlite:///path.db (default) or postgresql://...")] = None,
+    cache: Annotated[str | None, typer.Option(help="memory:// (default) or redis://host:port/db")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="REST port [8000].")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port, 0 = off [50051].")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require this key (X-API-Key) on write/admin calls.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto [auto].")] = None,
+    backend: Annotated[str | None, typer.Option(help="eager or compiled [eager].")] = None,
+    config: Annotated[str | None, typer.Option(help="A TOML file of these settings ([server] table).")] = None,
+) -> None:
+    """Serve REST (+ OpenAPI at /docs, web page at /, /metrics) and gRPC. Settings: flags > GRINFER_* env > file."""
+    import logging
+
+    from pydantic import ValidationError
+
+    from grinfer.config import load_server_config
+    from grinfer.serving.server import StartupError, run
+    from grinfer.train.loop import resolve_device
+    from grinfer.train.run import ensure_demo_models
+
+    try:
+        cfg = load_server_config(config, model=model, store=store, cache=cache, host=host, port=port,
+                                 grpc_port=grpc_port, api_key=api_key, device=device, backend=backend)
+    except (ValidationError, OSError, ValueError) as exc:
+        raise _fail(f"configuration: {exc}") from None
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    dev = resolve_device(cfg.device)
+    model_path = Path(cfg.model).expanduser() if cfg.model else None
+    if model_path is None:
+        model_path = demo_model_dir()
+        typer.echo(f"no --model: using the demo models in {model_path} (trained on first start)")
+        ensure_demo_models(model_path, dev)
+    try:
+        run(cfg, model_path, dev)
+    except StartupError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command("import-movielens")
+def import_movielens(
+    path: Annotated[Path, typer.Argument(help="A MovieLens-1M directory (ratings.dat[.gz], users.dat, movies.dat).")],
+    store: Annotated[str, typer.Option(help="Target store URL.")] = "sqlite:///~/.cache/grinfer/grinfer.db",
+) -> None:
+    """Load a MovieLens directory into a store (catalogue, profiles, events as static history)."""
+    from grinfer.data import DataFormatError, read_movielens
+    from grinfer.storage import open_store
+    from grinfer.storage.importer import import_dataset
+
+    try:
+        ds = read_movielens(path)
+        target = open_store(store)
+    except (DataFormatError, FileNotFoundError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    try:
+        counts = import_dataset(ds, target)
+    finally:
+        target.close()
+    typer.echo(f"imported {counts} into {store}")
+
+
 def demo_model_dir() -> Path:
     """Where the demo models are cached: $GRINFER_CACHE (default ~/.cache/grinfer)/demo-VERSION."""
     from grinfer import __version__
