@@ -141,7 +141,9 @@ class SQLiteStore:
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         with self._write() as c:
-            c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+            c.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
             current = c.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
             if current > SCHEMA_VERSION:
                 raise RuntimeError(
@@ -170,7 +172,8 @@ class SQLiteStore:
         text = json.dumps([int(v) for v in profile])
         with self._write() as c:
             c.execute(
-                "INSERT INTO users (id, profile) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET profile = excluded.profile",
+                """INSERT INTO users (id, profile) VALUES (?, ?)
+                   ON CONFLICT (id) DO UPDATE SET profile = excluded.profile""",
                 (user, text),
             )
 

@@ -59,14 +59,14 @@ def target_ranks(model: HSTURetrieval, ds: Dataset, split: str, device: str,
                 for u, t in zip(chunk, points)]
         emb = model.user_embedding(retrieval_batch(seqs, False).to(device))
         scores = emb @ table.T  # [b, num_items + 1]
+        targets = torch.as_tensor(np.array([u.items[t] for u, t in zip(chunk, points)]), device=device)
+        target_scores = scores.gather(1, targets[:, None])
+        rows = np.repeat(np.arange(len(chunk)), points)
+        history = np.concatenate([u.items[:t] for u, t in zip(chunk, points)])
+        scores[torch.as_tensor(rows, device=device), torch.as_tensor(history, device=device)] = -torch.inf
         scores[:, 0] = -torch.inf
-        for row, (u, t) in enumerate(zip(chunk, points)):
-            history = torch.as_tensor(u.items[:t], device=device)
-            target = int(u.items[t])
-            target_score = scores[row, target].clone()
-            scores[row, history] = -torch.inf
-            ranks.append(int((scores[row] > target_score).sum()))
-    return np.asarray(ranks)
+        ranks.append((scores > target_scores).sum(1).cpu().numpy())
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
 def evaluate_retrieval(model: HSTURetrieval, ds: Dataset, split: str = "test", device: str = "cpu",

@@ -57,7 +57,10 @@ def relative_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, q_ts: torch.Tensor, 
     """
     reach = (pos_table.shape[0] - 1) // 2
     rel = (k_pos - q_pos).clamp(-reach, reach) + reach
-    return pos_table[rel] + time_table[time_bucket(q_ts - k_ts, time_table.shape[0])]
+    # F.embedding rather than table[index]: its backward reduces sorted indices instead of piling
+    # millions of atomic adds onto a few hundred table entries (227 ms -> ~1 ms per layer on an H200)
+    lookup = lambda table, idx: F.embedding(idx, table[:, None]).squeeze(-1)  # noqa: E731
+    return lookup(pos_table, rel) + lookup(time_table, time_bucket(q_ts - k_ts, time_table.shape[0]))
 
 
 def hstu_attention(

@@ -1,0 +1,296 @@
+"""The gRPC adapter: grinfer.v1.Recommender over RecommenderService, plus health and reflection.
+
+A thin twin of the REST adapter (app.py). Each RPC turns its proto message into the pydantic model
+of grinfer/schema.py, so validation is the REST API's, calls the service and turns the result back.
+
+    server = start_grpc_server(service, metrics, "127.0.0.1", 0, api_key="secret")
+    server.port            # the bound port (the chosen one when port 0 was asked for)
+    server.stop(grace=5).wait()
+
+Stubs: grinfer/serving/proto/grinfer_pb2*.py are generated from grinfer.proto by a build step and
+committed (no protoc at run time): after editing the .proto, run `python -m grinfer.serving.proto.generate`
+(or scripts/gen_proto.sh); tests/serving/test_grpc.py fails while the committed stubs are stale.
+
+Concurrency: a thread pool (max_workers) serves RPCs; the service's async operations (rank,
+recommend) run as coroutines on ONE asyncio event loop owned by the server (a background thread in
+`loop.run_forever()`); a worker thread submits with `asyncio.run_coroutine_threadsafe` and waits, so
+many RPCs are in the engine at once and get batched together. The blocking operations (append
+events, roll history) run on the worker thread itself. `stop()` stops the server, then the loop.
+
+Errors (the REST adapter's, in gRPC codes; the details text is "field: message" where a field is
+known, and the trailing metadata `grinfer-field` names it):
+
+| cause | code |
+|---|---|
+| pydantic validation, FieldError 4xx (e.g. unknown item), ContextTooLarge | INVALID_ARGUMENT |
+| FieldError 404 (unknown user) | NOT_FOUND |
+| missing or wrong API key (x-api-key or `authorization: Bearer`) | UNAUTHENTICATED |
+| Overloaded | RESOURCE_EXHAUSTED |
+| DeadlineExceeded (deadline_ms, or the call's gRPC deadline when deadline_ms is unset) | DEADLINE_EXCEEDED |
+| Unavailable, EngineError | UNAVAILABLE |
+
+Metrics: latency per RPC as endpoint "grpc:<Method>", errors by the REST adapter's kinds, and the
+context cache status of ranked requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import BaseModel, ValidationError
+
+from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
+from grinfer.schema import EventIn, EventsIn, EventsOut, RankIn, RankOut, RecommendIn, RollIn, RollOut
+from grinfer.serving.metrics import Metrics
+from grinfer.serving.proto import grinfer_pb2 as pb
+from grinfer.serving.proto import grinfer_pb2_grpc as pb_grpc
+from grinfer.serving.service import FieldError, RecommenderService, Unavailable
+
+log = logging.getLogger("grinfer.grpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name  # "grinfer.v1.Recommender"
+FIELD_METADATA = "grinfer-field"
+MAX_DEADLINE_MS = 600_000  # RankIn / RecommendIn's limit on deadline_ms
+
+_FIELD_STATUS = {401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
+                 429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+
+
+class _Abort(Exception):
+    """An RPC's failure, already classified: code, details, metric kind, field."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, kind: str, field: str | None = None):
+        super().__init__(details)
+        self.code, self.details, self.kind, self.field = code, details, kind, field
+
+
+def _classify(exc: Exception) -> _Abort:
+    """Map the service's and the engine's errors to gRPC status codes (as app.py maps them to HTTP)."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {first.get('msg', 'invalid')}", "validation", field)
+    if isinstance(exc, FieldError):
+        code = _FIELD_STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
+        return _Abort(code, f"{exc.field}: {exc}", "field", exc.field)
+    if isinstance(exc, Overloaded):
+        return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "overloaded")
+    if isinstance(exc, DeadlineExceeded):
+        return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline", "deadline_ms")
+    if isinstance(exc, ContextTooLarge):
+        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"events: {exc}", "context_too_large", "events")
+    if isinstance(exc, Unavailable | EngineError):
+        return _Abort(grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable")
+    log.exception("internal error in a gRPC call", exc_info=exc)
+    return _Abort(grpc.StatusCode.INTERNAL, "internal error", "internal")
+
+
+# ---- proto <-> schema ----------------------------------------------------------------------------
+def _optional(message, *names: str) -> dict:
+    """The optional fields that are set (unset ones take the schema's defaults)."""
+    return {name: getattr(message, name) for name in names if message.HasField(name)}
+
+
+def _event(e: pb.Event) -> dict:
+    return {"item": e.item, **_optional(e, "ts", "action")}
+
+
+def rank_in(msg: pb.RankRequest) -> RankIn:
+    return RankIn.model_validate({"user": msg.user, "candidates": [{"item": c.item} for c in msg.candidates],
+                                  "events": [_event(e) for e in msg.events], **_optional(msg, "deadline_ms")})
+
+
+def recommend_in(msg: pb.RecommendRequest) -> RecommendIn:
+    return RecommendIn.model_validate({"user": msg.user, **_optional(msg, "k", "retrieve", "deadline_ms")})
+
+
+def events_in(msg: pb.AppendEventsRequest) -> EventsIn:
+    return EventsIn.model_validate({"user": msg.user, "events": [_event(e) for e in msg.events]})
+
+
+def roll_in(msg: pb.RollHistoryRequest) -> RollIn:
+    return RollIn.model_validate({"user": msg.user})
+
+
+def rank_out(out: RankOut) -> pb.RankResponse:
+    items = [pb.ScoredItem(item=i.item, score=i.score, probabilities=i.probabilities, title=i.title)
+             for i in out.items]
+    return pb.RankResponse(user=out.user, items=items, cache=out.cache, history_version=out.history_version,
+                           cold_start=out.cold_start, latency_ms=out.latency_ms)
+
+
+def events_out(out: EventsOut) -> pb.AppendEventsResponse:
+    return pb.AppendEventsResponse(user=out.user, appended=out.appended, realtime_events=out.realtime_events)
+
+
+def roll_out(out: RollOut) -> pb.RollHistoryResponse:
+    return pb.RollHistoryResponse(user=out.user, history_version=out.history_version)
+
+
+# ---- the servicer ----------------------------------------------------------------------------------
+class _EventLoop:
+    """One asyncio loop in a background thread; worker threads run coroutines on it and wait."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grinfer-grpc-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine, context: grpc.ServicerContext):
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        context.add_callback(future.cancel)  # the call ended (e.g. the client cancelled): stop waiting
+        return future.result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.loop.shutdown_default_executor(), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def _with_call_deadline(req: BaseModel, context: grpc.ServicerContext) -> BaseModel:
+    """Without deadline_ms, the call's own gRPC deadline (if any) becomes the engine's deadline."""
+    remaining = context.time_remaining()
+    if req.deadline_ms is not None or remaining is None:
+        return req
+    return req.model_copy(update={"deadline_ms": max(1, min(MAX_DEADLINE_MS, int(remaining * 1e3)))})
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """grinfer.v1.Recommender: proto in, schema model, service call, proto out."""
+
+    def __init__(self, service: RecommenderService, metrics: Metrics, loop: _EventLoop, api_key: str | None = None):
+        self.service, self.metrics, self.loop, self.api_key = service, metrics, loop, api_key
+
+    def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], object]):
+        """Run one RPC: time it, map its error to a status (context.abort raises)."""
+        endpoint = f"grpc:{method}"
+        start = time.perf_counter()
+        try:
+            return work()
+        except Exception as exc:
+            abort = _classify(exc)
+            self.metrics.error(endpoint, abort.kind)
+            if abort.field is not None:
+                context.set_trailing_metadata(((FIELD_METADATA, abort.field),))
+            context.abort(abort.code, abort.details)
+        finally:
+            self.metrics.observe(endpoint, time.perf_counter() - start)
+
+    def _require_key(self, context: grpc.ServicerContext) -> None:
+        if self.api_key is None:
+            return
+        metadata = dict(context.invocation_metadata())
+        given = metadata.get("x-api-key") or metadata.get("authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise FieldError("x-api-key", "missing or wrong API key", status=401)
+
+    def _ranked(self, out: RankOut) -> pb.RankResponse:
+        self.metrics.cache_status.labels(out.cache).inc()
+        return rank_out(out)
+
+    def Rank(self, request: pb.RankRequest, context: grpc.ServicerContext) -> pb.RankResponse:
+        def work():
+            req = _with_call_deadline(rank_in(request), context)
+            return self._ranked(self.loop.run(self.service.rank(req), context))
+        return self._call("Rank", context, work)
+
+    def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RankResponse:
+        def work():
+            req = _with_call_deadline(recommend_in(request), context)
+            return self._ranked(self.loop.run(self.service.recommend(req), context))
+        return self._call("Recommend", context, work)
+
+    def AppendEvents(self, request: pb.AppendEventsRequest, context: grpc.ServicerContext) -> pb.AppendEventsResponse:
+        def work():
+            self._require_key(context)
+            return events_out(self.service.append_events(events_in(request)))
+        return self._call("AppendEvents", context, work)
+
+    def RollHistory(self, request: pb.RollHistoryRequest, context: grpc.ServicerContext) -> pb.RollHistoryResponse:
+        def work():
+            self._require_key(context)
+            return roll_out(self.service.roll_history(roll_in(request)))
+        return self._call("RollHistory", context, work)
+
+
+# ---- the server ------------------------------------------------------------------------------------
+class GrpcServer(grpc.Server):
+    """A started grpc.Server plus what it owns (event loop, health); `port` is the bound port."""
+
+    def __init__(self, server: grpc.Server, port: int, loop: _EventLoop, health_servicer: health.HealthServicer):
+        self._server, self.port, self._loop, self.health = server, port, loop, health_servicer
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers):
+        self._server.add_generic_rpc_handlers(generic_rpc_handlers)
+
+    def add_registered_method_handlers(self, service_name, method_handlers):
+        self._server.add_registered_method_handlers(service_name, method_handlers)
+
+    def add_insecure_port(self, address: str) -> int:
+        return self._server.add_insecure_port(address)
+
+    def add_secure_port(self, address: str, server_credentials) -> int:
+        return self._server.add_secure_port(address, server_credentials)
+
+    def start(self) -> None:
+        self._server.start()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Report NOT_SERVING, stop taking calls, let running ones finish within grace; then close the loop."""
+        self.health.enter_graceful_shutdown()
+        stopped = self._server.stop(grace)
+        done = threading.Event()
+
+        def finish():
+            stopped.wait()
+            self._loop.close()
+            done.set()
+
+        threading.Thread(target=finish, name="grinfer-grpc-stop", daemon=True).start()
+        return done
+
+
+def start_grpc_server(service: RecommenderService, metrics: Metrics, host: str, port: int, max_workers: int = 16,
+                      api_key: str | None = None) -> GrpcServer:
+    """Serve grinfer.v1.Recommender, grpc.health.v1 and reflection on host:port; returns it started.
+
+    port 0 binds a free port: read it from the returned server's `port`. With api_key, AppendEvents
+    and RollHistory need metadata `x-api-key: <key>` (or `authorization: Bearer <key>`).
+    """
+    loop = _EventLoop()
+    try:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grinfer-grpc"))
+        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service, metrics, loop, api_key), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"gRPC: cannot bind {address}: {exc}") from exc
+        if bound == 0:  # older grpcio versions report a failed bind this way
+            raise OSError(f"gRPC: cannot bind {address}")
+        server.start()
+    except BaseException:
+        loop.close()
+        raise
+    log.info("gRPC %s on %s:%d", SERVICE_NAME, host, bound)
+    return GrpcServer(server, bound, loop, health_servicer)

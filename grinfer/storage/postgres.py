@@ -1,0 +1,355 @@
+"""PostgresStore: UserStore + Catalog on PostgreSQL (psycopg 3 with a psycopg_pool ConnectionPool).
+
+URL: any libpq URL (``postgresql://user@host:5432/db`` or ``postgres://…``) plus three optional
+query parameters that grinfer reads and strips before handing the rest to libpq:
+
+- ``schema=NAME``: keep every table in this schema (created if missing; lowercase identifier) by
+  putting it on the connections' ``search_path``; the default is the server's search_path.
+- ``pool_min=N`` / ``pool_max=N``: connection-pool bounds (default 1 and 10).
+
+Migrations run at start in one transaction under a transaction-scoped advisory lock keyed by the
+schema, so two processes starting at once apply them exactly once. Writes are explicit
+transactions committed before the method returns (``synchronous_commit=on`` is forced on every
+connection), so an acknowledged append is durable. Per-user writes (append, roll) first lock the
+user's row, which serialises them: a user's seq order is its commit order and a roll folds exactly
+the events committed before it.
+
+Schema (version 1) mirrors the SQLite store: ``users(uid, id, profile bigint[], history_version,
+rolled_upto)``, append-only ``events(seq identity, uid, item, ts, action)`` indexed on (uid, seq),
+``items``, ``genre_names``, ``models`` (metadata jsonb) and ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from grinfer.data.types import ItemCatalog
+from grinfer.storage._common import (
+    build_record,
+    catalog_from_rows,
+    catalog_rows,
+    check_new_users,
+    check_page,
+    event_tuples,
+    existing_users_error,
+    metadata_json,
+)
+from grinfer.storage.base import Event, UserRecord
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE users (
+                uid BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                id TEXT NOT NULL UNIQUE,
+                profile BIGINT[] NOT NULL DEFAULT '{}',
+                history_version INTEGER NOT NULL DEFAULT 0,
+                rolled_upto BIGINT NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE events (
+                seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                uid BIGINT NOT NULL REFERENCES users(uid),
+                item BIGINT NOT NULL,
+                ts BIGINT NOT NULL,
+                action INTEGER NOT NULL
+            )""",
+            "CREATE INDEX events_uid_seq ON events (uid, seq)",
+            """CREATE TABLE items (
+                item INTEGER PRIMARY KEY,
+                raw_id BIGINT NOT NULL,
+                title TEXT NOT NULL,
+                genres BYTEA NOT NULL,
+                year_bucket BIGINT NOT NULL
+            )""",
+            "CREATE TABLE genre_names (idx INTEGER PRIMARY KEY, name TEXT NOT NULL)",
+            """CREATE TABLE models (
+                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                path TEXT NOT NULL,
+                metadata JSONB NOT NULL,
+                registered_at DOUBLE PRECISION NOT NULL
+            )""",
+        ],
+    ),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_GRINFER_PARAMS = ("schema", "pool_min", "pool_max")
+
+_GET_USER = """
+SELECT u.profile, u.history_version, u.rolled_upto, e.seq, e.item, e.ts, e.action
+FROM users u LEFT JOIN events e ON e.uid = u.uid
+WHERE u.id = %s ORDER BY e.ts, e.seq
+"""
+_LOCK_USER = "SELECT uid, rolled_upto FROM users WHERE id = %s FOR NO KEY UPDATE"
+
+
+def parse_postgres_url(url: str) -> tuple[str, dict[str, str]]:
+    """Split a store URL into the libpq URL and grinfer's own parameters (schema, pool_min, pool_max)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"not a PostgreSQL URL: {url!r} (expected postgresql://… or postgres://…)")
+    ours: dict[str, str] = {}
+    rest: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in _GRINFER_PARAMS:
+            ours[key] = value
+        else:
+            rest.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+
+
+class PostgresStore:
+    """UserStore and Catalog on PostgreSQL; thread-safe (a connection pool)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        min_size: int | None = None,
+        max_size: int | None = None,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        conninfo, params = parse_postgres_url(url)
+        schema = schema if schema is not None else params.get("schema")
+        if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(f"schema {schema!r} must be a lowercase identifier ([a-z_][a-z0-9_]*, ≤ 63 chars)")
+        min_size = min_size if min_size is not None else _int_param(params, "pool_min", 1)
+        max_size = max_size if max_size is not None else _int_param(params, "pool_max", 10)
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ValueError(f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {min_size} and {max_size}")
+        self.schema = schema
+        options = dict(parse_qsl(urlsplit(conninfo).query)).get("options", "")
+        options = " ".join(filter(None, [options, "-c synchronous_commit=on"]))
+        if schema is not None:
+            options += f" -c search_path={schema}"
+        kwargs = {"autocommit": True, "options": options, "connect_timeout": max(1, round(connect_timeout_s))}
+        # Connect once directly: an unreachable server fails here with libpq's own message.
+        with psycopg.connect(conninfo, **kwargs) as conn:
+            self._migrate(conn)
+        self._pool = ConnectionPool(
+            conninfo,
+            kwargs=kwargs,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            check=ConnectionPool.check_connection,
+            name=f"grinfer-store-{schema or 'default'}",
+        )
+        self._pool.open(wait=True, timeout=connect_timeout_s)
+        self._closed = False
+
+    def _migrate(self, conn: psycopg.Connection) -> None:
+        key = f"grinfer.storage.migrate:{self.schema or ''}"
+        lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id,))
+            if self.schema is not None:
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"database schema version {current} is newer than this grinfer supports ({SCHEMA_VERSION})"
+                )
+            for version, statements in MIGRATIONS:
+                if version > current:
+                    for statement in statements:
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    def _conn(self):
+        if self._closed:
+            raise RuntimeError("PostgresStore is closed")
+        return self._pool.connection()
+
+    def schema_version(self) -> int:
+        with self._conn() as conn:
+            return conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+
+    # -- UserStore ---------------------------------------------------------------------------
+
+    def get_user(self, user: str) -> UserRecord | None:
+        with self._conn() as conn:
+            rows = conn.execute(_GET_USER, (user,)).fetchall()
+        if not rows:
+            return None
+        profile, version, rolled_upto = rows[0][:3]
+        return build_record(user, profile, version, rolled_upto, (r[3:] for r in rows if r[3] is not None))
+
+    def put_profile(self, user: str, profile: list[int]) -> None:
+        values = [int(v) for v in profile]
+        with self._conn() as conn, conn.transaction():
+            conn.execute(
+                """INSERT INTO users (id, profile) VALUES (%s, %s)
+                   ON CONFLICT (id) DO UPDATE SET profile = EXCLUDED.profile""",
+                (user, values),
+            )
+
+    def append_events(self, user: str, events: list[Event]) -> int:
+        rows = event_tuples(events)
+        with self._conn() as conn, conn.transaction():
+            uid, rolled_upto = self._lock_user(conn, user)
+            if rows:
+                items, ts, actions = (list(col) for col in zip(*rows))
+                conn.execute(
+                    """INSERT INTO events (uid, item, ts, action)
+                       SELECT %s, i, t, a FROM unnest(%s::bigint[], %s::bigint[], %s::int[])
+                           WITH ORDINALITY AS x(i, t, a, n) ORDER BY n""",
+                    (uid, items, ts, actions),
+                )
+            return conn.execute(
+                "SELECT count(*) FROM events WHERE uid = %s AND seq > %s", (uid, rolled_upto)
+            ).fetchone()[0]
+
+    @staticmethod
+    def _lock_user(conn: psycopg.Connection, user: str) -> tuple[int, int]:
+        """The user's (uid, rolled_upto), creating the user if needed; locks the row until commit."""
+        row = conn.execute(_LOCK_USER, (user,)).fetchone()
+        if row is None:
+            row = conn.execute(
+                "INSERT INTO users (id) VALUES (%s) ON CONFLICT (id) DO NOTHING RETURNING uid, rolled_upto", (user,)
+            ).fetchone()
+            if row is None:  # created by a concurrent transaction since our first look
+                row = conn.execute(_LOCK_USER, (user,)).fetchone()
+        return row
+
+    def roll_history(self, user: str) -> int:
+        with self._conn() as conn, conn.transaction():
+            row = conn.execute(_LOCK_USER, (user,)).fetchone()
+            if row is None:
+                raise KeyError(user)
+            # A new statement after the lock: its snapshot holds every append committed before the roll.
+            return conn.execute(
+                """UPDATE users SET history_version = history_version + 1,
+                       rolled_upto = coalesce((SELECT max(seq) FROM events WHERE uid = %s), rolled_upto)
+                   WHERE uid = %s RETURNING history_version""",
+                (row[0], row[0]),
+            ).fetchone()[0]
+
+    def count_users(self) -> int:
+        with self._conn() as conn:
+            return conn.execute("SELECT count(*) FROM users").fetchone()[0]
+
+    def list_users(self, limit: int = 100, offset: int = 0) -> list[str]:
+        check_page(limit, offset)
+        with self._conn() as conn:
+            rows = conn.execute("SELECT id FROM users ORDER BY uid LIMIT %s OFFSET %s", (limit, offset)).fetchall()
+        return [r[0] for r in rows]
+
+    def import_users(self, records: Iterable[UserRecord]) -> int:
+        """Bulk-create new users in one transaction (COPY for events); returns the number of events.
+
+        Each record is stored as given: profile, ``history_version``, ``static`` events (folded into
+        S) then ``realtime`` events (R), in list order. A user that already exists raises ValueError
+        and nothing of the batch is written.
+        """
+        records = list(records)
+        check_new_users(records)
+        names = [r.user for r in records]
+        try:
+            with self._conn() as conn, conn.transaction():
+                cur = conn.cursor()
+                cur.executemany(
+                    "INSERT INTO users (id, profile, history_version) VALUES (%s, %s, %s)",
+                    [(r.user, [int(v) for v in r.profile], int(r.history_version)) for r in records],
+                )
+                uids = dict(cur.execute("SELECT id, uid FROM users WHERE id = ANY(%s)", (names,)).fetchall())
+                self._copy_events(cur, ((uids[r.user], r.static) for r in records))
+                cur.execute(
+                    """UPDATE users u SET rolled_upto = m.top
+                       FROM (SELECT uid, max(seq) AS top FROM events WHERE uid = ANY(%s) GROUP BY uid) m
+                       WHERE u.uid = m.uid""",
+                    ([uids[r.user] for r in records if r.static],),
+                )
+                self._copy_events(cur, ((uids[r.user], r.realtime) for r in records))
+        except psycopg.errors.UniqueViolation:
+            with self._conn() as conn:
+                rows = conn.execute("SELECT id FROM users WHERE id = ANY(%s) ORDER BY id", (names,)).fetchall()
+            raise existing_users_error([r[0] for r in rows]) from None
+        return sum(len(r.static) + len(r.realtime) for r in records)
+
+    @staticmethod
+    def _copy_events(cur: psycopg.Cursor, per_user: Iterable[tuple[int, list[Event]]]) -> None:
+        with cur.copy("COPY events (uid, item, ts, action) FROM STDIN") as copy:
+            for uid, events in per_user:
+                for item, ts, action in event_tuples(events):
+                    copy.write_row((uid, item, ts, action))
+
+    # -- Catalog -----------------------------------------------------------------------------
+
+    def put_catalog(self, catalog: ItemCatalog) -> None:
+        """Replace the stored catalogue (items and genre names) in one transaction."""
+        rows = catalog_rows(catalog)
+        with self._conn() as conn, conn.transaction():
+            cur = conn.cursor()
+            cur.execute("DELETE FROM items")
+            cur.execute("DELETE FROM genre_names")
+            with cur.copy("COPY items (item, raw_id, title, genres, year_bucket) FROM STDIN") as copy:
+                for row in rows.items:
+                    copy.write_row(row)
+            cur.executemany("INSERT INTO genre_names (idx, name) VALUES (%s, %s)", rows.genre_names)
+
+    def load_catalog(self) -> ItemCatalog | None:
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot for both tables
+            items = conn.execute("SELECT item, raw_id, title, genres, year_bucket FROM items ORDER BY item").fetchall()
+            names = [r[0] for r in conn.execute("SELECT name FROM genre_names ORDER BY idx").fetchall()]
+        return catalog_from_rows(items, names) if items else None
+
+    def register_model(self, name: str, path: str, metadata: dict) -> None:
+        """Record a model version; registering an existing name replaces its path and metadata."""
+        meta = metadata_json(metadata)
+        with self._conn() as conn, conn.transaction():
+            conn.execute(
+                """INSERT INTO models (name, path, metadata, registered_at) VALUES (%s, %s, %s::jsonb, %s)
+                   ON CONFLICT (name) DO UPDATE SET path = EXCLUDED.path, metadata = EXCLUDED.metadata,
+                       registered_at = EXCLUDED.registered_at""",
+                (name, str(path), meta, time.time()),
+            )
+
+    def list_models(self) -> list[dict]:
+        """Registered models in registration order: dicts with name, path, metadata, registered_at."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT name, path, metadata, registered_at FROM models ORDER BY id").fetchall()
+        return [{"name": n, "path": p, "metadata": m, "registered_at": t} for n, p, m, t in rows]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the pool; further calls raise RuntimeError. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
+
+    def __enter__(self) -> PostgresStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore(schema={self.schema!r})"
+
+
+def _int_param(params: dict[str, str], key: str, default: int) -> int:
+    if key not in params:
+        return default
+    try:
+        return int(params[key])
+    except ValueError:
+        raise ValueError(f"store URL parameter {key} must be an integer, got {params[key]!r}") from None
