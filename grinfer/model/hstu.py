@@ -27,14 +27,17 @@ class HSTURetrieval(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=0.02)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()  # the padding row stays zero (it never gets a gradient)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)  # absolute position from the window start
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
 
     def encode(self, batch: RetrievalBatch) -> torch.Tensor:
         """L2-normalised output embedding [N, d] at every position."""
-        x = self.input_dropout(self.item_emb(batch.items) * math.sqrt(self.cfg.d_model))
-        meta = TokenMeta(batch.offsets, torch.full_like(batch.items, GROUP_S),
-                         positions_in_seq(batch.offsets, len(batch.items)), batch.timestamps)
+        pos = positions_in_seq(batch.offsets, len(batch.items))
+        x = self.item_emb(batch.items) * math.sqrt(self.cfg.d_model)
+        x = self.input_dropout(x + self.pos_emb(pos.clamp(max=self.cfg.max_seq_len - 1)))
+        meta = TokenMeta(batch.offsets, torch.full_like(batch.items, GROUP_S), pos, batch.timestamps)
         for layer in self.layers:
             x = layer(x, meta)
         return F.normalize(x, dim=-1)
@@ -49,15 +52,15 @@ class HSTURetrieval(nn.Module):
 
     def sampled_softmax_loss(self, batch: RetrievalBatch, num_negatives: int,
                              generator: torch.Generator | None = None) -> torch.Tensor:
-        """Next-item sampled softmax: each position's target against negatives shared by the batch."""
+        """Next-item sampled softmax: each position's target against its own uniform random negatives."""
         out = self.encode(batch)
         keep = batch.targets > 0
         out, targets = out[keep], batch.targets[keep]
         table = self.item_table()
-        negatives = torch.randint(1, self.cfg.num_items + 1, (num_negatives,), device=out.device,
+        negatives = torch.randint(1, self.cfg.num_items + 1, (len(targets), num_negatives), device=out.device,
                                   generator=generator)
         pos = (out * table[targets]).sum(-1, keepdim=True)
-        neg = out @ table[negatives].T
-        neg = neg.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+        neg = torch.einsum("nd,nkd->nk", out, F.embedding(negatives, table))
+        neg = neg.masked_fill(negatives == targets[:, None], float("-inf"))
         logits = torch.cat([pos, neg], -1) / self.cfg.temperature
         return F.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long, device=out.device))

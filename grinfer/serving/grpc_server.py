@@ -49,7 +49,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ValidationError
 
 from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
-from grinfer.schema import EventIn, EventsIn, EventsOut, RankIn, RankOut, RecommendIn, RollIn, RollOut
+from grinfer.schema import EventsIn, EventsOut, RankIn, RankOut, RecommendIn, RollIn, RollOut
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.proto import grinfer_pb2 as pb
 from grinfer.serving.proto import grinfer_pb2_grpc as pb_grpc
@@ -90,6 +90,8 @@ def _classify(exc: Exception) -> _Abort:
         return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"events: {exc}", "context_too_large", "events")
     if isinstance(exc, Unavailable | EngineError):
         return _Abort(grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable")
+    if isinstance(exc, futures.CancelledError):  # the call ended (client cancel or its deadline) while ranking
+        return _Abort(grpc.StatusCode.CANCELLED, "call cancelled", "cancelled")
     log.exception("internal error in a gRPC call", exc_info=exc)
     return _Abort(grpc.StatusCode.INTERNAL, "internal error", "internal")
 
@@ -142,6 +144,7 @@ class _EventLoop:
 
     def __init__(self):
         self.loop = asyncio.new_event_loop()
+        self._closing = threading.Lock()
         self._thread = threading.Thread(target=self.loop.run_forever, name="grinfer-grpc-loop", daemon=True)
         self._thread.start()
 
@@ -151,12 +154,14 @@ class _EventLoop:
         return future.result()
 
     def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        asyncio.run_coroutine_threadsafe(self.loop.shutdown_default_executor(), self.loop).result()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
+        """Stop the loop after its default executor (asyncio.to_thread work) has finished; idempotent."""
+        with self._closing:
+            if self.loop.is_closed():
+                return
+            asyncio.run_coroutine_threadsafe(self.loop.shutdown_default_executor(), self.loop).result()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self.loop.close()
 
 
 def _with_call_deadline(req: BaseModel, context: grpc.ServicerContext) -> BaseModel:
@@ -281,7 +286,7 @@ def start_grpc_server(service: RecommenderService, metrics: Metrics, host: str, 
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         try:
             bound = server.add_insecure_port(address)
         except RuntimeError as exc:

@@ -3,8 +3,10 @@ picked by URL.
 
 Stores (`open_store`), each one object that is both a UserStore and a Catalog:
 
-- ``sqlite:///abs/path.db``, ``sqlite://relative/path.db`` or a bare file path: `SQLiteStore`
-  (the default; everything after ``sqlite://`` is the path).
+- ``sqlite:///abs/path.db``, ``sqlite://relative/path.db``, ``sqlite:///~/in/home.db`` or a bare
+  file path: `SQLiteStore` (the default). Everything after ``sqlite://`` is the path, except that
+  ``/~`` starts a home-relative path and ``sqlite:////abs`` (SQLAlchemy's form) is ``/abs`` too;
+  missing parent directories are created.
 - ``postgresql://user@host:5432/db`` or ``postgres://…``, optionally ``?schema=NAME&pool_min=1&
   pool_max=10``: `PostgresStore`.
 
@@ -64,7 +66,7 @@ def open_store(url: str | Path) -> Store:
             raise ValueError(f"store URL {_redact(url)!r}: sqlite:// takes no query parameters, got {query!r}")
         if not path:
             raise ValueError(f"store URL {_redact(url)!r} has no path; expected sqlite:///path/to/file.db")
-        return SQLiteStore(path)
+        return SQLiteStore(_sqlite_path(path))
     if scheme in ("postgresql", "postgres"):
         from grinfer.storage.postgres import PostgresStore
 
@@ -99,6 +101,13 @@ def open_cache(url: str) -> FeatureCache:
     raise ValueError(
         f"unsupported cache URL {_redact(url)!r}: expected one of {', '.join(s + '://' for s in CACHE_SCHEMES)}"
     )
+
+
+def _sqlite_path(path: str) -> str:
+    """``/~/x`` means ``~/x`` (home) and ``//abs`` means ``/abs`` (SQLAlchemy's four-slash form)."""
+    if re.match(r"^/+~", path):
+        return path.lstrip("/")
+    return re.sub(r"^/{2,}", "/", path)
 
 
 def _redact(url: str) -> str:

@@ -33,9 +33,7 @@ def catalog_rows(catalog: ItemCatalog) -> CatalogRows:
         )
     years, raw = np.asarray(catalog.year_bucket), np.asarray(catalog.raw_ids)
     if years.shape != (n,) or raw.shape != (n,):
-        raise ValueError(
-            f"catalog year_bucket and raw_ids must have shape ({n},), got {years.shape} and {raw.shape}"
-        )
+        raise ValueError(f"catalog year_bucket and raw_ids must have shape ({n},), got {years.shape} and {raw.shape}")
     genres = np.ascontiguousarray(genres, dtype=np.uint8)
     items = [
         (i, r, t, genres[i].tobytes(), y)
@@ -96,6 +94,4 @@ def check_new_users(records: Sequence[UserRecord]) -> None:
 
 def existing_users_error(existing: Sequence[str]) -> ValueError:
     shown = ", ".join(repr(u) for u in existing[:5]) + (" ..." if len(existing) > 5 else "")
-    return ValueError(
-        f"import_users only creates new users; {len(existing)} already exist in the store: {shown}"
-    )
+    return ValueError(f"import_users only creates new users; {len(existing)} already exist in the store: {shown}")

@@ -99,8 +99,10 @@ class SQLiteStore:
         self._write_lock = threading.Lock()
         self._closed = False
         conn = self._conn()
-        conn.execute("PRAGMA journal_mode=WAL")
-        self._migrate(conn)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"{self.path}: SQLite could not switch to WAL mode (journal_mode={mode})")
+        self._migrate()
 
     # -- connections and transactions -------------------------------------------------------
 
@@ -110,9 +112,7 @@ class SQLiteStore:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
-        conn = sqlite3.connect(
-            self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         me = threading.current_thread()
@@ -139,7 +139,7 @@ class SQLiteStore:
                     conn.execute("ROLLBACK")
                 raise
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
+    def _migrate(self) -> None:
         with self._write() as c:
             c.execute(
                 "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"

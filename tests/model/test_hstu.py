@@ -132,15 +132,15 @@ def test_rejects_mtgr_config():
 
 
 def expected_loss(model: HSTURetrieval, batch: RetrievalBatch, negatives: torch.Tensor) -> torch.Tensor:
-    """Sampled softmax written row by row: negatives equal to the row's target are left out."""
+    """Sampled softmax written row by row: row r of `negatives` [rows with a target, K] belongs to the
+    r-th position that has a target; negatives equal to that target are left out."""
     out = model.encode(batch)
     table = torch.nn.functional.normalize(model.item_emb.weight, dim=-1)
     temp = model.cfg.temperature
     losses = []
-    for row, target in zip(out, batch.targets.tolist()):
-        if target == 0:
-            continue
-        negs = [n for n in negatives.tolist() if n != target]
+    kept = [(row, t) for row, t in zip(out, batch.targets.tolist()) if t != 0]
+    for (row, target), drawn in zip(kept, negatives.tolist()):
+        negs = [n for n in drawn if n != target]
         logits = torch.stack([row @ table[target]] + [row @ table[n] for n in negs]) / temp
         losses.append(torch.logsumexp(logits, 0) - logits[0])
     return torch.stack(losses).mean()
@@ -151,7 +151,8 @@ def test_sampled_softmax_matches_row_by_row_definition():
     batch = retrieval_batch([seq(9, 11), seq(4, 12)], with_targets=True)
     batch.targets[2] = 0  # a position without a target is skipped
     got = model.sampled_softmax_loss(batch, 12, generator=torch.Generator().manual_seed(5))
-    drawn = torch.randint(1, NUM_ITEMS + 1, (12,), generator=torch.Generator().manual_seed(5))
+    kept = int((batch.targets > 0).sum())
+    drawn = torch.randint(1, NUM_ITEMS + 1, (kept, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(got.detach(), expected_loss(model, batch, drawn), atol=1e-5, rtol=1e-5)
 
@@ -176,15 +177,16 @@ def test_negatives_equal_to_target_are_masked_two_items():
     items = np.array([1, 2, 1, 2, 1, 2, 1], np.int64)
     batch = retrieval_batch([(items, np.arange(7, dtype=np.int64) * 10)], with_targets=True)
     gen_seed = 3
-    drawn = torch.randint(1, 3, (8,), generator=torch.Generator().manual_seed(gen_seed))
-    assert {1, 2} == set(drawn.tolist())  # so every row has both masked and kept negatives
+    drawn = torch.randint(1, 3, (6, 8), generator=torch.Generator().manual_seed(gen_seed))
+    assert all(set(row) == {1, 2} for row in drawn.tolist())  # every row has masked and kept negatives
     with torch.no_grad():
         got = model.sampled_softmax_loss(batch, 8, generator=torch.Generator().manual_seed(gen_seed))
         want = expected_loss(model, batch, drawn)
         # the unmasked loss counts the target again among the negatives: log(1 + copies) larger at least
         out = model.encode(batch)
         table = model.item_table()
-        logits = torch.cat([(out * table[batch.targets]).sum(-1, keepdim=True), out @ table[drawn].T], -1)
+        neg_logits = torch.einsum("nd,nkd->nk", out, table[drawn])
+        logits = torch.cat([(out * table[batch.targets]).sum(-1, keepdim=True), neg_logits], -1)
         unmasked = torch.nn.functional.cross_entropy(logits / model.cfg.temperature,
                                                      torch.zeros(len(out), dtype=torch.long))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
