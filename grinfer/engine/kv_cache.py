@@ -26,7 +26,8 @@ class ContextSignature:
     user: str
     version: int
     static_tokens: int  # U + S tokens
-    realtime: np.ndarray  # [n, 2] int64 (item, timestamp) of the R events, in order
+    realtime: np.ndarray  # [n, 3] int64 (item, timestamp, action) of the R events, in order
+    profile: tuple[int, ...] = ()  # U: a profile change invalidates the context even without a roll
 
     @property
     def num_tokens(self) -> int:
@@ -34,7 +35,8 @@ class ContextSignature:
 
     def shared_prefix(self, other: ContextSignature) -> int:
         """Number of leading context tokens the two signatures have in common."""
-        if (self.user, self.version, self.static_tokens) != (other.user, other.version, other.static_tokens):
+        mine = (self.user, self.version, self.static_tokens, self.profile)
+        if mine != (other.user, other.version, other.static_tokens, other.profile):
             return 0
         n = min(len(self.realtime), len(other.realtime))
         same = np.all(self.realtime[:n] == other.realtime[:n], axis=1)

@@ -194,5 +194,6 @@ def context_signature(request: RankRequest, num_profile_tokens: int) -> ContextS
     """The cache identity of a request's context."""
     ctx = request.context
     n = ctx.num_static
-    realtime = np.stack([ctx.items[n:], ctx.timestamps[n:]], 1).astype(np.int64)
-    return ContextSignature(request.user, request.history_version, num_profile_tokens + n, realtime)
+    realtime = np.stack([ctx.items[n:], ctx.timestamps[n:], ctx.ratings[n:]], 1).astype(np.int64)
+    return ContextSignature(request.user, request.history_version, num_profile_tokens + n, realtime,
+                            tuple(int(v) for v in ctx.profile))

@@ -10,6 +10,7 @@ from importlib.resources import files
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
@@ -86,10 +87,17 @@ def create_app(state: AppState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            metrics.error(request.url.path, "validation")
+            return _error(422, f"body: {first.get('msg', 'invalid JSON')}", "body")
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
         field = ".".join(loc) or "body"
         metrics.error(request.url.path, "validation")
         return _error(422, f"{field}: {first.get('msg', 'invalid')}", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError):

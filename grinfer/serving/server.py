@@ -58,9 +58,8 @@ def resolve_catalog(store, data_spec: str | None, num_items: int) -> ItemCatalog
     if catalog is None:
         if data_spec is None:
             raise StartupError("store: it holds no item catalogue; load one with `grinfer import-movielens DIR`")
-        from grinfer.storage.importer import import_dataset
-
         from grinfer.data import load_dataset
+        from grinfer.storage.importer import import_dataset
 
         log.info("empty store: importing %s", data_spec)
         ds = load_dataset(data_spec)
@@ -109,7 +108,8 @@ def run(cfg: ServerConfig, model_path: Path, device: str) -> None:
     if cfg.grpc_port:
         from grinfer.serving.grpc_server import start_grpc_server
 
-        grpc_server = start_grpc_server(server.state.service, server.state.metrics, cfg.host, cfg.grpc_port)
+        grpc_server = start_grpc_server(server.state.service, server.state.metrics, cfg.host, cfg.grpc_port,
+                                        api_key=cfg.api_key)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

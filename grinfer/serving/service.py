@@ -8,7 +8,10 @@ the engine's probabilities back into sorted, fused scores.
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +38,7 @@ from grinfer.schema import (
 )
 from grinfer.storage.base import Event, FeatureCache, UserRecord, UserStore
 
+USER_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 MAX_CATALOGUE_RANK = 2000  # without a retrieval model, /recommend ranks the whole catalogue up to this size
 
 
@@ -73,15 +77,22 @@ class RecommenderService:
         self.num_profile = len(model.cfg.profile_cardinalities)
         self.dense_of = {int(raw): i for i, raw in enumerate(catalog.raw_ids) if i > 0}
         self._retrieval_device = next(retriever.parameters()).device if retriever is not None else None
+        # per-user write epochs: a reader that raced a write must not put its stale copy in the cache
+        self._epochs: defaultdict[str, int] = defaultdict(int)
+        self._epoch_lock = threading.Lock()
 
     # ---- ids and users -------------------------------------------------------------------------
-    def to_dense(self, items: list[int], field: str) -> np.ndarray:
-        """Catalogue ids -> model ids; unknown ids raise FieldError naming the first bad index."""
+    def to_dense(self, items: list[int], field: str, unique: bool = False) -> np.ndarray:
+        """Catalogue ids -> model ids; unknown (or, with unique, repeated) ids raise FieldError naming the index."""
         out = np.empty(len(items), np.int64)
+        seen: dict[int, int] = {}
         for i, item in enumerate(items):
             dense = self.dense_of.get(item)
             if dense is None:
-                raise FieldError(f"{field}[{i}].item", f"item {item} is not in the catalogue")
+                raise FieldError(f"{field}.{i}.item", f"item {item} is not in the catalogue")
+            if unique and item in seen:
+                raise FieldError(f"{field}.{i}.item", f"item {item} is already candidate {seen[item]}")
+            seen[item] = i
             out[i] = dense
         return out
 
@@ -92,9 +103,11 @@ class RecommenderService:
         """The user's data (cache first), or an empty cold-start record for an unknown user."""
         record = self.cache.get_user(user)
         if record is None:
+            epoch = self._epochs[user]
             record = self.store.get_user(user)
-            if record is not None:
-                self.cache.put_user(record, self.settings.user_ttl_s)
+            with self._epoch_lock:
+                if record is not None and self._epochs[user] == epoch:
+                    self.cache.put_user(record, self.settings.user_ttl_s)
         if record is None:
             return UserRecord(user, [0] * self.num_profile), True
         return record, False
@@ -118,7 +131,7 @@ class RecommenderService:
     async def rank(self, req: RankIn) -> RankOut:
         """Score the given candidates for the user, best first."""
         start = time.perf_counter()
-        candidates = self.to_dense([c.item for c in req.candidates], "candidates")
+        candidates = self.to_dense([c.item for c in req.candidates], "candidates", unique=True)
         extra = self._events(req.events, "events")
         record, cold = await asyncio.to_thread(self.user_record, req.user)
         return await self._rank(req.user, record, cold, self.context(record, extra), candidates,
@@ -134,7 +147,7 @@ class RecommenderService:
         candidates = await asyncio.to_thread(retrieve_candidates, self.retriever, ctx, req.retrieve,
                                              self.catalog.num_items, self._retrieval_device)
         if len(candidates) == 0:
-            return RankOut(user=req.user, items=[], cache="miss", history_version=record.history_version,
+            return RankOut(user=req.user, items=[], cache="none", history_version=record.history_version,
                            cold_start=cold, latency_ms=1e3 * (time.perf_counter() - start))
         return await self._rank(req.user, record, cold, ctx, candidates, req.deadline_ms, start, req.k)
 
@@ -156,7 +169,7 @@ class RecommenderService:
         """Durably append events (before returning), then drop the user's cached record."""
         events = sorted(self._events(req.events, "events"), key=lambda e: e.ts)
         count = self.store.append_events(req.user, events)
-        self.cache.invalidate_user(req.user)
+        self._invalidate(req.user)
         return EventsOut(user=req.user, appended=len(events), realtime_events=count)
 
     def roll_history(self, req: RollIn) -> RollOut:
@@ -165,15 +178,23 @@ class RecommenderService:
             version = self.store.roll_history(req.user)
         except KeyError:
             raise FieldError("user", f"unknown user {req.user!r}", status=404) from None
-        self.cache.invalidate_user(req.user)
+        self._invalidate(req.user)
         return RollOut(user=req.user, history_version=version)
+
+    def _invalidate(self, user: str) -> None:
+        with self._epoch_lock:
+            self._epochs[user] += 1
+            self.cache.invalidate_user(user)
 
     def get_user(self, user: str, recent: int = 20) -> UserOut:
         """Profile, history version and recent events (with titles) of a known user."""
+        if not USER_ID_RE.fullmatch(user):
+            raise FieldError("user", "user id must be 1-128 letters, digits or _ . : @ -")
         record = self.store.get_user(user)
         if record is None:
             raise FieldError("user", f"unknown user {user!r}", status=404)
         fields = PROFILE_FIELDS[:self.num_profile]
+        record.profile = (list(record.profile) + [0] * self.num_profile)[:self.num_profile]
         events = (record.static + record.realtime)[-recent:][::-1]
         return UserOut(user=user, profile=dict(zip(fields, record.profile)), history_version=record.history_version,
                        static_events=len(record.static), realtime_events=len(record.realtime),

@@ -188,14 +188,14 @@ def test_roll_history_bumps_the_version_and_matches_a_cold_engine(stack):
 
 # ---- errors ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("method", "request_fields", "field"), [
-    ("Rank", {"user": "1", "candidates": [{"item": 10**6}]}, "candidates[0].item"),
+    ("Rank", {"user": "1", "candidates": [{"item": 10**6}]}, "candidates.0.item"),
     ("Rank", {"user": "1", "candidates": [{"item": -1}]}, "candidates.0.item"),
     ("Rank", {"user": "1", "candidates": []}, "candidates"),
     ("Rank", {"user": "bad user!", "candidates": [{"item": 1}]}, "user"),
     ("Rank", {"user": "", "candidates": [{"item": 1}]}, "user"),
     ("Rank", {"user": "1", "candidates": [{"item": 1}], "deadline_ms": 0}, "deadline_ms"),
     ("Rank", {"user": "1", "candidates": [{"item": 1}], "events": [{"item": 1, "action": 9}]}, "events.0.action"),
-    ("Rank", {"user": "1", "candidates": [{"item": 1}], "events": [{"item": 10**6}]}, "events[0].item"),
+    ("Rank", {"user": "1", "candidates": [{"item": 1}], "events": [{"item": 10**6}]}, "events.0.item"),
     ("Recommend", {"user": "1", "k": 0}, "k"),
     ("Recommend", {"user": "1", "k": 501}, "k"),
     ("Recommend", {"user": "a" * 129}, "user"),

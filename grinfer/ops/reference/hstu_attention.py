@@ -59,7 +59,7 @@ def relative_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, q_ts: torch.Tensor, 
     rel = (k_pos - q_pos).clamp(-reach, reach) + reach
     # F.embedding rather than table[index]: its backward reduces sorted indices instead of piling
     # millions of atomic adds onto a few hundred table entries (227 ms -> ~1 ms per layer on an H200)
-    lookup = lambda table, idx: F.embedding(idx, table[:, None]).squeeze(-1)  # noqa: E731
+    lookup = lambda table, idx: F.embedding(idx, table[:, None]).squeeze(-1)
     return lookup(pos_table, rel) + lookup(time_table, time_bucket(q_ts - k_ts, time_table.shape[0]))
 
 
