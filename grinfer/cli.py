@@ -234,9 +234,10 @@ def import_movielens(
 def demo_model_dir() -> Path:
     """Where the demo models are cached: $GRINFER_CACHE (default ~/.cache/grinfer)/demo-VERSION."""
     from grinfer import __version__
+    from grinfer.features.featurizer import FEATURES_VERSION
 
     root = os.environ.get("GRINFER_CACHE") or Path.home() / ".cache" / "grinfer"
-    return Path(root) / f"demo-{__version__}"
+    return Path(root) / f"demo-{__version__}-f{FEATURES_VERSION}"
 
 
 @app.command()

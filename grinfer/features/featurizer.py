@@ -11,7 +11,8 @@ from grinfer.data.types import ItemCatalog, UserTimeline
 from grinfer.features.batch import EventTokens, MTGRBatch, RetrievalBatch
 from grinfer.ops.reference.hstu_attention import time_bucket
 
-NUM_CROSS_FEATURES = 4  # genre affinity, rating on matching genres, same-era share, already seen
+NUM_CROSS_FEATURES = 4  # genre affinity, rating on the item's genres, same-era share, already seen
+FEATURES_VERSION = 2  # bump when token or cross features change meaning (cached demo models are keyed by it)
 
 
 @dataclass
@@ -67,17 +68,26 @@ class Featurizer:
             timestamps=stamps, gaps=gaps)
 
     def cross_features(self, context: UserContext, candidates: np.ndarray) -> np.ndarray:
-        """[K, NUM_CROSS_FEATURES] user x item features computed from the user's context events."""
+        """[K, NUM_CROSS_FEATURES] user x item features from per-user genre and era profiles.
+
+        0: mean over the item's genres of the share of the user's events in that genre;
+        1: mean over the item's genres of the user's centred rating ((r - 3) / 2) in that genre;
+        2: share of the user's events from the item's era (year bucket); 3: item already in the context.
+        O(n + K): the profiles are summed once per user, then looked up per candidate.
+        """
         out = np.zeros((len(candidates), NUM_CROSS_FEATURES), np.float32)
-        if len(context.items) == 0 or len(candidates) == 0:
+        n = len(context.items)
+        if n == 0 or len(candidates) == 0:
             return out
         ctx_genres, cand_genres = self.genres[context.items], self.genres[candidates]
-        overlap = (ctx_genres @ cand_genres.T) > 0  # [n, K]
-        matches = overlap.sum(0)
-        out[:, 0] = matches / len(context.items)
+        counts = ctx_genres.sum(0)  # [G]
         centred = (context.ratings.astype(np.float32) - 3.0) / 2.0
-        out[:, 1] = (centred @ overlap) / np.maximum(matches, 1)
-        out[:, 2] = (self.years[context.items][:, None] == self.years[candidates][None, :]).mean(0)
+        genre_rating = (centred @ ctx_genres) / np.maximum(counts, 1)
+        per_item = np.maximum(cand_genres.sum(1), 1)
+        out[:, 0] = (cand_genres @ (counts / n)) / per_item
+        out[:, 1] = (cand_genres @ genre_rating) / per_item
+        era = np.bincount(self.years[context.items], minlength=self.years.max() + 1) / n
+        out[:, 2] = era[self.years[candidates]]
         out[:, 3] = np.isin(candidates, context.items)
         return out
 

@@ -45,7 +45,8 @@ class MTGR(nn.Module):
 
     # ---- token embedding -------------------------------------------------------------------
     def _item_side(self, ev: EventTokens) -> list[torch.Tensor]:
-        return [self.item_emb(ev.items), self.genre_proj(ev.genres), self.year_emb(ev.years)]
+        genres = ev.genres.to(self.genre_proj.weight.dtype)  # the batch is float32; the model may be bf16
+        return [self.item_emb(ev.items), self.genre_proj(genres), self.year_emb(ev.years)]
 
     def _events(self, ev: EventTokens, proj: nn.Module, first_index: torch.Tensor) -> torch.Tensor:
         """S or R event tokens; `first_index` [B] is each user's event index of its first token."""
@@ -67,7 +68,7 @@ class MTGR(nn.Module):
         u_tok = self.user_mlp(u_emb + self.field_emb(fields)).reshape(b * nu, -1)
         s_tok = self._events(hist, self.history_mlp, torch.zeros_like(ns))
         r_tok = self._events(rt, self.realtime_mlp, ns)
-        c_feats = [*self._item_side(cand), self.gap_emb(cand.gaps), batch.cross]
+        c_feats = [*self._item_side(cand), self.gap_emb(cand.gaps), batch.cross.to(self.genre_proj.weight.dtype)]
         c_tok = self.candidate_mlp(torch.cat(c_feats, -1))
 
         def slots(ev: EventTokens, skip: torch.Tensor) -> torch.Tensor:

@@ -69,9 +69,16 @@ def test_rank_batch_is_jagged_and_cross_features_are_right(catalog):
     assert batch.candidates.offsets.tolist() == [0, 2, 3]
     assert batch.cross.shape == (3, 4)
     assert batch.cross[0, 3] == 1.0 and batch.cross[1, 3] == 0.0  # item 2 already seen, item 9 not
-    g = catalog.genres.astype(bool)
-    share = np.mean([(g[i] & g[9]).any() for i in (1, 2, 3)])
+    g = catalog.genres.astype(float)
+    item_genres = np.flatnonzero(g[9])
+    share = np.mean([np.mean([g[i, k] for i in (1, 2, 3)]) for k in item_genres])  # hand-computed, per genre
     assert batch.cross[1, 0] == pytest.approx(share)
+    ratings = {1: 1.0, 2: -1.0, 3: 0.5}  # (r - 3) / 2 for ratings 5, 1, 4
+    per_genre = [np.mean([ratings[i] for i in (1, 2, 3) if g[i, k]]) if g[[1, 2, 3], k].any() else 0.0
+                 for k in item_genres]
+    assert batch.cross[1, 1] == pytest.approx(np.mean(per_genre))
+    years = catalog.year_bucket
+    assert batch.cross[1, 2] == pytest.approx(np.mean([years[i] == years[9] for i in (1, 2, 3)]))
     assert torch.all(batch.cross[2] == 0)  # no context, no cross signal
     assert batch.candidates.actions.tolist() == [0, 0, 0]
 
