@@ -33,6 +33,8 @@ class EngineCore:
     def __init__(self, model: MTGR, catalog: ItemCatalog, config: EngineConfig):
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the float32 attention of the eager path
         dtype = DTYPES[config.dtype]
         self.model = model.to(self.device, dtype).eval()
         cfg = model.cfg

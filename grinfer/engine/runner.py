@@ -64,6 +64,7 @@ class ModelRunner:
             x = torch.cat([it.state.embedded.x[rows] for it, rows in zip(items, idx.q_rows)])
         else:
             x = items[0].state.layer_state
+        plan = self.backend.plan(idx.q_meta, idx.k_meta)
         for layer in range(first, last):
             u, v, q, k = self.backend.project(layer, x, idx.q_meta.group)
             k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
@@ -71,7 +72,7 @@ class ModelRunner:
             v_cache[idx.write_slots] = v[idx.write_src].to(v_cache.dtype)
             keys = self._keys(k, k_cache, idx)
             values = self._keys(v, v_cache, idx)
-            attn = self.backend.attend(layer, q, keys, values, idx.q_meta, idx.k_meta)
+            attn = self.backend.attend(layer, q, keys, values, plan)
             x = self.backend.finish(layer, x, attn, u, idx.q_meta.group)
         if last < len(self.backend.model.layers):
             items[0].state.layer_state = x

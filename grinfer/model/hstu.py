@@ -38,8 +38,9 @@ class HSTURetrieval(nn.Module):
         x = self.item_emb(batch.items) * math.sqrt(self.cfg.d_model)
         x = self.input_dropout(x + self.pos_emb(pos.clamp(max=self.cfg.max_seq_len - 1)))
         meta = TokenMeta(batch.offsets, torch.full_like(batch.items, GROUP_S), pos, batch.timestamps)
+        plan = self.layers[0].plan(meta, meta)
         for layer in self.layers:
-            x = layer(x, meta)
+            x = layer(x, meta, plan)
         return F.normalize(x, dim=-1)
 
     def user_embedding(self, batch: RetrievalBatch) -> torch.Tensor:

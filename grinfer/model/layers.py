@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from grinfer.config import ModelConfig
-from grinfer.ops import NUM_GROUPS, hstu_attention
+from grinfer.ops import NUM_GROUPS
+from grinfer.ops.reference.hstu_attention import AttentionPlan, attend, plan_attention
 
 
 @dataclass
@@ -73,15 +74,20 @@ class HSTULayer(nn.Module):
         shape = (x.shape[0], self.cfg.num_heads, self.cfg.head_dim)
         return u, v.reshape(shape), q.reshape(shape), k.reshape(shape)
 
-    def attend(self, q, k, v, q_meta: TokenMeta, k_meta: TokenMeta) -> torch.Tensor:
+    def plan(self, q_meta: TokenMeta, k_meta: TokenMeta) -> AttentionPlan:
+        """Mask, normaliser and bias indices for these queries and keys (the same for every layer)."""
+        cfg = self.cfg
+        return plan_attention(q_meta.offsets, k_meta.offsets, q_meta.group, q_meta.pos, k_meta.group, k_meta.pos,
+                              mode=cfg.mask, normalizer=cfg.normalizer, max_seq_len=cfg.max_seq_len,
+                              q_ts=q_meta.ts, k_ts=k_meta.ts,
+                              bias_reach=cfg.max_seq_len if cfg.rel_bias else None,
+                              num_time_buckets=cfg.num_time_buckets)
+
+    def attend(self, q, k, v, plan: AttentionPlan) -> torch.Tensor:
         """Attention of the queries over the keys (which include every key a query may see)."""
-        tables = {}
-        if self.rel_bias is not None:
-            tables = {"pos_table": self.rel_bias.pos_table, "time_table": self.rel_bias.time_table,
-                          "q_ts": q_meta.ts, "k_ts": k_meta.ts}
-        o = hstu_attention(q, k, v, q_meta.offsets, k_meta.offsets, q_meta.group, q_meta.pos,
-                           k_meta.group, k_meta.pos, mode=self.cfg.mask, normalizer=self.cfg.normalizer,
-                           max_seq_len=self.cfg.max_seq_len, **tables)
+        bias = self.rel_bias
+        o = attend(q, k, v, plan, pos_table=None if bias is None else bias.pos_table,
+                   time_table=None if bias is None else bias.time_table)
         return o.reshape(o.shape[0], -1)
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -89,6 +95,8 @@ class HSTULayer(nn.Module):
         y = self.norm_attn(attn, self._group(group)) * u
         return x + self.dropout(self.out(self.dropout(y)))
 
-    def forward(self, x: torch.Tensor, meta: TokenMeta) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: TokenMeta, plan: AttentionPlan | None = None) -> torch.Tensor:
+        """One layer over a whole sequence batch (pass `plan` to share it across layers)."""
         u, v, q, k = self.project(x, meta.group)
-        return self.finish(x, self.attend(q, k, v, meta, meta), u, meta.group)
+        plan = self.plan(meta, meta) if plan is None else plan
+        return self.finish(x, self.attend(q, k, v, plan), u, meta.group)

@@ -96,6 +96,7 @@ class MTGR(nn.Module):
 
     def forward(self, batch: MTGRBatch) -> torch.Tensor:
         x, meta = self.embed(batch)
+        plan = self.layers[0].plan(meta, meta)
         for layer in self.layers:
-            x = layer(x, meta)
+            x = layer(x, meta, plan)
         return self.head_logits(x[meta.group == GROUP_C])

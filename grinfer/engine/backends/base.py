@@ -27,9 +27,13 @@ class Backend:
         """U, V, Q, K of the tokens being computed."""
         return self.model.layers[layer].project(x, group)
 
-    def attend(self, layer: int, q, k, v, q_meta: TokenMeta, k_meta: TokenMeta) -> torch.Tensor:
+    def plan(self, q_meta: TokenMeta, k_meta: TokenMeta):
+        """The step's attention plan (mask, normaliser, bias indices), shared by all layers."""
+        return self.model.layers[0].plan(q_meta, k_meta)
+
+    def attend(self, layer: int, q, k, v, plan) -> torch.Tensor:
         """Attention of the queries over their keys (cached context + new tokens)."""
-        return self.model.layers[layer].attend(q, k, v, q_meta, k_meta)
+        return self.model.layers[layer].attend(q, k, v, plan)
 
     def finish(self, layer: int, x, attn, u, group) -> torch.Tensor:
         """Residual update of the layer."""

@@ -16,8 +16,8 @@ def _project(layer, x, group):
     return layer.project(x, group)
 
 
-def _attend(layer, q, k, v, q_meta, k_meta):
-    return layer.attend(q, k, v, q_meta, k_meta)
+def _attend(layer, q, k, v, plan):
+    return layer.attend(q, k, v, plan)
 
 
 def _finish(layer, x, attn, u, group):
@@ -37,8 +37,8 @@ class CompiledBackend(Backend):
     def project(self, layer, x, group):
         return self._project(self.model.layers[layer], x, group)
 
-    def attend(self, layer, q, k, v, q_meta, k_meta):
-        return self._attend(self.model.layers[layer], q, k, v, q_meta, k_meta)
+    def attend(self, layer, q, k, v, plan):
+        return self._attend(self.model.layers[layer], q, k, v, plan)
 
     def finish(self, layer, x, attn, u, group):
         return self._finish(self.model.layers[layer], x, attn, u, group)

@@ -15,6 +15,7 @@ context token's output never changes when candidates or later events are added.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,18 +50,80 @@ def time_bucket(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return (torch.log(dt) / _TIME_BUCKET_BASE).floor().long().clamp(0, num_buckets - 1)
 
 
-def relative_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, q_ts: torch.Tensor, k_ts: torch.Tensor,
-                  pos_table: torch.Tensor, time_table: torch.Tensor) -> torch.Tensor:
-    """Learned relative-position bias plus time-bucket bias; broadcasts elementwise.
+def relative_index(q_pos: torch.Tensor, k_pos: torch.Tensor, reach: int) -> torch.Tensor:
+    """Index into a 2 * reach + 1 relative-position table: k_pos - q_pos clamped to [-reach, reach]."""
+    return (k_pos - q_pos).clamp(-reach, reach) + reach
 
-    pos_table has 2 * R + 1 entries for relative distances clamped to [-R, R].
+
+@dataclass
+class AttentionPlan:
+    """Everything about one attention call that does not depend on Q, K, V: layout, mask and bias
+    indices. Built once per forward (or engine step) and shared by all layers."""
+
+    q_offsets: torch.Tensor
+    k_offsets: torch.Tensor
+    lq: int
+    lk: int
+    scale: torch.Tensor  # [B, Lq, Lk] float32: mask / normaliser (0 where a key is not visible)
+    rel: torch.Tensor | None = None  # [B, Lq, Lk] relative-position index into pos_table
+    bucket: torch.Tensor | None = None  # [B, Lq, Lk] time-bucket index into time_table
+
+
+def plan_attention(
+    q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+    q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
+    *, mode: str = "dynamic", normalizer: str = "visible", max_seq_len: int = 256,
+    q_ts: torch.Tensor | None = None, k_ts: torch.Tensor | None = None,
+    bias_reach: int | None = None, num_time_buckets: int | None = None,
+) -> AttentionPlan:
+    """The mask, normaliser and (with bias_reach) relative-bias indices of an attention call.
+
+    Candidate queries and keys take the context length as their position for the bias, so a
+    candidate's score does not depend on its place in the candidate list.
     """
-    reach = (pos_table.shape[0] - 1) // 2
-    rel = (k_pos - q_pos).clamp(-reach, reach) + reach
-    # F.embedding rather than table[index]: its backward reduces sorted indices instead of piling
-    # millions of atomic adds onto a few hundred table entries (227 ms -> ~1 ms per layer on an H200)
-    lookup = lambda table, idx: F.embedding(idx, table[:, None]).squeeze(-1)
-    return lookup(pos_table, rel) + lookup(time_table, time_bucket(q_ts - k_ts, time_table.shape[0]))
+    lq, lk = max_length(q_offsets), max_length(k_offsets)
+    qg, q_valid = jagged_to_padded(q_group, q_offsets, lq, pad=-1)
+    qpos, _ = jagged_to_padded(q_pos, q_offsets, lq)
+    kg, k_valid = jagged_to_padded(k_group, k_offsets, lk, pad=-1)
+    kpos, _ = jagged_to_padded(k_pos, k_offsets, lk)
+    mask = visible(qg[:, :, None], qpos[:, :, None], kg[:, None, :], kpos[:, None, :], mode)
+    mask &= q_valid[:, :, None] & k_valid[:, None, :]  # [B, Lq, Lk]
+    if normalizer == "visible":
+        scale = mask / mask.sum(-1, keepdim=True).clamp(min=1)
+    elif normalizer == "max_len":
+        scale = mask / float(max_seq_len)
+    else:
+        raise ValueError(f"normalizer: expected 'visible' or 'max_len', got {normalizer!r}")
+    plan = AttentionPlan(q_offsets, k_offsets, lq, lk, scale.float())
+    if bias_reach is not None:
+        ctx_len = ((kg != GROUP_C) & k_valid).sum(1, keepdim=True)  # [B, 1]
+        qpos_b = torch.where(qg == GROUP_C, ctx_len, qpos)
+        kpos_b = torch.where(kg == GROUP_C, ctx_len, kpos)
+        qts, _ = jagged_to_padded(q_ts, q_offsets, lq)
+        kts, _ = jagged_to_padded(k_ts, k_offsets, lk)
+        plan.rel = relative_index(qpos_b[:, :, None], kpos_b[:, None, :], bias_reach)
+        plan.bucket = time_bucket(qts[:, :, None] - kts[:, None, :], num_time_buckets)
+    return plan
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, alpha: float | None = None,
+           pos_table: torch.Tensor | None = None, time_table: torch.Tensor | None = None) -> torch.Tensor:
+    """Jagged HSTU attention under a plan: q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv].
+
+    Computed in float32 whatever the input dtype; the result has q's dtype.
+    """
+    alpha = 1.0 / math.sqrt(q.shape[2]) if alpha is None else alpha
+    qp, _ = jagged_to_padded(q.float(), plan.q_offsets, plan.lq)  # [B, Lq, H, D]
+    kp, _ = jagged_to_padded(k.float(), plan.k_offsets, plan.lk)
+    vp, _ = jagged_to_padded(v.float(), plan.k_offsets, plan.lk)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) * alpha
+    if pos_table is not None:
+        # F.embedding rather than table[index]: its backward reduces sorted indices instead of piling
+        # millions of atomic adds onto a few hundred table entries (227 ms -> ~1 ms per layer on an H200)
+        lookup = lambda table, idx: F.embedding(idx, table.float()[:, None]).squeeze(-1)
+        scores = scores + (lookup(pos_table, plan.rel) + lookup(time_table, plan.bucket))[:, None]
+    out = torch.einsum("bhqk,bkhd->bqhd", F.silu(scores) * plan.scale[:, None], vp)
+    return padded_to_jagged(out, plan.q_offsets).to(q.dtype)
 
 
 def hstu_attention(
@@ -72,41 +135,9 @@ def hstu_attention(
     q_ts: torch.Tensor | None = None, k_ts: torch.Tensor | None = None,
     pos_table: torch.Tensor | None = None, time_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Jagged HSTU attention: q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv].
-
-    Computed in float32 whatever the input dtype; the result has q's dtype. When pos_table is
-    given, candidate queries and keys take the context length as their position for the bias,
-    so a candidate's score does not depend on its place in the candidate list.
-    """
-    _heads, d_qk = q.shape[1], q.shape[2]
-    alpha = 1.0 / math.sqrt(d_qk) if alpha is None else alpha
-    lq, lk = max_length(q_offsets), max_length(k_offsets)
-    qp, q_valid = jagged_to_padded(q.float(), q_offsets, lq)  # [B, Lq, H, D]
-    kp, k_valid = jagged_to_padded(k.float(), k_offsets, lk)
-    vp, _ = jagged_to_padded(v.float(), k_offsets, lk)
-    qg, _ = jagged_to_padded(q_group, q_offsets, lq, pad=-1)
-    qpos, _ = jagged_to_padded(q_pos, q_offsets, lq)
-    kg, _ = jagged_to_padded(k_group, k_offsets, lk, pad=-1)
-    kpos, _ = jagged_to_padded(k_pos, k_offsets, lk)
-
-    mask = visible(qg[:, :, None], qpos[:, :, None], kg[:, None, :], kpos[:, None, :], mode)
-    mask &= q_valid[:, :, None] & k_valid[:, None, :]  # [B, Lq, Lk]
-    scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) * alpha
-    if pos_table is not None:
-        ctx_len = ((kg != GROUP_C) & k_valid).sum(1, keepdim=True)  # [B, 1]
-        qpos_b = torch.where(qg == GROUP_C, ctx_len, qpos)
-        kpos_b = torch.where(kg == GROUP_C, ctx_len, kpos)
-        qts, _ = jagged_to_padded(q_ts, q_offsets, lq)
-        kts, _ = jagged_to_padded(k_ts, k_offsets, lk)
-        bias = relative_bias(qpos_b[:, :, None], kpos_b[:, None, :], qts[:, :, None], kts[:, None, :],
-                             pos_table.float(), time_table.float())
-        scores = scores + bias[:, None]
-    weights = F.silu(scores) * mask[:, None]
-    if normalizer == "visible":
-        weights = weights / mask.sum(-1).clamp(min=1)[:, None, :, None]
-    elif normalizer == "max_len":
-        weights = weights / max_seq_len
-    else:
-        raise ValueError(f"normalizer: expected 'visible' or 'max_len', got {normalizer!r}")
-    out = torch.einsum("bhqk,bkhd->bqhd", weights, vp)
-    return padded_to_jagged(out, q_offsets).to(q.dtype)
+    """Jagged HSTU attention in one call (plan + attend); see `plan_attention` and `attend`."""
+    plan = plan_attention(q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, mode=mode, normalizer=normalizer,
+                          max_seq_len=max_seq_len, q_ts=q_ts, k_ts=k_ts,
+                          bias_reach=None if pos_table is None else (pos_table.shape[0] - 1) // 2,
+                          num_time_buckets=None if time_table is None else time_table.shape[0])
+    return attend(q, k, v, plan, alpha, pos_table, time_table)
