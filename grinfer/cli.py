@@ -132,7 +132,8 @@ def bench(
     = [],  # noqa: B006
     static: Annotated[int | None, typer.Option(help="Override S events per request.")] = None,
     realtime: Annotated[int | None, typer.Option(help="Override R events per request.")] = None,
-    candidates: Annotated[int | None, typer.Option(help="Override candidates per request.")] = None,
+    candidates: Annotated[int | None, typer.Option(help="Override candidates per request "
+                                                        "(--server --endpoint rank: default 100).")] = None,
     preset_name: Annotated[str | None, typer.Option("--preset", help="Override the model preset.")] = None,
     iters: int = 10, warmup: int = 2, seed: int = 0, device: DeviceOpt = "auto",
     max_batch_tokens: Annotated[int | None, typer.Option(help="Engine token budget (default: a whole batch).")]
@@ -140,8 +141,41 @@ def bench(
     host_cache_gb: Annotated[float, typer.Option(help="Host-tier KV cache size in GB (0 = off).")] = 0.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results JSON (and a PNG beside it).")]
     = None,
+    server: Annotated[str | None, typer.Option(help="Load-test a running server at this loopback URL instead "
+                                                    "(closed loop over HTTP), e.g. http://127.0.0.1:8000.")]
+    = None,
+    clients: Annotated[list[str], typer.Option(help="--server: concurrent client loops per level, repeatable "
+                                                    "or comma-separated, e.g. 1,8,32,64.")] = ["1,8"],  # noqa: B006
+    endpoint: Annotated[str, typer.Option(help="--server: recommend or rank.")] = "recommend",
+    requests: Annotated[int, typer.Option(help="--server: requests per level (at most).")] = 400,
+    duration: Annotated[float, typer.Option(help="--server: seconds per level (at most).")] = 30.0,
 ) -> None:
-    """Time workloads through the engine per backend: latency, throughput, TFLOP/s, memory, cache hits."""
+    """Time workloads through the engine per backend: latency, throughput, TFLOP/s, memory, cache hits.
+
+    With --server: closed-loop HTTP load against a running server on this machine instead.
+    """
+    if server is not None:
+        import httpx
+
+        from grinfer.bench.load import format_table, parse_clients, run_load, write_json
+
+        try:
+            levels = parse_clients(clients)
+            results = run_load(server, levels, endpoint=endpoint, requests=requests, duration_s=duration,
+                               candidates=100 if candidates is None else candidates, seed=seed)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+        except httpx.HTTPError as exc:
+            raise _fail(f"--server {server}: {exc}") from None
+        settings = {"server": server, "endpoint": endpoint, "clients": levels, "requests": requests,
+                    "duration_s": duration, "candidates": results[0].candidates, "seed": seed}
+        typer.echo(f"{endpoint} on {server}"
+                   + (f", {results[0].candidates} candidates per request" if results[0].candidates else ""))
+        typer.echo(format_table(results))
+        if json_out:
+            write_json(results, json_out, settings)
+            typer.echo(f"wrote {json_out}")
+        return
     from grinfer.bench.run import matmul_ceiling, run_workload, write_report
     from grinfer.bench.workloads import workload
     from grinfer.engine.backends import BACKENDS

@@ -3,7 +3,6 @@
 import sys
 import time
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 

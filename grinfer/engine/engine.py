@@ -21,7 +21,7 @@ class Engine:
                  on_step: Callable[[dict], None] | None = None):
         self.core = EngineCore(model, catalog, config)
         self.on_step = on_step  # called (outside the lock) with each computing step's stats
-        self._futures: dict[int, Future] = {}
+        self._futures: dict[int, Future] = {}  # keyed by id(RequestState): callers' request ids may repeat
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
@@ -60,8 +60,8 @@ class Engine:
         with self._lock:
             if self._stopping or self._thread is None:
                 raise EngineError("engine is not running")
-            self.core.add(request)  # raises Overloaded etc. synchronously: fail fast
-            self._futures[request.request_id] = future
+            state = self.core.add(request)  # raises Overloaded etc. synchronously: fail fast
+            self._futures[id(state)] = future
             self._wake.notify()
         return future
 
@@ -93,12 +93,12 @@ class Engine:
                 steps = self.core.steps
                 finished = self.core.step()
                 step_stats = self.core.last_step if self.core.steps != steps else None
-                resolved = [(self._futures.pop(s.request.request_id, None), r) for s, r in finished]
+                resolved = [(self._futures.pop(id(s), None), r) for s, r in finished]
             if step_stats is not None and self.on_step is not None:
                 self.on_step(step_stats)
             for future, result in resolved:
-                if future is None:
-                    continue
+                if future is None or not future.set_running_or_notify_cancel():
+                    continue  # the caller gave up (its task was cancelled): drop the result
                 if isinstance(result, BaseException):
                     future.set_exception(result)
                 else:
@@ -106,4 +106,5 @@ class Engine:
         with self._lock:
             pending, self._futures = self._futures, {}
         for future in pending.values():
-            future.set_exception(EngineError("engine shut down before the request ran"))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineError("engine shut down before the request ran"))

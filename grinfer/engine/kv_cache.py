@@ -162,11 +162,15 @@ class KVCache:
         return -(-tokens // self.block_size) <= self.num_blocks
 
     # ---- runner-facing ----------------------------------------------------------------------
+    def slot_array(self, handle: CacheHandle, start: int, end: int) -> np.ndarray:
+        """Flat slot indices (host array) of context positions [start, end) of the entry."""
+        pos = np.arange(start, end)
+        blocks = np.asarray(handle.entry.blocks, dtype=np.int64)
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
     def slots(self, handle: CacheHandle, start: int, end: int) -> torch.Tensor:
-        """Flat slot indices of context positions [start, end) of the entry."""
-        pos = torch.arange(start, end)
-        blocks = torch.tensor(handle.entry.blocks, dtype=torch.int64)
-        return (blocks[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.k.device)
+        """Flat slot indices of context positions [start, end) of the entry, on the pool's device."""
+        return torch.from_numpy(self.slot_array(handle, start, end)).to(self.k.device)
 
     # ---- stats --------------------------------------------------------------------------------
     def occupancy(self) -> float:

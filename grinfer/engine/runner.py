@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from torch.profiler import record_function
 
 from grinfer.engine.backends import Backend
 from grinfer.engine.kv_cache import KVCache
@@ -33,7 +35,7 @@ class _Embedded:
 class _StepIndex:
     """Gather/scatter indices of one step, shared by all its layers."""
 
-    q_rows: list[torch.Tensor]  # per item: sequence rows of its new tokens
+    q_rows: torch.Tensor  # rows of the step's concatenated sequences that are computed now
     q_meta: TokenMeta
     k_meta: TokenMeta
     write_src: torch.Tensor  # rows of the new-token tensor that are context tokens
@@ -57,11 +59,13 @@ class ModelRunner:
         items = [it for it in plan.items if it.tokens]
         if not items:
             return
-        self._embed([it.state for it in items if it.state.embedded is None])
-        idx = self._index(items)
+        with record_function("grinfer.embed"):
+            self._embed([it.state for it in items if it.state.embedded is None])
+        with record_function("grinfer.index"):
+            idx = self._index(items)
         first, last = plan.layers
         if first == 0:
-            x = torch.cat([it.state.embedded.x[rows] for it, rows in zip(items, idx.q_rows)])
+            x = torch.cat([it.state.embedded.x for it in items])[idx.q_rows]
         else:
             x = items[0].state.layer_state
         plan = self.backend.plan(idx.q_meta, idx.k_meta)
@@ -105,35 +109,34 @@ class ModelRunner:
             state.embedded = _Embedded(x[lo:hi], meta.group[lo:hi], meta.pos[lo:hi], meta.ts[lo:hi])
 
     def _index(self, items: list[WorkItem]) -> _StepIndex:
-        dev = self.device
-        q_rows, k_rows, q_len, k_len = [], [], [], []
-        write_src, write_slots, ctx_dest, ctx_slots, cand_dest, cand_src = [], [], [], [], [], []
-        q_off = k_off = 0
+        """All of a step's gather/scatter indices, built on the host and copied to the device once."""
+        rows = {k: [] for k in ("q", "k", "write_src", "write_slots", "ctx_dest", "ctx_slots", "cand_dest",
+                                "cand_src")}
+        q_len, k_len = [], []
+        base = q_off = k_off = 0
         for it in items:
-            ctx_len = it.state.context_len
-            new_ctx = torch.arange(it.ctx_start, it.ctx_end, device=dev)
-            cands = torch.arange(ctx_len + it.cand_start, ctx_len + it.cand_end, device=dev)
-            rows = torch.cat([new_ctx, cands])
-            q_rows.append(rows)
-            k_rows.append(torch.cat([torch.arange(it.ctx_end, device=dev), cands]))
-            n_new, n_cand = len(new_ctx), len(cands)
-            write_src.append(torch.arange(q_off, q_off + n_new, device=dev))
-            write_slots.append(self.cache.slots(it.state.handle, it.ctx_start, it.ctx_end))
-            ctx_dest.append(torch.arange(k_off, k_off + it.ctx_end, device=dev))
-            ctx_slots.append(self.cache.slots(it.state.handle, 0, it.ctx_end))
-            cand_dest.append(torch.arange(k_off + it.ctx_end, k_off + it.ctx_end + n_cand, device=dev))
-            cand_src.append(torch.arange(q_off + n_new, q_off + n_new + n_cand, device=dev))
-            q_len.append(len(rows))
-            k_len.append(it.ctx_end + n_cand)
-            q_off += len(rows)
-            k_off += it.ctx_end + n_cand
+            ctx_len, n_seq = it.state.context_len, len(it.state.embedded.group)
+            new_ctx = np.arange(it.ctx_start, it.ctx_end)
+            cands = np.arange(ctx_len + it.cand_start, ctx_len + it.cand_end)
+            n_new, n_q, n_k = len(new_ctx), len(new_ctx) + len(cands), it.ctx_end + len(cands)
+            rows["q"].append(base + np.concatenate([new_ctx, cands]))
+            rows["k"].append(base + np.concatenate([np.arange(it.ctx_end), cands]))
+            rows["write_src"].append(np.arange(q_off, q_off + n_new))
+            rows["write_slots"].append(self.cache.slot_array(it.state.handle, it.ctx_start, it.ctx_end))
+            rows["ctx_dest"].append(np.arange(k_off, k_off + it.ctx_end))
+            rows["ctx_slots"].append(self.cache.slot_array(it.state.handle, 0, it.ctx_end))
+            rows["cand_dest"].append(np.arange(k_off + it.ctx_end, k_off + n_k))
+            rows["cand_src"].append(np.arange(q_off + n_new, q_off + n_q))
+            q_len.append(n_q)
+            k_len.append(n_k)
+            base, q_off, k_off = base + n_seq, q_off + n_q, k_off + n_k
+        dev = self.device
+        t = {k: torch.from_numpy(np.concatenate(v).astype(np.int64)).to(dev) for k, v in rows.items()}
+        embedded = [it.state.embedded for it in items]
+        group, pos, ts = (torch.cat([getattr(e, f) for e in embedded]) for f in ("group", "pos", "ts"))
 
-        def meta(rows: list[torch.Tensor], lengths: list[int]) -> TokenMeta:
-            parts = [(it.state.embedded, r) for it, r in zip(items, rows)]
-            return TokenMeta(offsets_of(torch.tensor(lengths, device=dev)),
-                             torch.cat([e.group[r] for e, r in parts]), torch.cat([e.pos[r] for e, r in parts]),
-                             torch.cat([e.ts[r] for e, r in parts]))
+        def meta(r: torch.Tensor, lengths: list[int]) -> TokenMeta:
+            return TokenMeta(offsets_of(torch.tensor(lengths, device=dev)), group[r], pos[r], ts[r])
 
-        cat = torch.cat
-        return _StepIndex(q_rows, meta(q_rows, q_len), meta(k_rows, k_len), cat(write_src), cat(write_slots),
-                          cat(ctx_dest), cat(ctx_slots), cat(cand_dest), cat(cand_src))
+        return _StepIndex(t["q"], meta(t["q"], q_len), meta(t["k"], k_len), t["write_src"], t["write_slots"],
+                          t["ctx_dest"], t["ctx_slots"], t["cand_dest"], t["cand_src"])

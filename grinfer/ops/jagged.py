@@ -28,24 +28,28 @@ def positions_in_seq(offsets: torch.Tensor, total: int | None = None) -> torch.T
     return torch.arange(len(ids), device=offsets.device) - offsets[ids]
 
 
-def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int,
-                     pad: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """[T, ...] jagged -> ([B, max_len, ...] padded, [B, max_len] bool validity)."""
+def padded_index(offsets: torch.Tensor, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence id, position in sequence) of each of the T rows: where a row sits in the padded layout."""
+    ids = seq_ids(offsets, total)
+    return ids, torch.arange(len(ids), device=offsets.device) - offsets[ids]
+
+
+def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad: float = 0.0,
+                     index: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, ...] jagged -> ([B, max_len, ...] padded, [B, max_len] bool validity); `index` from padded_index."""
     batch = len(offsets) - 1
     out = values.new_full((batch, max_len, *values.shape[1:]), pad)
     valid = torch.zeros(batch, max_len, dtype=torch.bool, device=values.device)
-    ids = seq_ids(offsets, values.shape[0])
-    pos = torch.arange(values.shape[0], device=values.device) - offsets[ids]
+    ids, pos = padded_index(offsets, values.shape[0]) if index is None else index
     out[ids, pos] = values
     valid[ids, pos] = True
     return out, valid
 
 
-def padded_to_jagged(padded: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def padded_to_jagged(padded: torch.Tensor, offsets: torch.Tensor,
+                     index: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """[B, L, ...] padded -> [T, ...] jagged (the inverse of jagged_to_padded)."""
-    total = int(offsets[-1])
-    ids = seq_ids(offsets, total)
-    pos = torch.arange(total, device=padded.device) - offsets[ids]
+    ids, pos = padded_index(offsets, int(offsets[-1])) if index is None else index
     return padded[ids, pos]
 
 

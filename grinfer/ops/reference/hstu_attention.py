@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from grinfer.ops.jagged import jagged_to_padded, max_length, padded_to_jagged
+from grinfer.ops.jagged import jagged_to_padded, max_length, padded_index, padded_to_jagged
 
 GROUP_U, GROUP_S, GROUP_R, GROUP_C = 0, 1, 2, 3
 NUM_GROUPS = 4
@@ -65,6 +65,8 @@ class AttentionPlan:
     lq: int
     lk: int
     scale: torch.Tensor  # [B, Lq, Lk] float32: mask / normaliser (0 where a key is not visible)
+    q_index: tuple[torch.Tensor, torch.Tensor]  # padded_index of the queries and of the keys
+    k_index: tuple[torch.Tensor, torch.Tensor]
     rel: torch.Tensor | None = None  # [B, Lq, Lk] relative-position index into pos_table
     bucket: torch.Tensor | None = None  # [B, Lq, Lk] time-bucket index into time_table
 
@@ -82,10 +84,11 @@ def plan_attention(
     candidate's score does not depend on its place in the candidate list.
     """
     lq, lk = max_length(q_offsets), max_length(k_offsets)
-    qg, q_valid = jagged_to_padded(q_group, q_offsets, lq, pad=-1)
-    qpos, _ = jagged_to_padded(q_pos, q_offsets, lq)
-    kg, k_valid = jagged_to_padded(k_group, k_offsets, lk, pad=-1)
-    kpos, _ = jagged_to_padded(k_pos, k_offsets, lk)
+    qi, ki = padded_index(q_offsets, len(q_group)), padded_index(k_offsets, len(k_group))
+    qg, q_valid = jagged_to_padded(q_group, q_offsets, lq, pad=-1, index=qi)
+    qpos, _ = jagged_to_padded(q_pos, q_offsets, lq, index=qi)
+    kg, k_valid = jagged_to_padded(k_group, k_offsets, lk, pad=-1, index=ki)
+    kpos, _ = jagged_to_padded(k_pos, k_offsets, lk, index=ki)
     mask = visible(qg[:, :, None], qpos[:, :, None], kg[:, None, :], kpos[:, None, :], mode)
     mask &= q_valid[:, :, None] & k_valid[:, None, :]  # [B, Lq, Lk]
     if normalizer == "visible":
@@ -94,13 +97,13 @@ def plan_attention(
         scale = mask / float(max_seq_len)
     else:
         raise ValueError(f"normalizer: expected 'visible' or 'max_len', got {normalizer!r}")
-    plan = AttentionPlan(q_offsets, k_offsets, lq, lk, scale.float())
+    plan = AttentionPlan(q_offsets, k_offsets, lq, lk, scale.float(), qi, ki)
     if bias_reach is not None:
         ctx_len = ((kg != GROUP_C) & k_valid).sum(1, keepdim=True)  # [B, 1]
         qpos_b = torch.where(qg == GROUP_C, ctx_len, qpos)
         kpos_b = torch.where(kg == GROUP_C, ctx_len, kpos)
-        qts, _ = jagged_to_padded(q_ts, q_offsets, lq)
-        kts, _ = jagged_to_padded(k_ts, k_offsets, lk)
+        qts, _ = jagged_to_padded(q_ts, q_offsets, lq, index=qi)
+        kts, _ = jagged_to_padded(k_ts, k_offsets, lk, index=ki)
         plan.rel = relative_index(qpos_b[:, :, None], kpos_b[:, None, :], bias_reach)
         plan.bucket = time_bucket(qts[:, :, None] - kts[:, None, :], num_time_buckets)
     return plan
@@ -113,9 +116,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
     Computed in float32 whatever the input dtype; the result has q's dtype.
     """
     alpha = 1.0 / math.sqrt(q.shape[2]) if alpha is None else alpha
-    qp, _ = jagged_to_padded(q.float(), plan.q_offsets, plan.lq)  # [B, Lq, H, D]
-    kp, _ = jagged_to_padded(k.float(), plan.k_offsets, plan.lk)
-    vp, _ = jagged_to_padded(v.float(), plan.k_offsets, plan.lk)
+    qp, _ = jagged_to_padded(q.float(), plan.q_offsets, plan.lq, index=plan.q_index)  # [B, Lq, H, D]
+    kp, _ = jagged_to_padded(k.float(), plan.k_offsets, plan.lk, index=plan.k_index)
+    vp, _ = jagged_to_padded(v.float(), plan.k_offsets, plan.lk, index=plan.k_index)
     scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) * alpha
     if pos_table is not None:
         # F.embedding rather than table[index]: its backward reduces sorted indices instead of piling
@@ -123,7 +126,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPla
         lookup = lambda table, idx: F.embedding(idx, table.float()[:, None]).squeeze(-1)
         scores = scores + (lookup(pos_table, plan.rel) + lookup(time_table, plan.bucket))[:, None]
     out = torch.einsum("bhqk,bkhd->bqhd", F.silu(scores) * plan.scale[:, None], vp)
-    return padded_to_jagged(out, plan.q_offsets).to(q.dtype)
+    return padded_to_jagged(out, plan.q_offsets, plan.q_index).to(q.dtype)
 
 
 def hstu_attention(
