@@ -31,6 +31,9 @@ class EngineCore:
     """Holds model, KV cache, scheduler and runner; `step()` advances every admitted request."""
 
     def __init__(self, model: MTGR, catalog: ItemCatalog, config: EngineConfig):
+        if model.cfg.mask != "dynamic":
+            raise ValueError(f"mask: the engine serves MTGR's dynamic mask (candidates never see each other), "
+                             f"got {model.cfg.mask!r}; score such a model uncached")
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda":

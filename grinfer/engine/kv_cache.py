@@ -121,21 +121,27 @@ class KVCache:
         cached = min(entry.tokens, entry.signature.shared_prefix(sig), sig.num_tokens)
         entry.pins += 1
         lookup = CacheLookup(cached, sig.num_tokens - cached, source if cached else "none")
-        if lookup.status == "miss":
-            self.stats.misses += 1
-        elif lookup.status == "hit":
-            self.stats.hits += 1
-        else:
-            self.stats.partial_hits += 1
-        if source == "host" and cached:
-            self.stats.host_hits += 1
         return lookup, CacheHandle(sig.user, entry)
 
-    def reserve(self, handle: CacheHandle, cached_tokens: int, sig: ContextSignature) -> bool:
-        """Make room for the whole context: the entry keeps `cached_tokens`, then holds sig's tokens.
+    def reserve(self, handle: CacheHandle, lookup: CacheLookup, sig: ContextSignature) -> bool:
+        """Make room for the whole context: the entry keeps the looked-up cached tokens, then holds sig's.
 
-        Evicts unpinned users (LRU) when the pool is short; False when it still cannot fit.
+        Evicts unpinned users (LRU) when the pool is short; False when it still cannot fit. A lookup
+        counts in the hit/miss stats once, when its reservation succeeds.
         """
+        if not self._reserve(handle, lookup.cached_tokens, sig):
+            return False
+        s = self.stats
+        if lookup.status == "miss":
+            s.misses += 1
+        elif lookup.status == "hit":
+            s.hits += 1
+        else:
+            s.partial_hits += 1
+        s.host_hits += lookup.source == "host"
+        return True
+
+    def _reserve(self, handle: CacheHandle, cached_tokens: int, sig: ContextSignature) -> bool:
         entry = handle.entry
         needed = -(-sig.num_tokens // self.block_size) - len(entry.blocks)
         while needed > len(self.free):
@@ -213,7 +219,7 @@ class KVCache:
         entry = _Entry(signature)
         self.entries[sig.user] = entry
         entry.pins += 1  # protect it from the evictions its own reservation may cause
-        ok = self.reserve(CacheHandle(sig.user, entry), 0, signature)
+        ok = self._reserve(CacheHandle(sig.user, entry), 0, signature)
         entry.pins -= 1
         if not ok:
             self._drop(sig.user)
@@ -250,10 +256,9 @@ class HostTier:
     def take(self, key: str, version: int):
         """Remove and return (signature, tokens, k, v) for the user's entry at `version`, if held."""
         item = self.entries.get(key)
-        if item is None or item[0].version != version:
-            return None
-        self._remove(key)
-        return item
+        if item is not None:
+            self._remove(key)  # taken, or of an older history version and useless from now on
+        return item if item is not None and item[0].version == version else None
 
     def _remove(self, key: str) -> None:
         item = self.entries.pop(key, None)

@@ -122,7 +122,7 @@ class Scheduler:
                 skipped.append(state)
                 continue
             state.lookup, state.handle = self.cache.acquire(state.signature)
-            if not self.cache.reserve(state.handle, state.lookup.cached_tokens, state.signature):
+            if not self.cache.reserve(state.handle, state.lookup, state.signature):
                 self.cache.release(state.handle)
                 state.lookup = state.handle = None
                 skipped.append(state)
