@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/ruff check grinfer tests
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest "$@"
