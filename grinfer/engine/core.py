@@ -10,7 +10,7 @@ from grinfer.config import EngineConfig
 from grinfer.data.types import ItemCatalog
 from grinfer.engine.backends import make_backend
 from grinfer.engine.kv_cache import KVCache
-from grinfer.engine.request import EngineError, RankRequest, RankResult
+from grinfer.engine.request import ContextTooLarge, EngineError, RankRequest, RankResult
 from grinfer.engine.runner import ModelRunner
 from grinfer.engine.scheduler import RequestState, Scheduler, context_signature
 from grinfer.features.featurizer import Featurizer
@@ -52,13 +52,21 @@ class EngineCore:
         self.steps = 0
         self.last_step: dict = {}
 
-    def add(self, request: RankRequest) -> RequestState:
-        """Admit a request to the queue (raises Overloaded / ContextTooLarge / ValueError)."""
+    def prepare(self, request: RankRequest) -> RequestState:
+        """Validate a request and build its state, touching nothing shared (raises ContextTooLarge / ValueError)."""
         n_rt = len(request.context.items) - request.context.num_static
         if n_rt > self.config.max_realtime:
             raise ValueError(f"context: {n_rt} real-time events exceed max_realtime={self.config.max_realtime}; "
                              "roll older events into the static history")
         state = RequestState(request, context_signature(request, self.num_profile_tokens))
+        if not self.cache.fits(state.context_len):
+            raise ContextTooLarge(f"context of {state.context_len} tokens exceeds the KV cache "
+                                  f"({self.cache.num_blocks} blocks of {self.cache.block_size})")
+        return state
+
+    def add(self, request: RankRequest | RequestState) -> RequestState:
+        """Admit a request to the queue (raises Overloaded / ContextTooLarge / ValueError)."""
+        state = request if isinstance(request, RequestState) else self.prepare(request)
         self.scheduler.add(state)
         return state
 

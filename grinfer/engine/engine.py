@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -10,8 +11,11 @@ from concurrent.futures import Future
 from grinfer.config import EngineConfig
 from grinfer.data.types import ItemCatalog
 from grinfer.engine.core import EngineCore
-from grinfer.engine.request import EngineError, RankRequest, RankResult
+from grinfer.engine.request import EngineError, Overloaded, RankRequest, RankResult
+from grinfer.engine.scheduler import RequestState
 from grinfer.model.mtgr import MTGR
+
+log = logging.getLogger("grinfer.engine")
 
 
 class Engine:
@@ -22,6 +26,9 @@ class Engine:
         self.core = EngineCore(model, catalog, config)
         self.on_step = on_step  # called (outside the lock) with each computing step's stats
         self._futures: dict[int, Future] = {}  # keyed by id(RequestState): callers' request ids may repeat
+        # submit() only appends here under the lock; the loop thread admits and steps without holding it,
+        # so callers (an event loop) never wait for a step to finish
+        self._inbox: list[tuple[RequestState, Future]] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
@@ -57,11 +64,14 @@ class Engine:
     def submit(self, request: RankRequest) -> Future:
         """Queue a request; the future resolves to a RankResult or raises an EngineError."""
         future: Future = Future()
+        state = self.core.prepare(request)  # bad requests fail here, synchronously
         with self._lock:
-            if self._stopping or self._thread is None:
+            if not self.running:
                 raise EngineError("engine is not running")
-            state = self.core.add(request)  # raises Overloaded etc. synchronously: fail fast
-            self._futures[id(state)] = future
+            limit = self.core.config.max_queue
+            if len(self.core.scheduler.waiting) + len(self._inbox) >= limit:
+                raise Overloaded(f"engine queue is full ({limit} waiting); retry later")
+            self._inbox.append((state, future))
             self._wake.notify()
         return future
 
@@ -79,23 +89,40 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def stats(self) -> dict:
-        with self._lock:
-            return self.core.stats()
+        """The core's plain stats (read without stopping the loop: numbers may be one step apart)."""
+        return self.core.stats()
 
     # ---- loop -------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for state, future in inbox:
+            try:
+                self.core.add(state)
+            except EngineError as exc:
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(exc)
+                continue
+            self._futures[id(state)] = future
+
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self.core.has_work() and not self._stopping:
+                while not self._inbox and not self.core.has_work() and not self._stopping:
                     self._wake.wait()
-                if self._stopping and (not self._drain or not self.core.has_work()):
-                    break
-                steps = self.core.steps
-                finished = self.core.step()
-                step_stats = self.core.last_step if self.core.steps != steps else None
-                resolved = [(self._futures.pop(id(s), None), r) for s, r in finished]
+                stop = self._stopping and (not self._drain or not (self._inbox or self.core.has_work()))
+            if stop:
+                break
+            self._admit()
+            steps = self.core.steps
+            finished = self.core.step()
+            step_stats = self.core.last_step if self.core.steps != steps else None
+            resolved = [(self._futures.pop(id(s), None), r) for s, r in finished]
             if step_stats is not None and self.on_step is not None:
-                self.on_step(step_stats)
+                try:
+                    self.on_step(step_stats)
+                except Exception:  # a broken observer must not lose requests
+                    log.exception("on_step hook failed")
             for future, result in resolved:
                 if future is None or not future.set_running_or_notify_cancel():
                     continue  # the caller gave up (its task was cancelled): drop the result
@@ -104,7 +131,8 @@ class Engine:
                 else:
                     future.set_result(result)
         with self._lock:
-            pending, self._futures = self._futures, {}
-        for future in pending.values():
+            pending = list(self._futures.values()) + [f for _, f in self._inbox]
+            self._futures, self._inbox = {}, []
+        for future in pending:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineError("engine shut down before the request ran"))

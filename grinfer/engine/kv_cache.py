@@ -212,7 +212,7 @@ class KVCache:
         entry.blocks, entry.tokens = [], 0
 
     def _restore(self, sig: ContextSignature) -> _Entry | None:
-        saved = self.host.take(sig.user, sig.version)
+        saved = self.host.get(sig.user, sig.version)
         if saved is None:
             return None
         signature, tokens, k, v = saved
@@ -221,9 +221,10 @@ class KVCache:
         entry.pins += 1  # protect it from the evictions its own reservation may cause
         ok = self._reserve(CacheHandle(sig.user, entry), 0, signature)
         entry.pins -= 1
-        if not ok:
+        if not ok:  # no room now: the host copy stays for a later attempt
             self._drop(sig.user)
             return None
+        self.host.take(sig.user, sig.version)
         slots = self.slots(CacheHandle(sig.user, entry), 0, tokens)
         self.k[:, slots] = k.to(self.k.device, non_blocking=True)
         self.v[:, slots] = v.to(self.v.device, non_blocking=True)
@@ -253,12 +254,21 @@ class HostTier:
         self.entries[key] = (sig, tokens, k_host, v_host)
         self.used += size
 
-    def take(self, key: str, version: int):
-        """Remove and return (signature, tokens, k, v) for the user's entry at `version`, if held."""
+    def get(self, key: str, version: int):
+        """(signature, tokens, k, v) of the user's entry at `version`, if held; a copy of an older
+        version is useless from now on and is dropped."""
         item = self.entries.get(key)
+        if item is not None and item[0].version != version:
+            self._remove(key)
+            return None
+        return item
+
+    def take(self, key: str, version: int):
+        """Remove and return the user's entry at `version`, if held (see `get`)."""
+        item = self.get(key, version)
         if item is not None:
-            self._remove(key)  # taken, or of an older history version and useless from now on
-        return item if item is not None and item[0].version == version else None
+            self._remove(key)
+        return item
 
     def _remove(self, key: str) -> None:
         item = self.entries.pop(key, None)

@@ -17,7 +17,7 @@ import torch
 
 from grinfer.config import EngineConfig
 from grinfer.engine.kv_cache import CacheHandle, CacheLookup, ContextSignature, KVCache
-from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded, RankRequest
+from grinfer.engine.request import DeadlineExceeded, EngineError, Overloaded, RankRequest
 
 
 @dataclass
@@ -86,9 +86,6 @@ class Scheduler:
         """Queue a request; raises Overloaded when the queue is full."""
         if len(self.waiting) >= self.config.max_queue:
             raise Overloaded(f"engine queue is full ({self.config.max_queue} waiting); retry later")
-        if not self.cache.fits(state.context_len):
-            raise ContextTooLarge(f"context of {state.context_len} tokens exceeds the KV cache "
-                                  f"({self.cache.num_blocks} blocks of {self.cache.block_size})")
         self.waiting.append(state)
 
     def has_work(self) -> bool:
@@ -123,7 +120,7 @@ class Scheduler:
                 continue
             state.lookup, state.handle = self.cache.acquire(state.signature)
             if not self.cache.reserve(state.handle, state.lookup, state.signature):
-                self.cache.release(state.handle)
+                self.cache.release(state.handle, keep=state.lookup.cached_tokens > 0)  # no empty entries left
                 state.lookup = state.handle = None
                 skipped.append(state)
                 break  # the pool is full of running users' contexts: wait for them to finish

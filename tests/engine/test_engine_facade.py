@@ -204,3 +204,36 @@ def test_requests_sharing_an_id_each_get_their_own_result(model, catalog, featur
     assert_scores(model, featurizer, req, first.result(0))
     if second is not None:
         assert_scores(model, featurizer, other, second.result(0))
+
+
+def settle(engine: Engine, future) -> None:
+    """Wait until the future resolves or the engine thread is gone (then it never will)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not future.done() and engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_failing_step_hook_loses_no_request(model, catalog, featurizer, make_request):
+    def hook(_stats):
+        raise RuntimeError("metrics exporter broke")
+
+    engine = Engine(model, catalog, config(), on_step=hook).start()
+    try:
+        req = engine_request("a", make_request(3, 1, 2, seed=5))
+        future = engine.submit(req)
+        settle(engine, future)
+        assert future.done(), "an admitted request was lost"
+        if future.exception() is None:
+            assert_scores(model, featurizer, req, future.result(0))
+        else:
+            assert isinstance(future.exception(), EngineError)
+        later = engine_request("b", make_request(4, 2, 3, seed=6))
+        try:
+            future = engine.submit(later)
+        except EngineError:
+            return  # refusing new work once the loop is gone is fine
+        settle(engine, future)
+        assert future.done(), "a request accepted after the loop died was lost"
+    finally:
+        shutdown(engine, drain=False)

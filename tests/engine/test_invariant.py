@@ -320,6 +320,19 @@ def test_cache_lookups_are_counted_once_per_request(model, catalog, make_request
     assert stats["hits"] + stats["partial_hits"] + stats["misses"] == 4
 
 
+def test_host_copies_survive_a_restore_that_must_wait(model, catalog, featurizer, make_request):
+    core = tiny_pool_core(model, catalog, host=True)
+    first = cold_users(make_request, [SHAPE] * ROUND_USERS, seed=140)
+    run(core, first)  # two users stay on the device, three go to the host tier
+    assert len(core.cache.entries) + len(core.cache.host.entries) == ROUND_USERS
+    again = [with_context(r, r.context) for r in first]  # all at once: some restores must wait for room
+    results = run(core, again)
+    for req in again:
+        assert_scores(model, featurizer, req, results[req.request_id])
+    assert [results[r.request_id].cache for r in again] == ["hit"] * ROUND_USERS
+    assert_unpinned(core)
+
+
 # ---- 8. layer-chunked contexts ---------------------------------------------------------------------
 @pytest.mark.parametrize("num_layers", [2, 3])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
