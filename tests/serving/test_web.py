@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from grinfer.config import EngineConfig, preset
 from grinfer.data import generate_synthetic
 from grinfer.engine import Engine
 from grinfer.model import build_model
 from grinfer.serving.app import AppState, create_app
+from grinfer.serving.background import BackgroundServer
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.service import RecommenderService
 from grinfer.storage import open_cache, open_store
@@ -56,12 +53,6 @@ def _browser_or_skip():
     return sync_playwright
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WebStack:
     """Tiny random MTGR + synthetic users in SQLite, served over HTTP by uvicorn on a background thread."""
 
@@ -76,24 +67,12 @@ class WebStack:
         service = RecommenderService(self.engine, self.ds.catalog, self.store, self.cache, model_name=cfg.name)
         metrics = Metrics(self.engine, "eager")
         self.engine.on_step = metrics.on_step
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(AppState(service, metrics)), host="127.0.0.1", port=self.port,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="web-test-http", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                self.close()
-                raise RuntimeError(f"server on {self.url} did not come up")
-            time.sleep(0.05)
+        self.server = BackgroundServer(create_app(AppState(service, metrics)))
+        try:
+            self.url = self.server.start()
+        except RuntimeError:
+            self.close()
+            raise
 
     def titles_of(self, user: str, last: int) -> list[str]:
         """Titles of the user's last `last` events, newest first (as GET /v1/users/{id} lists them)."""
@@ -101,8 +80,7 @@ class WebStack:
         return [self.ds.catalog.titles[int(i)] for i in timeline.items[-last:][::-1]]
 
     def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.server.stop()
         self.engine.shutdown()
         self.cache.close()
         self.store.close()
