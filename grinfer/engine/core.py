@@ -78,7 +78,8 @@ class EngineCore:
         plan = self.scheduler.schedule()
         out: list[tuple[RequestState, RankResult | EngineError | Exception]] = []
         for state, error in plan.failed:
-            self.scheduler.finish(state, ok=False)
+            # an expired request keeps its user's entry: K/V are only written past the committed prefix
+            self.scheduler.finish(state, ok=True)
             out.append((state, error))
         if not plan.items:
             return out

@@ -232,3 +232,22 @@ def test_a_failing_batch_fails_its_requests_and_the_engine_goes_on(model, catalo
     res = run_one(core, good)
     assert_scores(model, featurizer, good, res)
     assert core.stats()["waiting"] == core.stats()["running"] == 0
+
+
+def test_an_expired_request_keeps_its_users_valid_cache_entry(model, catalog, featurizer, make_request):
+    """A deadline miss must not throw away K/V that other requests of the user can still use."""
+    from grinfer.engine import RankRequest as EngineRequest
+
+    core = make_core(model, catalog)
+    req = make_request(12, 3, 4, seed=321)
+    first = EngineRequest("keep", 0, req.context, req.candidates, req.request_ts)
+    core.add(first)
+    core.run_until_done()
+    late = EngineRequest("keep", 0, req.context, req.candidates, req.request_ts, deadline=time.monotonic() - 1)
+    core.add(late)
+    (state, result), = core.run_until_done()
+    assert isinstance(result, DeadlineExceeded)
+    again = EngineRequest("keep", 0, req.context, req.candidates, req.request_ts)
+    core.add(again)
+    (_, res), = core.run_until_done()
+    assert res.cache == "hit"

@@ -69,9 +69,33 @@ def _visible(qg, qp, q_diag, kg, kp, DYNAMIC: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in fp32; UPCAST multiplies fp32 copies (exact products, as the tensor cores give)
+    for Triton's interpreter, whose bf16 dot multiplies the raw bit patterns (triton-lang/triton#11584)."""
+    if UPCAST:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
+
+
+@triton.jit
+def _round(x, dtype, UPCAST: tl.constexpr):
+    """x rounded to `dtype` (to nearest even). UPCAST: kept in fp32 holding bf16 values, rounded by bit
+    arithmetic, since the interpreter's fp32 -> bf16 cast truncates where the GPU rounds."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
 def _tile(acc, cnt, q, qg, qp, q_diag, start_n, lk, k_rows0, Kh, Vh, k_group, k_pos, stride_kt, stride_vt,
           alpha, offs_dqk, offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-          DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr):
+          DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc += (SiLU(alpha q K^T) * M) V and cnt += row sums of M over key tile [start_n, start_n + BLOCK_N)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < lk
@@ -80,12 +104,12 @@ def _tile(acc, cnt, q, qg, qp, q_diag, start_n, lk, k_rows0, Kh, Vh, k_group, k_
     kp = tl.load(k_pos + rows, mask=n_valid, other=0).to(tl.int32)
     kt = tl.load(Kh + rows[None, :] * stride_kt + offs_dqk[:, None],
                  mask=n_valid[None, :] & (offs_dqk < D_QK)[:, None], other=0.0)
-    s = tl.dot(q, kt, input_precision=PRECISION) * alpha
+    s = _dot(q, kt, PRECISION, UPCAST) * alpha
     m = _visible(qg[:, None], qp[:, None], q_diag[:, None], kg[None, :], kp[None, :], DYNAMIC) & n_valid[None, :]
     p = tl.where(m, s / (1.0 + tl.exp(-s)), 0.0)
     v = tl.load(Vh + rows[:, None] * stride_vt + offs_dv[None, :],
                 mask=n_valid[:, None] & (offs_dv < D_V)[None, :], other=0.0)
-    acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc += _dot(_round(p, v.dtype, UPCAST), v, PRECISION, UPCAST)
     if COUNT:
         cnt += tl.sum(m.to(tl.float32), axis=1)
     return acc, cnt
@@ -98,7 +122,7 @@ def _hstu_attention_fwd(
     alpha, inv_norm,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr,
+    DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -163,7 +187,7 @@ def _hstu_attention_fwd(
     for start_n in range(0, hi, BLOCK_N):
         acc, cnt = _tile(acc, cnt, q, qg, qp, q_diag, start_n, lk, k_start, Kh, Vh, k_group, k_pos,
                          stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, VISIBLE_NORM,
-                         PRECISION)
+                         PRECISION, UPCAST)
 
     # 3. the remainder: test each tile's key metadata, compute it only if something in it is visible
     for start_n in range((hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lk, BLOCK_N):
@@ -180,13 +204,14 @@ def _hstu_attention_fwd(
         if tl.max((seen & n_valid).to(tl.int32), axis=0) > 0:
             acc, cnt = _tile(acc, cnt, q, qg, qp, q_diag, start_n, lk, k_start, Kh, Vh, k_group, k_pos,
                              stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
-                             VISIBLE_NORM, PRECISION)
+                             VISIBLE_NORM, PRECISION, UPCAST)
 
     if VISIBLE_NORM:
         out = acc / tl.maximum(cnt, 1.0)[:, None]
     else:
         out = acc * inv_norm
-    tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :], out.to(Out.dtype.element_ty),
+    out = _round(out, Out.dtype.element_ty, UPCAST).to(Out.dtype.element_ty)
+    tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :], out,
              mask=m_valid[:, None] & (offs_dv < D_V)[None, :])
 
 
@@ -216,11 +241,30 @@ def default_config(d_qk: int, d_v: int) -> KernelConfig:
     return KernelConfig(128, 64, num_warps=8, num_stages=2)
 
 
+def interpreted() -> bool:
+    """Whether the kernel runs in Triton's interpreter (TRITON_INTERPRET=1 when this module was imported)."""
+    return type(_hstu_attention_fwd).__name__ == "InterpretedFunction"
+
+
 def key_counts(k_group: torch.Tensor, k_offsets: torch.Tensor) -> torch.Tensor:
     """[B, 2] int32: per sequence, the number of U/S keys and of context (U/S/R) keys (no host sync)."""
     flags = torch.stack([k_group <= GROUP_S, k_group <= GROUP_R], dim=1).to(torch.int32)
     csum = torch.nn.functional.pad(flags.cumsum(0, dtype=torch.int32), (0, 0, 1, 0))
     return (csum[k_offsets[1:]] - csum[k_offsets[:-1]]).contiguous()
+
+
+def _check_offsets(q_offsets: torch.Tensor, k_offsets: torch.Tensor, t_q: int, t_k: int) -> int:
+    """The longest query sequence, after checking that both offsets are monotone and span q and k (one sync)."""
+    q_len, k_len = q_offsets[1:] - q_offsets[:-1], k_offsets[1:] - k_offsets[:-1]
+    max_q, min_q, min_k, q0, q_end, k0, k_end = torch.stack(
+        [q_len.max(), q_len.min(), k_len.min(), q_offsets[0], q_offsets[-1], k_offsets[0], k_offsets[-1]]).tolist()
+    if q0 != 0 or q_end != t_q or min_q < 0:
+        raise ValueError(f"q_offsets: expected non-decreasing offsets from 0 to {t_q} (the query tokens), "
+                         f"got {q0}..{q_end}")
+    if k0 != 0 or k_end != t_k or min_k < 0:
+        raise ValueError(f"k_offsets: expected non-decreasing offsets from 0 to {t_k} (the key tokens), "
+                         f"got {k0}..{k_end}")
+    return int(max_q)
 
 
 def triton_hstu_attention(
@@ -251,10 +295,10 @@ def triton_hstu_attention(
     elif out.shape != (t_q, heads, d_v) or out.dtype != q.dtype or out.stride(2) != 1:
         raise ValueError(f"out: expected a {(t_q, heads, d_v)} {q.dtype} tensor with unit last stride, "
                          f"got {tuple(out.shape)} {out.dtype}")
+    if batch == 0:
+        return out
     if max_len_q is None:
-        if batch == 0:
-            return out
-        max_len_q = int((q_offsets[1:] - q_offsets[:-1]).max())
+        max_len_q = _check_offsets(q_offsets, k_offsets, t_q, k.shape[0])
     if batch == 0 or max_len_q == 0 or heads == 0 or t_q == 0:
         return out
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
@@ -271,6 +315,7 @@ def triton_hstu_attention(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         DYNAMIC=mode == "dynamic", VISIBLE_NORM=normalizer == "visible",
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=interpreted() and q.dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

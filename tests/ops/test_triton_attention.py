@@ -1,0 +1,272 @@
+"""The Triton HSTU attention kernel against the reference, in Triton's interpreter on the CPU.
+
+TRITON_INTERPRET=1 is set only while the kernel module is imported (the interpreter is chosen when
+a kernel is decorated), so other tests see the environment unchanged. Shapes are small: the
+interpreter runs every program in numpy. Without Triton these tests fail, unless
+GRINFER_SKIP_TRITON=1 asks to skip them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from grinfer.ops import attention
+from grinfer.ops.jagged import offsets_of
+from grinfer.ops.reference.hstu_attention import GROUP_C, GROUP_R, GROUP_S, GROUP_U
+from grinfer.ops.reference.hstu_attention import hstu_attention as reference_attention
+
+
+def _import_interpreted_kernel():
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.import_module("grinfer.ops.triton.hstu_attention")
+        if not module.interpreted():  # imported earlier without the interpreter: decorate the kernels again
+            module = importlib.reload(module)
+        return module
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+try:
+    tk = _import_interpreted_kernel()
+except ModuleNotFoundError as exc:
+    if exc.name != "triton":
+        raise
+    if os.environ.get("GRINFER_SKIP_TRITON") == "1":
+        pytest.skip("triton is not installed (skipped because GRINFER_SKIP_TRITON=1)", allow_module_level=True)
+    raise ImportError("these tests need triton: pip install 'triton>=3.2,<4' (the 'test' extra), "
+                      "or set GRINFER_SKIP_TRITON=1 to skip them") from exc
+
+ATOL = 1e-4
+RTOL = 1e-4
+HYPOTHESIS = settings(max_examples=8, deadline=None, derandomize=True, database=None)
+SMALL = tk.KernelConfig(16, 16)
+
+Layout = tuple[int, int, int, int]  # (num_U, num_S, num_R, num_C) of one sequence
+# U/S/R/C mixes: full, empty S, empty R, no candidates, only candidates, empty, longer than two tiles
+MIXED: list[Layout] = [(2, 5, 4, 6), (1, 0, 3, 2), (1, 4, 0, 3), (2, 3, 3, 0), (0, 0, 0, 3), (0, 0, 0, 0),
+                       (3, 14, 9, 11)]
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    offsets: torch.Tensor
+    group: torch.Tensor
+    pos: torch.Tensor
+
+
+def make_batch(layouts: list[Layout], heads: int = 2, d_qk: int = 24, d_v: int = 20, seed: int = 0) -> Batch:
+    """Random q/k/v (never zeros) for sequences [U | S | R | C] with pos = index in the sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    group, pos = [], []
+    for nu, ns, nr, nc in layouts:
+        g = [GROUP_U] * nu + [GROUP_S] * ns + [GROUP_R] * nr + [GROUP_C] * nc
+        group += g
+        pos += range(len(g))
+    total = len(group)
+    offsets = offsets_of(torch.tensor([sum(layout) for layout in layouts], dtype=torch.int64))
+    return Batch(torch.randn(total, heads, d_qk, generator=gen), torch.randn(total, heads, d_qk, generator=gen),
+                 torch.randn(total, heads, d_v, generator=gen), offsets, torch.tensor(group, dtype=torch.int64),
+                 torch.tensor(pos, dtype=torch.int64))
+
+
+def suffix_rows(b: Batch, starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of each sequence from its `starts[i]`-th token on, and their offsets (queries as the KV cache asks)."""
+    rows, lengths = [], []
+    for i, start in enumerate(starts):
+        lo, hi = int(b.offsets[i]), int(b.offsets[i + 1])
+        rows += range(min(lo + start, hi), hi)
+        lengths.append(max(hi - lo - start, 0))
+    return torch.tensor(rows, dtype=torch.int64), offsets_of(torch.tensor(lengths, dtype=torch.int64))
+
+
+def run_both(b: Batch, mode: str, normalizer: str, rows: torch.Tensor | None = None,
+             q_offsets: torch.Tensor | None = None, config: tk.KernelConfig = SMALL, dtype: torch.dtype = torch.float32,
+             max_seq_len: int = 40, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel, reference) outputs: queries `rows` (default: every token) over every key."""
+    rows = torch.arange(len(b.group)) if rows is None else rows
+    q_offsets = b.offsets if q_offsets is None else q_offsets
+    q, k, v = b.q[rows].to(dtype), b.k.to(dtype), b.v.to(dtype)
+    args = (q_offsets, b.offsets, b.group[rows], b.pos[rows], b.group, b.pos)
+    got = tk.triton_hstu_attention(q, k, v, *args, mode=mode, normalizer=normalizer, max_seq_len=max_seq_len,
+                                   config=config, **kw)
+    want = reference_attention(q, k, v, *args, mode=mode, normalizer=normalizer, max_seq_len=max_seq_len, **kw)
+    return got, want
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert want.abs().max() > 1e-2  # not a vacuous comparison
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+# ---- every mask case, both normalisers --------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["dynamic", "causal"])
+@pytest.mark.parametrize("normalizer", ["visible", "max_len"])
+def test_full_sequences_match_reference(mode, normalizer):
+    assert_matches(*run_both(make_batch(MIXED), mode, normalizer))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "causal"])
+def test_suffix_queries_over_all_keys_match_reference(mode):
+    """Queries = each sequence's tail (new R events + candidates, or a cut inside S), keys = everything."""
+    b = make_batch(MIXED, seed=1)
+    starts = [11, 1, 0, 5, 0, 0, 20]  # R+C, S..C, all, R only, all candidates, empty, inside R
+    rows, q_offsets = suffix_rows(b, starts)
+    got, want = run_both(b, mode, "visible", rows, q_offsets)
+    assert_matches(got, want)
+
+
+def test_candidates_only_over_cached_context():
+    """The warm-request shape: only candidate queries, over the cached context plus the candidates."""
+    b = make_batch([(2, 9, 5, 12), (1, 3, 0, 17)], seed=2)
+    rows, q_offsets = suffix_rows(b, [16, 4])
+    assert_matches(*run_both(b, "dynamic", "max_len", rows, q_offsets))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "causal"])
+def test_any_key_order_matches_reference(mode):
+    """Keys shuffled within each sequence: the layout the kernel's loop bounds expect is gone, the result is not."""
+    b = make_batch(MIXED[:4] + [MIXED[6]], seed=3)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.cat([int(b.offsets[i]) + torch.randperm(int(b.offsets[i + 1] - b.offsets[i]), generator=gen)
+                      for i in range(len(b.offsets) - 1)])
+    got = tk.triton_hstu_attention(b.q, b.k[perm], b.v[perm], b.offsets, b.offsets, b.group, b.pos, b.group[perm],
+                                   b.pos[perm], mode=mode, config=SMALL)
+    want = reference_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos, mode=mode)
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("config", [tk.KernelConfig(16, 32), tk.KernelConfig(32, 16), tk.KernelConfig(32, 32)],
+                         ids=["m16n32", "m32n16", "m32n32"])
+def test_tile_sizes_that_do_and_do_not_divide_the_lengths(config):
+    b = make_batch([(2, 14, 0, 16), (3, 14, 9, 11), (0, 16, 0, 0)], heads=1, seed=4)  # lengths 32, 37, 16
+    assert_matches(*run_both(b, "dynamic", "visible", config=config))
+
+
+def test_head_dims_are_padded_and_masked():
+    b = make_batch([(1, 3, 2, 3), (2, 1, 0, 2)], heads=1, d_qk=5, d_v=33, seed=5)
+    assert_matches(*run_both(b, "dynamic", "visible", alpha=0.3))
+
+
+# ---- precision -------------------------------------------------------------------------------------------
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.float() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["dynamic", "causal"])
+def test_low_precision_error_at_most_twice_the_reference_ops(dtype, mode):
+    """Error vs an fp32 reference on the fp32 inputs: at most 2x that of the reference op run in low precision."""
+    b = make_batch(MIXED, d_qk=32, d_v=32, seed=6)
+    exact = reference_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos, mode=mode)
+    got, low_ref = run_both(b, mode, "visible", dtype=dtype)
+    assert got.dtype == dtype
+    assert torch.isfinite(got).all()
+    assert rel_err(got, exact) <= 2 * rel_err(low_ref, exact), (rel_err(got, exact), rel_err(low_ref, exact))
+
+
+# ---- edge cases ---------------------------------------------------------------------------------------
+
+def test_every_output_element_is_written():
+    b = make_batch(MIXED, seed=7)
+    out = torch.full((len(b.group), 2, 20), float("nan"))
+    tk.triton_hstu_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos, out=out,
+                             config=SMALL)
+    assert torch.isfinite(out).all()
+    assert_matches(out, reference_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos))
+
+
+def test_empty_sequences_and_empty_batch():
+    b = make_batch([(0, 0, 0, 0), (0, 0, 0, 0)])
+    got = attention.hstu_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos,
+                                   kernel="triton")
+    assert got.shape == (0, 2, 20)
+    no_seq = torch.zeros(1, dtype=torch.int64)
+    got = tk.triton_hstu_attention(b.q, b.k, b.v, no_seq, no_seq, b.group, b.pos, b.group, b.pos)
+    assert got.shape == (0, 2, 20)
+
+
+def test_offsets_that_do_not_span_the_tokens_raise():
+    b = make_batch([(1, 2, 1, 2)])
+    short = torch.tensor([0, 5])
+    with pytest.raises(ValueError, match="q_offsets"):
+        tk.triton_hstu_attention(b.q, b.k, b.v, short, b.offsets, b.group, b.pos, b.group, b.pos)
+
+
+@HYPOTHESIS
+@given(layouts=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 12), st.integers(0, 8), st.integers(0, 12)),
+                        min_size=1, max_size=3),
+       mode=st.sampled_from(["dynamic", "causal"]), normalizer=st.sampled_from(["visible", "max_len"]),
+       block=st.sampled_from([(16, 16), (16, 32), (32, 16)]),
+       cuts=st.lists(st.floats(0.0, 1.0), min_size=3, max_size=3), seed=st.integers(0, 1000))
+def test_generated_batches_and_suffixes_match_reference(layouts, mode, normalizer, block, cuts, seed):
+    b = make_batch(layouts, heads=1, d_qk=16, d_v=16, seed=seed)
+    lengths = [sum(layout) for layout in layouts]
+    rows, q_offsets = suffix_rows(b, [round(c * n) for c, n in zip(cuts, lengths)])
+    got, want = run_both(b, mode, normalizer, rows, q_offsets, config=tk.KernelConfig(*block))
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+
+# ---- the dispatcher ----------------------------------------------------------------------------------
+
+def call(b: Batch, **kw) -> torch.Tensor:
+    return attention.hstu_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos, **kw)
+
+
+def test_dispatcher_triton_matches_reference():
+    b = make_batch(MIXED[:3], seed=8)
+    assert_matches(call(b, kernel="triton"), call(b, kernel="reference"))
+
+
+def test_auto_picks_reference_on_cpu_and_with_bias(monkeypatch):
+    b = make_batch([(1, 2, 1, 2)])
+    q = b.q
+    assert attention.choose_kernel("auto", q, b.k, b.v, has_bias=False) == "reference"  # CPU tensors
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert attention.choose_kernel("auto", q, b.k, b.v, has_bias=False) == "triton"
+    assert attention.choose_kernel("auto", q, b.k, b.v, has_bias=True) == "reference"
+    assert attention.choose_kernel("auto", q.requires_grad_(), b.k, b.v, has_bias=False) == "reference"
+
+
+def test_dispatcher_bias_falls_back_or_raises():
+    b = make_batch([(1, 2, 1, 2)])
+    tables = {"pos_table": torch.randn(7), "time_table": torch.randn(4), "q_ts": b.pos, "k_ts": b.pos}
+    want = reference_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos, **tables)
+    torch.testing.assert_close(call(b, kernel="auto", **tables), want)
+    with pytest.raises(ValueError, match="relative bias"):
+        call(b, kernel="triton", **tables)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"kernel": "cuda"}, "kernel"),
+    ({"mode": "bidirectional"}, "'bidirectional'"),
+    ({"normalizer": "total"}, "'total'"),
+    ({"k": torch.randn(6, 3, 24)}, "k:"),
+    ({"v": torch.randn(5, 2, 20)}, "v:"),
+    ({"q_pos": torch.arange(5)}, "q_pos"),
+    ({"k_offsets": torch.tensor([0, 3, 6])}, "k_offsets"),
+    ({"pos_table": torch.randn(7)}, "time_table"),
+])
+def test_dispatcher_rejects_bad_arguments_naming_them(change, match):
+    b = make_batch([(1, 2, 1, 2)])
+    kw = {"q": b.q, "k": b.k, "v": b.v, "q_offsets": b.offsets, "k_offsets": b.offsets, "q_group": b.group,
+          "q_pos": b.pos, "k_group": b.group, "k_pos": b.pos, **change}
+    with pytest.raises(ValueError, match=match):
+        attention.hstu_attention(**kw)
