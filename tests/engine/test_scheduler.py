@@ -245,7 +245,7 @@ def test_an_expired_request_keeps_its_users_valid_cache_entry(model, catalog, fe
     core.run_until_done()
     late = EngineRequest("keep", 0, req.context, req.candidates, req.request_ts, deadline=time.monotonic() - 1)
     core.add(late)
-    (state, result), = core.run_until_done()
+    (_state, result), = core.run_until_done()
     assert isinstance(result, DeadlineExceeded)
     again = EngineRequest("keep", 0, req.context, req.candidates, req.request_ts)
     core.add(again)
