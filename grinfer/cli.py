@@ -266,11 +266,11 @@ def import_movielens(
 
 
 def demo_model_dir() -> Path:
-    """Where the demo models are cached: $GRINFER_CACHE (default ~/.cache/grinfer)/demo-VERSION."""
+    """Where the demo models are cached: $GRINFER_HOME (default ~/.cache/grinfer; GRINFER_CACHE is the cache URL)/demo-VERSION."""
     from grinfer import __version__
     from grinfer.features.featurizer import FEATURES_VERSION
 
-    root = os.environ.get("GRINFER_CACHE") or Path.home() / ".cache" / "grinfer"
+    root = os.environ.get("GRINFER_HOME") or Path.home() / ".cache" / "grinfer"
     return Path(root) / f"demo-{__version__}-f{FEATURES_VERSION}"
 
 
