@@ -266,7 +266,7 @@ def import_movielens(
 
 
 def demo_model_dir() -> Path:
-    """Where the demo models are cached: $GRINFER_HOME (default ~/.cache/grinfer; GRINFER_CACHE is the cache URL)/demo-VERSION."""
+    """Where the demo models are cached: $GRINFER_HOME (default ~/.cache/grinfer)/demo-VERSION-fN."""
     from grinfer import __version__
     from grinfer.features.featurizer import FEATURES_VERSION
 

@@ -198,7 +198,7 @@ def _hstu_attention_fwd(
         if DYNAMIC:
             seen = (kg == _U) | (kg == _S)
             seen |= (kg == _R) & ((kp <= max_r_pos) | has_c)
-            seen |= (kg == _C) & (kp > min_od_pos) & (kp <= max_od_pos)
+            seen |= (kg == _C) & (kp >= min_od_pos) & (kp <= max_od_pos)
         else:
             seen = kp <= max_pos
         if tl.max((seen & n_valid).to(tl.int32), axis=0) > 0:
