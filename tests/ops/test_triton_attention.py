@@ -1,7 +1,8 @@
 """The Triton HSTU attention kernel against the reference, in Triton's interpreter on the CPU.
 
-TRITON_INTERPRET=1 is set only while the kernel module is imported (the interpreter is chosen when
-a kernel is decorated), so other tests see the environment unchanged. Shapes are small: the
+TRITON_INTERPRET=1 is set while the kernel module is imported (the interpreter is chosen when a
+kernel is decorated) and during each test here (the interpreter reads it as it runs), and restored
+otherwise, so other tests see the environment unchanged. Shapes are small: the
 interpreter runs every program in numpy. Without Triton these tests fail, unless
 GRINFER_SKIP_TRITON=1 asks to skip them.
 """
@@ -27,10 +28,11 @@ def _import_interpreted_kernel():
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        module = importlib.import_module("grinfer.ops.triton.hstu_attention")
-        if not module.interpreted():  # imported earlier without the interpreter: decorate the kernels again
-            module = importlib.reload(module)
-        return module
+        modules = [importlib.import_module(f"grinfer.ops.triton.{name}") for name in ("hstu_attention",
+                                                                                     "hstu_attention_v1")]
+        if not modules[0].interpreted():  # imported earlier without the interpreter: decorate the kernels again
+            modules = [importlib.reload(m) for m in modules]
+        return modules
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
@@ -39,7 +41,7 @@ def _import_interpreted_kernel():
 
 
 try:
-    tk = _import_interpreted_kernel()
+    tk, tk_v1 = _import_interpreted_kernel()
 except ModuleNotFoundError as exc:
     if exc.name != "triton":
         raise
@@ -48,9 +50,17 @@ except ModuleNotFoundError as exc:
     raise ImportError("these tests need triton: pip install 'triton>=3.2,<4' (the 'test' extra), "
                       "or set GRINFER_SKIP_TRITON=1 to skip them") from exc
 
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """The interpreter also reads TRITON_INTERPRET while a kernel runs; set it per test, restored after."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 ATOL = 1e-4
 RTOL = 1e-4
-HYPOTHESIS = settings(max_examples=8, deadline=None, derandomize=True, database=None)
+HYPOTHESIS = settings(max_examples=10, deadline=None, derandomize=True, database=None)
 SMALL = tk.KernelConfig(16, 16)
 
 Layout = tuple[int, int, int, int]  # (num_U, num_S, num_R, num_C) of one sequence
@@ -142,13 +152,52 @@ def test_candidates_only_over_cached_context():
 @pytest.mark.parametrize("mode", ["dynamic", "causal"])
 def test_any_key_order_matches_reference(mode):
     """Keys shuffled within each sequence: the layout the kernel's loop bounds expect is gone, the result is not."""
-    b = make_batch(MIXED[:4] + [MIXED[6]], seed=3)
+    b = make_batch([*MIXED[:4], MIXED[6]], seed=3)
     gen = torch.Generator().manual_seed(0)
     perm = torch.cat([int(b.offsets[i]) + torch.randperm(int(b.offsets[i + 1] - b.offsets[i]), generator=gen)
                       for i in range(len(b.offsets) - 1)])
     got = tk.triton_hstu_attention(b.q, b.k[perm], b.v[perm], b.offsets, b.offsets, b.group, b.pos, b.group[perm],
                                    b.pos[perm], mode=mode, config=SMALL)
     want = reference_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos, mode=mode)
+    assert_matches(got, want)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "causal"])
+def test_reversed_keys_with_single_queries_match_reference(mode):
+    """Keys in reverse order and one query per sequence (its first token, last S, last R event or first
+    candidate): the keys it sees land past the main loop's bound, at the edges of the remainder's tile test."""
+    base = [(1, 3, 2, 20), (2, 9, 6, 4), (0, 1, 0, 19)]
+    b = make_batch([layout for layout in base for _ in range(4)], heads=1, seed=9)
+    rows, perm = [], []
+    for i in range(len(b.offsets) - 1):
+        lo, hi = int(b.offsets[i]), int(b.offsets[i + 1])
+        group = b.group[lo:hi].tolist()
+        last = lambda g, group=group: len(group) - 1 - group[::-1].index(g) if g in group else 0
+        rows.append(lo + [0, last(GROUP_S), last(GROUP_R), group.index(GROUP_C)][i % 4])
+        perm += range(hi - 1, lo - 1, -1)
+    rows, perm = torch.tensor(rows), torch.tensor(perm)
+    q_offsets = torch.arange(len(rows) + 1)
+    got = tk.triton_hstu_attention(b.q[rows], b.k[perm], b.v[perm], q_offsets, b.offsets, b.group[rows],
+                                   b.pos[rows], b.group[perm], b.pos[perm], mode=mode, config=SMALL)
+    want = reference_attention(b.q[rows], b.k, b.v, q_offsets, b.offsets, b.group[rows], b.pos[rows], b.group,
+                               b.pos, mode=mode)
+    assert_matches(got, want)
+
+
+def test_permuted_keys_put_single_visible_keys_in_tiles_of_one_group():
+    """Layout (2, 14, 16, 32), tiles of 16 keys: keys ordered [U/S | C | R] or [U/S | R | reversed C], so whole
+    tiles of R or C keys lie past the main loop's bound; the query (first R event or a middle candidate, one
+    per sequence) sees one key of such a tile, or all of them."""
+    layout, us, r, c = (2, 14, 16, 32), range(0, 16), range(16, 32), range(32, 64)
+    cases = [([*us, *c, *r], 16), ([*us, *c, *r], 40), ([*us, *r, *reversed(c)], 40)]  # (key order, query pos)
+    b = make_batch([layout] * len(cases), heads=1, seed=10)
+    perm = torch.tensor([64 * i + j for i, (order, _) in enumerate(cases) for j in order])
+    rows = torch.tensor([64 * i + pos for i, (_, pos) in enumerate(cases)])
+    q_offsets = torch.arange(len(cases) + 1)
+    got = tk.triton_hstu_attention(b.q[rows], b.k[perm], b.v[perm], q_offsets, b.offsets, b.group[rows],
+                                   b.pos[rows], b.group[perm], b.pos[perm], config=SMALL)
+    want = reference_attention(b.q[rows], b.k, b.v, q_offsets, b.offsets, b.group[rows], b.pos[rows], b.group,
+                               b.pos)
     assert_matches(got, want)
 
 
@@ -162,6 +211,21 @@ def test_tile_sizes_that_do_and_do_not_divide_the_lengths(config):
 def test_head_dims_are_padded_and_masked():
     b = make_batch([(1, 3, 2, 3), (2, 1, 0, 2)], heads=1, d_qk=5, d_v=33, seed=5)
     assert_matches(*run_both(b, "dynamic", "visible", alpha=0.3))
+
+
+def test_version_1_still_matches_reference():
+    """The superseded first version (kept for timing comparisons) is still the same function."""
+    b = make_batch(MIXED, seed=11)
+    got = tk_v1.triton_hstu_attention_v1(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos,
+                                         config=SMALL)
+    assert_matches(got, reference_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos))
+
+
+def test_key_counts_per_sequence():
+    b = make_batch(MIXED)
+    counts = tk.key_counts(b.group, b.offsets)
+    want = [[nu + ns, nu + ns + nr] for nu, ns, nr, _ in MIXED]
+    assert counts.dtype == torch.int32 and counts.tolist() == want
 
 
 # ---- precision -------------------------------------------------------------------------------------------

@@ -11,27 +11,28 @@ group ids and positions, exactly as `visible()`; N_i is the number of visible ke
 the kernel) or the constant max_seq_len. Inputs bf16/fp16/fp32, fp32 accumulation, the output in
 q's dtype; head dims up to 256 (padded to a power of two, masked).
 
-How the key loop is cut (the layout the engine and the model produce: within a sequence, keys in
-position order [U | S | R | C], with key index == position for the context keys, and queries a
-subset in the same order):
+How the key loop is cut. The usual layout (the engine's and the model's): within a sequence, keys
+in position order [U | S | R | C] with key index == position for the context keys, queries a
+subset in the same order. For a query tile:
 
-1. The diagonal. A candidate query sees exactly one candidate key, itself. Its index is guessed
-   as if the candidates were the key sequence's consecutive suffix, then checked against the
-   key's group and position; when the check holds, SiLU(alpha q_i . k_i) v_i is added on the
-   diagonal (a row-wise dot product) and every candidate key is left out of that query's tile
-   loop, so the candidate-candidate block costs one row per query instead of a dense tile.
-2. Main loop over key tiles [0, hi): hi from the query tile and the per-sequence key counts —
-   U/S queries need the U/S keys, R queries also the R keys up to their own position, candidate
-   queries every context key (causal: keys up to the tile's last position). No branches, so the
-   loads pipeline.
-3. Remainder [hi, Lk): each tile is tested first on its keys' metadata alone (a conservative test
-   that never drops a visible key) and skipped when nothing in it is visible — with the layout
-   above every such tile is skipped.
+1. Range A, key tiles [0, hi): U/S queries need the U/S keys, R queries also the R keys up to
+   their own position, candidate queries every context key (causal: keys up to the tile's last
+   position). hi comes from the tile's query groups/positions and the per-sequence key counts.
+2. The band: a candidate sees exactly one candidate key, itself. Its index is guessed as if the
+   candidates were the keys' consecutive suffix, and the key tiles spanning the tile's guessed
+   self-keys are added, so the candidate x candidate block costs the tiles on its diagonal
+   (about BLOCK_M + BLOCK_N keys per query tile) instead of every candidate key.
+   Range A and the band run as one loop with no tests, so the loads pipeline.
+3. The remainder: every other key tile is tested on its keys' metadata alone (a conservative
+   test that never drops a visible key) and computed only if something in it is visible; with
+   the usual layout every such tile is skipped.
 
-Only the speed relies on that layout: the mask is exact in every tile that is computed, and the
-remainder loop catches any visible key outside [0, hi), so any key order gives the reference's
-result. One assumption: positions are unique within a sequence (a candidate key whose position
-equals the query's is the query itself), as "position in the full sequence" implies.
+Only the speed relies on the layout: the mask is exact in every computed tile and the remainder
+catches any visible key outside range A and the band, so any key order gives the reference's
+result (the tests shuffle and reverse keys). Positions must lie in (-2**30, 2**30).
+
+(The first version computed the exact diagonal as a row-wise dot product before the loop; its
+[BLOCK_M, head_dim] fp32 temporaries spilled registers at head dim 256: see KERNELS.md.)
 """
 
 from __future__ import annotations
@@ -49,23 +50,31 @@ _U = tl.constexpr(GROUP_U)
 _S = tl.constexpr(GROUP_S)
 _R = tl.constexpr(GROUP_R)
 _C = tl.constexpr(GROUP_C)
-_BIG = tl.constexpr(2**30)
+# The mask as one or two integer compares per (query, key) pair (positions lie in (-2**30, 2**30)):
+#   visible(i, j) = rank_j <= lim_i  or  cpos_j == pos_i
+# rank_j: _ALWAYS for a U/S key, its position for an R key, _NEVER for a C key or a padding column;
+# lim_i: _LIM_ALL for a candidate query, its position for an R query, _LIM_CTX for any other query;
+# cpos_j: a C key's position, else _NO_KEY. Causal: rank_j = key position, lim_i = query position.
+_ALWAYS = tl.constexpr(-(2**30) - 1)
+_LIM_CTX = tl.constexpr(-(2**30))
+_LIM_ALL = tl.constexpr(2**30)
+_NEVER = tl.constexpr(2**30 + 1)
+_NO_KEY = tl.constexpr(-(2**30) - 3)
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _visible(qg, qp, q_diag, kg, kp, DYNAMIC: tl.constexpr):
-    """`visible()` on a [M, N] tile, minus the candidate self-keys that the diagonal already handles."""
+def _key_codes(kg, kp, n_valid, DYNAMIC: tl.constexpr):
+    """(rank, cpos) of a tile's keys: see the constants above."""
     if DYNAMIC:
-        context_key = (kg == _U) | (kg == _S)
-        realtime_key = (kg == _R) & (((qg == _R) & (kp <= qp)) | (qg == _C))
-        self_candidate = (kg == _C) & (kp == qp) & (q_diag == 0)
-        m = context_key | realtime_key | self_candidate
+        rank = tl.where((kg == _U) | (kg == _S), _ALWAYS, tl.where(kg == _R, kp, _NEVER))
+        cpos = tl.where(n_valid & (kg == _C), kp, _NO_KEY)
     else:
-        m = kp <= qp
-    return m
+        rank = kp
+        cpos = kp
+    return tl.where(n_valid, rank, _NEVER), cpos
 
 
 @triton.jit
@@ -80,7 +89,7 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _round(x, dtype, UPCAST: tl.constexpr):
+def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
     """x rounded to `dtype` (to nearest even). UPCAST: kept in fp32 holding bf16 values, rounded by bit
     arithmetic, since the interpreter's fp32 -> bf16 cast truncates where the GPU rounds."""
     if UPCAST:
@@ -93,20 +102,39 @@ def _round(x, dtype, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _tile(acc, cnt, q, qg, qp, q_diag, start_n, lk, k_rows0, Kh, Vh, k_group, k_pos, stride_kt, stride_vt,
+def _silu(x, alpha, FAST: tl.constexpr):
+    """SiLU(alpha x) in fp32. FAST: 0.5 y (1 + tanh(0.5 y)) with the GPU's tanh.approx (one special-function
+    op where exp + reciprocal take two; relative error about 2**-11, for bf16/fp16 inputs only)."""
+    if FAST:
+        h = x * (0.5 * alpha)
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [h], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        y = h + h * t
+    else:
+        s = x * alpha
+        y = s / (1.0 + tl.exp(-s))
+    return y
+
+
+@triton.jit
+def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, Kh, Vh, k_group, k_pos, stride_kt, stride_vt,
           alpha, offs_dqk, offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-          DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+          DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+          FAST_SILU: tl.constexpr):
     """acc += (SiLU(alpha q K^T) * M) V and cnt += row sums of M over key tile [start_n, start_n + BLOCK_N)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < lk
     rows = k_rows0 + offs_n
     kg = tl.load(k_group + rows, mask=n_valid, other=-1).to(tl.int32)
     kp = tl.load(k_pos + rows, mask=n_valid, other=0).to(tl.int32)
+    rank, cpos = _key_codes(kg, kp, n_valid, DYNAMIC)
     kt = tl.load(Kh + rows[None, :] * stride_kt + offs_dqk[:, None],
                  mask=n_valid[None, :] & (offs_dqk < D_QK)[:, None], other=0.0)
-    s = _dot(q, kt, PRECISION, UPCAST) * alpha
-    m = _visible(qg[:, None], qp[:, None], q_diag[:, None], kg[None, :], kp[None, :], DYNAMIC) & n_valid[None, :]
-    p = tl.where(m, s / (1.0 + tl.exp(-s)), 0.0)
+    s = _dot(q, kt, PRECISION, UPCAST)
+    m = rank[None, :] <= lim[:, None]
+    if DYNAMIC:
+        m |= cpos[None, :] == qp[:, None]
+    p = tl.where(m, _silu(s, alpha, FAST_SILU), 0.0)
     v = tl.load(Vh + rows[:, None] * stride_vt + offs_dv[None, :],
                 mask=n_valid[:, None] & (offs_dv < D_V)[None, :], other=0.0)
     acc += _dot(_round(p, v.dtype, UPCAST), v, PRECISION, UPCAST)
@@ -123,6 +151,7 @@ def _hstu_attention_fwd(
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FAST_SILU: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -149,62 +178,56 @@ def _hstu_attention_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
     if DYNAMIC:
-        # 1. the diagonal: each query's own candidate key, guessed and then checked
-        last_pos = tl.load(k_pos + k_start + lk - 1, mask=lk > 0, other=0).to(tl.int32)
-        self_n = lk - 1 - (last_pos - qp)
-        in_range = m_valid & (self_n >= 0) & (self_n < lk)
-        self_rows = k_start + self_n
-        sg = tl.load(k_group + self_rows, mask=in_range, other=-1).to(tl.int32)
-        sp = tl.load(k_pos + self_rows, mask=in_range, other=-1).to(tl.int32)
-        diag = in_range & (sg == _C) & (sp == qp)
-        k_self = tl.load(Kh + self_rows[:, None] * stride_kt + offs_dqk[None, :],
-                         mask=diag[:, None] & (offs_dqk < D_QK)[None, :], other=0.0)
-        s_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * alpha
-        p_self = tl.where(diag, s_self / (1.0 + tl.exp(-s_self)), 0.0)
-        v_self = tl.load(Vh + self_rows[:, None] * stride_vt + offs_dv[None, :],
-                         mask=diag[:, None] & (offs_dv < D_V)[None, :], other=0.0)
-        acc += p_self[:, None] * v_self.to(tl.float32)
-        cnt += diag.to(tl.float32)
-        q_diag = diag.to(tl.int32)
-
-        # the main loop's bound, from the per-sequence key counts (keys in [U | S | R | C] order)
+        lim = tl.where(qg == _C, _LIM_ALL, tl.where(qg == _R, qp, _LIM_CTX))
+        # range A, from the per-sequence key counts (keys in [U | S | R | C] order, index == position)
         n_us = tl.load(k_counts + 2 * b)
         n_ctx = tl.load(k_counts + 2 * b + 1)
-        has_c = tl.max((m_valid & (qg == _C)).to(tl.int32), axis=0) > 0
+        is_c = m_valid & (qg == _C)
+        has_c = tl.max(is_c.to(tl.int32), axis=0) > 0
         max_r_pos = tl.max(tl.where(m_valid & (qg == _R), qp, -1), axis=0)
         hi = tl.where(has_c, n_ctx, tl.maximum(n_us, tl.minimum(n_ctx, max_r_pos + 1)))
-        # for the remainder's test: the positions of queries whose self-key is not on the diagonal
-        off_diag = m_valid & (q_diag == 0)
-        min_od_pos = tl.min(tl.where(off_diag, qp, _BIG), axis=0)
-        max_od_pos = tl.max(tl.where(off_diag, qp, -1), axis=0)
+        # the band: the candidate queries' own keys, as if the candidates were the keys' consecutive suffix
+        last_pos = tl.load(k_pos + k_start + lk - 1, mask=lk > 0, other=0).to(tl.int32)
+        self_n = lk - 1 - (last_pos - qp)
+        band_lo = tl.maximum(tl.min(tl.where(is_c, self_n, _LIM_ALL), axis=0), 0)
+        band_hi = tl.minimum(tl.max(tl.where(is_c, self_n, -1), axis=0) + 1, lk)
     else:
-        q_diag = tl.zeros([BLOCK_M], dtype=tl.int32)
-        max_pos = tl.max(tl.where(m_valid, qp, -1), axis=0)
-        hi = max_pos + 1
+        lim = qp
+        hi = tl.max(tl.where(m_valid, qp, -1), axis=0) + 1
+        band_lo = lk
+        band_hi = 0
     hi = tl.minimum(hi, lk)
+    a_end = (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    band_lo = tl.maximum(a_end, band_lo // BLOCK_N * BLOCK_N)
+    band_end = tl.maximum(band_lo, (band_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+    n_a = a_end // BLOCK_N
 
-    # 2. the main loop: every key tile that (with the usual layout) holds visible keys
-    for start_n in range(0, hi, BLOCK_N):
-        acc, cnt = _tile(acc, cnt, q, qg, qp, q_diag, start_n, lk, k_start, Kh, Vh, k_group, k_pos,
+    # 1. the main loop over range A, then the band: no tests, so the loads pipeline
+    for t in range(0, n_a + (band_end - band_lo) // BLOCK_N):
+        start_n = tl.where(t < n_a, t * BLOCK_N, band_lo + (t - n_a) * BLOCK_N)
+        acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, Kh, Vh, k_group, k_pos,
                          stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, VISIBLE_NORM,
-                         PRECISION, UPCAST)
+                         PRECISION, UPCAST, FAST_SILU)
 
-    # 3. the remainder: test each tile's key metadata, compute it only if something in it is visible
-    for start_n in range((hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N, lk, BLOCK_N):
+    # 2. the remainder (any tile past range A and outside the band): a test on the tile's key metadata
+    # first, which never misses a visible key; with the usual layout every such tile is skipped
+    max_lim = tl.max(tl.where(m_valid, lim, _LIM_CTX), axis=0)
+    min_pos = tl.min(tl.where(m_valid, qp, _LIM_ALL), axis=0)
+    max_pos = tl.max(tl.where(m_valid, qp, _LIM_CTX), axis=0)
+    for start_n in range(a_end, lk, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < lk
         kg = tl.load(k_group + k_start + offs_n, mask=n_valid, other=-1).to(tl.int32)
         kp = tl.load(k_pos + k_start + offs_n, mask=n_valid, other=0).to(tl.int32)
+        rank, cpos = _key_codes(kg, kp, n_valid, DYNAMIC)
+        seen = rank <= max_lim
         if DYNAMIC:
-            seen = (kg == _U) | (kg == _S)
-            seen |= (kg == _R) & ((kp <= max_r_pos) | has_c)
-            seen |= (kg == _C) & (kp >= min_od_pos) & (kp <= max_od_pos)
-        else:
-            seen = kp <= max_pos
-        if tl.max((seen & n_valid).to(tl.int32), axis=0) > 0:
-            acc, cnt = _tile(acc, cnt, q, qg, qp, q_diag, start_n, lk, k_start, Kh, Vh, k_group, k_pos,
+            seen |= (cpos >= min_pos) & (cpos <= max_pos)
+        outside = (start_n < band_lo) | (start_n >= band_end)
+        if outside & (tl.max(seen.to(tl.int32), axis=0) > 0):
+            acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, Kh, Vh, k_group, k_pos,
                              stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
-                             VISIBLE_NORM, PRECISION, UPCAST)
+                             VISIBLE_NORM, PRECISION, UPCAST, FAST_SILU)
 
     if VISIBLE_NORM:
         out = acc / tl.maximum(cnt, 1.0)[:, None]
@@ -224,6 +247,9 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    def __str__(self) -> str:
+        return f"m{self.block_m} n{self.block_n} w{self.num_warps} s{self.num_stages}"
+
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
@@ -231,14 +257,18 @@ class KernelConfig:
                 raise ValueError(f"{name}: expected a power of two >= 16, got {value}")
 
 
-def default_config(d_qk: int, d_v: int) -> KernelConfig:
-    """The launch shape used when none is given (tuned on an H100 at the R1 shapes; see KERNELS.md)."""
+def default_config(d_qk: int, d_v: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+    """The launch shape used when none is given. Head dim 256 (every MTGR preset) was tuned on an H200 at the
+    R1 shapes; smaller head dims use shapes that compile for sm_90 without register spills, untimed
+    (KERNELS.md)."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_v))
+    if dtype == torch.float32:  # twice the bytes per tile: half the keys per tile
+        return KernelConfig(64, 32, num_warps=4, num_stages=2)
     if d <= 64:
-        return KernelConfig(128, 64, num_warps=4, num_stages=3)
+        return KernelConfig(64, 32, num_warps=4, num_stages=3)
     if d <= 128:
-        return KernelConfig(128, 64, num_warps=8, num_stages=2)
-    return KernelConfig(128, 64, num_warps=8, num_stages=2)
+        return KernelConfig(128, 32, num_warps=8, num_stages=3)
+    return KernelConfig(128, 32, num_warps=8, num_stages=3)
 
 
 def interpreted() -> bool:
@@ -246,11 +276,31 @@ def interpreted() -> bool:
     return type(_hstu_attention_fwd).__name__ == "InterpretedFunction"
 
 
+@triton.jit
+def _key_counts_kernel(k_offsets, k_group, counts, BLOCK: tl.constexpr):
+    """counts[b] = (number of U/S keys, number of U/S/R keys) of sequence b: one program per sequence."""
+    b = tl.program_id(0)
+    start = tl.load(k_offsets + b)
+    end = tl.load(k_offsets + b + 1)
+    n_us = tl.zeros([BLOCK], dtype=tl.int32)
+    n_ctx = tl.zeros([BLOCK], dtype=tl.int32)
+    for lo in range(start, end, BLOCK):
+        offs = lo + tl.arange(0, BLOCK)
+        g = tl.load(k_group + offs, mask=offs < end, other=_C).to(tl.int32)
+        n_us += ((g == _U) | (g == _S)).to(tl.int32)
+        n_ctx += ((g == _U) | (g == _S) | (g == _R)).to(tl.int32)
+    tl.store(counts + 2 * b, tl.sum(n_us, axis=0))
+    tl.store(counts + 2 * b + 1, tl.sum(n_ctx, axis=0))
+
+
 def key_counts(k_group: torch.Tensor, k_offsets: torch.Tensor) -> torch.Tensor:
-    """[B, 2] int32: per sequence, the number of U/S keys and of context (U/S/R) keys (no host sync)."""
-    flags = torch.stack([k_group <= GROUP_S, k_group <= GROUP_R], dim=1).to(torch.int32)
-    csum = torch.nn.functional.pad(flags.cumsum(0, dtype=torch.int32), (0, 0, 1, 0))
-    return (csum[k_offsets[1:]] - csum[k_offsets[:-1]]).contiguous()
+    """[B, 2] int32: per sequence, the number of U/S keys and of context (U/S/R) keys; one launch, no host sync.
+
+    Depends only on the key layout: compute it once per step and pass it to every layer's call."""
+    counts = torch.empty((len(k_offsets) - 1, 2), dtype=torch.int32, device=k_group.device)
+    if len(counts):
+        _key_counts_kernel[(len(counts),)](k_offsets, k_group, counts, BLOCK=1024)
+    return counts
 
 
 def _check_offsets(q_offsets: torch.Tensor, k_offsets: torch.Tensor, t_q: int, t_k: int) -> int:
@@ -272,13 +322,32 @@ def triton_hstu_attention(
     q_offsets: torch.Tensor, k_offsets: torch.Tensor,
     q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
     *, mode: str = "dynamic", normalizer: str = "visible", max_seq_len: int = 256, alpha: float | None = None,
-    max_len_q: int | None = None, out: torch.Tensor | None = None, config: KernelConfig | None = None,
+    max_len_q: int | None = None, k_counts: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    config: KernelConfig | None = None, fast_silu: bool | None = None,
 ) -> torch.Tensor:
     """Jagged HSTU attention without relative bias: q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv].
 
-    Shapes are checked by the dispatcher (`grinfer.ops.attention.hstu_attention`). `max_len_q`, the
-    longest query sequence, saves a host sync when the caller knows it; `out` is written in place.
+    Shapes are checked by the dispatcher (`grinfer.ops.attention.hstu_attention`). What depends only on
+    the token layout can be computed once and shared by every layer: `max_len_q` (the longest query
+    sequence; without it the offsets are checked and it is read, one host sync) and `k_counts`
+    (`key_counts(k_group, k_offsets)`). `out` is written in place. `fast_silu` (default: on for bf16/fp16
+    on the GPU) evaluates SiLU with one tanh.approx instead of exp + reciprocal.
     """
+    return launch_hstu_attention(q, k, v, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, mode=mode,
+                                 normalizer=normalizer, max_seq_len=max_seq_len, alpha=alpha, max_len_q=max_len_q,
+                                 k_counts=k_counts, out=out, config=config, fast_silu=fast_silu)[0]
+
+
+def launch_hstu_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+    q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
+    *, mode: str = "dynamic", normalizer: str = "visible", max_seq_len: int = 256, alpha: float | None = None,
+    max_len_q: int | None = None, k_counts: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    config: KernelConfig | None = None, fast_silu: bool | None = None,
+) -> tuple[torch.Tensor, object | None]:
+    """`triton_hstu_attention`, also returning the launched compiled kernel (None when nothing ran), whose
+    registers, spills and shared memory check.py reports."""
     if mode not in ("dynamic", "causal"):
         raise ValueError(f"mask mode: expected 'dynamic' or 'causal', got {mode!r}")
     if normalizer not in ("visible", "max_len"):
@@ -296,17 +365,19 @@ def triton_hstu_attention(
         raise ValueError(f"out: expected a {(t_q, heads, d_v)} {q.dtype} tensor with unit last stride, "
                          f"got {tuple(out.shape)} {out.dtype}")
     if batch == 0:
-        return out
+        return out, None
     if max_len_q is None:
         max_len_q = _check_offsets(q_offsets, k_offsets, t_q, k.shape[0])
-    if batch == 0 or max_len_q == 0 or heads == 0 or t_q == 0:
-        return out
+    if max_len_q == 0 or heads == 0 or t_q == 0:
+        return out, None
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
-    cfg = config or default_config(d_qk, d_v)
+    cfg = config or default_config(d_qk, d_v, q.dtype)
     alpha = 1.0 / math.sqrt(d_qk) if alpha is None else float(alpha)
-    counts = key_counts(k_group, k_offsets)
+    counts = key_counts(k_group, k_offsets) if k_counts is None else k_counts
     grid = (triton.cdiv(max_len_q, cfg.block_m), batch, heads)
-    _hstu_attention_fwd[grid](
+    if fast_silu is None:
+        fast_silu = q.dtype != torch.float32
+    compiled = _hstu_attention_fwd[grid](
         q, k, v, out, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, counts,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         alpha, 1.0 / float(max_seq_len),
@@ -316,6 +387,7 @@ def triton_hstu_attention(
         DYNAMIC=mode == "dynamic", VISIBLE_NORM=normalizer == "visible",
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpreted() and q.dtype == torch.bfloat16,
+        FAST_SILU=bool(fast_silu) and not interpreted(),  # inline PTX does not run in the interpreter
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
+    return out, compiled
