@@ -28,11 +28,10 @@ def _import_interpreted_kernel():
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        modules = [importlib.import_module(f"grinfer.ops.triton.{name}") for name in ("hstu_attention",
-                                                                                     "hstu_attention_v1")]
-        if not modules[0].interpreted():  # imported earlier without the interpreter: decorate the kernels again
-            modules = [importlib.reload(m) for m in modules]
-        return modules
+        module = importlib.import_module("grinfer.ops.triton.hstu_attention")
+        if not module.interpreted():  # imported earlier without the interpreter: decorate the kernels again
+            module = importlib.reload(module)
+        return module
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
@@ -41,7 +40,7 @@ def _import_interpreted_kernel():
 
 
 try:
-    tk, tk_v1 = _import_interpreted_kernel()
+    tk = _import_interpreted_kernel()
 except ModuleNotFoundError as exc:
     if exc.name != "triton":
         raise
@@ -211,14 +210,6 @@ def test_tile_sizes_that_do_and_do_not_divide_the_lengths(config):
 def test_head_dims_are_padded_and_masked():
     b = make_batch([(1, 3, 2, 3), (2, 1, 0, 2)], heads=1, d_qk=5, d_v=33, seed=5)
     assert_matches(*run_both(b, "dynamic", "visible", alpha=0.3))
-
-
-def test_version_1_still_matches_reference():
-    """The superseded first version (kept for timing comparisons) is still the same function."""
-    b = make_batch(MIXED, seed=11)
-    got = tk_v1.triton_hstu_attention_v1(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos,
-                                         config=SMALL)
-    assert_matches(got, reference_attention(b.q, b.k, b.v, b.offsets, b.offsets, b.group, b.pos, b.group, b.pos))
 
 
 def test_key_counts_per_sequence():

@@ -156,7 +156,7 @@ def dense_baseline(x: dict, plan, alpha: float):
     return run, to_jagged
 
 
-def run_case(sh: Shapes, case: str, batch: int, sweep: bool, compare_v1: bool, caps: dict,
+def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,
              gen: torch.Generator) -> list[dict]:
     x = build(sh, case, batch, gen)
     meta = (x["q_offsets"], x["k_offsets"], x["q_group"], x["q_pos"], x["k_group"], x["k_pos"])
@@ -223,13 +223,6 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, compare_v1: bool, c
             record(name, bench(lambda cfg=cfg, fast=fast: kernel(cfg, fast_silu=fast)), err, **resources(cfg, fast))
         except Exception as exc:  # out of shared memory / registers: report and go on
             record(name, None, None, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-    if compare_v1:
-        from grinfer.ops.triton.hstu_attention_v1 import triton_hstu_attention_v1
-
-        cfg = KernelConfig(128, 32, 8, 2)  # version 1's fastest launch shape (KERNELS.md)
-        run_v1 = lambda: triton_hstu_attention_v1(qb, kb, vb, *meta, max_len_q=x["max_len_q"], k_counts=counts,
-                                                  config=cfg)
-        record(f"triton version 1 {cfg}", bench(run_v1), errors(run_v1(), ref32))
     ref_bf16 = hstu_attention(qb, kb, vb, *meta)
     record("reference bf16 (plan + attend)", bench(lambda: hstu_attention(qb, kb, vb, *meta)), errors(ref_bf16, ref32))
     record("reference bf16 (attend, plan shared)", bench(lambda: attend(qb, kb, vb, plan)), None)
@@ -261,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--cases", default="cold,warm")
     parser.add_argument("--sweep", action="store_true", help="also time the launch shapes in SWEEP")
-    parser.add_argument("--compare-v1", action="store_true", help="also time the kernel's first version")
     parser.add_argument("--json", default=None, help="write every row here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (with TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
@@ -279,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows = []
     for case in args.cases.split(","):
-        rows += run_case(sh, case, args.batch, args.sweep, args.compare_v1, caps, gen)
+        rows += run_case(sh, case, args.batch, args.sweep, caps, gen)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     text = table(rows, caps, device)
