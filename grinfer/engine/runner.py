@@ -10,17 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch.profiler import record_function
 
 from grinfer.engine.backends import Backend
 from grinfer.engine.kv_cache import KVCache
-from grinfer.engine.scheduler import RequestState, StepPlan, WorkItem
+from grinfer.engine.scheduler import RequestState, StepPlan
+from grinfer.engine.step import build_step_index
 from grinfer.features.featurizer import Featurizer
 from grinfer.features.featurizer import RankRequest as FeatureRequest
-from grinfer.model.layers import TokenMeta
-from grinfer.ops.jagged import offsets_of
 
 
 @dataclass
@@ -29,21 +27,6 @@ class _Embedded:
     group: torch.Tensor
     pos: torch.Tensor
     ts: torch.Tensor
-
-
-@dataclass
-class _StepIndex:
-    """Gather/scatter indices of one step, shared by all its layers."""
-
-    q_rows: torch.Tensor  # rows of the step's concatenated sequences that are computed now
-    q_meta: TokenMeta
-    k_meta: TokenMeta
-    write_src: torch.Tensor  # rows of the new-token tensor that are context tokens
-    write_slots: torch.Tensor  # their cache slots
-    ctx_dest: torch.Tensor  # rows of the key tensor filled from the cache
-    ctx_slots: torch.Tensor
-    cand_dest: torch.Tensor  # rows of the key tensor filled with the step's candidate K/V
-    cand_src: torch.Tensor
 
 
 class ModelRunner:
@@ -62,22 +45,13 @@ class ModelRunner:
         with record_function("grinfer.embed"):
             self._embed([it.state for it in items if it.state.embedded is None])
         with record_function("grinfer.index"):
-            idx = self._index(items)
+            idx = build_step_index(items, self.cache, self.device)
         first, last = plan.layers
         if first == 0:
             x = torch.cat([it.state.embedded.x for it in items])[idx.q_rows]
         else:
             x = items[0].state.layer_state
-        plan = self.backend.plan(idx.q_meta, idx.k_meta)
-        for layer in range(first, last):
-            u, v, q, k = self.backend.project(layer, x, idx.q_meta.group)
-            k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-            k_cache[idx.write_slots] = k[idx.write_src].to(k_cache.dtype)
-            v_cache[idx.write_slots] = v[idx.write_src].to(v_cache.dtype)
-            keys = self._keys(k, k_cache, idx)
-            values = self._keys(v, v_cache, idx)
-            attn = self.backend.attend(layer, q, keys, values, plan)
-            x = self.backend.finish(layer, x, attn, u, idx.q_meta.group)
+        x = self.backend.run_layers(x, idx, self.cache, first, last)
         if last < len(self.backend.model.layers):
             items[0].state.layer_state = x
             return
@@ -90,12 +64,6 @@ class ModelRunner:
                 it.state.logits.append(logits[offset:offset + n])
                 offset += n
 
-    def _keys(self, new: torch.Tensor, cached: torch.Tensor, idx: _StepIndex) -> torch.Tensor:
-        out = new.new_empty((len(idx.k_meta.group), *new.shape[1:]))
-        out[idx.ctx_dest] = cached[idx.ctx_slots].to(new.dtype)
-        out[idx.cand_dest] = new[idx.cand_src]
-        return out
-
     def _embed(self, states: list[RequestState]) -> None:
         """Embed the full sequences of newly started requests, in one batch."""
         if not states:
@@ -104,39 +72,9 @@ class ModelRunner:
         batch = self.featurizer.rank_batch(reqs).to(self.device)
         x, meta = self.backend.embed(batch)
         x = x.to(self.dtype)
-        for b, state in enumerate(states):
-            lo, hi = int(meta.offsets[b]), int(meta.offsets[b + 1])
+        lengths = [len(r.context.profile) + len(r.context.items) + len(r.candidates) for r in reqs]
+        lo = 0
+        for state, n in zip(states, lengths):
+            hi = lo + n  # the sequence lengths are known on the host: no device sync
             state.embedded = _Embedded(x[lo:hi], meta.group[lo:hi], meta.pos[lo:hi], meta.ts[lo:hi])
-
-    def _index(self, items: list[WorkItem]) -> _StepIndex:
-        """All of a step's gather/scatter indices, built on the host and copied to the device once."""
-        rows = {k: [] for k in ("q", "k", "write_src", "write_slots", "ctx_dest", "ctx_slots", "cand_dest",
-                                "cand_src")}
-        q_len, k_len = [], []
-        base = q_off = k_off = 0
-        for it in items:
-            ctx_len, n_seq = it.state.context_len, len(it.state.embedded.group)
-            new_ctx = np.arange(it.ctx_start, it.ctx_end)
-            cands = np.arange(ctx_len + it.cand_start, ctx_len + it.cand_end)
-            n_new, n_q, n_k = len(new_ctx), len(new_ctx) + len(cands), it.ctx_end + len(cands)
-            rows["q"].append(base + np.concatenate([new_ctx, cands]))
-            rows["k"].append(base + np.concatenate([np.arange(it.ctx_end), cands]))
-            rows["write_src"].append(np.arange(q_off, q_off + n_new))
-            rows["write_slots"].append(self.cache.slot_array(it.state.handle, it.ctx_start, it.ctx_end))
-            rows["ctx_dest"].append(np.arange(k_off, k_off + it.ctx_end))
-            rows["ctx_slots"].append(self.cache.slot_array(it.state.handle, 0, it.ctx_end))
-            rows["cand_dest"].append(np.arange(k_off + it.ctx_end, k_off + n_k))
-            rows["cand_src"].append(np.arange(q_off + n_new, q_off + n_q))
-            q_len.append(n_q)
-            k_len.append(n_k)
-            base, q_off, k_off = base + n_seq, q_off + n_q, k_off + n_k
-        dev = self.device
-        t = {k: torch.from_numpy(np.concatenate(v).astype(np.int64)).to(dev) for k, v in rows.items()}
-        embedded = [it.state.embedded for it in items]
-        group, pos, ts = (torch.cat([getattr(e, f) for e in embedded]) for f in ("group", "pos", "ts"))
-
-        def meta(r: torch.Tensor, lengths: list[int]) -> TokenMeta:
-            return TokenMeta(offsets_of(torch.tensor(lengths, device=dev)), group[r], pos[r], ts[r])
-
-        return _StepIndex(t["q"], meta(t["q"], q_len), meta(t["k"], k_len), t["write_src"], t["write_slots"],
-                          t["ctx_dest"], t["ctx_slots"], t["cand_dest"], t["cand_src"])
+            lo = hi

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from grinfer.engine.kv_cache import KVCache
+from grinfer.engine.step import StepIndex
 from grinfer.model.layers import TokenMeta
 from grinfer.model.mtgr import MTGR
 
@@ -39,6 +41,27 @@ class Backend:
         """Residual update of the layer."""
         return self.model.layers[layer].finish(x, attn, u, group)
 
+    def run_layers(self, x: torch.Tensor, idx: StepIndex, cache: KVCache, first: int, last: int) -> torch.Tensor:
+        """Layers [first, last) over the step's new tokens x: each writes its new context K/V into the cache,
+        then the queries attend over their context K/V (gathered from the cache) plus the step's candidates."""
+        plan = self.plan(idx.q_meta, idx.k_meta)
+        for layer in range(first, last):
+            u, v, q, k = self.project(layer, x, idx.q_meta.group)
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            k_cache[idx.write_slots] = k[idx.write_src].to(k_cache.dtype)
+            v_cache[idx.write_slots] = v[idx.write_src].to(v_cache.dtype)
+            attn = self.attend(layer, q, _keys(k, k_cache, idx), _keys(v, v_cache, idx), plan)
+            x = self.finish(layer, x, attn, u, idx.q_meta.group)
+        return x
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Per-task logits of final candidate states."""
         return self.model.head_logits(x)
+
+
+def _keys(new: torch.Tensor, cached: torch.Tensor, idx: StepIndex) -> torch.Tensor:
+    """The step's key (or value) tensor: each sequence's context rows from the cache, then its candidates'."""
+    out = new.new_empty((len(idx.k_meta.group), *new.shape[1:]))
+    out[idx.ctx_dest] = cached[idx.ctx_slots].to(new.dtype)
+    out[idx.cand_dest] = new[idx.cand_src]
+    return out
