@@ -93,7 +93,7 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: Literal["eager", "compiled"] = "eager"
+    backend: Literal["eager", "compiled", "fused"] = "eager"
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     block_size: int = Field(32, ge=1)  # tokens per KV-cache block
@@ -120,7 +120,7 @@ class ServerConfig(BaseModel):
     cache: str = "memory://"
     api_key: str | None = None
     device: str = "auto"
-    backend: Literal["eager", "compiled"] = "eager"
+    backend: Literal["eager", "compiled", "fused"] = "eager"
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_queue: int = Field(256, ge=1)
     max_batch_tokens: int = Field(16384, ge=16)

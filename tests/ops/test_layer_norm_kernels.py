@@ -2,47 +2,20 @@
 references in `grinfer.ops.reference.layer_norm`, in Triton's interpreter on the CPU, plus the reference
 against the model's GroupLayerNorm.
 
-TRITON_INTERPRET=1 is set while the kernel module is imported (the interpreter is chosen when a kernel
-is decorated) and during each test here, and restored otherwise. Without Triton these tests fail,
-unless GRINFER_SKIP_TRITON=1 asks to skip them.
+The kernel module is imported under the interpreter (tests/triton_util.py) and TRITON_INTERPRET=1 is
+set during each test here. Without Triton these tests fail, unless GRINFER_SKIP_TRITON=1 asks to skip them.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from triton_util import interpreted_module
 
 from grinfer.model.layers import GroupLayerNorm
 from grinfer.ops.reference import layer_norm as ref
 
-
-def _import_interpreted_kernels():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module("grinfer.ops.triton.layer_norm")
-        if not module.interpreted():  # imported earlier without the interpreter: decorate the kernels again
-            module = importlib.reload(module)
-        return module
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
-try:
-    tk = _import_interpreted_kernels()
-except ModuleNotFoundError as exc:
-    if exc.name != "triton":
-        raise
-    if os.environ.get("GRINFER_SKIP_TRITON") == "1":
-        pytest.skip("triton is not installed (skipped because GRINFER_SKIP_TRITON=1)", allow_module_level=True)
-    raise ImportError("these tests need triton: pip install 'triton>=3.2,<4' (the 'test' extra), "
-                      "or set GRINFER_SKIP_TRITON=1 to skip them") from exc
+tk = interpreted_module("grinfer.ops.triton.layer_norm")
 
 
 @pytest.fixture(autouse=True)

@@ -1,54 +1,26 @@
 """The Triton HSTU attention kernel against the reference, in Triton's interpreter on the CPU.
 
-TRITON_INTERPRET=1 is set while the kernel module is imported (the interpreter is chosen when a
-kernel is decorated) and during each test here (the interpreter reads it as it runs), and restored
-otherwise, so other tests see the environment unchanged. Shapes are small: the
-interpreter runs every program in numpy. Without Triton these tests fail, unless
-GRINFER_SKIP_TRITON=1 asks to skip them.
+The kernel module is imported under the interpreter (tests/triton_util.py) and TRITON_INTERPRET=1 is
+set during each test here. Shapes are small: the interpreter runs every program in numpy. Without
+Triton these tests fail, unless GRINFER_SKIP_TRITON=1 asks to skip them.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from triton_util import interpreted_module
 
 from grinfer.ops import attention
 from grinfer.ops.jagged import offsets_of
 from grinfer.ops.reference.hstu_attention import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 from grinfer.ops.reference.hstu_attention import hstu_attention as reference_attention
 
-
-def _import_interpreted_kernel():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module("grinfer.ops.triton.hstu_attention")
-        if not module.interpreted():  # imported earlier without the interpreter: decorate the kernels again
-            module = importlib.reload(module)
-        return module
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-
-
-try:
-    tk = _import_interpreted_kernel()
-except ModuleNotFoundError as exc:
-    if exc.name != "triton":
-        raise
-    if os.environ.get("GRINFER_SKIP_TRITON") == "1":
-        pytest.skip("triton is not installed (skipped because GRINFER_SKIP_TRITON=1)", allow_module_level=True)
-    raise ImportError("these tests need triton: pip install 'triton>=3.2,<4' (the 'test' extra), "
-                      "or set GRINFER_SKIP_TRITON=1 to skip them") from exc
-
+tk = interpreted_module("grinfer.ops.triton.hstu_attention")
 
 
 @pytest.fixture(autouse=True)

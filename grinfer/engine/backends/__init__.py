@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from grinfer.engine.backends.base import Backend
 from grinfer.engine.backends.compiled import CompiledBackend
+from grinfer.engine.backends.fused import FusedBackend
 
-BACKENDS: dict[str, type[Backend]] = {"eager": Backend, "compiled": CompiledBackend}
+BACKENDS: dict[str, type[Backend]] = {"eager": Backend, "compiled": CompiledBackend, "fused": FusedBackend}
 
 
 def make_backend(name: str, model) -> Backend:

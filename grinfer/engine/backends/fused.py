@@ -1,0 +1,65 @@
+"""`fused`: the layer stack on Triton kernels and cuBLAS, K/V read straight from the paged cache.
+
+Per layer, over the step's new tokens (bf16 or fp16, fp32 statistics and accumulation):
+
+    group_layer_norm   GroupLN_in(x), the previous layer's output bias added into x on the way
+    addmm (cuBLAS)     h = xn W_uvqk^T + b
+    silu_scatter_kv    h = SiLU(h) in place; new context tokens' K/V written into the cache pool
+    attention          the jagged HSTU kernel; cached keys through the block tables, candidates' from h
+    group_norm_mul     y = GroupLN_attn(A V) * U
+    addmm (cuBLAS)     x = x + y W_o^T (the residual as cuBLAS's C input; the bias joins in the next norm)
+
+No host round trip inside a step: the loop bounds and key counts come with the step's indices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grinfer.engine.backends.base import Backend
+from grinfer.engine.kv_cache import KVCache
+from grinfer.engine.step import StepIndex
+from grinfer.model.mtgr import MTGR
+
+
+class FusedBackend(Backend):
+    name = "fused"
+
+    def __init__(self, model: MTGR):
+        super().__init__(model)
+        cfg = model.cfg
+        if cfg.rel_bias:
+            raise ValueError("backend: 'fused' has no relative attention bias; serve rel_bias models with 'eager'")
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        from grinfer.ops.triton import hstu_attention, layer_norm  # Triton is needed from here on only
+
+        if device.type != "cuda" and not hstu_attention.interpreted():
+            raise ValueError("backend: 'fused' runs Triton kernels on a CUDA device (on the CPU only under "
+                             "TRITON_INTERPRET=1, for tests); use 'eager' or 'compiled' here")
+        self._attention, self._norms = hstu_attention, layer_norm
+        self._attn_config = hstu_attention.default_config(cfg.head_dim, cfg.head_dim, dtype)
+
+    def run_layers(self, x: torch.Tensor, idx: StepIndex, cache: KVCache, first: int, last: int) -> torch.Tensor:
+        cfg, norms, attention = self.model.cfg, self._norms, self._attention
+        d, heads, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
+        group, q_meta, k_meta = idx.q_meta.group, idx.q_meta, idx.k_meta
+        bias = None  # the previous layer's output bias, added into x (in place, on addmm's output) by the next norm
+        for i in range(first, last):
+            layer = self.model.layers[i]
+            xn = norms.group_layer_norm(x, group, layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps,
+                                        add=bias)
+            h = torch.addmm(layer.uvqk.bias, xn, layer.uvqk.weight.t())
+            norms.silu_scatter_kv(h, d, idx.q_slots, cache.k[i], cache.v[i])
+            u, v, q, k = h.split(d, dim=1)
+            paged = attention.PagedKV(cache.k[i], cache.v[i], idx.block_table, idx.cached_lens, cache.block_size)
+            attn = attention.triton_hstu_attention(
+                q.view(-1, heads, dh), k.view(-1, heads, dh), v.view(-1, heads, dh), q_meta.offsets, k_meta.offsets,
+                q_meta.group, q_meta.pos, k_meta.group, k_meta.pos, mode=cfg.mask, normalizer=cfg.normalizer,
+                max_seq_len=cfg.max_seq_len, max_len_q=idx.max_len_q, k_counts=idx.k_counts,
+                config=self._attn_config, paged=paged)
+            y = norms.group_norm_mul(attn.view(-1, d), u, group, layer.norm_attn.weight, layer.norm_attn.bias,
+                                     layer.norm_attn.eps)
+            x = torch.addmm(x, y, layer.out.weight.t())
+            bias = layer.out.bias
+        return x if bias is None else x + bias
