@@ -1,4 +1,7 @@
-"""Profile engine steps of a workload (host and device time per phase): python scripts/profile_engine.py R1-warm 32"""
+"""Profile engine steps of a workload (host and device time per phase):
+
+    python scripts/profile_engine.py R1-warm 32 [eager|compiled|fused]
+"""
 
 import sys
 
@@ -12,11 +15,13 @@ from grinfer.engine import EngineCore
 from grinfer.model import build_model
 
 name, batch = sys.argv[1], int(sys.argv[2])
+backend = sys.argv[3] if len(sys.argv) > 3 else "eager"
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 w = workload(name, batch=batch, **({} if dev == "cuda" else {"preset": "mtgr-tiny", "static": 200}))
+settings = {"dtype": "bfloat16", "kv_cache_bytes": 8 << 30} if dev == "cuda" else {"dtype": "float32"}
 core = EngineCore(build_model(w.model_config()), bench_catalog(),
-                  EngineConfig(device=dev, dtype="bfloat16" if dev == "cuda" else "float32", kv_cache_bytes=8 << 30,
-                               max_batch_tokens=batch * 2000, max_batch_requests=batch))
+                  EngineConfig(backend=backend, device=dev, max_batch_tokens=batch * 2000, max_batch_requests=batch,
+                               **settings))
 rng = np.random.default_rng(0)
 users = [f"u{i}" for i in range(batch)]
 base = None

@@ -41,12 +41,15 @@ class EngineCore:
         dtype = DTYPES[config.dtype]
         self.model = model.to(self.device, dtype).eval()
         cfg = model.cfg
+        backend = make_backend(config.backend, self.model)
         per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype)
+        # candidates of one step: at most max_batch_tokens, each item's starting on a page of their own
+        scratch = -(-config.max_batch_tokens // config.block_size) + config.max_batch_requests
         self.cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, config.block_size,
                              cache_blocks(config, per_token, self.device), dtype, self.device,
-                             host_bytes=config.host_cache_bytes)
+                             host_bytes=config.host_cache_bytes, scratch_blocks=scratch if backend.keys_in_pool else 0)
         self.scheduler = Scheduler(config, self.cache, cfg.num_layers)
-        self.runner = ModelRunner(make_backend(config.backend, self.model), self.cache,
+        self.runner = ModelRunner(backend, self.cache,
                                   Featurizer(catalog, cfg.num_time_buckets), self.device)
         self.num_profile_tokens = len(cfg.profile_cardinalities)
         self.steps = 0

@@ -85,14 +85,19 @@ class CacheStats:
 
 
 class KVCache:
-    """Block pool [layers, blocks * block_size, heads, head_dim] for K and V, plus per-user tables."""
+    """Block pool [layers, blocks * block_size, heads, head_dim] for K and V, plus per-user tables.
+
+    `scratch_blocks` more pages follow the pool, owned by no user: a step's candidates' K/V go there
+    (and into the free tail of their user's last page) when the backend reads every key from the pool."""
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, block_size: int, num_blocks: int,
-                 dtype: torch.dtype, device: torch.device | str, host_bytes: int = 0):
+                 dtype: torch.dtype, device: torch.device | str, host_bytes: int = 0, scratch_blocks: int = 0):
         if num_blocks < 1:
             raise ValueError("kv cache: the memory budget holds no block; raise kv_cache_bytes")
         self.block_size, self.num_blocks = block_size, num_blocks
-        shape = (num_layers, num_blocks * block_size, num_heads, head_dim)
+        # pages past the pool for one step's candidate K/V (backends that read every key from the pool)
+        self.scratch = np.arange(num_blocks, num_blocks + scratch_blocks, dtype=np.int64)
+        shape = (num_layers, (num_blocks + scratch_blocks) * block_size, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))

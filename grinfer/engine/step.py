@@ -1,9 +1,9 @@
 """The indices and per-sequence metadata of one step, built on the host and copied to the device at once.
 
 A step's queries are each work item's new context tokens then its candidates; its keys are each item's
-context [0, ctx_end) (read from the paged KV cache) then its candidates (never cached). Backends get a
-`StepIndex`: the eager path gathers keys with `ctx_slots`/`cand_src`, the fused path hands the block
-tables to the attention kernel.
+context [0, ctx_end) (read from the paged KV cache) then its candidates (never cached: their K/V live
+for one step in scratch pages). Backends get a `StepIndex`: the eager path gathers keys with
+`ctx_slots`/`cand_src`, the fused path hands the block tables to the attention kernel.
 """
 
 from __future__ import annotations
@@ -31,25 +31,38 @@ class StepIndex:
     ctx_slots: torch.Tensor
     cand_dest: torch.Tensor  # rows of the key tensor filled with the step's candidate K/V
     cand_src: torch.Tensor
-    q_slots: torch.Tensor  # [Tq] cache slot of each query row, -1 for candidates
-    block_table: torch.Tensor  # [B, max_blocks] each sequence's cache blocks
-    cached_lens: torch.Tensor  # [B] context keys of each sequence (all read from the cache)
+    q_slots: torch.Tensor  # [Tq] cache slot of each query row (candidates: scratch, or -1 without)
+    block_table: torch.Tensor  # [B, max_blocks] each sequence's pages: its context's, then its candidates'
     k_counts: torch.Tensor  # [B, 2] U/S keys and context keys per sequence (the kernel's loop bounds)
     max_len_q: int  # the longest query sequence
 
 
 def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
-    """All of a step's indices for work items whose states are embedded; one host-to-device copy."""
+    """All of a step's indices for work items whose states are embedded; one host-to-device copy.
+
+    With scratch pages in the cache, each sequence's candidates get slots after its context (the free
+    tail of its last page, then scratch pages) and its block table covers them, so a kernel can read
+    every key from the pool; without, candidates have slot -1 and the tables cover the context only."""
     parts: dict[str, list[np.ndarray]] = {k: [] for k in (
         "q", "k", "write_src", "write_slots", "ctx_dest", "ctx_slots", "cand_dest", "cand_src", "q_slots")}
     q_len, k_len, ctx_lens, n_us, tables = [], [], [], [], []
-    base = q_off = k_off = 0
+    base = q_off = k_off = scratch_used = 0
+    page = cache.block_size
     for it in items:
         state = it.state
         ctx_len, n_seq = state.context_len, len(state.embedded.group)
         new_ctx = np.arange(it.ctx_start, it.ctx_end)
         cands = np.arange(ctx_len + it.cand_start, ctx_len + it.cand_end)
         n_new, n_q, n_k = len(new_ctx), len(new_ctx) + len(cands), it.ctx_end + len(cands)
+        table = np.asarray(state.handle.entry.blocks[:-(-it.ctx_end // page)], np.int64)
+        if len(cache.scratch):
+            extra = -(-n_k // page) - len(table)
+            table = np.concatenate([table, cache.scratch[scratch_used:scratch_used + extra]])
+            scratch_used += extra
+            key_pos = np.arange(it.ctx_end, n_k)
+            cand_slots = table[key_pos // page] * page + key_pos % page
+        else:
+            cand_slots = np.full(len(cands), -1)
         new_slots = cache.slot_array(state.handle, it.ctx_start, it.ctx_end)
         parts["q"].append(base + np.concatenate([new_ctx, cands]))
         parts["k"].append(base + np.concatenate([np.arange(it.ctx_end), cands]))
@@ -59,25 +72,26 @@ def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
         parts["ctx_slots"].append(cache.slot_array(state.handle, 0, it.ctx_end))
         parts["cand_dest"].append(np.arange(k_off + it.ctx_end, k_off + n_k))
         parts["cand_src"].append(np.arange(q_off + n_new, q_off + n_q))
-        parts["q_slots"].append(np.concatenate([new_slots, np.full(len(cands), -1)]))
-        tables.append(state.handle.entry.blocks)
+        parts["q_slots"].append(np.concatenate([new_slots, cand_slots]))
+        tables.append(table)
         q_len.append(n_q)
         k_len.append(n_k)
         ctx_lens.append(it.ctx_end)
         n_us.append(min(state.signature.static_tokens, it.ctx_end))
         base, q_off, k_off = base + n_seq, q_off + n_q, k_off + n_k
-    table = np.zeros((len(items), max(map(len, tables), default=1) or 1), np.int64)
-    for i, blocks in enumerate(tables):
-        table[i, :len(blocks)] = blocks
+    if scratch_used > len(cache.scratch):
+        raise RuntimeError(f"kv cache: the step's candidates need {scratch_used} scratch pages, the cache has "
+                           f"{len(cache.scratch)}")
+    block_table = np.zeros((len(items), max(map(len, tables), default=1) or 1), np.int64)
+    for i, table in enumerate(tables):
+        block_table[i, :len(table)] = table
     flat = [np.concatenate(v).astype(np.int64) for v in parts.values()]
-    flat += [np.asarray(q_len), np.asarray(k_len), np.asarray(ctx_lens), np.stack([n_us, ctx_lens], 1).ravel(),
-             table.ravel()]
+    flat += [np.asarray(q_len), np.asarray(k_len), np.stack([n_us, ctx_lens], 1).ravel(), block_table.ravel()]
     sizes = [len(a) for a in flat]
     packed = torch.from_numpy(np.concatenate(flat).astype(np.int64))
     if device.type == "cuda":
         packed = packed.pin_memory()
-    t = dict(zip([*parts, "q_len", "k_len", "ctx_lens", "counts", "table"],
-                 packed.to(device, non_blocking=True).split(sizes)))
+    t = dict(zip([*parts, "q_len", "k_len", "counts", "table"], packed.to(device, non_blocking=True).split(sizes)))
     embedded = [it.state.embedded for it in items]
     group, pos, ts = (torch.cat([getattr(e, f) for e in embedded]) for f in ("group", "pos", "ts"))
 
@@ -86,4 +100,4 @@ def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
 
     return StepIndex(t["q"], meta(t["q"], t["q_len"]), meta(t["k"], t["k_len"]), t["write_src"], t["write_slots"],
                      t["ctx_dest"], t["ctx_slots"], t["cand_dest"], t["cand_src"], t["q_slots"],
-                     t["table"].view(table.shape), t["ctx_lens"], t["counts"].view(-1, 2), max(q_len, default=0))
+                     t["table"].view(block_table.shape), t["counts"].view(-1, 2), max(q_len, default=0))

@@ -193,60 +193,43 @@ def test_key_counts_per_sequence():
 
 # ---- keys read from a paged pool -------------------------------------------------------------------
 
-def paged_case(layouts: list[Layout], starts: list[int], from_pool: list[int], page: int, seed: int):
-    """Queries = each sequence's suffix from starts[i]; its first from_pool[i] keys put in a shuffled pool."""
+def paged_case(layouts: list[Layout], page: int, seed: int):
+    """The batch's keys moved into a pool of shuffled pages (spare pages hold garbage) and their block table."""
     b = make_batch(layouts, seed=seed)
-    rows, q_offsets = suffix_rows(b, starts)
     gen = torch.Generator().manual_seed(seed)
-    blocks = [-(-n // page) for n in from_pool]
-    ids = torch.randperm(sum(blocks) + 3, generator=gen)  # spare blocks stay garbage
-    table = torch.zeros(len(layouts), max([*blocks, 1]), dtype=torch.int32)
+    blocks = [-(-sum(layout) // page) for layout in layouts]
+    ids = torch.randperm(sum(blocks) + 3, generator=gen)
+    table = torch.zeros(len(layouts), max([*blocks, 1]), dtype=torch.int64)
     k_pool = torch.randn(len(ids) * page, 2, 24, generator=gen)
     v_pool = torch.randn(len(ids) * page, 2, 20, generator=gen)
-    used = 0
-    for i, n in enumerate(from_pool):
-        table[i, :blocks[i]] = ids[used:used + blocks[i]]
-        used += blocks[i]
-        j = torch.arange(n)
-        slots = table[i, j // page].long() * page + j % page
-        k_pool[slots] = b.k[int(b.offsets[i]) + j]
-        v_pool[slots] = b.v[int(b.offsets[i]) + j]
-    paged = tk.PagedKV(k_pool, v_pool, table, torch.tensor(from_pool, dtype=torch.int32), page)
-    return b, rows, q_offsets, paged
+    for i, n in enumerate(blocks):
+        table[i, :n] = ids[sum(blocks[:i]):sum(blocks[:i + 1])]
+        j = torch.arange(int(b.offsets[i + 1] - b.offsets[i]))
+        slots = table[i, j // page] * page + j % page
+        k_pool[slots], v_pool[slots] = b.k[int(b.offsets[i]) + j], b.v[int(b.offsets[i]) + j]
+    return b, k_pool, v_pool, table
 
 
-@pytest.mark.parametrize("page", [4, 16])
-def test_paged_keys_match_reference(page):
-    """The engine's shape: cached context keys (old and just written) in the pool, candidate keys new rows."""
+@pytest.mark.parametrize("page", [4, 16, 64])
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_paged_keys_match_reference(page, table_dtype):
+    """The engine's shape: every key in the paged pool, queries the new context tokens and candidates."""
     layouts = [(2, 5, 4, 6), (1, 0, 3, 2), (2, 3, 3, 0), (0, 0, 0, 3), (0, 0, 0, 0), (3, 14, 9, 11)]
-    starts = [11, 1, 5, 0, 0, 20]  # R+C, S..C, none, only candidates, empty, inside R
-    n_ctx = [sum(layout[:3]) for layout in layouts]
-    b, rows, q_offsets, paged = paged_case(layouts, starts, n_ctx, page, seed=11)
+    b, k_pool, v_pool, table = paged_case(layouts, page, seed=11)
+    rows, q_offsets = suffix_rows(b, [11, 1, 5, 0, 0, 20])  # R+C, S..C, none, only candidates, empty, inside R
     args = (q_offsets, b.offsets, b.group[rows], b.pos[rows], b.group, b.pos)
-    got = tk.triton_hstu_attention(b.q[rows], b.k[rows], b.v[rows], *args, config=SMALL, paged=paged)
-    want = reference_attention(b.q[rows], b.k, b.v, *args)
-    assert_matches(got, want)
-
-
-def test_paged_keys_past_the_pool_come_from_the_new_rows():
-    """Only the keys before each sequence's queries are in the pool: new context keys come from k, v too."""
-    layouts = [(2, 5, 4, 6), (3, 14, 9, 11), (1, 2, 0, 4)]
-    starts = [9, 17, 0]
-    b, rows, q_offsets, paged = paged_case(layouts, starts, starts, 4, seed=12)
-    args = (q_offsets, b.offsets, b.group[rows], b.pos[rows], b.group, b.pos)
-    got = tk.triton_hstu_attention(b.q[rows], b.k[rows], b.v[rows], *args, config=SMALL, paged=paged)
+    got = tk.triton_hstu_attention(b.q[rows], k_pool, v_pool, *args, config=SMALL, block_table=table.to(table_dtype),
+                                   page_size=page)
     assert_matches(got, reference_attention(b.q[rows], b.k, b.v, *args))
 
 
 def test_paged_arguments_are_checked():
-    b, rows, q_offsets, paged = paged_case([(1, 2, 1, 2)], [0], [4], 4, seed=13)
-    args = (q_offsets, b.offsets, b.group[rows], b.pos[rows], b.group, b.pos)
-    bad = tk.PagedKV(paged.k_pool, paged.v_pool, paged.block_table, paged.cached_lens.float(), 4)
-    with pytest.raises(ValueError, match="cached_lens"):
-        tk.triton_hstu_attention(b.q, b.k, b.v, *args, paged=bad)
-    bad = tk.PagedKV(paged.k_pool[:, :1], paged.v_pool, paged.block_table, paged.cached_lens, 4)
-    with pytest.raises(ValueError, match="k_pool"):
-        tk.triton_hstu_attention(b.q, b.k, b.v, *args, paged=bad)
+    b, k_pool, v_pool, table = paged_case([(1, 2, 1, 2)], 4, seed=13)
+    args = (b.offsets, b.offsets, b.group, b.pos, b.group, b.pos)
+    with pytest.raises(ValueError, match="page_size"):
+        tk.triton_hstu_attention(b.q, k_pool, v_pool, *args, block_table=table, page_size=6)
+    with pytest.raises(ValueError, match="block_table"):
+        tk.triton_hstu_attention(b.q, k_pool, v_pool, *args, block_table=table.float(), page_size=4)
 
 
 # ---- precision -------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ class Backend:
     """
 
     name = "eager"
+    keys_in_pool = False  # whether attention reads the candidates' K/V from the cache (scratch pages) too
 
     def __init__(self, model: MTGR):
         self.model = model

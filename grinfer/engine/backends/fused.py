@@ -4,8 +4,9 @@ Per layer, over the step's new tokens (bf16 or fp16, fp32 statistics and accumul
 
     group_layer_norm   GroupLN_in(x), the previous layer's output bias added into x on the way
     addmm (cuBLAS)     h = xn W_uvqk^T + b
-    silu_scatter_kv    h = SiLU(h) in place; new context tokens' K/V written into the cache pool
-    attention          the jagged HSTU kernel; cached keys through the block tables, candidates' from h
+    silu_scatter_kv    h = SiLU(h) in place; K/V of the new tokens written into the cache pool (the
+                       candidates' into scratch pages for this step)
+    attention          the jagged HSTU kernel: every key read from the pool through the block tables
     group_norm_mul     y = GroupLN_attn(A V) * U
     addmm (cuBLAS)     x = x + y W_o^T (the residual as cuBLAS's C input; the bias joins in the next norm)
 
@@ -24,6 +25,7 @@ from grinfer.model.mtgr import MTGR
 
 class FusedBackend(Backend):
     name = "fused"
+    keys_in_pool = True  # the step's candidates' K/V go to scratch pages of the cache
 
     def __init__(self, model: MTGR):
         super().__init__(model)
@@ -51,13 +53,12 @@ class FusedBackend(Backend):
                                         add=bias)
             h = torch.addmm(layer.uvqk.bias, xn, layer.uvqk.weight.t())
             norms.silu_scatter_kv(h, d, idx.q_slots, cache.k[i], cache.v[i])
-            u, v, q, k = h.split(d, dim=1)
-            paged = attention.PagedKV(cache.k[i], cache.v[i], idx.block_table, idx.cached_lens, cache.block_size)
+            u, q = h[:, :d], h[:, 2 * d:3 * d]
             attn = attention.triton_hstu_attention(
-                q.view(-1, heads, dh), k.view(-1, heads, dh), v.view(-1, heads, dh), q_meta.offsets, k_meta.offsets,
+                q.view(-1, heads, dh), cache.k[i], cache.v[i], q_meta.offsets, k_meta.offsets,
                 q_meta.group, q_meta.pos, k_meta.group, k_meta.pos, mode=cfg.mask, normalizer=cfg.normalizer,
                 max_seq_len=cfg.max_seq_len, max_len_q=idx.max_len_q, k_counts=idx.k_counts,
-                config=self._attn_config, paged=paged)
+                config=self._attn_config, block_table=idx.block_table, page_size=cache.block_size)
             y = norms.group_norm_mul(attn.view(-1, d), u, group, layer.norm_attn.weight, layer.norm_attn.bias,
                                      layer.norm_attn.eps)
             x = torch.addmm(x, y, layer.out.weight.t())

@@ -51,7 +51,6 @@ from grinfer.ops.reference.hstu_attention import (
 )
 from grinfer.ops.triton.hstu_attention import (
     KernelConfig,
-    PagedKV,
     default_config,
     key_counts,
     launch_hstu_attention,
@@ -119,23 +118,20 @@ def build(sh: Shapes, case: str, batch: int, gen: torch.Generator) -> dict:
     v = torch.randn(t_k, sh.heads, sh.head_dim, generator=gen, device=dev)
     return {"q": q, "k": k, "v": v, "q_group": k_group[q_rows], "q_pos": k_pos[q_rows], "k_group": k_group,
             "k_pos": k_pos, "q_offsets": offsets_of(torch.full((batch,), q_len, device=dev)),
-            "k_offsets": offsets_of(torch.full((batch,), len(groups), device=dev)), "max_len_q": q_len,
-            "q_rows": q_rows, "n_ctx": len(groups) - sh.c}
+            "k_offsets": offsets_of(torch.full((batch,), len(groups), device=dev)), "max_len_q": q_len}
 
 
 def paged(x: dict, k: torch.Tensor, v: torch.Tensor, batch: int, gen: torch.Generator, page: int = 32):
-    """(k_new, v_new, PagedKV): each user's context keys moved into a pool of shuffled blocks of `page` slots,
-    as the engine's KV cache holds them; the candidates' keys stay rows of the new tokens (q's rows)."""
-    n_ctx, per_user = x["n_ctx"], len(x["k_group"]) // batch
-    blocks = -(-n_ctx // page)
+    """(k_pool, v_pool, block_table): each user's keys moved into shuffled pages of `page` slots, as the
+    engine's KV cache holds them (the candidates' in scratch pages)."""
+    per_user = len(x["k_group"]) // batch
+    blocks = -(-per_user // page)
     table = torch.randperm(batch * blocks, generator=gen, device=k.device).view(batch, blocks)
-    j = torch.arange(n_ctx, device=k.device)
+    j = torch.arange(per_user, device=k.device)
     slots = (table[:, j // page] * page + j % page).flatten()
-    rows = (torch.arange(batch, device=k.device)[:, None] * per_user + j).flatten()
     k_pool, v_pool = (t.new_zeros(batch * blocks * page, *t.shape[1:]) for t in (k, v))
-    k_pool[slots], v_pool[slots] = k[rows], v[rows]
-    lens = torch.full((batch,), n_ctx, dtype=torch.int32, device=k.device)
-    return k[x["q_rows"]], v[x["q_rows"]], PagedKV(k_pool, v_pool, table, lens, page)
+    k_pool[slots], v_pool[slots] = k, v
+    return k_pool, v_pool, table
 
 
 def analytic_pairs(sh: Shapes, case: str, batch: int) -> int:
@@ -231,10 +227,10 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,
     # timings
     record(f"triton {default}", bench(lambda: kernel(default)), err_kernel, **resources(default))
     record(f"triton {default} (again)", bench(lambda: kernel(default)), None)
-    k_new, v_new, pool = paged(x, kb, vb, batch, gen)
-    paged_kernel = partial(kernel, default, k=k_new, v=v_new, paged=pool)
+    k_pool, v_pool, table = paged(x, kb, vb, batch, gen)
+    paged_kernel = partial(kernel, default, k=k_pool, v=v_pool, block_table=table, page_size=32)
     record(f"triton {default} paged (block tables)", bench(paged_kernel), errors(paged_kernel(), ref32))
-    paged_kernel = k_new = v_new = pool = None  # free the pool before the baselines
+    paged_kernel = k_pool = v_pool = table = None  # free the pool before the baselines
     record("triton per call (counts + offsets check)",
            bench(lambda: triton_hstu_attention(qb, kb, vb, *meta)), None)
     variants = [(default, False)] + ([(cfg, True) for cfg in SWEEP if cfg != default] if sweep else [])

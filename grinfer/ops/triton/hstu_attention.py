@@ -5,7 +5,8 @@ The twin of `grinfer.ops.reference.hstu_attention` without the relative bias (th
 
     out_i = sum_j SiLU(alpha * q_i . k_j) * M(i, j) / N_i * v_j
 
-One launch covers a whole jagged batch (q_offsets, k_offsets; no padding). Program (m, b, h)
+One launch covers a whole jagged batch (q_offsets, k_offsets; no padding); keys and values are rows of
+k, v or, given block tables, pages of a KV pool read in place (the engine's cache). Program (m, b, h)
 computes query tile m of sequence b for head h. M is evaluated in the kernel from the tokens'
 group ids and positions, exactly as `visible()`; N_i is the number of visible keys (counted in
 the kernel) or the constant max_seq_len. Inputs bf16/fp16/fp32, fp32 accumulation, the output in
@@ -117,27 +118,19 @@ def _silu(x, alpha, FAST: tl.constexpr):
 
 
 @triton.jit
-def _kv_rows(offs_n, n_valid, k_rows0, kv, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """(K row offsets, V row offsets) of keys offs_n: rows k_rows0 + offs_n of K/V, or, PAGED, the cached
-    keys' slots in the pool (through the sequence's block table) and the rest's rows of the new K/V."""
+def _key_rows(offs_n, n_valid, k_rows0, bt_row, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Rows of K/V holding keys offs_n of the sequence: k_rows0 + offs_n, or, PAGED, their slots in the pool
+    through the sequence's block table (a tile within one page loads one block id, broadcast)."""
     if PAGED:
-        bt_row, n_cached, new_row0, Kc_h, Vc_h, stride_kct, stride_vct, Kh, Vh, stride_kt, stride_vt = kv
-        cached = offs_n < n_cached
-        blk = tl.load(bt_row + offs_n // PAGE, mask=n_valid & cached, other=0).to(tl.int64)
-        slot = blk * PAGE + offs_n % PAGE
-        new_row = new_row0 + offs_n
-        k_rows = tl.where(cached, Kc_h + slot * stride_kct, Kh + new_row * stride_kt)
-        v_rows = tl.where(cached, Vc_h + slot * stride_vct, Vh + new_row * stride_vt)
+        blk = tl.load(bt_row + offs_n // PAGE, mask=n_valid, other=0).to(tl.int64)
+        rows = blk * PAGE + offs_n % PAGE
     else:
-        Kh, Vh, stride_kt, stride_vt = kv
         rows = k_rows0 + offs_n
-        k_rows = Kh + rows * stride_kt
-        v_rows = Vh + rows * stride_vt
-    return k_rows, v_rows
+    return rows
 
 
 @triton.jit
-def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, kv, k_group, k_pos,
+def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, bt_row, Kh, Vh, k_group, k_pos, stride_kt, stride_vt,
           alpha, offs_dqk, offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
           DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
           FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
@@ -148,14 +141,16 @@ def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, kv, k_group, k_pos,
     kg = tl.load(k_group + rows, mask=n_valid, other=-1).to(tl.int32)
     kp = tl.load(k_pos + rows, mask=n_valid, other=0).to(tl.int32)
     rank, cpos = _key_codes(kg, kp, n_valid, DYNAMIC)
-    k_ptr, v_ptr = _kv_rows(offs_n, n_valid, k_rows0, kv, PAGED, PAGE)
-    kt = tl.load(k_ptr[None, :] + offs_dqk[:, None], mask=n_valid[None, :] & (offs_dqk < D_QK)[:, None], other=0.0)
+    kv_rows = _key_rows(offs_n, n_valid, k_rows0, bt_row, PAGED, PAGE)
+    kt = tl.load(Kh + kv_rows[None, :] * stride_kt + offs_dqk[:, None],
+                 mask=n_valid[None, :] & (offs_dqk < D_QK)[:, None], other=0.0)
     s = _dot(q, kt, PRECISION, UPCAST)
     m = rank[None, :] <= lim[:, None]
     if DYNAMIC:
         m |= cpos[None, :] == qp[:, None]
     p = tl.where(m, _silu(s, alpha, FAST_SILU), 0.0)
-    v = tl.load(v_ptr[:, None] + offs_dv[None, :], mask=n_valid[:, None] & (offs_dv < D_V)[None, :], other=0.0)
+    v = tl.load(Vh + kv_rows[:, None] * stride_vt + offs_dv[None, :],
+                mask=n_valid[:, None] & (offs_dv < D_V)[None, :], other=0.0)
     acc += _dot(_round(p, v.dtype, UPCAST), v, PRECISION, UPCAST)
     if COUNT:
         cnt += tl.sum(m.to(tl.float32), axis=1)
@@ -167,7 +162,7 @@ def _hstu_attention_fwd(
     Q, K, V, Out, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, k_counts,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     alpha, inv_norm,
-    Kc, Vc, block_table, cached_lens, stride_kct, stride_kch, stride_vct, stride_vch, stride_bt,
+    block_table, stride_bt,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -194,11 +189,7 @@ def _hstu_attention_fwd(
                 mask=m_valid[:, None] & (offs_dqk < D_QK)[None, :], other=0.0)
     Kh = K + h * stride_kh
     Vh = V + h * stride_vh
-    if PAGED:
-        kv = (block_table + b * stride_bt, tl.load(cached_lens + b), q_start + lq - lk, Kc + h * stride_kch,
-              Vc + h * stride_vch, stride_kct, stride_vct, Kh, Vh, stride_kt, stride_vt)
-    else:
-        kv = (Kh, Vh, stride_kt, stride_vt)
+    bt_row = block_table + b * stride_bt
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -230,8 +221,8 @@ def _hstu_attention_fwd(
     # 1. the main loop over range A, then the band: no tests, so the loads pipeline
     for t in range(0, n_a + (band_end - band_lo) // BLOCK_N):
         start_n = tl.where(t < n_a, t * BLOCK_N, band_lo + (t - n_a) * BLOCK_N)
-        acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, kv, k_group, k_pos,
-                         alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, VISIBLE_NORM,
+        acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, k_group, k_pos,
+                         stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, VISIBLE_NORM,
                          PRECISION, UPCAST, FAST_SILU, PAGED, PAGE)
 
     # 2. the remainder (any tile past range A and outside the band): a test on the tile's key metadata
@@ -250,8 +241,8 @@ def _hstu_attention_fwd(
             seen |= (cpos >= min_pos) & (cpos <= max_pos)
         outside = (start_n < band_lo) | (start_n >= band_end)
         if outside & (tl.max(seen.to(tl.int32), axis=0) > 0):
-            acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, kv, k_group, k_pos,
-                             alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
+            acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, k_group, k_pos,
+                             stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
                              VISIBLE_NORM, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE)
 
     if VISIBLE_NORM:
@@ -261,22 +252,6 @@ def _hstu_attention_fwd(
     out = _round(out, Out.dtype.element_ty, UPCAST).to(Out.dtype.element_ty)
     tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :], out,
              mask=m_valid[:, None] & (offs_dv < D_V)[None, :])
-
-
-@dataclass(frozen=True)
-class PagedKV:
-    """Keys read straight from a paged KV pool (the engine's cache), no gather copy.
-
-    Key j of sequence b with j < cached_lens[b] lives at slot block_table[b, j // page_size] * page_size
-    + j % page_size of k_pool / v_pool [slots, H, D]; the sequence's keys after those are its LAST queries'
-    rows of the k, v tensors passed with it (k, v then have q's rows: the step's new tokens, whose
-    candidates are never cached). k_offsets, k_group and k_pos still describe the logical keys."""
-
-    k_pool: torch.Tensor
-    v_pool: torch.Tensor
-    block_table: torch.Tensor  # [B, max_blocks] integer block ids
-    cached_lens: torch.Tensor  # [B] integer: keys read from the pool
-    page_size: int
 
 
 @dataclass(frozen=True)
@@ -358,28 +333,13 @@ def _check_offsets(q_offsets: torch.Tensor, k_offsets: torch.Tensor, t_q: int, t
     return int(max_q)
 
 
-def _check_paged(paged: PagedKV, k: torch.Tensor, v: torch.Tensor, batch: int) -> None:
-    """Raise ValueError naming the first PagedKV field that does not fit k, v and the batch (no host sync)."""
-    for name, pool, new in (("k_pool", paged.k_pool, k), ("v_pool", paged.v_pool, v)):
-        if pool.dim() != 3 or pool.shape[1:] != new.shape[1:] or pool.dtype != new.dtype or pool.stride(2) != 1:
-            raise ValueError(f"paged.{name}: expected [slots, {new.shape[1]}, {new.shape[2]}] {new.dtype} with unit "
-                             f"last stride, got {tuple(pool.shape)} {pool.dtype}")
-    if paged.block_table.dim() != 2 or paged.block_table.shape[0] != batch or paged.block_table.is_floating_point():
-        raise ValueError(f"paged.block_table: expected integer [{batch}, max_blocks], got "
-                         f"{paged.block_table.dtype} {tuple(paged.block_table.shape)}")
-    if paged.cached_lens.shape != (batch,) or paged.cached_lens.is_floating_point():
-        raise ValueError(f"paged.cached_lens: expected integer [{batch}], got {paged.cached_lens.dtype} "
-                         f"{tuple(paged.cached_lens.shape)}")
-    if paged.page_size < 1 or paged.page_size & (paged.page_size - 1):
-        raise ValueError(f"paged.page_size: expected a power of two, got {paged.page_size}")
-
-
-def _paged_args(paged: PagedKV | None, k: torch.Tensor, v: torch.Tensor) -> tuple:
-    """The kernel's pool arguments: the real ones, or placeholders (k, v, unused) when nothing is paged."""
-    if paged is None:
-        return k, v, k, k, 0, 0, 0, 0, 0
-    kp, vp, bt = paged.k_pool, paged.v_pool, paged.block_table
-    return kp, vp, bt, paged.cached_lens, kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), bt.stride(0)
+def _check_block_table(block_table: torch.Tensor, page_size: int, batch: int) -> None:
+    """Raise ValueError if the block table or page size cannot serve this batch and key tile (no host sync)."""
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.is_floating_point():
+        raise ValueError(f"block_table: expected integer [{batch}, max_blocks], got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size: expected a power of two with a block table, got {page_size}")
 
 
 def triton_hstu_attention(
@@ -388,7 +348,8 @@ def triton_hstu_attention(
     q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
     *, mode: str = "dynamic", normalizer: str = "visible", max_seq_len: int = 256, alpha: float | None = None,
     max_len_q: int | None = None, k_counts: torch.Tensor | None = None, out: torch.Tensor | None = None,
-    config: KernelConfig | None = None, fast_silu: bool | None = None, paged: PagedKV | None = None,
+    config: KernelConfig | None = None, fast_silu: bool | None = None,
+    block_table: torch.Tensor | None = None, page_size: int = 0,
 ) -> torch.Tensor:
     """Jagged HSTU attention without relative bias: q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv].
 
@@ -396,12 +357,16 @@ def triton_hstu_attention(
     the token layout can be computed once and shared by every layer: `max_len_q` (the longest query
     sequence; without it the offsets are checked and it is read, one host sync) and `k_counts`
     (`key_counts(k_group, k_offsets)`). `out` is written in place. `fast_silu` (default: on for bf16/fp16
-    on the GPU) evaluates SiLU with one tanh.approx instead of exp + reciprocal. With `paged`, the cached
-    keys come from the pool through block tables and k, v hold the new tokens' rows (see PagedKV).
+    on the GPU) evaluates SiLU with one tanh.approx instead of exp + reciprocal.
+
+    Paged keys (the engine's KV cache, read in place): with `block_table` [B, max_blocks], k and v are
+    pools [slots, H, D] and key j of sequence b lives at slot block_table[b, j // page_size] * page_size
+    + j % page_size; k_offsets, k_group and k_pos still describe the logical keys.
     """
     return launch_hstu_attention(q, k, v, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, mode=mode,
                                  normalizer=normalizer, max_seq_len=max_seq_len, alpha=alpha, max_len_q=max_len_q,
-                                 k_counts=k_counts, out=out, config=config, fast_silu=fast_silu, paged=paged)[0]
+                                 k_counts=k_counts, out=out, config=config, fast_silu=fast_silu,
+                                 block_table=block_table, page_size=page_size)[0]
 
 
 def launch_hstu_attention(
@@ -410,7 +375,8 @@ def launch_hstu_attention(
     q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
     *, mode: str = "dynamic", normalizer: str = "visible", max_seq_len: int = 256, alpha: float | None = None,
     max_len_q: int | None = None, k_counts: torch.Tensor | None = None, out: torch.Tensor | None = None,
-    config: KernelConfig | None = None, fast_silu: bool | None = None, paged: PagedKV | None = None,
+    config: KernelConfig | None = None, fast_silu: bool | None = None,
+    block_table: torch.Tensor | None = None, page_size: int = 0,
 ) -> tuple[torch.Tensor, object | None]:
     """`triton_hstu_attention`, also returning the launched compiled kernel (None when nothing ran), whose
     registers, spills and shared memory check.py reports."""
@@ -432,14 +398,14 @@ def launch_hstu_attention(
                          f"got {tuple(out.shape)} {out.dtype}")
     if batch == 0:
         return out, None
-    if paged is not None:
-        _check_paged(paged, k, v, batch)
+    cfg = config or default_config(d_qk, d_v, q.dtype)
+    if block_table is not None:
+        _check_block_table(block_table, page_size, batch)
     if max_len_q is None:
-        max_len_q = _check_offsets(q_offsets, k_offsets, t_q, k.shape[0] if paged is None else len(k_group))
+        max_len_q = _check_offsets(q_offsets, k_offsets, t_q, k.shape[0] if block_table is None else len(k_group))
     if max_len_q == 0 or heads == 0 or t_q == 0:
         return out, None
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
-    cfg = config or default_config(d_qk, d_v, q.dtype)
     alpha = 1.0 / math.sqrt(d_qk) if alpha is None else float(alpha)
     counts = key_counts(k_group, k_offsets) if k_counts is None else k_counts
     grid = (triton.cdiv(max_len_q, cfg.block_m), batch, heads)
@@ -449,7 +415,7 @@ def launch_hstu_attention(
         q, k, v, out, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, counts,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         alpha, 1.0 / float(max_seq_len),
-        *_paged_args(paged, k, v),
+        k_offsets if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
         D_QK=d_qk, D_V=d_v,
         BLOCK_DQK=max(16, triton.next_power_of_2(d_qk)), BLOCK_DV=max(16, triton.next_power_of_2(d_v)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -457,7 +423,7 @@ def launch_hstu_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         UPCAST=interpreted() and q.dtype == torch.bfloat16,
         FAST_SILU=bool(fast_silu) and not interpreted(),  # inline PTX does not run in the interpreter
-        PAGED=paged is not None, PAGE=paged.page_size if paged is not None else 1,
+        PAGED=block_table is not None, PAGE=page_size if block_table is not None else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, compiled
