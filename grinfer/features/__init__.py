@@ -1,6 +1,7 @@
-"""Raw behaviour -> jagged token batches (CPU tensors; never touches the device)."""
+"""Raw behaviour -> jagged token batches (Featurizer: CPU tensors; DeviceFeaturizer: built on the device)."""
 
 from grinfer.features.batch import EventTokens, MTGRBatch, RetrievalBatch
+from grinfer.features.device import DeviceFeaturizer
 from grinfer.features.featurizer import (
            NUM_CROSS_FEATURES,
            Featurizer,
@@ -11,6 +12,7 @@ from grinfer.features.featurizer import (
 
 __all__ = [
            "NUM_CROSS_FEATURES",
+           "DeviceFeaturizer",
            "EventTokens",
            "Featurizer",
            "MTGRBatch",
