@@ -13,7 +13,7 @@ from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.request import ContextTooLarge, EngineError, RankRequest, RankResult
 from grinfer.engine.runner import ModelRunner
 from grinfer.engine.scheduler import RequestState, Scheduler, context_signature
-from grinfer.features.featurizer import Featurizer
+from grinfer.features.device import DeviceFeaturizer
 from grinfer.model.mtgr import MTGR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,7 +50,7 @@ class EngineCore:
                              host_bytes=config.host_cache_bytes, scratch_blocks=scratch if backend.keys_in_pool else 0)
         self.scheduler = Scheduler(config, self.cache, cfg.num_layers)
         self.runner = ModelRunner(backend, self.cache,
-                                  Featurizer(catalog, cfg.num_time_buckets), self.device)
+                                  DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device), self.device)
         self.num_profile_tokens = len(cfg.profile_cardinalities)
         self.steps = 0
         self.last_step: dict = {}

@@ -17,7 +17,7 @@ from grinfer.engine.backends import Backend
 from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.scheduler import RequestState, StepPlan
 from grinfer.engine.step import build_step_index
-from grinfer.features.featurizer import Featurizer
+from grinfer.features.device import DeviceFeaturizer
 from grinfer.features.featurizer import RankRequest as FeatureRequest
 
 
@@ -32,7 +32,7 @@ class _Embedded:
 class ModelRunner:
     """Runs StepPlans with a backend; writes K/V of new context tokens into the KV cache."""
 
-    def __init__(self, backend: Backend, cache: KVCache, featurizer: Featurizer, device: torch.device):
+    def __init__(self, backend: Backend, cache: KVCache, featurizer: DeviceFeaturizer, device: torch.device):
         self.backend, self.cache, self.featurizer, self.device = backend, cache, featurizer, device
         self.dtype = next(backend.model.parameters()).dtype
 
@@ -69,7 +69,7 @@ class ModelRunner:
         if not states:
             return
         reqs = [FeatureRequest(s.request.context, s.request.candidates, s.request.request_ts) for s in states]
-        batch = self.featurizer.rank_batch(reqs).to(self.device)
+        batch = self.featurizer.rank_batch(reqs)  # built on the device: no host-side feature work
         x, meta = self.backend.embed(batch)
         x = x.to(self.dtype)
         lengths = [len(r.context.profile) + len(r.context.items) + len(r.candidates) for r in reqs]

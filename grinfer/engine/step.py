@@ -88,10 +88,8 @@ def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
     flat = [np.concatenate(v).astype(np.int64) for v in parts.values()]
     flat += [np.asarray(q_len), np.asarray(k_len), np.stack([n_us, ctx_lens], 1).ravel(), block_table.ravel()]
     sizes = [len(a) for a in flat]
-    packed = torch.from_numpy(np.concatenate(flat).astype(np.int64))
-    if device.type == "cuda":
-        packed = packed.pin_memory()
-    t = dict(zip([*parts, "q_len", "k_len", "counts", "table"], packed.to(device, non_blocking=True).split(sizes)))
+    packed = torch.from_numpy(np.concatenate(flat).astype(np.int64))  # pageable: pinning costs ~1 ms a step
+    t = dict(zip([*parts, "q_len", "k_len", "counts", "table"], packed.to(device).split(sizes)))
     embedded = [it.state.embedded for it in items]
     group, pos, ts = (torch.cat([getattr(e, f) for e in embedded]) for f in ("group", "pos", "ts"))
 
