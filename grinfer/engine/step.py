@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from grinfer.engine.kv_cache import KVCache
+from grinfer.features.device import upload
 from grinfer.model.layers import TokenMeta
 from grinfer.ops.jagged import offsets_of
 
@@ -85,11 +86,9 @@ def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
     block_table = np.zeros((len(items), max(map(len, tables), default=1) or 1), np.int64)
     for i, table in enumerate(tables):
         block_table[i, :len(table)] = table
-    flat = [np.concatenate(v).astype(np.int64) for v in parts.values()]
-    flat += [np.asarray(q_len), np.asarray(k_len), np.stack([n_us, ctx_lens], 1).ravel(), block_table.ravel()]
-    sizes = [len(a) for a in flat]
-    packed = torch.from_numpy(np.concatenate(flat).astype(np.int64))  # pageable: pinning costs ~1 ms a step
-    t = dict(zip([*parts, "q_len", "k_len", "counts", "table"], packed.to(device).split(sizes)))
+    flat = [*parts.values(), [np.asarray(q_len)], [np.asarray(k_len)], [np.stack([n_us, ctx_lens], 1).ravel()],
+            [block_table.ravel()]]
+    t = dict(zip([*parts, "q_len", "k_len", "counts", "table"], upload(device, flat, torch.int64)))
     embedded = [it.state.embedded for it in items]
     group, pos, ts = (torch.cat([getattr(e, f) for e in embedded]) for f in ("group", "pos", "ts"))
 

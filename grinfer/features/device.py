@@ -16,6 +16,19 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, index)
 
 
+def upload(device: torch.device, parts: list[list[np.ndarray]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Concatenate each part's arrays into one host buffer (pinned, from PyTorch's caching host allocator,
+    on CUDA), copy it to the device once (asynchronously), and return one flat device tensor per part."""
+    sizes = [sum(np.size(x) for x in arrays) for arrays in parts]
+    buf = torch.empty(sum(sizes), dtype=dtype, pin_memory=device.type == "cuda")
+    host, start = buf.numpy(), 0
+    for arrays, size in zip(parts, sizes):
+        out = host[start:start + size]
+        np.concatenate(arrays, out=out.reshape(-1, *np.shape(arrays[0])[1:]), casting="unsafe")
+        start += size
+    return list(buf.to(device, non_blocking=True).split(sizes))
+
+
 class DeviceFeaturizer:
     """Builds `MTGRBatch`es on `device`, equal to `Featurizer(catalog, num_time_buckets).rank_batch(r).to(device)`.
 
@@ -30,18 +43,6 @@ class DeviceFeaturizer:
         self.num_years = int(catalog.year_bucket.max()) + 1
         self.num_rows = len(catalog.genres)  # item ids are < num_rows: per-user keys are user * num_rows + item
         self.num_time_buckets = num_time_buckets
-
-    def _upload(self, parts: list[list[np.ndarray]], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Concatenate each part's arrays into one (pinned on CUDA) host buffer, copy it to the device once,
-        and return one flat device tensor per part."""
-        sizes = [sum(np.size(x) for x in arrays) for arrays in parts]
-        buf = torch.empty(sum(sizes), dtype=dtype, pin_memory=self.device.type == "cuda")
-        host, start = buf.numpy(), 0
-        for arrays, size in zip(parts, sizes):
-            out = host[start:start + size]
-            np.concatenate(arrays, out=out.reshape(-1, *np.shape(arrays[0])[1:]), casting="unsafe")
-            start += size
-        return list(buf.to(self.device, non_blocking=True).split(sizes))
 
     def rank_batch(self, requests: list[RankRequest]) -> MTGRBatch:
         """One jagged ranking batch, built on the device."""
@@ -64,7 +65,7 @@ class DeviceFeaturizer:
                          np.r_[first - offsets[1, :-1], first + static - n_s - offsets[2, :-1]],  # input - output index
                          np.r_[users, users], np.r_[first, first]])  # user, the user's first event
         last = np.where(ctx_len > 0, offsets[0, 1:] - 1, n_ctx + users)  # index in [stamps | request_ts]
-        offsets, runs, last, request_ts, profile, items, stamps, ratings, cands = self._upload([
+        offsets, runs, last, request_ts, profile, items, stamps, ratings, cands = upload(self.device, [
             [offsets.ravel()], [runs.ravel()], [last], [np.array([r.request_ts for r in requests])],
             [c.profile for c in ctxs], [c.items for c in ctxs], [c.timestamps for c in ctxs],
             [c.ratings for c in ctxs], [r.candidates for r in requests]], torch.int64)
@@ -128,4 +129,4 @@ class DeviceFeaturizer:
                   for r in requests if r.labels is not None]
         if len(labels) != len(requests):
             return None
-        return self._upload([labels], torch.float32)[0].view(sum(map(len, labels)), labels[0].shape[1])
+        return upload(self.device, [labels], torch.float32)[0].view(sum(map(len, labels)), labels[0].shape[1])
