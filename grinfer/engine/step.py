@@ -38,57 +38,65 @@ class StepIndex:
     max_len_q: int  # the longest query sequence
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(start, start + length) over the pairs, without a Python loop."""
+    lengths = np.asarray(lengths, np.int64)
+    shift = np.asarray(starts, np.int64) - (np.cumsum(lengths) - lengths)
+    return np.repeat(shift, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
+    return np.cumsum(x) - x
+
+
 def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
-    """All of a step's indices for work items whose states are embedded; one host-to-device copy.
+    """All of a step's indices for work items whose states are embedded, vectorised over the items; one
+    host-to-device copy.
 
     With scratch pages in the cache, each sequence's candidates get slots after its context (the free
     tail of its last page, then scratch pages) and its block table covers them, so a kernel can read
     every key from the pool; without, candidates have slot -1 and the tables cover the context only."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "q", "k", "write_src", "write_slots", "ctx_dest", "ctx_slots", "cand_dest", "cand_src", "q_slots")}
-    q_len, k_len, ctx_lens, n_us, tables = [], [], [], [], []
-    base = q_off = k_off = scratch_used = 0
     page = cache.block_size
-    for it in items:
-        state = it.state
-        ctx_len, n_seq = state.context_len, len(state.embedded.group)
-        new_ctx = np.arange(it.ctx_start, it.ctx_end)
-        cands = np.arange(ctx_len + it.cand_start, ctx_len + it.cand_end)
-        n_new, n_q, n_k = len(new_ctx), len(new_ctx) + len(cands), it.ctx_end + len(cands)
-        table = np.asarray(state.handle.entry.blocks[:-(-it.ctx_end // page)], np.int64)
-        if len(cache.scratch):
-            extra = -(-n_k // page) - len(table)
-            table = np.concatenate([table, cache.scratch[scratch_used:scratch_used + extra]])
-            scratch_used += extra
-            key_pos = np.arange(it.ctx_end, n_k)
-            cand_slots = table[key_pos // page] * page + key_pos % page
-        else:
-            cand_slots = np.full(len(cands), -1)
-        new_slots = cache.slot_array(state.handle, it.ctx_start, it.ctx_end)
-        parts["q"].append(base + np.concatenate([new_ctx, cands]))
-        parts["k"].append(base + np.concatenate([np.arange(it.ctx_end), cands]))
-        parts["write_src"].append(np.arange(q_off, q_off + n_new))
-        parts["write_slots"].append(new_slots)
-        parts["ctx_dest"].append(np.arange(k_off, k_off + it.ctx_end))
-        parts["ctx_slots"].append(cache.slot_array(state.handle, 0, it.ctx_end))
-        parts["cand_dest"].append(np.arange(k_off + it.ctx_end, k_off + n_k))
-        parts["cand_src"].append(np.arange(q_off + n_new, q_off + n_q))
-        parts["q_slots"].append(np.concatenate([new_slots, cand_slots]))
-        tables.append(table)
-        q_len.append(n_q)
-        k_len.append(n_k)
-        ctx_lens.append(it.ctx_end)
-        n_us.append(min(state.signature.static_tokens, it.ctx_end))
-        base, q_off, k_off = base + n_seq, q_off + n_q, k_off + n_k
-    if scratch_used > len(cache.scratch):
-        raise RuntimeError(f"kv cache: the step's candidates need {scratch_used} scratch pages, the cache has "
+    ctx_start, ctx_end, cand_start, cand_end, ctx_len, n_seq, n_static = np.array(
+        [(it.ctx_start, it.ctx_end, it.cand_start, it.cand_end, it.state.context_len,
+          len(it.state.embedded.group), it.state.signature.static_tokens) for it in items], np.int64).T
+    n_new, n_cand = ctx_end - ctx_start, cand_end - cand_start
+    n_q, n_k = n_new + n_cand, ctx_end + n_cand
+    base, q_off, k_off = _exclusive_cumsum(n_seq), _exclusive_cumsum(n_q), _exclusive_cumsum(n_k)
+
+    # block tables: each sequence's own pages up to ctx_end, then scratch pages for its candidates
+    own = -(-ctx_end // page)
+    extra = (-(-n_k // page) - own) if len(cache.scratch) else np.zeros_like(own)
+    if extra.sum() > len(cache.scratch):
+        raise RuntimeError(f"kv cache: the step's candidates need {extra.sum()} scratch pages, the cache has "
                            f"{len(cache.scratch)}")
-    block_table = np.zeros((len(items), max(map(len, tables), default=1) or 1), np.int64)
-    for i, table in enumerate(tables):
-        block_table[i, :len(table)] = table
-    flat = [*parts.values(), [np.asarray(q_len)], [np.asarray(k_len)], [np.stack([n_us, ctx_lens], 1).ravel()],
-            [block_table.ravel()]]
-    t = dict(zip([*parts, "q_len", "k_len", "counts", "table"], upload(device, flat, torch.int64)))
+    table = np.zeros((len(items), max(int((own + extra).max()), 1)), np.int64)
+    for i, it in enumerate(items):
+        table[i, :own[i]] = it.state.handle.entry.blocks[:own[i]]
+    seq = np.repeat(np.arange(len(items)), extra)
+    table[seq, own[seq] + _ranges(np.zeros_like(extra), extra)] = cache.scratch[:int(extra.sum())]
+
+    def slots(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        pos, seq = _ranges(starts, lengths), np.repeat(np.arange(len(items)), lengths)
+        return table[seq, pos // page] * page + pos % page
+
+    write_src, cand_src = _ranges(q_off, n_new), _ranges(q_off + n_new, n_cand)
+    write_slots = slots(ctx_start, n_new)
+    q_slots = np.full(int(n_q.sum()), -1, np.int64)
+    q_slots[write_src] = write_slots
+    if len(cache.scratch):
+        q_slots[cand_src] = slots(ctx_end, n_cand)
+    cand_rows = base + ctx_len + cand_start
+    parts = {
+        "q": _ranges(np.stack([base + ctx_start, cand_rows], 1).ravel(), np.stack([n_new, n_cand], 1).ravel()),
+        "k": _ranges(np.stack([base, cand_rows], 1).ravel(), np.stack([ctx_end, n_cand], 1).ravel()),
+        "write_src": write_src, "write_slots": write_slots,
+        "ctx_dest": _ranges(k_off, ctx_end), "ctx_slots": slots(np.zeros_like(ctx_end), ctx_end),
+        "cand_dest": _ranges(k_off + ctx_end, n_cand), "cand_src": cand_src, "q_slots": q_slots,
+        "q_len": n_q, "k_len": n_k, "counts": np.stack([np.minimum(n_static, ctx_end), ctx_end], 1).ravel(),
+        "table": table.ravel(),
+    }
+    t = dict(zip(parts, upload(device, [[a] for a in parts.values()], torch.int64)))
     embedded = [it.state.embedded for it in items]
     group, pos, ts = (torch.cat([getattr(e, f) for e in embedded]) for f in ("group", "pos", "ts"))
 
@@ -97,4 +105,4 @@ def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
 
     return StepIndex(t["q"], meta(t["q"], t["q_len"]), meta(t["k"], t["k_len"]), t["write_src"], t["write_slots"],
                      t["ctx_dest"], t["ctx_slots"], t["cand_dest"], t["cand_src"], t["q_slots"],
-                     t["table"].view(block_table.shape), t["counts"].view(-1, 2), max(q_len, default=0))
+                     t["table"].view(table.shape), t["counts"].view(-1, 2), int(n_q.max(initial=0)))
