@@ -60,7 +60,7 @@ class MTGR(nn.Module):
         hist, rt, cand = batch.history, batch.realtime, batch.candidates
         ns, nr, nc = hist.lengths, rt.lengths, cand.lengths
         offsets = offsets_of(nu + ns + nr + nc)
-        total, base = int(offsets[-1]), offsets[:-1]
+        total, base = b * nu + len(hist.items) + len(rt.items) + len(cand.items), offsets[:-1]  # no device sync
         dev = batch.profile.device
 
         fields = torch.arange(nu, device=dev)
