@@ -105,6 +105,7 @@ class EngineConfig(BaseModel):
     max_batch_requests: int = Field(64, ge=1)
     max_queue: int = Field(1024, ge=1)  # waiting requests beyond this are rejected (overload)
     max_realtime: int = Field(100, ge=0)  # R events per request (older ones must be rolled into S)
+    cuda_graphs: bool = True  # fused backend on CUDA: replay the layer stack from a CUDA graph per shape bucket
 
 
 class ServerConfig(BaseModel):

@@ -41,7 +41,7 @@ class EngineCore:
         dtype = DTYPES[config.dtype]
         self.model = model.to(self.device, dtype).eval()
         cfg = model.cfg
-        backend = make_backend(config.backend, self.model)
+        backend = make_backend(config.backend, self.model, config)
         per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype)
         # candidates of one step: at most max_batch_tokens, each item's starting on a page of their own
         scratch = -(-config.max_batch_tokens // config.block_size) + config.max_batch_requests

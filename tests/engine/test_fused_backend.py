@@ -23,6 +23,7 @@ from engine_util import (
 from triton_util import interpreted_module
 
 from grinfer.config import ModelConfig
+from grinfer.engine.backends.graphs import GraphCache, bucket, pow2
 
 attention_kernels = interpreted_module("grinfer.ops.triton.hstu_attention")
 norm_kernels = interpreted_module("grinfer.ops.triton.layer_norm")
@@ -86,6 +87,36 @@ def test_bf16_error_against_fp32_at_most_twice_eager_bf16(model, catalog, featur
                         for q in reqs)
     assert err["eager"] > 0
     assert err["fused"] <= 2 * err["eager"] + 2 ** -9, err
+
+
+def test_shape_buckets():
+    assert [bucket(n) for n in (0, 1, 16, 17, 31, 33, 100, 1000, 52_000)] == [16, 16, 16, 18, 32, 36, 104, 1024,
+                                                                                 53_248]
+    assert all(n <= bucket(n) <= max(16, n * 1.125) for n in range(1, 5000))
+    assert [pow2(n) for n in (0, 1, 2, 3, 64, 65)] == [1, 1, 2, 4, 64, 128]
+
+
+def test_padded_static_inputs_of_the_cuda_graphs_give_the_same_scores(model, catalog, featurizer, make_request):
+    """The graphs' padding, run eagerly: steps of different shapes share buckets and their static inputs (stale
+    rows, slots, offsets and tables of the previous step), and scores still equal the uncached model's."""
+    core = make_core(model, catalog, backend="fused", block_size=4)
+    backend = core.runner.backend
+    layers = len(model.layers)
+    backend.use_graphs = True
+    backend.graphs = GraphCache(lambda x, inputs: backend._layers(x, inputs, core.cache, 0, layers), capture=False)
+    rng = np.random.default_rng(3)
+    first = [engine_request(f"u{i}", make_request(s, r, 3, seed=40 + i)) for i, (s, r) in enumerate([(3, 1), (2, 2),
+                                                                                                     (4, 0)])]
+    a = first[0]
+    grown = with_context(a, append_events(a.context, rng, 1))
+    again = with_context(grown, grown.context)  # a hit: fewer queries in the same bucket, stale slots reset
+    rounds = [first, [grown], [again], [with_context(a, append_events(grown.context, rng, 1))]]
+    for requests in rounds:
+        results = run(core, requests)
+        for q in requests:
+            assert_scores(model, featurizer, q, results[q.request_id], atol=ATOL)
+    assert results[rounds[-1][0].request_id].cache == "partial"
+    assert len(backend.graphs.graphs) < len(rounds)  # steps of other shapes shared a bucket
 
 
 def test_relative_bias_models_are_rejected(mtgr_cfg: ModelConfig, catalog):

@@ -9,10 +9,11 @@ from grinfer.engine.backends.fused import FusedBackend
 BACKENDS: dict[str, type[Backend]] = {"eager": Backend, "compiled": CompiledBackend, "fused": FusedBackend}
 
 
-def make_backend(name: str, model) -> Backend:
-    """The backend called `name` over `model`; unknown names list the available ones."""
+def make_backend(name: str, model, config=None) -> Backend:
+    """The backend called `name` over `model` (with the engine's config, if any); unknown names list the
+    available ones."""
     try:
-        return BACKENDS[name](model)
+        return BACKENDS[name](model, config)
     except KeyError:
         raise ValueError(f"backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
 

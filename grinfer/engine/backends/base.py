@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from grinfer.config import EngineConfig
 from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.step import StepIndex
 from grinfer.model.layers import TokenMeta
@@ -19,8 +20,8 @@ class Backend:
     name = "eager"
     keys_in_pool = False  # whether attention reads the candidates' K/V from the cache (scratch pages) too
 
-    def __init__(self, model: MTGR):
-        self.model = model
+    def __init__(self, model: MTGR, config: EngineConfig | None = None):
+        self.model, self.config = model, config
 
     def embed(self, batch):
         """Token embeddings and metadata of whole request sequences."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from grinfer.config import EngineConfig
 from grinfer.engine.backends.base import Backend
 from grinfer.model.mtgr import MTGR
 
@@ -27,8 +28,8 @@ def _finish(layer, x, attn, u, group):
 class CompiledBackend(Backend):
     name = "compiled"
 
-    def __init__(self, model: MTGR):
-        super().__init__(model)
+    def __init__(self, model: MTGR, config: EngineConfig | None = None):
+        super().__init__(model, config)
         self._project = torch.compile(_project, dynamic=True)
         self._attend = torch.compile(_attend, dynamic=True)
         self._finish = torch.compile(_finish, dynamic=True)

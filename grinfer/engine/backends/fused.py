@@ -10,14 +10,17 @@ Per layer, over the step's new tokens (bf16 or fp16, fp32 statistics and accumul
     group_norm_mul     y = GroupLN_attn(A V) * U
     addmm (cuBLAS)     x = x + y W_o^T (the residual as cuBLAS's C input; the bias joins in the next norm)
 
-No host round trip inside a step: the loop bounds and key counts come with the step's indices.
+No host round trip inside a step: the loop bounds and key counts come with the step's indices. On CUDA
+the whole stack is replayed from a CUDA graph per shape bucket (graphs.py; EngineConfig.cuda_graphs).
 """
 
 from __future__ import annotations
 
 import torch
 
+from grinfer.config import EngineConfig
 from grinfer.engine.backends.base import Backend
+from grinfer.engine.backends.graphs import GraphCache, LayerInputs
 from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.step import StepIndex
 from grinfer.model.mtgr import MTGR
@@ -27,8 +30,8 @@ class FusedBackend(Backend):
     name = "fused"
     keys_in_pool = True  # the step's candidates' K/V go to scratch pages of the cache
 
-    def __init__(self, model: MTGR):
-        super().__init__(model)
+    def __init__(self, model: MTGR, config: EngineConfig | None = None):
+        super().__init__(model, config)
         cfg = model.cfg
         if cfg.rel_bias:
             raise ValueError("backend: 'fused' has no relative attention bias; serve rel_bias models with 'eager'")
@@ -41,26 +44,36 @@ class FusedBackend(Backend):
                              "TRITON_INTERPRET=1, for tests); use 'eager' or 'compiled' here")
         self._attention, self._norms = hstu_attention, layer_norm
         self._attn_config = hstu_attention.default_config(cfg.head_dim, cfg.head_dim, dtype)
+        self.use_graphs = device.type == "cuda" and (config is None or config.cuda_graphs)  # full-stack steps only
+        self.graphs: GraphCache | None = None  # made at the first step, for the engine's cache
 
     def run_layers(self, x: torch.Tensor, idx: StepIndex, cache: KVCache, first: int, last: int) -> torch.Tensor:
+        inputs = LayerInputs(idx.q_meta.offsets, idx.q_meta.group, idx.q_meta.pos, idx.q_slots, idx.k_meta.offsets,
+                             idx.k_meta.group, idx.k_meta.pos, idx.block_table, idx.k_counts, idx.max_len_q)
+        if not self.use_graphs or (first, last) != (0, len(self.model.layers)):
+            return self._layers(x, inputs, cache, first, last)  # layer-chunked steps are rare: no graphs
+        if self.graphs is None:
+            self.graphs = GraphCache(lambda xs, ins: self._layers(xs, ins, cache, first, last))
+        return self.graphs(x, inputs)
+
+    def _layers(self, x: torch.Tensor, inp: LayerInputs, cache: KVCache, first: int, last: int) -> torch.Tensor:
         cfg, norms, attention = self.model.cfg, self._norms, self._attention
         d, heads, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
-        group, q_meta, k_meta = idx.q_meta.group, idx.q_meta, idx.k_meta
         bias = None  # the previous layer's output bias, added into x (in place, on addmm's output) by the next norm
         for i in range(first, last):
             layer = self.model.layers[i]
-            xn = norms.group_layer_norm(x, group, layer.norm_in.weight, layer.norm_in.bias, layer.norm_in.eps,
-                                        add=bias)
+            xn = norms.group_layer_norm(x, inp.q_group, layer.norm_in.weight, layer.norm_in.bias,
+                                        layer.norm_in.eps, add=bias)
             h = torch.addmm(layer.uvqk.bias, xn, layer.uvqk.weight.t())
-            norms.silu_scatter_kv(h, d, idx.q_slots, cache.k[i], cache.v[i])
+            norms.silu_scatter_kv(h, d, inp.q_slots, cache.k[i], cache.v[i])
             u, q = h[:, :d], h[:, 2 * d:3 * d]
             attn = attention.triton_hstu_attention(
-                q.view(-1, heads, dh), cache.k[i], cache.v[i], q_meta.offsets, k_meta.offsets,
-                q_meta.group, q_meta.pos, k_meta.group, k_meta.pos, mode=cfg.mask, normalizer=cfg.normalizer,
-                max_seq_len=cfg.max_seq_len, max_len_q=idx.max_len_q, k_counts=idx.k_counts,
-                config=self._attn_config, block_table=idx.block_table, page_size=cache.block_size)
-            y = norms.group_norm_mul(attn.view(-1, d), u, group, layer.norm_attn.weight, layer.norm_attn.bias,
-                                     layer.norm_attn.eps)
+                q.view(-1, heads, dh), cache.k[i], cache.v[i], inp.q_offsets, inp.k_offsets, inp.q_group, inp.q_pos,
+                inp.k_group, inp.k_pos, mode=cfg.mask, normalizer=cfg.normalizer, max_seq_len=cfg.max_seq_len,
+                max_len_q=inp.max_len_q, k_counts=inp.k_counts, config=self._attn_config,
+                block_table=inp.block_table, page_size=cache.block_size)
+            y = norms.group_norm_mul(attn.view(-1, d), u, inp.q_group, layer.norm_attn.weight,
+                                     layer.norm_attn.bias, layer.norm_attn.eps)
             x = torch.addmm(x, y, layer.out.weight.t())
             bias = layer.out.bias
         return x if bias is None else x + bias

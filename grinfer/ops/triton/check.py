@@ -230,6 +230,10 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,
     k_pool, v_pool, table = paged(x, kb, vb, batch, gen)
     paged_kernel = partial(kernel, default, k=k_pool, v=v_pool, block_table=table, page_size=32)
     record(f"triton {default} paged (block tables)", bench(paged_kernel), errors(paged_kernel(), ref32))
+    k_pool, v_pool, table = paged(x, kb, vb, batch, gen, page=16)
+    paged_kernel = partial(kernel, default, k=k_pool, v=v_pool, block_table=table, page_size=16)
+    record(f"triton {default} paged, 16-slot pages (a block id per key)", bench(paged_kernel),
+           errors(paged_kernel(), ref32))
     paged_kernel = k_pool = v_pool = table = None  # free the pool before the baselines
     record("triton per call (counts + offsets check)",
            bench(lambda: triton_hstu_attention(qb, kb, vb, *meta)), None)

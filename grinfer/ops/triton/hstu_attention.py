@@ -118,12 +118,18 @@ def _silu(x, alpha, FAST: tl.constexpr):
 
 
 @triton.jit
-def _key_rows(offs_n, n_valid, k_rows0, bt_row, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Rows of K/V holding keys offs_n of the sequence: k_rows0 + offs_n, or, PAGED, their slots in the pool
-    through the sequence's block table (a tile within one page loads one block id, broadcast)."""
+def _key_rows(start_n, offs_n, n_valid, k_rows0, bt_row, PAGED: tl.constexpr, PAGE: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    """Rows of K/V holding keys offs_n = start_n + [0, BLOCK_N) of the sequence: k_rows0 + offs_n, or, PAGED,
+    their slots in the pool through the sequence's block table: one block id per tile when tiles never
+    straddle pages (PAGE a multiple of BLOCK_N; tiles start at multiples of BLOCK_N), else one per key."""
     if PAGED:
-        blk = tl.load(bt_row + offs_n // PAGE, mask=n_valid, other=0).to(tl.int64)
-        rows = blk * PAGE + offs_n % PAGE
+        if PAGE % BLOCK_N == 0:
+            blk = tl.load(bt_row + start_n // PAGE).to(tl.int64)
+            rows = blk * PAGE + start_n % PAGE + tl.arange(0, BLOCK_N)
+        else:
+            blk = tl.load(bt_row + offs_n // PAGE, mask=n_valid, other=0).to(tl.int64)
+            rows = blk * PAGE + offs_n % PAGE
     else:
         rows = k_rows0 + offs_n
     return rows
@@ -141,7 +147,7 @@ def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, bt_row, Kh, Vh, k_group, k
     kg = tl.load(k_group + rows, mask=n_valid, other=-1).to(tl.int32)
     kp = tl.load(k_pos + rows, mask=n_valid, other=0).to(tl.int32)
     rank, cpos = _key_codes(kg, kp, n_valid, DYNAMIC)
-    kv_rows = _key_rows(offs_n, n_valid, k_rows0, bt_row, PAGED, PAGE)
+    kv_rows = _key_rows(start_n, offs_n, n_valid, k_rows0, bt_row, PAGED, PAGE, BLOCK_N)
     kt = tl.load(Kh + kv_rows[None, :] * stride_kt + offs_dqk[:, None],
                  mask=n_valid[None, :] & (offs_dqk < D_QK)[:, None], other=0.0)
     s = _dot(q, kt, PRECISION, UPCAST)

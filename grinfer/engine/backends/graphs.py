@@ -1,0 +1,126 @@
+"""CUDA graphs of the fused layer stack, one per shape bucket, replayed instead of ~6 launches a layer.
+
+A step's shapes (query rows, sequences, key rows, block-table width, longest query sequence) are
+rounded up to a bucket; the graph of that bucket reads padded static copies of the step's inputs:
+
+    x, q_slots      padding rows are zero / -1 (their K/V are never written into the cache)
+    offsets         padding sequences are empty (their programs exit at once)
+    block tables    padding is never read (a sequence reads only the pages its keys span)
+
+so one graph serves every step whose shapes fall in its bucket. Query rows are rounded to 8 steps per
+power of two (at most 12.5% more GEMM rows), the rest to powers of two (they cost nothing).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+
+
+def bucket(n: int, steps_per_octave: int = 8, minimum: int = 16) -> int:
+    """n rounded up to one of `steps_per_octave` sizes per power of two (at least `minimum`)."""
+    n = max(n, minimum)
+    step = max(1 << max(n.bit_length() - 1 - steps_per_octave.bit_length() + 1, 0), 1)
+    return -(-n // step) * step
+
+
+def pow2(n: int) -> int:
+    """The next power of two >= max(n, 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass
+class LayerInputs:
+    """What the fused layer stack reads besides x: the jagged query/key metadata and the cache pages."""
+
+    q_offsets: torch.Tensor  # [B + 1]
+    q_group: torch.Tensor  # [Tq]
+    q_pos: torch.Tensor  # [Tq]
+    q_slots: torch.Tensor  # [Tq] cache slot of each query's K/V, -1 = not written
+    k_offsets: torch.Tensor  # [B + 1]
+    k_group: torch.Tensor  # [Tk]
+    k_pos: torch.Tensor  # [Tk]
+    block_table: torch.Tensor  # [B, W]
+    k_counts: torch.Tensor  # [B, 2]
+    max_len_q: int
+
+    def key(self) -> tuple[int, ...]:
+        """The bucket of these shapes: (query rows, sequences, key rows, table width, longest query sequence)."""
+        return (bucket(len(self.q_group)), pow2(len(self.q_offsets) - 1), bucket(len(self.k_group)),
+                pow2(self.block_table.shape[1]), pow2(self.max_len_q))
+
+    @classmethod
+    def empty(cls, key: tuple[int, ...], device: torch.device) -> LayerInputs:
+        """Static inputs of a bucket: every sequence empty, every slot -1."""
+        t_q, batch, t_k, width, max_q = key
+        z = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=device)
+        return cls(z(batch + 1), z(t_q), z(t_q), torch.full((t_q,), -1, dtype=torch.int64, device=device),
+                   z(batch + 1), z(t_k), z(t_k), z(batch, width), z(batch, 2), max_q)
+
+    def load(self, step: LayerInputs) -> None:
+        """Copy a step's inputs into these (larger) static ones, resetting what the previous step left."""
+        t_q, batch = len(step.q_group), len(step.q_offsets) - 1
+        for f in fields(self):
+            if f.name in ("q_offsets", "k_offsets", "block_table", "max_len_q"):
+                continue
+            src, dst = getattr(step, f.name), getattr(self, f.name)
+            dst[:len(src)].copy_(src)
+        self.q_slots[t_q:].fill_(-1)
+        for name in ("q_offsets", "k_offsets"):
+            src, dst = getattr(step, name), getattr(self, name)
+            dst[:batch + 1].copy_(src)
+            dst[batch + 1:].copy_(src[-1].expand(len(dst) - batch - 1))  # padding sequences are empty
+        self.block_table[:batch, :step.block_table.shape[1]].copy_(step.block_table)
+
+
+class _Graph:
+    def __init__(self, key: tuple[int, ...], d_model: int, dtype: torch.dtype, device: torch.device):
+        self.inputs = LayerInputs.empty(key, device)
+        self.x = torch.zeros(key[0], d_model, dtype=dtype, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+
+
+class GraphCache:
+    """Runs `layers(x, inputs)` through a CUDA graph per shape bucket (LRU, at most `max_graphs`).
+
+    With capture=False the padded static inputs are run eagerly (the tests' check of the padding)."""
+
+    def __init__(self, layers: Callable[[torch.Tensor, LayerInputs], torch.Tensor], max_graphs: int = 16,
+                 capture: bool = True):
+        self.layers, self.max_graphs, self.capture = layers, max_graphs, capture
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.captures = 0
+
+    def __call__(self, x: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
+        key = (*inputs.key(), x.dtype)
+        g = self.graphs.get(key)
+        if g is None:
+            g = self.graphs[key] = _Graph(key[:-1], x.shape[1], x.dtype, x.device)
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        g.inputs.load(inputs)
+        g.x[:len(x)].copy_(x)
+        if not self.capture:
+            return self.layers(g.x, g.inputs)[:len(x)]
+        if g.graph is None:
+            self._capture(g)
+        g.graph.replay()
+        return g.out[:len(x)].clone()  # the next replay overwrites the static output
+
+    def _capture(self, g: _Graph) -> None:
+        """Warm up on a side stream (compiles kernels; its cache writes equal the replay's), then capture."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.layers(g.x, g.inputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self.pool):
+            g.out = self.layers(g.x, g.inputs)
+        self.captures += 1
