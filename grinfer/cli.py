@@ -139,6 +139,8 @@ def bench(
     max_batch_tokens: Annotated[int | None, typer.Option(help="Engine token budget (default: a whole batch).")]
     = None,
     host_cache_gb: Annotated[float, typer.Option(help="Host-tier KV cache size in GB (0 = off).")] = 0.0,
+    cuda_graphs: Annotated[bool, typer.Option(help="fused on CUDA: replay the layer stack from CUDA graphs.")]
+    = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results JSON (and a PNG beside it).")]
     = None,
     server: Annotated[str | None, typer.Option(help="Load-test a running server at this loopback URL instead "
@@ -194,7 +196,7 @@ def bench(
     import torch
 
     ceiling = matmul_ceiling(torch.device(dev), torch.bfloat16 if dev.startswith("cuda") else torch.float32)
-    overrides = {"host_cache_bytes": int(host_cache_gb * 1e9)}
+    overrides = {"host_cache_bytes": int(host_cache_gb * 1e9), "cuda_graphs": cuda_graphs}
     if max_batch_tokens is not None:
         overrides["max_batch_tokens"] = max_batch_tokens
     rows = [run_workload(w, kind, dev, iters, warmup, seed, overrides) for w in shapes for kind in kinds]
@@ -212,7 +214,7 @@ def serve(
     grpc_port: Annotated[int | None, typer.Option(help="gRPC port, 0 = off [50051].")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require this key (X-API-Key) on write/admin calls.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto [auto].")] = None,
-    backend: Annotated[str | None, typer.Option(help="eager or compiled [eager].")] = None,
+    backend: Annotated[str | None, typer.Option(help="eager, compiled or fused (CUDA) [eager].")] = None,
     config: Annotated[str | None, typer.Option(help="A TOML file of these settings ([server] table).")] = None,
 ) -> None:
     """Serve REST (+ OpenAPI at /docs, web page at /, /metrics) and gRPC. Settings: flags > GRINFER_* env > file."""

@@ -116,7 +116,8 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     per_token = core.cache.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype])
     context_tokens = w.profile_tokens + w.static + w.realtime
     return {
-        "workload": w.name, "backend": backend, "device": device, "dtype": config.dtype, "batch": w.batch,
+        "workload": w.name, "backend": backend + ("/nograph" if backend == "fused" and not config.cuda_graphs else ""),
+        "cuda_graphs": config.cuda_graphs, "device": device, "dtype": config.dtype, "batch": w.batch,
         "shape": {"profile": w.profile_tokens, "static": w.static, "realtime": w.realtime,
                   "candidates": w.candidates, "new_events": w.new_events, "preset": w.preset},
         "p50_ms": 1e3 * float(np.percentile(latencies, 50)), "p99_ms": 1e3 * float(np.percentile(latencies, 99)),
@@ -134,7 +135,7 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
 
 def format_table(rows: list[dict], ceiling: float) -> str:
     """A fixed-width table of the headline numbers."""
-    cols = [("workload", "{:<9}"), ("backend", "{:<9}"), ("batch", "{:>5}"), ("p50_ms", "{:>9.2f}"),
+    cols = [("workload", "{:<9}"), ("backend", "{:<14}"), ("batch", "{:>5}"), ("p50_ms", "{:>9.2f}"),
             ("p99_ms", "{:>9.2f}"), ("ms_per_request", "{:>9.3f}"), ("requests_per_s", "{:>9.1f}"),
             ("candidates_per_s", "{:>11.0f}"), ("achieved_tflops", "{:>8.3f}"), ("peak_memory_gb", "{:>7.2f}"),
             ("kv_hit_ratio", "{:>6.2f}"), ("max_abs_diff_vs_uncached", "{:>9.2e}"), ("max_abs_err_vs_fp32", "{:>9.2e}")]
