@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
 import time
@@ -68,6 +69,7 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
                 "kv_cache_bytes": 0 if dev.type == "cuda" else 1 << 30, **engine_overrides}
     config = EngineConfig(**settings)
     if dev.type == "cuda":
+        gc.collect()  # the previous run's engine (its KV pool, CUDA graphs) must be gone before this one sizes its pool
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     core = EngineCore(model, catalog, config)

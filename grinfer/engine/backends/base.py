@@ -22,10 +22,11 @@ class Backend:
 
     def __init__(self, model: MTGR, config: EngineConfig | None = None):
         self.model, self.config = model, config
+        self._embed = model.embed
 
     def embed(self, batch):
         """Token embeddings and metadata of whole request sequences."""
-        return self.model.embed(batch)
+        return self._embed(batch)
 
     def project(self, layer: int, x: torch.Tensor, group: torch.Tensor):
         """U, V, Q, K of the tokens being computed."""

@@ -25,6 +25,12 @@ def _finish(layer, x, attn, u, group):
     return layer.finish(x, attn, u, group)
 
 
+def compile_embed(model: MTGR):
+    """model.embed through torch.compile: the ~100 small gathers and MLP ops of the token embedding fused
+    into a few kernels (one graph, no host sync)."""
+    return torch.compile(model.embed, dynamic=True, fullgraph=True)
+
+
 class CompiledBackend(Backend):
     name = "compiled"
 
@@ -34,6 +40,7 @@ class CompiledBackend(Backend):
         self._attend = torch.compile(_attend, dynamic=True)
         self._finish = torch.compile(_finish, dynamic=True)
         self._head = torch.compile(model.head_logits, dynamic=True)
+        self._embed = compile_embed(model)
 
     def project(self, layer, x, group):
         return self._project(self.model.layers[layer], x, group)

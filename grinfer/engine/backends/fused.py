@@ -11,7 +11,8 @@ Per layer, over the step's new tokens (bf16 or fp16, fp32 statistics and accumul
     addmm (cuBLAS)     x = x + y W_o^T (the residual as cuBLAS's C input; the bias joins in the next norm)
 
 No host round trip inside a step: the loop bounds and key counts come with the step's indices. On CUDA
-the whole stack is replayed from a CUDA graph per shape bucket (graphs.py; EngineConfig.cuda_graphs).
+the whole stack is replayed from a CUDA graph per shape bucket (graphs.py; EngineConfig.cuda_graphs) and
+the token embedding goes through torch.compile.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from grinfer.config import EngineConfig
 from grinfer.engine.backends.base import Backend
+from grinfer.engine.backends.compiled import compile_embed
 from grinfer.engine.backends.graphs import GraphCache, LayerInputs
 from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.step import StepIndex
@@ -44,6 +46,8 @@ class FusedBackend(Backend):
                              "TRITON_INTERPRET=1, for tests); use 'eager' or 'compiled' here")
         self._attention, self._norms = hstu_attention, layer_norm
         self._attn_config = hstu_attention.default_config(cfg.head_dim, cfg.head_dim, dtype)
+        if device.type == "cuda":
+            self._embed = compile_embed(model)
         self.use_graphs = device.type == "cuda" and (config is None or config.cuda_graphs)  # full-stack steps only
         self.graphs: GraphCache | None = None  # made at the first step, for the engine's cache
 

@@ -94,6 +94,7 @@ class GraphCache:
         self.layers, self.max_graphs, self.capture = layers, max_graphs, capture
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.warmup_stream = torch.cuda.Stream() if capture else None  # one: its cached blocks are reused
         self.captures = 0
 
     def __call__(self, x: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
@@ -115,7 +116,7 @@ class GraphCache:
 
     def _capture(self, g: _Graph) -> None:
         """Warm up on a side stream (compiles kernels; its cache writes equal the replay's), then capture."""
-        stream = torch.cuda.Stream()
+        stream = self.warmup_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self.layers(g.x, g.inputs)
