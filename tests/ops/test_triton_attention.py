@@ -223,6 +223,21 @@ def test_paged_keys_match_reference(page, table_dtype):
     assert_matches(got, reference_attention(b.q[rows], b.k, b.v, *args))
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_visible_counts_from_the_layout_match_counting(paged):
+    """layout_counts: the engine's key layout gives each query's visible-key count without counting tiles."""
+    layouts = [(2, 5, 4, 6), (1, 0, 3, 2), (2, 3, 3, 0), (0, 0, 0, 3), (0, 0, 0, 0), (3, 14, 9, 11)]
+    b, k_pool, v_pool, table = paged_case(layouts, 16, seed=14)
+    rows, q_offsets = suffix_rows(b, [0, 1, 6, 0, 0, 20])
+    args = (q_offsets, b.offsets, b.group[rows], b.pos[rows], b.group, b.pos)
+    keys = {"block_table": table, "page_size": 16} if paged else {}
+    got = tk.triton_hstu_attention(b.q[rows], k_pool if paged else b.k, v_pool if paged else b.v, *args,
+                                   config=SMALL, layout_counts=True, **keys)
+    assert_matches(got, reference_attention(b.q[rows], b.k, b.v, *args))
+    with pytest.raises(ValueError, match="layout_counts"):
+        tk.triton_hstu_attention(b.q[rows], b.k, b.v, *args, mode="causal", layout_counts=True)
+
+
 def test_paged_arguments_are_checked():
     b, k_pool, v_pool, table = paged_case([(1, 2, 1, 2)], 4, seed=13)
     args = (b.offsets, b.offsets, b.group, b.pos, b.group, b.pos)

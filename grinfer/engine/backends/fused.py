@@ -75,7 +75,7 @@ class FusedBackend(Backend):
                 q.view(-1, heads, dh), cache.k[i], cache.v[i], inp.q_offsets, inp.k_offsets, inp.q_group, inp.q_pos,
                 inp.k_group, inp.k_pos, mode=cfg.mask, normalizer=cfg.normalizer, max_seq_len=cfg.max_seq_len,
                 max_len_q=inp.max_len_q, k_counts=inp.k_counts, config=self._attn_config,
-                block_table=inp.block_table, page_size=cache.block_size)
+                block_table=inp.block_table, page_size=cache.block_size, layout_counts=cfg.mask == "dynamic")
             y = norms.group_norm_mul(attn.view(-1, d), u, inp.q_group, layer.norm_attn.weight,
                                      layer.norm_attn.bias, layer.norm_attn.eps)
             x = torch.addmm(x, y, layer.out.weight.t())

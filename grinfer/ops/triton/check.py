@@ -230,11 +230,21 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,
     k_pool, v_pool, table = paged(x, kb, vb, batch, gen)
     paged_kernel = partial(kernel, default, k=k_pool, v=v_pool, block_table=table, page_size=32)
     record(f"triton {default} paged (block tables)", bench(paged_kernel), errors(paged_kernel(), ref32))
+    engine = partial(kernel, k=k_pool, v=v_pool, block_table=table, page_size=32, layout_counts=True)
+    record(f"triton {default} paged + layout counts (the fused backend's call)", bench(partial(engine, default)),
+           errors(engine(default), ref32))
+    if sweep:
+        for cfg in SWEEP:
+            if cfg != default:
+                try:
+                    record(f"triton {cfg} paged + layout counts", bench(partial(engine, cfg)), None)
+                except Exception as exc:
+                    record(f"triton {cfg} paged + layout counts", None, None, error=f"{type(exc).__name__}")
     k_pool, v_pool, table = paged(x, kb, vb, batch, gen, page=16)
     paged_kernel = partial(kernel, default, k=k_pool, v=v_pool, block_table=table, page_size=16)
     record(f"triton {default} paged, 16-slot pages (a block id per key)", bench(paged_kernel),
            errors(paged_kernel(), ref32))
-    paged_kernel = k_pool = v_pool = table = None  # free the pool before the baselines
+    paged_kernel = engine = k_pool = v_pool = table = None  # free the pool before the baselines
     record("triton per call (counts + offsets check)",
            bench(lambda: triton_hstu_attention(qb, kb, vb, *meta)), None)
     variants = [(default, False)] + ([(cfg, True) for cfg in SWEEP if cfg != default] if sweep else [])

@@ -172,7 +172,8 @@ def _hstu_attention_fwd(
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, LAYOUT_COUNT: tl.constexpr,
+    COUNT: tl.constexpr,  # VISIBLE_NORM and not LAYOUT_COUNT: count the visible keys tile by tile
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -228,7 +229,7 @@ def _hstu_attention_fwd(
     for t in range(0, n_a + (band_end - band_lo) // BLOCK_N):
         start_n = tl.where(t < n_a, t * BLOCK_N, band_lo + (t - n_a) * BLOCK_N)
         acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, k_group, k_pos,
-                         stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, VISIBLE_NORM,
+                         stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, COUNT,
                          PRECISION, UPCAST, FAST_SILU, PAGED, PAGE)
 
     # 2. the remainder (any tile past range A and outside the band): a test on the tile's key metadata
@@ -249,9 +250,11 @@ def _hstu_attention_fwd(
         if outside & (tl.max(seen.to(tl.int32), axis=0) > 0):
             acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, k_group, k_pos,
                              stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
-                             VISIBLE_NORM, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE)
+                             COUNT, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE)
 
     if VISIBLE_NORM:
+        if LAYOUT_COUNT:  # the engine's layout: U/S queries see the U/S keys, R at p sees p + 1, C the context + self
+            cnt = tl.where(qg == _C, n_ctx + 1, tl.where(qg == _R, qp + 1, n_us)).to(tl.float32)
         out = acc / tl.maximum(cnt, 1.0)[:, None]
     else:
         out = acc * inv_norm
@@ -355,7 +358,7 @@ def triton_hstu_attention(
     *, mode: str = "dynamic", normalizer: str = "visible", max_seq_len: int = 256, alpha: float | None = None,
     max_len_q: int | None = None, k_counts: torch.Tensor | None = None, out: torch.Tensor | None = None,
     config: KernelConfig | None = None, fast_silu: bool | None = None,
-    block_table: torch.Tensor | None = None, page_size: int = 0,
+    block_table: torch.Tensor | None = None, page_size: int = 0, layout_counts: bool = False,
 ) -> torch.Tensor:
     """Jagged HSTU attention without relative bias: q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv].
 
@@ -368,11 +371,16 @@ def triton_hstu_attention(
     Paged keys (the engine's KV cache, read in place): with `block_table` [B, max_blocks], k and v are
     pools [slots, H, D] and key j of sequence b lives at slot block_table[b, j // page_size] * page_size
     + j % page_size; k_offsets, k_group and k_pos still describe the logical keys.
+
+    `layout_counts` (dynamic mask, 'visible' normaliser): the caller promises the engine's layout (each
+    sequence's keys are its context, index == position, then its candidates; its queries see every context
+    key a query of their kind may see), so the visible-key counts follow from k_counts instead of being
+    counted tile by tile.
     """
     return launch_hstu_attention(q, k, v, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, mode=mode,
                                  normalizer=normalizer, max_seq_len=max_seq_len, alpha=alpha, max_len_q=max_len_q,
                                  k_counts=k_counts, out=out, config=config, fast_silu=fast_silu,
-                                 block_table=block_table, page_size=page_size)[0]
+                                 block_table=block_table, page_size=page_size, layout_counts=layout_counts)[0]
 
 
 def launch_hstu_attention(
@@ -382,7 +390,7 @@ def launch_hstu_attention(
     *, mode: str = "dynamic", normalizer: str = "visible", max_seq_len: int = 256, alpha: float | None = None,
     max_len_q: int | None = None, k_counts: torch.Tensor | None = None, out: torch.Tensor | None = None,
     config: KernelConfig | None = None, fast_silu: bool | None = None,
-    block_table: torch.Tensor | None = None, page_size: int = 0,
+    block_table: torch.Tensor | None = None, page_size: int = 0, layout_counts: bool = False,
 ) -> tuple[torch.Tensor, object | None]:
     """`triton_hstu_attention`, also returning the launched compiled kernel (None when nothing ran), whose
     registers, spills and shared memory check.py reports."""
@@ -405,6 +413,8 @@ def launch_hstu_attention(
     if batch == 0:
         return out, None
     cfg = config or default_config(d_qk, d_v, q.dtype)
+    if layout_counts and mode != "dynamic":
+        raise ValueError("layout_counts: the layout's visible-key counts are those of the dynamic mask")
     if block_table is not None:
         _check_block_table(block_table, page_size, batch)
     if max_len_q is None:
@@ -430,6 +440,7 @@ def launch_hstu_attention(
         UPCAST=interpreted() and q.dtype == torch.bfloat16,
         FAST_SILU=bool(fast_silu) and not interpreted(),  # inline PTX does not run in the interpreter
         PAGED=block_table is not None, PAGE=page_size if block_table is not None else 1,
+        LAYOUT_COUNT=layout_counts, COUNT=normalizer == "visible" and not layout_counts,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, compiled
