@@ -45,7 +45,8 @@ class FusedBackend(Backend):
             raise ValueError("backend: 'fused' runs Triton kernels on a CUDA device (on the CPU only under "
                              "TRITON_INTERPRET=1, for tests); use 'eager' or 'compiled' here")
         self._attention, self._norms = hstu_attention, layer_norm
-        self._attn_config = hstu_attention.default_config(cfg.head_dim, cfg.head_dim, dtype)
+        self._layout_counts = cfg.mask == "dynamic"  # the engine's key layout gives the visible-key counts
+        self._attn_config = hstu_attention.default_config(cfg.head_dim, cfg.head_dim, dtype, self._layout_counts)
         if device.type == "cuda":
             self._embed = compile_embed(model)
         self.use_graphs = device.type == "cuda" and (config is None or config.cuda_graphs)  # full-stack steps only
@@ -75,7 +76,7 @@ class FusedBackend(Backend):
                 q.view(-1, heads, dh), cache.k[i], cache.v[i], inp.q_offsets, inp.k_offsets, inp.q_group, inp.q_pos,
                 inp.k_group, inp.k_pos, mode=cfg.mask, normalizer=cfg.normalizer, max_seq_len=cfg.max_seq_len,
                 max_len_q=inp.max_len_q, k_counts=inp.k_counts, config=self._attn_config,
-                block_table=inp.block_table, page_size=cache.block_size, layout_counts=cfg.mask == "dynamic")
+                block_table=inp.block_table, page_size=cache.block_size, layout_counts=self._layout_counts)
             y = norms.group_norm_mul(attn.view(-1, d), u, inp.q_group, layer.norm_attn.weight,
                                      layer.norm_attn.bias, layer.norm_attn.eps)
             x = torch.addmm(x, y, layer.out.weight.t())

@@ -231,11 +231,12 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,
     paged_kernel = partial(kernel, default, k=k_pool, v=v_pool, block_table=table, page_size=32)
     record(f"triton {default} paged (block tables)", bench(paged_kernel), errors(paged_kernel(), ref32))
     engine = partial(kernel, k=k_pool, v=v_pool, block_table=table, page_size=32, layout_counts=True)
-    record(f"triton {default} paged + layout counts (the fused backend's call)", bench(partial(engine, default)),
-           errors(engine(default), ref32))
+    fused = default_config(sh.head_dim, sh.head_dim, layout_counts=True)
+    record(f"triton {fused} paged + layout counts (the fused backend's call)", bench(partial(engine, fused)),
+           errors(engine(fused), ref32))
     if sweep:
         for cfg in SWEEP:
-            if cfg != default:
+            if cfg != fused:
                 try:
                     record(f"triton {cfg} paged + layout counts", bench(partial(engine, cfg)), None)
                 except Exception as exc:

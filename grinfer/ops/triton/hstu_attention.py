@@ -282,13 +282,16 @@ class KernelConfig:
                 raise ValueError(f"{name}: expected a power of two >= 16, got {value}")
 
 
-def default_config(d_qk: int, d_v: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
+def default_config(d_qk: int, d_v: int, dtype: torch.dtype = torch.bfloat16,
+                   layout_counts: bool = False) -> KernelConfig:
     """The launch shape used when none is given. Head dim 256 (every MTGR preset) was tuned on an H200 at the
-    R1 shapes; smaller head dims use shapes that compile for sm_90 without register spills, untimed
-    (KERNELS.md)."""
+    R1 shapes, with and without `layout_counts` (without the per-tile count, 64-row tiles win); smaller head
+    dims use shapes that compile for sm_90 without register spills, untimed (KERNELS.md)."""
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_v))
     if dtype == torch.float32:  # twice the bytes per tile: half the keys per tile
         return KernelConfig(64, 32, num_warps=4, num_stages=2)
+    if layout_counts and d > 128:
+        return KernelConfig(64, 32, num_warps=4, num_stages=3)
     if d <= 64:
         return KernelConfig(64, 32, num_warps=4, num_stages=3)
     if d <= 128:
@@ -412,7 +415,7 @@ def launch_hstu_attention(
                          f"got {tuple(out.shape)} {out.dtype}")
     if batch == 0:
         return out, None
-    cfg = config or default_config(d_qk, d_v, q.dtype)
+    cfg = config or default_config(d_qk, d_v, q.dtype, layout_counts)
     if layout_counts and mode != "dynamic":
         raise ValueError("layout_counts: the layout's visible-key counts are those of the dynamic mask")
     if block_table is not None:
