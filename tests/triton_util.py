@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import pytest
@@ -21,8 +22,11 @@ def interpreted_module(name: str) -> ModuleType:
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
+        for loaded in [m for n, m in sys.modules.items() if n.startswith("grinfer.ops.triton.")]:
+            if not _interpreted(loaded):  # imported earlier without the interpreter: decorate the kernels again,
+                importlib.reload(loaded)  # helpers first (kernels call the jitted helpers of their globals)
         module = importlib.import_module(name)
-        if not _interpreted(module):  # imported earlier without the interpreter: decorate the kernels again
+        if not _interpreted(module):
             module = importlib.reload(module)
         return module
     except ModuleNotFoundError as exc:

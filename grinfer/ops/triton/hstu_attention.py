@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from grinfer.ops.reference.hstu_attention import GROUP_C, GROUP_R, GROUP_S, GROUP_U
+from grinfer.ops.triton.rounding import round_to
 
 _U = tl.constexpr(GROUP_U)
 _S = tl.constexpr(GROUP_S)
@@ -87,19 +88,6 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     else:
         c = tl.dot(a, b, input_precision=PRECISION)
     return c
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x rounded to `dtype` (to nearest even). UPCAST: kept in fp32 holding bf16 values, rounded by bit
-    arithmetic, since the interpreter's fp32 -> bf16 cast truncates where the GPU rounds."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        y = bits.to(tl.float32, bitcast=True)
-    else:
-        y = x.to(dtype)
-    return y
 
 
 @triton.jit
@@ -157,7 +145,7 @@ def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, bt_row, Kh, Vh, k_group, k
     p = tl.where(m, _silu(s, alpha, FAST_SILU), 0.0)
     v = tl.load(Vh + kv_rows[:, None] * stride_vt + offs_dv[None, :],
                 mask=n_valid[:, None] & (offs_dv < D_V)[None, :], other=0.0)
-    acc += _dot(_round(p, v.dtype, UPCAST), v, PRECISION, UPCAST)
+    acc += _dot(round_to(p, v.dtype, UPCAST), v, PRECISION, UPCAST)
     if COUNT:
         cnt += tl.sum(m.to(tl.float32), axis=1)
     return acc, cnt
@@ -258,7 +246,7 @@ def _hstu_attention_fwd(
         out = acc / tl.maximum(cnt, 1.0)[:, None]
     else:
         out = acc * inv_norm
-    out = _round(out, Out.dtype.element_ty, UPCAST).to(Out.dtype.element_ty)
+    out = round_to(out, Out.dtype.element_ty, UPCAST).to(Out.dtype.element_ty)
     tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :], out,
              mask=m_valid[:, None] & (offs_dv < D_V)[None, :])
 

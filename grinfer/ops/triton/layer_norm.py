@@ -18,7 +18,7 @@ the output's dtype. Tensors bf16, fp16 or fp32 (each may differ), d up to MAX_DI
 stride with unit column stride (column slices of a [T, 4d] tensor work).
 
 In Triton's interpreter a fp32 -> bf16 cast truncates where the GPU rounds to nearest even: there
-bf16 outputs are rounded by bit arithmetic first (`_round`), so the interpreter's results are the
+bf16 outputs are rounded by bit arithmetic first (`round_to`), so the interpreter's results are the
 GPU's up to fp32 reassociation.
 """
 
@@ -28,22 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from grinfer.ops.triton.rounding import round_to
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_DIM = 8192
 TILE_ELEMENTS = 4096  # elements per program and column block (rows x padded d); read at each call
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr, BF16_BITS: tl.constexpr):
-    """fp32 x rounded to `dtype`, to nearest even. BF16_BITS (interpreter, bf16 target): kept in fp32 holding
-    a bf16 value, rounded by bit arithmetic since the interpreter's fp32 -> bf16 cast truncates."""
-    if BF16_BITS:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        y = bits.to(tl.float32, bitcast=True)
-    else:
-        y = x.to(dtype)
-    return y
 
 
 @triton.jit
@@ -72,25 +61,31 @@ def _affine(y, rows, row_ok, cols, col_ok, Group, W, B, stride_w, stride_b, GROU
 
 
 @triton.jit
+def _row_block(T, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows and the padded columns, their bounds and the [BLOCK_M, BLOCK_D] tile mask."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    col_ok = cols < D
+    return rows, cols, row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def _group_layer_norm_fwd(
     X, Add, Group, W, B, Y, T, stride_x, stride_y, stride_w, stride_b, eps,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_ADD: tl.constexpr, GROUPED: tl.constexpr, ROUND_X: tl.constexpr, ROUND_Y: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < T
-    col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
+    rows, cols, row_ok, col_ok, mask = _row_block(T, D, BLOCK_M, BLOCK_D)
     r = rows.to(tl.int64)[:, None]
     x_ptrs = X + r * stride_x + cols[None, :]
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_ADD:
         add = tl.load(Add + cols, mask=col_ok, other=0.0).to(tl.float32)
-        x = _round(x + add[None, :], X.dtype.element_ty, ROUND_X).to(tl.float32)  # the residual as stored
+        x = round_to(x + add[None, :], X.dtype.element_ty, ROUND_X).to(tl.float32)  # the residual as stored
         tl.store(x_ptrs, x.to(X.dtype.element_ty), mask=mask)
     y = _affine(_normalized(x, mask, D, eps), rows, row_ok, cols, col_ok, Group, W, B, stride_w, stride_b, GROUPED)
-    tl.store(Y + r * stride_y + cols[None, :], _round(y, Y.dtype.element_ty, ROUND_Y).to(Y.dtype.element_ty),
+    tl.store(Y + r * stride_y + cols[None, :], round_to(y, Y.dtype.element_ty, ROUND_Y).to(Y.dtype.element_ty),
              mask=mask)
 
 
@@ -100,25 +95,21 @@ def _silu_scatter_kv_fwd(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     ROUND_H: tl.constexpr, ROUND_K: tl.constexpr, ROUND_V: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < T
-    col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
+    rows, cols, row_ok, col_ok, mask = _row_block(T, D, BLOCK_M, BLOCK_D)
     slot = tl.load(Slots + rows, mask=row_ok, other=-1).to(tl.int64)
     cache_mask = (row_ok & (slot >= 0))[:, None] & col_ok[None, :]
     h_rows = H + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
     for j in tl.static_range(4):  # the u, v, q, k column blocks
         ptrs = h_rows + j * D
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        s = _round(x / (1.0 + tl.exp(-x)), H.dtype.element_ty, ROUND_H).to(tl.float32)  # SiLU as stored in h
+        s = round_to(x / (1.0 + tl.exp(-x)), H.dtype.element_ty, ROUND_H).to(tl.float32)  # SiLU as stored in h
         tl.store(ptrs, s.to(H.dtype.element_ty), mask=mask)
         if j == 1:
             tl.store(VC + slot[:, None] * stride_v + cols[None, :],
-                     _round(s, VC.dtype.element_ty, ROUND_V).to(VC.dtype.element_ty), mask=cache_mask)
+                     round_to(s, VC.dtype.element_ty, ROUND_V).to(VC.dtype.element_ty), mask=cache_mask)
         if j == 3:
             tl.store(KC + slot[:, None] * stride_k + cols[None, :],
-                     _round(s, KC.dtype.element_ty, ROUND_K).to(KC.dtype.element_ty), mask=cache_mask)
+                     round_to(s, KC.dtype.element_ty, ROUND_K).to(KC.dtype.element_ty), mask=cache_mask)
 
 
 @triton.jit
@@ -127,17 +118,13 @@ def _group_norm_mul_fwd(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     GROUPED: tl.constexpr, ROUND_Y: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < T
-    col_ok = cols < D
-    mask = row_ok[:, None] & col_ok[None, :]
+    rows, cols, row_ok, col_ok, mask = _row_block(T, D, BLOCK_M, BLOCK_D)
     r = rows.to(tl.int64)[:, None]
     a = tl.load(A + r * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + r * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     y = _affine(_normalized(a, mask, D, eps), rows, row_ok, cols, col_ok, Group, W, B, stride_w, stride_b, GROUPED)
     y = y * u
-    tl.store(Y + r * stride_y + cols[None, :], _round(y, Y.dtype.element_ty, ROUND_Y).to(Y.dtype.element_ty),
+    tl.store(Y + r * stride_y + cols[None, :], round_to(y, Y.dtype.element_ty, ROUND_Y).to(Y.dtype.element_ty),
              mask=mask)
 
 
@@ -156,6 +143,13 @@ def launch_shape(d: int) -> tuple[int, int, int]:
     block_d = max(16, triton.next_power_of_2(d))
     block_m = max(1, min(64, TILE_ELEMENTS // block_d))
     return block_d, block_m, 4 if block_m * block_d <= 4096 else 8
+
+
+def _launch(kernel, rows: int, d: int, *args, **constexprs) -> None:
+    """One program per block of rows (whole rows of d columns, padded to a power of two)."""
+    block_d, block_m, warps = launch_shape(d)
+    kernel[(triton.cdiv(rows, block_m),)](*args, D=d, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=warps,
+                                         **constexprs)
 
 
 def _check_rows(name: str, t: torch.Tensor, rows: int, d: int) -> None:
@@ -215,13 +209,9 @@ def group_layer_norm(x: torch.Tensor, group: torch.Tensor | None, weight: torch.
     out = _output(out, x, rows, d)
     if rows == 0:
         return out
-    block_d, block_m, warps = launch_shape(d)
-    _group_layer_norm_fwd[(triton.cdiv(rows, block_m),)](
-        x, x if add is None else add, group, weight, bias, out, rows, x.stride(0), out.stride(0),
-        weight.stride(0), bias.stride(0), float(eps),
-        D=d, BLOCK_D=block_d, BLOCK_M=block_m, HAS_ADD=add is not None, GROUPED=grouped,
-        ROUND_X=_bf16_bits(x), ROUND_Y=_bf16_bits(out), num_warps=warps,
-    )
+    _launch(_group_layer_norm_fwd, rows, d, x, x if add is None else add, group, weight, bias, out, rows,
+            x.stride(0), out.stride(0), weight.stride(0), bias.stride(0), float(eps),
+            HAS_ADD=add is not None, GROUPED=grouped, ROUND_X=_bf16_bits(x), ROUND_Y=_bf16_bits(out))
     return out
 
 
@@ -246,12 +236,8 @@ def silu_scatter_kv(h: torch.Tensor, d: int, slots: torch.Tensor, k_cache: torch
                              f"strides {cache.stride()}")
     if rows == 0:
         return
-    block_d, block_m, warps = launch_shape(d)
-    _silu_scatter_kv_fwd[(triton.cdiv(rows, block_m),)](
-        h, slots, k_cache, v_cache, rows, h.stride(0), k_cache.stride(0), v_cache.stride(0),
-        D=d, BLOCK_D=block_d, BLOCK_M=block_m,
-        ROUND_H=_bf16_bits(h), ROUND_K=_bf16_bits(k_cache), ROUND_V=_bf16_bits(v_cache), num_warps=warps,
-    )
+    _launch(_silu_scatter_kv_fwd, rows, d, h, slots, k_cache, v_cache, rows, h.stride(0), k_cache.stride(0),
+            v_cache.stride(0), ROUND_H=_bf16_bits(h), ROUND_K=_bf16_bits(k_cache), ROUND_V=_bf16_bits(v_cache))
 
 
 def group_norm_mul(a: torch.Tensor, u: torch.Tensor, group: torch.Tensor | None, weight: torch.Tensor,
@@ -269,10 +255,6 @@ def group_norm_mul(a: torch.Tensor, u: torch.Tensor, group: torch.Tensor | None,
     out = _output(out, a, rows, d)
     if rows == 0:
         return out
-    block_d, block_m, warps = launch_shape(d)
-    _group_norm_mul_fwd[(triton.cdiv(rows, block_m),)](
-        a, u, group, weight, bias, out, rows, a.stride(0), u.stride(0), out.stride(0),
-        weight.stride(0), bias.stride(0), float(eps),
-        D=d, BLOCK_D=block_d, BLOCK_M=block_m, GROUPED=grouped, ROUND_Y=_bf16_bits(out), num_warps=warps,
-    )
+    _launch(_group_norm_mul_fwd, rows, d, a, u, group, weight, bias, out, rows, a.stride(0), u.stride(0),
+            out.stride(0), weight.stride(0), bias.stride(0), float(eps), GROUPED=grouped, ROUND_Y=_bf16_bits(out))
     return out
