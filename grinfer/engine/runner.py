@@ -69,8 +69,8 @@ class ModelRunner:
         if not states:
             return
         reqs = [FeatureRequest(s.request.context, s.request.candidates, s.request.request_ts) for s in states]
-        batch = self.featurizer.rank_batch(reqs)  # built on the device: no host-side feature work
-        x, meta = self.backend.embed(batch)
+        raw = self.featurizer.prepare(reqs)  # features are built on the device, with the embedding
+        x, meta = self.backend.featurize_embed(self.featurizer, raw)
         x = x.to(self.dtype)
         lengths = [len(r.context.profile) + len(r.context.items) + len(r.candidates) for r in reqs]
         lo = 0

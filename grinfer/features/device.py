@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -29,6 +31,34 @@ def upload(device: torch.device, parts: list[list[np.ndarray]], dtype: torch.dty
     return list(buf.to(device, non_blocking=True).split(sizes))
 
 
+@dataclass
+class RawBatch:
+    """A batch's raw events on the device (one upload) and the sizes the host knows."""
+
+    offsets: torch.Tensor  # [4, B + 1] context (request order), S, R, candidates
+    runs: torch.Tensor  # [4, 2B] S then R runs: length, input - output index, user, the user's first event
+    last: torch.Tensor  # [B] each user's last event in [timestamps | request_ts]
+    request_ts: torch.Tensor
+    profile: torch.Tensor
+    items: torch.Tensor
+    stamps: torch.Tensor
+    ratings: torch.Tensor
+    candidates: torch.Tensor
+    num_requests: int
+    profile_width: int
+    num_context: int
+    num_static: int
+    num_candidates: int
+    labels: torch.Tensor | None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.offsets, self.runs, self.last, self.request_ts, self.profile, self.items, self.stamps,
+                self.ratings, self.candidates)
+
+    def sizes(self) -> tuple[int, ...]:
+        return self.num_requests, self.profile_width, self.num_context, self.num_static, self.num_candidates
+
+
 class DeviceFeaturizer:
     """Builds `MTGRBatch`es on `device`, equal to `Featurizer(catalog, num_time_buckets).rank_batch(r).to(device)`.
 
@@ -46,6 +76,10 @@ class DeviceFeaturizer:
 
     def rank_batch(self, requests: list[RankRequest]) -> MTGRBatch:
         """One jagged ranking batch, built on the device."""
+        return self.build(self.prepare(requests))
+
+    def prepare(self, requests: list[RankRequest]) -> RawBatch:
+        """The host's share: sizes and run tables from the requests, every raw array uploaded at once."""
         if not requests:
             raise ValueError("rank_batch: no requests")
         b, ctxs = len(requests), [r.context for r in requests]
@@ -65,42 +99,55 @@ class DeviceFeaturizer:
                          np.r_[first - offsets[1, :-1], first + static - n_s - offsets[2, :-1]],  # input - output index
                          np.r_[users, users], np.r_[first, first]])  # user, the user's first event
         last = np.where(ctx_len > 0, offsets[0, 1:] - 1, n_ctx + users)  # index in [stamps | request_ts]
-        offsets, runs, last, request_ts, profile, items, stamps, ratings, cands = upload(self.device, [
+        tensors = upload(self.device, [
             [offsets.ravel()], [runs.ravel()], [last], [np.array([r.request_ts for r in requests])],
             [c.profile for c in ctxs], [c.items for c in ctxs], [c.timestamps for c in ctxs],
             [c.ratings for c in ctxs], [r.candidates for r in requests]], torch.int64)
+        return RawBatch(*tensors, b, width, n_ctx, n_s, n_cand, self._labels(requests))
+
+    def build(self, raw: RawBatch) -> MTGRBatch:
+        """The device's share: tokens, gaps and cross features with batched ops (no host sync)."""
+        batch = self.build_from(*raw.tensors(), *raw.sizes())
+        batch.labels = raw.labels
+        return batch
+
+    def build_from(self, offsets, runs, last, request_ts, profile, items, stamps, ratings, cands,
+                   b: int, width: int, n_ctx: int, n_s: int, n_cand: int) -> MTGRBatch:
+        """`build` on RawBatch's tensors and sizes as plain arguments, so that torch.compile(dynamic=True)
+        treats the sizes as symbols (object attributes would be specialised: a recompile per shape)."""
         ctx_off, s_off, r_off, c_off = offsets.view(4, b + 1)
         run_len, run_shift, run_user, run_first = runs.view(4, 2 * b)
+        dev = stamps.device
 
         # context tokens in output order: src = index in the input context, seg = user, prev = previous timestamp
-        run = torch.repeat_interleave(torch.arange(2 * b, device=self.device), run_len, output_size=n_ctx)
-        src = torch.arange(n_ctx, device=self.device) + _take(run_shift, run)
+        run = torch.repeat_interleave(torch.arange(2 * b, device=dev), run_len, output_size=n_ctx)
+        src = torch.arange(n_ctx, device=dev) + _take(run_shift, run)
         seg = _take(run_user, run)
         ts = _take(stamps, src)
         prev = torch.where(src == _take(run_first, run), ts, _take(stamps, (src - 1).clamp(min=0)))
         # candidates: at request_ts, after the user's last event (request_ts itself without events)
-        seg_c = torch.repeat_interleave(torch.arange(b, device=self.device), c_off.diff(), output_size=n_cand)
+        seg_c = torch.repeat_interleave(torch.arange(b, device=dev), c_off.diff(), output_size=n_cand)
         c_ts, c_prev = _take(request_ts, seg_c), _take(_take(torch.cat([stamps, request_ts]), last), seg_c)
         gaps = time_bucket(torch.cat([ts - prev, c_ts - c_prev]), self.num_time_buckets).split([n_ctx, n_cand])
 
         context = self._tokens(_take(items, src), _take(ratings, src), ts, gaps[0])
         candidates = self._tokens(cands, torch.zeros_like(cands), c_ts, gaps[1])
-        history, realtime = ({k: v[part] for k, v in context.items()} for part in (slice(n_s), slice(n_s, None)))
+        parts = {k: v.split([n_s, n_ctx - n_s]) for k, v in context.items()}  # split: no guard on n_s's value
+        history, realtime = ({k: v[i] for k, v in parts.items()} for i in (0, 1))
         return MTGRBatch(
             profile=profile.view(b, width),
             history=EventTokens(s_off, **history),
             realtime=EventTokens(r_off, **realtime),
             candidates=EventTokens(c_off, **candidates),
-            cross=self._cross(b, ctx_off.diff(), seg, context, seg_c, candidates),
+            cross=self._cross(b, ctx_off.diff(), seg, context, seg_c, candidates, n_ctx),
             request_ts=request_ts,
-            labels=self._labels(requests),
         )
 
     def _tokens(self, items, actions, stamps, gaps) -> dict[str, torch.Tensor]:
         return {"items": items, "genres": _take(self.genres, items), "years": _take(self.years, items),
                 "actions": actions, "timestamps": stamps, "gaps": gaps}
 
-    def _cross(self, b: int, lengths, seg, ctx: dict, seg_c, cand: dict) -> torch.Tensor:
+    def _cross(self, b: int, lengths, seg, ctx: dict, seg_c, cand: dict, n_ctx: int) -> torch.Tensor:
         """[N_c, 4] `Featurizer.cross_features` of every request, from per-user sums (index_add_ over `seg`).
 
         No matmuls: they could run in TF32 (the engine allows it), far from the numpy float32 values.
@@ -116,9 +163,9 @@ class DeviceFeaturizer:
                                                               genres.new_ones(len(seg)))
         same_era = _take(era, seg_c * self.num_years + cand["years"]) / _take(n, seg_c)
         keys, cand_keys = seg * self.num_rows + ctx["items"], seg_c * self.num_rows + cand["items"]
-        if len(keys):  # sort + searchsorted: torch.isin would sync with the host (unique) on CUDA
+        if n_ctx:  # sort + searchsorted: torch.isin would sync with the host (unique) on CUDA
             keys = keys.sort().values
-            seen = _take(keys, torch.searchsorted(keys, cand_keys).clamp(max=len(keys) - 1)) == cand_keys
+            seen = _take(keys, torch.searchsorted(keys, cand_keys).clamp(max=n_ctx - 1)) == cand_keys
         else:
             seen = torch.zeros_like(cand_keys, dtype=torch.bool)
         return torch.cat([affinity, same_era[:, None], seen[:, None].to(torch.float32)], 1)

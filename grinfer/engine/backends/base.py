@@ -7,6 +7,7 @@ import torch
 from grinfer.config import EngineConfig
 from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.step import StepIndex
+from grinfer.features.device import DeviceFeaturizer, RawBatch
 from grinfer.model.layers import TokenMeta
 from grinfer.model.mtgr import MTGR
 
@@ -22,11 +23,10 @@ class Backend:
 
     def __init__(self, model: MTGR, config: EngineConfig | None = None):
         self.model, self.config = model, config
-        self._embed = model.embed
 
-    def embed(self, batch):
-        """Token embeddings and metadata of whole request sequences."""
-        return self._embed(batch)
+    def featurize_embed(self, featurizer: DeviceFeaturizer, raw: RawBatch) -> tuple[torch.Tensor, TokenMeta]:
+        """Token embeddings and metadata of whole request sequences, from their raw events on the device."""
+        return featurize_embed(self.model, featurizer, *raw.tensors(), *raw.sizes())
 
     def project(self, layer: int, x: torch.Tensor, group: torch.Tensor):
         """U, V, Q, K of the tokens being computed."""
@@ -68,3 +68,9 @@ def _keys(new: torch.Tensor, cached: torch.Tensor, idx: StepIndex) -> torch.Tens
     out[idx.ctx_dest] = cached[idx.ctx_slots].to(new.dtype)
     out[idx.cand_dest] = new[idx.cand_src]
     return out
+
+
+def featurize_embed(model: MTGR, featurizer: DeviceFeaturizer, *raw) -> tuple[torch.Tensor, TokenMeta]:
+    """model.embed(featurizer.build_from(*raw)): RawBatch's tensors and sizes as plain arguments, so that
+    torch.compile(dynamic=True) of this function keeps the sizes symbolic."""
+    return model.embed(featurizer.build_from(*raw))

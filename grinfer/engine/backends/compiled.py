@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from grinfer.config import EngineConfig
-from grinfer.engine.backends.base import Backend
+from grinfer.engine.backends.base import Backend, featurize_embed
 from grinfer.model.mtgr import MTGR
 
 
@@ -25,10 +25,11 @@ def _finish(layer, x, attn, u, group):
     return layer.finish(x, attn, u, group)
 
 
-def compile_embed(model: MTGR):
-    """model.embed through torch.compile: the ~100 small gathers and MLP ops of the token embedding fused
-    into a few kernels (one graph, no host sync)."""
-    return torch.compile(model.embed, dynamic=True, fullgraph=True)
+def compile_featurize_embed(model: MTGR):
+    """Featurizing and embedding through torch.compile: ~200 small device ops fused into a few kernels, one
+    graph, sizes symbolic (a recompile only for batches without S or R events)."""
+    compiled = torch.compile(featurize_embed, dynamic=True, fullgraph=True)
+    return lambda featurizer, raw: compiled(model, featurizer, *raw.tensors(), *raw.sizes())
 
 
 class CompiledBackend(Backend):
@@ -40,7 +41,7 @@ class CompiledBackend(Backend):
         self._attend = torch.compile(_attend, dynamic=True)
         self._finish = torch.compile(_finish, dynamic=True)
         self._head = torch.compile(model.head_logits, dynamic=True)
-        self._embed = compile_embed(model)
+        self.featurize_embed = compile_featurize_embed(model)
 
     def project(self, layer, x, group):
         return self._project(self.model.layers[layer], x, group)

@@ -12,7 +12,7 @@ Per layer, over the step's new tokens (bf16 or fp16, fp32 statistics and accumul
 
 No host round trip inside a step: the loop bounds and key counts come with the step's indices. On CUDA
 the whole stack is replayed from a CUDA graph per shape bucket (graphs.py; EngineConfig.cuda_graphs) and
-the token embedding goes through torch.compile.
+featurizing + token embedding go through torch.compile.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from grinfer.config import EngineConfig
 from grinfer.engine.backends.base import Backend
-from grinfer.engine.backends.compiled import compile_embed
+from grinfer.engine.backends.compiled import compile_featurize_embed
 from grinfer.engine.backends.graphs import GraphCache, LayerInputs
 from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.step import StepIndex
@@ -48,7 +48,7 @@ class FusedBackend(Backend):
         self._layout_counts = cfg.mask == "dynamic"  # the engine's key layout gives the visible-key counts
         self._attn_config = hstu_attention.default_config(cfg.head_dim, cfg.head_dim, dtype, self._layout_counts)
         if device.type == "cuda":
-            self._embed = compile_embed(model)
+            self.featurize_embed = compile_featurize_embed(model)
         self.use_graphs = device.type == "cuda" and (config is None or config.cuda_graphs)  # full-stack steps only
         self.graphs: GraphCache | None = None  # made at the first step, for the engine's cache
 
