@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from model_util import seeded_model
 
 from grinfer.config import EngineConfig, ModelConfig
 from grinfer.data.types import ItemCatalog
@@ -16,7 +17,6 @@ from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.scheduler import StepPlan
 from grinfer.features import Featurizer, UserContext
 from grinfer.features import RankRequest as FeatureRequest
-from grinfer.model import build_model
 from grinfer.model.mtgr import MTGR
 
 ATOL = 1e-5
@@ -146,12 +146,5 @@ def assert_unpinned(core: EngineCore) -> None:
 
 
 def fixed_model(cfg: ModelConfig, seed: int = 0) -> MTGR:
-    """A model with seeded weights; relative-bias tables (zero at init) are randomised so they matter."""
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for layer in model.layers:
-            if layer.rel_bias is not None:
-                layer.rel_bias.pos_table.normal_(0.0, 0.5)
-                layer.rel_bias.time_table.normal_(0.0, 0.5)
-    return model.eval()
+    """A model with seeded weights and randomised relative-bias tables (tests/model_util.py)."""
+    return seeded_model(cfg, seed)

@@ -6,27 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from model_util import seeded_model
 
-from grinfer.config import ModelConfig
 from grinfer.features import Featurizer, RankRequest, UserContext
-from grinfer.model import build_model
 from grinfer.model.mtgr import MTGR
 from grinfer.ops import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 
 ATOL = 1e-5
-
-
-def new_model(cfg: ModelConfig, seed: int = 0, randomize_bias: bool = True) -> MTGR:
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    assert isinstance(model, MTGR)
-    if randomize_bias:  # the relative-bias tables start at zero; make them matter
-        with torch.no_grad():
-            for layer in model.layers:
-                if layer.rel_bias is not None:
-                    layer.rel_bias.pos_table.normal_(0.0, 0.5)
-                    layer.rel_bias.time_table.normal_(0.0, 0.5)
-    return model.eval()
 
 
 def with_candidates(req: RankRequest, candidates) -> RankRequest:
@@ -40,7 +26,7 @@ def score(model: MTGR, featurizer: Featurizer, requests: list[RankRequest]) -> t
 
 
 def test_forward_shape_and_finite(mtgr_cfg, featurizer, make_request):
-    model = new_model(mtgr_cfg)
+    model = seeded_model(mtgr_cfg)
     reqs = [make_request(5, 3, 4, seed=1), make_request(2, 0, 6, seed=2)]
     out = score(model, featurizer, reqs)
     assert out.shape == (10, len(mtgr_cfg.tasks)) == (10, 2)
@@ -50,7 +36,7 @@ def test_forward_shape_and_finite(mtgr_cfg, featurizer, make_request):
 
 
 def test_embed_layout_and_metadata(mtgr_cfg, featurizer, make_request):
-    model = new_model(mtgr_cfg)
+    model = seeded_model(mtgr_cfg)
     req = make_request(3, 2, 2, seed=3)
     batch = featurizer.rank_batch([req, make_request(1, 1, 1, seed=4)])
     x, meta = model.embed(batch)
@@ -67,13 +53,13 @@ def test_embed_layout_and_metadata(mtgr_cfg, featurizer, make_request):
 
 
 def test_single_request_without_candidates(mtgr_cfg, featurizer, make_request):
-    model = new_model(mtgr_cfg)
+    model = seeded_model(mtgr_cfg)
     out = score(model, featurizer, [with_candidates(make_request(3, 2, 1), [])])
     assert out.shape == (0, 2)
 
 
 def test_cold_user_without_events(mtgr_cfg, featurizer, make_request):
-    model = new_model(mtgr_cfg)
+    model = seeded_model(mtgr_cfg)
     req = make_request(0, 0, 3, seed=5)
     out = score(model, featurizer, [req])
     assert out.shape == (3, 2) and torch.isfinite(out).all()
@@ -91,7 +77,7 @@ def per_candidate(model, featurizer, req) -> torch.Tensor:
 def test_candidates_scored_together_equal_each_alone(mtgr_cfg, featurizer, make_request, normalizer, rel_bias,
                                                      group_ln):
     cfg = mtgr_cfg.model_copy(update={"normalizer": normalizer, "rel_bias": rel_bias, "group_ln": group_ln})
-    model = new_model(cfg, seed=1)
+    model = seeded_model(cfg, seed=1)
     req = make_request(6, 3, 5, seed=6)
     together = score(model, featurizer, [req])
     torch.testing.assert_close(together, per_candidate(model, featurizer, req), atol=ATOL, rtol=1e-5)
@@ -103,7 +89,7 @@ def test_candidates_scored_together_equal_each_alone(mtgr_cfg, featurizer, make_
 
 def test_causal_ablation_lets_candidates_influence_each_other(mtgr_cfg, featurizer, make_request):
     """Negative control: under the plain causal mask the per-candidate comparison fails."""
-    model = new_model(mtgr_cfg.model_copy(update={"mask": "causal"}), seed=1)
+    model = seeded_model(mtgr_cfg.model_copy(update={"mask": "causal"}), seed=1)
     req = make_request(6, 3, 5, seed=6)
     together = score(model, featurizer, [req])
     alone = per_candidate(model, featurizer, req)
@@ -113,7 +99,7 @@ def test_causal_ablation_lets_candidates_influence_each_other(mtgr_cfg, featuriz
 
 @pytest.mark.parametrize("rel_bias", [False, True], ids=["no_bias", "rel_bias"])
 def test_batch_of_users_equals_each_alone(mtgr_cfg, featurizer, make_request, rel_bias):
-    model = new_model(mtgr_cfg.model_copy(update={"rel_bias": rel_bias}), seed=2)
+    model = seeded_model(mtgr_cfg.model_copy(update={"rel_bias": rel_bias}), seed=2)
     reqs = [make_request(7, 3, 4, seed=10), make_request(0, 2, 1, seed=11), make_request(3, 0, 6, seed=12),
             make_request(0, 0, 2, seed=13), make_request(12, 5, 3, seed=14),
             with_candidates(make_request(2, 1, 1, seed=15), [])]
@@ -125,7 +111,7 @@ def test_batch_of_users_equals_each_alone(mtgr_cfg, featurizer, make_request, re
 
 def test_context_changes_scores(mtgr_cfg, featurizer, make_request):
     """The model does read the context: other events (or more R events) change the candidates' scores."""
-    model = new_model(mtgr_cfg, seed=3)
+    model = seeded_model(mtgr_cfg, seed=3)
     req = make_request(6, 3, 3, seed=20)
     other = make_request(6, 3, 3, seed=21)
     base = score(model, featurizer, [req])
@@ -139,7 +125,7 @@ def test_context_changes_scores(mtgr_cfg, featurizer, make_request):
 
 def test_context_states_unchanged_by_candidates_and_later_events(mtgr_cfg, featurizer, make_request):
     """At every layer, U/S states do not depend on R or C, and earlier R states not on later R or C."""
-    model = new_model(mtgr_cfg.model_copy(update={"rel_bias": True}), seed=4)
+    model = seeded_model(mtgr_cfg.model_copy(update={"rel_bias": True}), seed=4)
     req = make_request(5, 3, 4, seed=22)
     ctx = req.context
     fewer_events = RankRequest(
@@ -163,16 +149,16 @@ def test_context_states_unchanged_by_candidates_and_later_events(mtgr_cfg, featu
 
 def test_group_ln_false_builds_and_runs(mtgr_cfg, featurizer, make_request):
     cfg = mtgr_cfg.model_copy(update={"group_ln": False})
-    model = new_model(cfg)
+    model = seeded_model(cfg)
     assert model.layers[0].norm_in.weight.shape == (1, cfg.d_model)
-    assert new_model(mtgr_cfg).layers[0].norm_in.weight.shape == (4, cfg.d_model)
+    assert seeded_model(mtgr_cfg).layers[0].norm_in.weight.shape == (4, cfg.d_model)
     out = score(model, featurizer, [make_request(4, 2, 3, seed=30), make_request(1, 0, 2, seed=31)])
     assert out.shape == (5, 2) and torch.isfinite(out).all()
 
 
 def test_group_ln_uses_one_norm_per_group(mtgr_cfg, featurizer, make_request):
     """Scaling the candidate group's input LayerNorm changes candidate states only."""
-    model = new_model(mtgr_cfg, seed=5)
+    model = seeded_model(mtgr_cfg, seed=5)
     batch = featurizer.rank_batch([make_request(4, 2, 3, seed=32)])
     with torch.no_grad():
         x0, meta = model.embed(batch)
@@ -186,7 +172,7 @@ def test_group_ln_uses_one_norm_per_group(mtgr_cfg, featurizer, make_request):
 
 def test_tasks_follow_config(mtgr_cfg, featurizer, make_request):
     cfg = mtgr_cfg.model_copy(update={"tasks": ("ctr", "ctcvr", "like")})
-    out = score(new_model(cfg), featurizer, [make_request(3, 1, 2)])
+    out = score(seeded_model(cfg), featurizer, [make_request(3, 1, 2)])
     assert out.shape == (2, 3)
 
 
@@ -198,7 +184,7 @@ def test_wrong_kind_rejected(mtgr_cfg):
 
 @pytest.mark.parametrize("rel_bias", [False, True], ids=["no_bias", "rel_bias"])
 def test_gradients_reach_every_parameter(mtgr_cfg, featurizer, make_request, rel_bias):
-    model = new_model(mtgr_cfg.model_copy(update={"rel_bias": rel_bias}), seed=6, randomize_bias=False)
+    model = seeded_model(mtgr_cfg.model_copy(update={"rel_bias": rel_bias}), seed=6, randomize_bias=False)
     model.train()
     batch = featurizer.rank_batch([make_request(5, 3, 4, seed=40), make_request(2, 2, 3, seed=41)])
     assert batch.labels is not None and batch.labels.shape == (7, 2)
@@ -221,7 +207,7 @@ def test_gradients_reach_every_parameter(mtgr_cfg, featurizer, make_request, rel
 
 
 def test_few_adam_steps_reduce_bce(mtgr_cfg, featurizer, make_request):
-    model = new_model(mtgr_cfg, seed=7)
+    model = seeded_model(mtgr_cfg, seed=7)
     model.train()
     batch = featurizer.rank_batch([make_request(5, 2, 6, seed=50 + i) for i in range(4)])
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
