@@ -127,7 +127,8 @@ def _print_metrics(result: dict) -> None:
 @app.command()
 def bench(
     workloads: Annotated[str, typer.Option(help="Comma-separated: R1-cold, R1-warm, R2, CPU-demo.")] = "CPU-demo",
-    backends: Annotated[str, typer.Option(help="Comma-separated backends to run side by side.")] = "eager",
+    backends: Annotated[str, typer.Option(help="Comma-separated backends to run side by side: eager, compiled, "
+                                               "fused (CUDA).")] = "eager",
     batch: Annotated[list[int], typer.Option(help="Batch size(s) (repeatable); default: the workload's.")]
     = [],  # noqa: B006
     static: Annotated[int | None, typer.Option(help="Override S events per request.")] = None,
