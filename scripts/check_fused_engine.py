@@ -21,7 +21,6 @@ from grinfer.engine import EngineCore, RankRequest
 from grinfer.model import build_model
 
 BOUNDS = {"float32": 2e-3, "bfloat16": 2e-2}  # max |fused - eager| of probabilities (eager's matmuls are TF32)
-DEVICE = "cuda"
 
 
 def rounds(preset: str, rng: np.random.Generator) -> list[list]:
@@ -34,11 +33,11 @@ def rounds(preset: str, rng: np.random.Generator) -> list[list]:
     return [cold, warm, again]
 
 
-def run(preset: str, dtype: str, backend: str, graphs: bool) -> list[torch.Tensor]:
+def run(preset: str, dtype: str, backend: str, graphs: bool, device: str) -> list[torch.Tensor]:
     torch.manual_seed(0)
     cfg = workload("R2", preset=preset).model_config()
     core = EngineCore(build_model(cfg), bench_catalog(),
-                      EngineConfig(backend=backend, device=DEVICE, dtype=dtype, kv_cache_bytes=1 << 30,
+                      EngineConfig(backend=backend, device=device, dtype=dtype, kv_cache_bytes=1 << 30,
                                    cuda_graphs=graphs, block_size=32))
     out = []
     for requests in rounds(preset, np.random.default_rng(1)):
@@ -50,15 +49,14 @@ def run(preset: str, dtype: str, backend: str, graphs: bool) -> list[torch.Tenso
 
 
 def main() -> int:
-    global DEVICE
     smoke = "--smoke" in sys.argv
-    DEVICE = "cpu" if smoke else "cuda"
+    device = "cpu" if smoke else "cuda"
     worst = []
     for preset in ("mtgr-tiny",) if smoke else ("mtgr-tiny", "mtgr-small"):
         for dtype in ("float32",) if smoke else ("float32", "bfloat16"):
-            eager = run(preset, dtype, "eager", False)
+            eager = run(preset, dtype, "eager", False, device)
             for graphs in (False,) if smoke else (True, False):
-                fused = run(preset, dtype, "fused", graphs)
+                fused = run(preset, dtype, "fused", graphs, device)
                 diff = max(float((a - b).abs().max()) for a, b in zip(fused, eager))
                 ok = diff <= BOUNDS[dtype]
                 worst.append(ok)

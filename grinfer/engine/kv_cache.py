@@ -1,9 +1,10 @@
 """Paged per-user KV cache: a preallocated block pool, per-(user, history version) block tables, LRU
 eviction by user and an optional host tier.
 
-Only this module knows the pool's layout. The scheduler sees `CacheLookup` (how many context tokens
-are cached, how many must be computed) and passes the opaque `CacheHandle` on to the runner, which
-asks for slot indices and the K/V tensors of a layer.
+The scheduler sees `CacheLookup` (how many context tokens are cached, how many must be computed) and
+passes the opaque `CacheHandle` on to the runner. The pool's layout is shared with the step indices
+(engine/step.py) and the attention kernels: an entry's `blocks` are its pages, position p of the
+context lives at slot blocks[p // block_size] * block_size + p % block_size of every layer's K and V.
 
 A cached entry holds the K/V of a context prefix [U | S | R_1..R_n]. U+S are fixed for a history
 version; R is causal, so a request whose R events extend (or are a prefix of) the cached ones reuses
@@ -172,17 +173,6 @@ class KVCache:
         """Whether a context of `tokens` could ever fit the pool."""
         return -(-tokens // self.block_size) <= self.num_blocks
 
-    # ---- runner-facing ----------------------------------------------------------------------
-    def slot_array(self, handle: CacheHandle, start: int, end: int) -> np.ndarray:
-        """Flat slot indices (host array) of context positions [start, end) of the entry."""
-        pos = np.arange(start, end)
-        blocks = np.asarray(handle.entry.blocks, dtype=np.int64)
-        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
-
-    def slots(self, handle: CacheHandle, start: int, end: int) -> torch.Tensor:
-        """Flat slot indices of context positions [start, end) of the entry, on the pool's device."""
-        return torch.from_numpy(self.slot_array(handle, start, end)).to(self.k.device)
-
     # ---- stats --------------------------------------------------------------------------------
     def occupancy(self) -> float:
         return 1.0 - len(self.free) / self.num_blocks
@@ -199,11 +189,18 @@ class KVCache:
                 "host_bytes_used": self.host.used}
 
     # ---- internals -----------------------------------------------------------------------------
+    def _slots(self, handle: CacheHandle, start: int, end: int) -> torch.Tensor:
+        """Flat slot indices of context positions [start, end) of the entry, on the pool's device."""
+        pos = np.arange(start, end)
+        blocks = np.asarray(handle.entry.blocks, dtype=np.int64)
+        return torch.from_numpy(blocks[pos // self.block_size] * self.block_size + pos % self.block_size).to(
+            self.k.device)
+
     def _evict_one(self) -> bool:
         for key, entry in self.entries.items():
             if entry.pins == 0:
                 if entry.tokens:
-                    slots = self.slots(CacheHandle(key, entry), 0, entry.tokens)
+                    slots = self._slots(CacheHandle(key, entry), 0, entry.tokens)
                     self.host.put(key, entry.signature, entry.tokens, self.k[:, slots], self.v[:, slots])
                     self.stats.host_evictions = self.host.evictions
                 self._drop(key)
@@ -230,7 +227,7 @@ class KVCache:
             self._drop(sig.user)
             return None
         self.host.take(sig.user, sig.version)
-        slots = self.slots(CacheHandle(sig.user, entry), 0, tokens)
+        slots = self._slots(CacheHandle(sig.user, entry), 0, tokens)
         self.k[:, slots] = k.to(self.k.device, non_blocking=True)
         self.v[:, slots] = v.to(self.v.device, non_blocking=True)
         entry.tokens = tokens

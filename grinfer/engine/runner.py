@@ -1,9 +1,9 @@
 """Executes a step: one jagged batch of new tokens through the backend over the paged KV cache.
 
-Per layer: project the new tokens; write the new context tokens' K/V into the cache; each query
-then attends over its user's context K/V [0, ctx_end) read from the cache plus the step's own
-candidate K/V (candidate K/V are never cached); residual update. Candidates' final states go
-through the heads.
+New requests are featurized and embedded once; the step's indices (engine/step.py) are built; the
+backend runs the layers over the step's new tokens (`Backend.run_layers`: new context K/V written into
+the cache, each query attending over its user's cached context plus the step's candidates).
+Candidates' final states go through the heads.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class _Embedded:
 
 
 class ModelRunner:
-    """Runs StepPlans with a backend; writes K/V of new context tokens into the KV cache."""
+    """Runs StepPlans with a backend over the KV cache; candidate logits go back to the request states."""
 
     def __init__(self, backend: Backend, cache: KVCache, featurizer: DeviceFeaturizer, device: torch.device):
         self.backend, self.cache, self.featurizer, self.device = backend, cache, featurizer, device

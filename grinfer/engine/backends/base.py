@@ -22,7 +22,7 @@ class Backend:
     keys_in_pool = False  # whether attention reads the candidates' K/V from the cache (scratch pages) too
 
     def __init__(self, model: MTGR, config: EngineConfig | None = None):
-        self.model, self.config = model, config
+        self.model = model  # `config` (the engine's) is for backends with settings of their own
 
     def featurize_embed(self, featurizer: DeviceFeaturizer, raw: RawBatch) -> tuple[torch.Tensor, TokenMeta]:
         """Token embeddings and metadata of whole request sequences, from their raw events on the device."""

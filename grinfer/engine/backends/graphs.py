@@ -95,7 +95,6 @@ class GraphCache:
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.warmup_stream = torch.cuda.Stream() if capture else None  # one: its cached blocks are reused
-        self.captures = 0
 
     def __call__(self, x: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
         key = (*inputs.key(), x.dtype)
@@ -124,4 +123,3 @@ class GraphCache:
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph, pool=self.pool):
             g.out = self.layers(g.x, g.inputs)
-        self.captures += 1
