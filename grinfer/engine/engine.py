@@ -1,4 +1,8 @@
-"""The transport-free `Engine` facade: a background thread steps an EngineCore; callers await futures."""
+"""The transport-free `Engine` facade: a background thread steps an EngineCore; callers await futures.
+
+The thread is the device's one owner: ranking steps, batched retrievals, CUDA-graph captures and any
+other device work a caller hands it (`call`) all run there, never beside it.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +16,34 @@ from grinfer.config import EngineConfig
 from grinfer.data.types import ItemCatalog
 from grinfer.engine.core import EngineCore
 from grinfer.engine.request import EngineError, Overloaded, RankRequest, RankResult
+from grinfer.engine.retrieval import BatchRetriever
 from grinfer.engine.scheduler import RequestState
+from grinfer.features.featurizer import UserContext
+from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
 
 log = logging.getLogger("grinfer.engine")
+UNHEALTHY_AFTER = 3  # consecutive failed device turns (steps or retrieval batches) that make the engine unready
 
 
 class Engine:
     """Thread-safe front of the engine: `await engine.rank(req)` or `engine.rank_sync(req)`."""
 
     def __init__(self, model: MTGR, catalog: ItemCatalog, config: EngineConfig = EngineConfig(),
-                 on_step: Callable[[dict], None] | None = None):
+                 on_step: Callable[[dict], None] | None = None, retriever: HSTURetrieval | None = None):
         self.core = EngineCore(model, catalog, config)
+        self.retriever = BatchRetriever(retriever, catalog.num_items, self.core.device)
         self.on_step = on_step  # called (outside the lock) with each computing step's stats
         self._futures: dict[int, Future] = {}  # keyed by id(RequestState): callers' request ids may repeat
         # submit() only appends here under the lock; the loop thread admits and steps without holding it,
         # so callers (an event loop) never wait for a step to finish
         self._inbox: list[tuple[RequestState, Future]] = []
+        self._retrievals: list[tuple[UserContext, int, Future]] = []
+        self._calls: list[tuple[Callable[[], object], Future]] = []
+        self._idle_work = False  # whether the backend may have deferred work (captures) to do when idle
+        self._failures_in_row = 0
+        self._last_failure = ""
+        self.failures = 0  # failed device turns so far
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
@@ -75,6 +90,29 @@ class Engine:
             self._wake.notify()
         return future
 
+    def submit_retrieval(self, context: UserContext, n: int) -> Future:
+        """Queue a retrieval; the future resolves to the top-n unseen items (model ids, best first)."""
+        return self._queue(self._retrievals, (context, n))
+
+    async def retrieve(self, context: UserContext, n: int):
+        """Top-n unseen items for the context, computed on the engine's thread with the turn's other retrievals."""
+        return await asyncio.wrap_future(self.submit_retrieval(context, n))
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the engine's thread between steps (device work that must not race a step)."""
+        return self._queue(self._calls, (fn,))
+
+    def _queue(self, queue: list, item: tuple) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if not self.running:
+                raise EngineError("engine is not running")
+            if len(queue) >= self.core.config.max_queue:
+                raise Overloaded(f"engine queue is full ({len(queue)} waiting); retry later")
+            queue.append((*item, future))
+            self._wake.notify()
+        return future
+
     async def rank(self, request: RankRequest) -> RankResult:
         """Score a request (awaitable; safe from many tasks at once)."""
         return await asyncio.wrap_future(self.submit(request))
@@ -88,9 +126,17 @@ class Engine:
         """Whether the stepping thread is alive and accepting requests."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
+    def health(self) -> str | None:
+        """None when the engine serves; else why not (stopped, or failing turn after turn)."""
+        if not self.running:
+            return "engine is not running"
+        if self._failures_in_row >= UNHEALTHY_AFTER:
+            return f"engine failing: {self._failures_in_row} device turns in a row failed; last: {self._last_failure}"
+        return None
+
     def stats(self) -> dict:
         """The core's plain stats (read without stopping the loop: numbers may be one step apart)."""
-        return self.core.stats()
+        return {**self.core.stats(), "failures": self.failures, "backend": self.core.runner.backend.stats()}
 
     # ---- loop -------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -108,31 +154,94 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._inbox and not self.core.has_work() and not self._stopping:
+                while not self._has_work() and not self._stopping and not self._idle_work:
                     self._wake.wait()
-                stop = self._stopping and (not self._drain or not (self._inbox or self.core.has_work()))
+                busy = self._has_work()
+                stop = self._stopping and (not self._drain or not busy)
             if stop:
                 break
+            if not busy:  # idle: deferred device work (a CUDA-graph capture), one piece at a time
+                self._idle_work = self._capture_pending()
+                continue
+            self._run_calls()
+            self._run_retrievals()
             self._admit()
-            steps = self.core.steps
-            finished = self.core.step()
-            step_stats = self.core.last_step if self.core.steps != steps else None
-            resolved = [(self._futures.pop(id(s), None), r) for s, r in finished]
-            if step_stats is not None and self.on_step is not None:
-                try:
-                    self.on_step(step_stats)
-                except Exception:  # a broken observer must not lose requests
-                    log.exception("on_step hook failed")
-            for future, result in resolved:
-                if future is None or not future.set_running_or_notify_cancel():
-                    continue  # the caller gave up (its task was cancelled): drop the result
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            if self.core.has_work():
+                self._step()
+                self._idle_work = True
         with self._lock:
-            pending = list(self._futures.values()) + [f for _, f in self._inbox]
-            self._futures, self._inbox = {}, []
+            pending = (list(self._futures.values()) + [f for _, f in self._inbox]
+                       + [item[-1] for item in self._retrievals + self._calls])
+            self._futures, self._inbox, self._retrievals, self._calls = {}, [], [], []
         for future in pending:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineError("engine shut down before the request ran"))
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self._retrievals or self._calls) or self.core.has_work()
+
+    def _capture_pending(self) -> bool:
+        try:
+            return self.core.runner.backend.capture_pending()
+        except Exception:  # the backend contains capture failures; anything else must not stop the loop
+            log.exception("deferred backend work failed")
+            return False
+
+    def _run_calls(self) -> None:
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+
+    def _run_retrievals(self) -> None:
+        with self._lock:
+            queries, self._retrievals = self._retrievals, []
+        queries = [q for q in queries if q[2].set_running_or_notify_cancel()]
+        if not queries:
+            return
+        try:
+            results = self.retriever.top_n([(ctx, n) for ctx, n, _ in queries])
+        except Exception as exc:  # a failing batch fails its retrievals, never the engine
+            self._turn(exc)
+            for *_, future in queries:
+                future.set_exception(exc)
+            return
+        self._turn(None)
+        for (*_, future), result in zip(queries, results):
+            future.set_result(result)
+
+    def _step(self) -> None:
+        steps = self.core.steps
+        finished = self.core.step()
+        step_stats = self.core.last_step if self.core.steps != steps else None
+        failure = next((r for _, r in finished if isinstance(r, Exception) and not isinstance(r, EngineError)), None)
+        if step_stats is not None or failure is not None:
+            self._turn(failure)
+        resolved = [(self._futures.pop(id(s), None), r) for s, r in finished]
+        if step_stats is not None and self.on_step is not None:
+            try:
+                self.on_step(step_stats)
+            except Exception:  # a broken observer must not lose requests
+                log.exception("on_step hook failed")
+        for future, result in resolved:
+            if future is None or not future.set_running_or_notify_cancel():
+                continue  # the caller gave up (its task was cancelled): drop the result
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def _turn(self, failure: Exception | None) -> None:
+        """Count a device turn: failures in a row make the engine unhealthy, a success heals it."""
+        if failure is None:
+            self._failures_in_row = 0
+            return
+        self.failures += 1
+        self._failures_in_row += 1
+        self._last_failure = f"{type(failure).__name__}: {failure}"
+        if self._failures_in_row == UNHEALTHY_AFTER:
+            log.error("engine unhealthy: %s", self._last_failure)

@@ -77,7 +77,7 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     ranker = load_checkpoint(ranking_dir, map_location="cpu")
     if ranker.cfg.kind != "mtgr":
         raise StartupError(f"model: {ranking_dir} is a {ranker.cfg.kind} model; ranking needs an mtgr checkpoint")
-    retriever = load_checkpoint(retrieval_dir, map_location=device) if retrieval_dir else None
+    retriever = load_checkpoint(retrieval_dir, map_location="cpu") if retrieval_dir else None
     store = open_store(cfg.store)
     cache = open_cache(cfg.cache)
     data_spec = read_checkpoint_meta(ranking_dir).get("training", {}).get("data")
@@ -88,12 +88,12 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
                               dtype="bfloat16" if device.startswith("cuda") else "float32",
                               kv_cache_bytes=cfg.kv_cache_mb << 20, max_queue=cfg.max_queue,
                               max_batch_tokens=cfg.max_batch_tokens)
-    engine = Engine(ranker, catalog, engine_cfg)
+    engine = Engine(ranker, catalog, engine_cfg, retriever=retriever)
     metrics = Metrics(engine, cfg.backend)
     engine.on_step = metrics.on_step
     engine.start()
-    service = RecommenderService(engine, catalog, store, cache, retriever,
-                                 ServiceSettings(user_ttl_s=cfg.user_ttl_s), model_name=ranker.cfg.name)
+    service = RecommenderService(engine, catalog, store, cache, ServiceSettings(user_ttl_s=cfg.user_ttl_s),
+                                 model_name=ranker.cfg.name)
     state = AppState(service, metrics, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     return Server(state, engine, store, cache)
 

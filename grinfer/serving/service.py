@@ -21,8 +21,7 @@ from grinfer.data.types import PROFILE_FIELDS, ItemCatalog
 from grinfer.engine import Engine
 from grinfer.engine.request import RankRequest
 from grinfer.features.featurizer import UserContext
-from grinfer.model.hstu import HSTURetrieval
-from grinfer.recommend import fused_score, retrieve_candidates
+from grinfer.recommend import fused_score
 from grinfer.schema import (
     EventIn,
     EventOut,
@@ -66,17 +65,15 @@ class RecommenderService:
     """Rank, recommend, append events, roll history and read users; safe to call concurrently."""
 
     def __init__(self, engine: Engine, catalog: ItemCatalog, store: UserStore, cache: FeatureCache,
-                 retriever: HSTURetrieval | None = None, settings: ServiceSettings = ServiceSettings(),
-                 model_name: str = "model"):
+                 settings: ServiceSettings = ServiceSettings(), model_name: str = "model"):
         self.engine, self.catalog, self.store, self.cache = engine, catalog, store, cache
-        self.retriever, self.settings, self.model_name = retriever, settings, model_name
+        self.settings, self.model_name = settings, model_name
         model = engine.core.model
         self.tasks = model.cfg.tasks
         weights = settings.task_weights or {}
         self.weights = torch.tensor([weights.get(t, 1.0) for t in self.tasks])
         self.num_profile = len(model.cfg.profile_cardinalities)
         self.dense_of = {int(raw): i for i, raw in enumerate(catalog.raw_ids) if i > 0}
-        self._retrieval_device = next(retriever.parameters()).device if retriever is not None else None
         # per-user write epochs: a reader that raced a write must not put its stale copy in the cache
         self._epochs: defaultdict[str, int] = defaultdict(int)
         self._epoch_lock = threading.Lock()
@@ -142,10 +139,9 @@ class RecommenderService:
         start = time.perf_counter()
         record, cold = await asyncio.to_thread(self.user_record, req.user)
         ctx = self.context(record)
-        if self.retriever is None and self.catalog.num_items > MAX_CATALOGUE_RANK:
+        if self.engine.retriever.model is None and self.catalog.num_items > MAX_CATALOGUE_RANK:
             raise Unavailable("no retrieval model is loaded and the catalogue is too large to rank whole")
-        candidates = await asyncio.to_thread(retrieve_candidates, self.retriever, ctx, req.retrieve,
-                                             self.catalog.num_items, self._retrieval_device)
+        candidates = await self.engine.retrieve(ctx, req.retrieve)  # on the engine's thread, batched
         if len(candidates) == 0:
             return RankOut(user=req.user, items=[], cache="none", history_version=record.history_version,
                            cold_start=cold, latency_ms=1e3 * (time.perf_counter() - start))

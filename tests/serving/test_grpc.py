@@ -52,7 +52,7 @@ class Stack:
         self.engine = Engine(self.model, cat, engine_cfg)
         if start_engine:
             self.engine.start()
-        self.service = RecommenderService(self.engine, cat, self.store, self.cache, retriever=None)
+        self.service = RecommenderService(self.engine, cat, self.store, self.cache)
         self.metrics = Metrics(self.engine, "eager")
         self.engine.on_step = self.metrics.on_step
         self.server = start_grpc_server(self.service, self.metrics, "127.0.0.1", 0, api_key=API_KEY)

@@ -61,6 +61,15 @@ class Backend:
         """Per-task logits of final candidate states."""
         return self.model.head_logits(x)
 
+    def capture_pending(self) -> bool:
+        """Do one piece of deferred device work (a CUDA-graph capture) off the request path; whether there was
+        any. The engine calls it when idle and during warm-up."""
+        return False
+
+    def stats(self) -> dict:
+        """Backend counters for metrics (e.g. CUDA graphs held, pending, failed)."""
+        return {}
+
 
 def _keys(new: torch.Tensor, cached: torch.Tensor, idx: StepIndex) -> torch.Tensor:
     """The step's key (or value) tensor: each sequence's context rows from the cache, then its candidates'."""

@@ -58,8 +58,15 @@ class FusedBackend(Backend):
         if not self.use_graphs or (first, last) != (0, len(self.model.layers)):
             return self._layers(x, inputs, cache, first, last)  # layer-chunked steps are rare: no graphs
         if self.graphs is None:
-            self.graphs = GraphCache(lambda xs, ins: self._layers(xs, ins, cache, first, last))
+            self.graphs = GraphCache(lambda xs, ins: self._layers(xs, ins, cache, first, last), x.shape[1],
+                                     x.dtype, x.device)
         return self.graphs(x, inputs)
+
+    def capture_pending(self) -> bool:
+        return self.graphs is not None and self.graphs.capture_pending()
+
+    def stats(self) -> dict:
+        return self.graphs.stats() if self.graphs is not None else {}
 
     def _layers(self, x: torch.Tensor, inp: LayerInputs, cache: KVCache, first: int, last: int) -> torch.Tensor:
         cfg, norms, attention = self.model.cfg, self._norms, self._attention

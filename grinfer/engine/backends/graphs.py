@@ -13,11 +13,14 @@ power of two (at most 12.5% more GEMM rows), the rest to powers of two (they cos
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
+
+log = logging.getLogger("grinfer.engine")
 
 
 def bucket(n: int, steps_per_octave: int = 8, minimum: int = 16) -> int:
@@ -80,46 +83,113 @@ class _Graph:
     def __init__(self, key: tuple[int, ...], d_model: int, dtype: torch.dtype, device: torch.device):
         self.inputs = LayerInputs.empty(key, device)
         self.x = torch.zeros(key[0], d_model, dtype=dtype, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph = None  # a torch.cuda.CUDAGraph, set only once its capture succeeded
         self.out: torch.Tensor | None = None
 
 
 class GraphCache:
     """Runs `layers(x, inputs)` through a CUDA graph per shape bucket (LRU, at most `max_graphs`).
 
-    With capture=False the padded static inputs are run eagerly (the tests' check of the padding)."""
+    A bucket first seen under traffic is run eagerly and queued; its graph is captured later, off the
+    request path, by `capture_pending()` (the engine calls it when it has nothing else to do, and before
+    the server says ready). A capture that fails is contained: the half-recorded graph and its memory
+    pool are dropped, the bucket is served eagerly from then on (logged once, counted in `failures`),
+    and later captures use a fresh pool. With capture=False the padded static inputs are run eagerly
+    (the tests' check of the padding)."""
 
-    def __init__(self, layers: Callable[[torch.Tensor, LayerInputs], torch.Tensor], max_graphs: int = 16,
-                 capture: bool = True):
+    def __init__(self, layers: Callable[[torch.Tensor, LayerInputs], torch.Tensor], d_model: int,
+                 dtype: torch.dtype, device: torch.device, max_graphs: int = 16, capture: bool = True):
         self.layers, self.max_graphs, self.capture = layers, max_graphs, capture
+        self.d_model, self.dtype, self.device = d_model, dtype, device
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.warmup_stream = torch.cuda.Stream() if capture else None  # one: its cached blocks are reused
+        self.pending: dict[tuple, None] = {}  # buckets waiting for a capture, oldest first
+        self.failed: set[tuple] = set()  # buckets whose capture failed: always eager
+        self.failures = 0
+        self.eager_steps = 0  # steps run without a graph (bucket pending or failed)
+        self.pool = self._new_pool() if capture else None
+        self.warmup_stream = None  # one, made at the first capture: its cached blocks are reused
 
     def __call__(self, x: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        key = (*inputs.key(), x.dtype)
+        key = inputs.key()
         g = self.graphs.get(key)
+        if not self.capture:  # the padded static inputs, run eagerly
+            g = g or self._add(key, _Graph(key, self.d_model, self.dtype, self.device))
+            self.graphs.move_to_end(key)
+            g.inputs.load(inputs)
+            g.x[:len(x)].copy_(x)
+            return self.layers(g.x, g.inputs)[:len(x)]
         if g is None:
-            g = self.graphs[key] = _Graph(key[:-1], x.shape[1], x.dtype, x.device)
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
+            if key not in self.failed and len(self.pending) < self.max_graphs:
+                self.pending[key] = None
+            self.eager_steps += 1
+            return self.layers(x, inputs)
         self.graphs.move_to_end(key)
         g.inputs.load(inputs)
         g.x[:len(x)].copy_(x)
-        if not self.capture:
-            return self.layers(g.x, g.inputs)[:len(x)]
-        if g.graph is None:
-            self._capture(g)
         g.graph.replay()
         return g.out[:len(x)].clone()  # the next replay overwrites the static output
 
-    def _capture(self, g: _Graph) -> None:
-        """Warm up on a side stream (compiles kernels; its cache writes equal the replay's), then capture."""
+    def capture_pending(self) -> bool:
+        """Capture the oldest pending bucket (if any); returns whether one was pending."""
+        if not self.pending:
+            return False
+        key = next(iter(self.pending))
+        del self.pending[key]
+        g = _Graph(key, self.d_model, self.dtype, self.device)
+        try:
+            self._record(g)
+        except Exception as exc:  # contained: the bucket stays eager, the engine keeps serving
+            self._contain(key, exc)
+            return True
+        self._add(key, g)
+        return True
+
+    def _add(self, key: tuple, g: _Graph) -> _Graph:
+        self.graphs[key] = g
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return g
+
+    def _new_pool(self):
+        return torch.cuda.graph_pool_handle()
+
+    def _record(self, g: _Graph) -> None:
+        """Warm up on a side stream (compiles kernels; empty static inputs write nothing), then capture.
+
+        Only this thread's CUDA calls are checked during the capture (capture_error_mode="thread_local")."""
+        if self.warmup_stream is None:
+            self.warmup_stream = torch.cuda.Stream(self.device)
         stream = self.warmup_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self.layers(g.x, g.inputs)
         torch.cuda.current_stream().wait_stream(stream)
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self.pool):
-            g.out = self.layers(g.x, g.inputs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = self.layers(g.x, g.inputs)
+        g.graph, g.out = graph, out
+
+    def _contain(self, key: tuple, exc: Exception) -> None:
+        """Forget a failed capture: the bucket turns eager and later captures get a pool of their own."""
+        self.failed.add(key)
+        self.failures += 1
+        log.warning("CUDA graph capture of bucket %s failed (%s: %s); serving it without graphs",
+                    key, type(exc).__name__, exc)
+        failed_pool, self.pool = self.pool, self._new_pool()
+        self._release(failed_pool)
+
+    def _release(self, pool) -> None:
+        """Close the failed capture's pool: a capture whose end failed leaves the allocator recording into it
+        (the next capture into it would fail with "already recording to mempool_id")."""
+        end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+        try:
+            if end is not None:
+                end(self.device.index if self.device.index is not None else torch.cuda.current_device(), pool)
+            torch.cuda.synchronize(self.device)  # an asynchronous error of the capture surfaces here, not later
+        except RuntimeError as exc:
+            log.warning("after the failed capture: %s", exc)
+
+    def stats(self) -> dict:
+        """Graphs held, buckets pending, captures failed, steps run eagerly."""
+        return {"graphs": len(self.graphs), "pending": len(self.pending), "capture_failures": self.failures,
+                "eager_steps": self.eager_steps}
