@@ -226,7 +226,7 @@ def serve(
     from grinfer.config import load_server_config
     from grinfer.serving.server import StartupError, run
     from grinfer.train.loop import resolve_device
-    from grinfer.train.run import ensure_demo_models
+    from grinfer.train.run import demo_models_ready, ensure_demo_models
 
     try:
         cfg = load_server_config(config, model=model, store=store, cache=cache, host=host, port=port,
@@ -236,12 +236,18 @@ def serve(
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     dev = resolve_device(cfg.device)
     model_path = Path(cfg.model).expanduser() if cfg.model else None
+    train = None
     if model_path is None:
         model_path = demo_model_dir()
         typer.echo(f"no --model: using the demo models in {model_path} (trained on first start)")
-        ensure_demo_models(model_path, dev)
+        if not demo_models_ready(model_path):
+            demo = model_path
+
+            def train(report):  # runs on the server's start-up thread, the port already answering
+                ensure_demo_models(demo, dev, on_model=lambda i, n, name: report(f"training demo models ({name})",
+                                                                                 i / n))
     try:
-        run(cfg, model_path, dev)
+        run(cfg, model_path, dev, train)
     except StartupError as exc:
         raise _fail(str(exc)) from None
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +18,13 @@ from grinfer.model.checkpoint import load_checkpoint, read_checkpoint_meta
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.service import RecommenderService, ServiceSettings
+from grinfer.serving.startup import Preparation, StartupGate
+from grinfer.serving.warmup import warm_up
 from grinfer.storage import open_cache, open_store
 
 log = logging.getLogger("grinfer.serve")
 RANKING_DIR, RETRIEVAL_DIR = "ranking", "retrieval"
+TrainModels = Callable[[Callable[[str, float], None]], object]  # train(report(status, fraction done))
 
 
 class StartupError(RuntimeError):
@@ -88,6 +93,8 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
                               dtype="bfloat16" if device.startswith("cuda") else "float32",
                               kv_cache_bytes=cfg.kv_cache_mb << 20, max_queue=cfg.max_queue,
                               max_batch_tokens=cfg.max_batch_tokens)
+    log.info("store %s, cache %s, ranking %s, retrieval %s, device %s (torch %s), backend %s", cfg.store, cfg.cache,
+             ranking_dir, retrieval_dir or "none", device, torch.__version__, cfg.backend)
     engine = Engine(ranker, catalog, engine_cfg, retriever=retriever)
     metrics = Metrics(engine, cfg.backend)
     engine.on_step = metrics.on_step
@@ -98,27 +105,72 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     return Server(state, engine, store, cache)
 
 
-def run(cfg: ServerConfig, model_path: Path, device: str) -> None:
-    """Serve REST (and gRPC when grpc_port > 0) until SIGINT/SIGTERM; in-flight requests drain first."""
-    import uvicorn
+def run(cfg: ServerConfig, model_path: Path, device: str, train_models: TrainModels | None = None) -> None:
+    """Serve REST (and gRPC when grpc_port > 0) until SIGINT/SIGTERM; in-flight requests drain first.
 
-    server = build_server(cfg, model_path, device)
-    app = create_app(server.state)
-    grpc_server = None
-    if cfg.grpc_port:
-        from grinfer.serving.grpc_server import start_grpc_server
+    The REST port answers at once (`/healthz` 200, `/readyz` 503 with the start-up's status and progress)
+    while a thread prepares the server (see `Launch`). A preparation that fails stops the server and
+    raises StartupError with its message."""
+    launch = Launch(cfg, model_path, device, train_models)
+    launch.web.run()
+    if launch.prep.error is not None:
+        raise StartupError(launch.prep.error)
 
-        grpc_server = start_grpc_server(server.state.service, server.state.metrics, cfg.host, cfg.grpc_port,
-                                        api_key=cfg.api_key)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        yield
-        if grpc_server is not None:
-            grpc_server.stop(grace=5).wait()
-        server.close()
+class Launch:
+    """A server being started: uvicorn serving the start-up gate, and the thread preparing the real app.
 
-    app.router.lifespan_context = lifespan
-    log.info("serving %s on http://%s:%d (gRPC %s), device %s (%s)", model_path, cfg.host, cfg.port,
-             cfg.grpc_port or "off", device, torch.__version__)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=30)
+    Preparation: models trained first when `train_models` is given (the demo models on a first start; it
+    reports (status, fraction done) as it goes), models loaded, storage opened, warm-up (compiles, CUDA
+    graphs), gRPC started; then the gate opens onto the REST app."""
+
+    def __init__(self, cfg: ServerConfig, model_path: Path, device: str, train_models: TrainModels | None = None):
+        import uvicorn
+
+        self.cfg, self.model_path, self.device, self.train_models = cfg, model_path, device, train_models
+        self.prep = Preparation()
+        self.parts: dict = {}  # what the preparing thread built, for the shutdown hook
+        self.gate = StartupGate(self.prep, on_shutdown=self.close)
+        self.web = uvicorn.Server(uvicorn.Config(self.gate, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                                                 timeout_graceful_shutdown=30))
+        log.info("listening on http://%s:%d; preparing: %s", cfg.host, cfg.port, _plan(model_path, train_models))
+        threading.Thread(target=self._prepare, name="grinfer-startup", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop gRPC, drain the engine, close storage (whatever was built so far)."""
+        if "grpc" in self.parts:
+            self.parts["grpc"].stop(grace=5).wait()
+        if "server" in self.parts:
+            self.parts["server"].close()
+
+    def _prepare(self) -> None:
+        cfg, prep = self.cfg, self.prep
+        try:
+            if self.train_models is not None:
+                prep.update("training demo models", 0.01)
+                self.train_models(lambda status, fraction: prep.update(status, 0.8 * fraction))
+            prep.update("loading models", 0.8)
+            server = self.parts["server"] = build_server(cfg, self.model_path, self.device)
+            prep.update("warming up", 0.85)
+            warm_up(server.engine, progress=lambda f: prep.update("warming up", 0.85 + 0.14 * f))
+            if cfg.grpc_port:
+                from grinfer.serving.grpc_server import start_grpc_server
+
+                self.parts["grpc"] = start_grpc_server(server.state.service, server.state.metrics, cfg.host,
+                                                       cfg.grpc_port, api_key=cfg.api_key)
+            self.gate.open(create_app(server.state))
+            log.info("ready in %.1f s: http://%s:%d (gRPC %s)", time.monotonic() - prep.started, cfg.host, cfg.port,
+                     cfg.grpc_port or "off")
+        except Exception as exc:  # the server must not go on half-prepared
+            if not isinstance(exc, StartupError):
+                log.exception("start-up failed")
+            prep.error = str(exc)
+            self.web.should_exit = True
+
+
+def _plan(model_path: Path, train_models: TrainModels | None) -> str:
+    """The one line saying what start-up will do and roughly how long."""
+    if train_models is not None:
+        return (f"training the demo models into {model_path} (first start only: a few minutes on 2 CPU cores, "
+                "under a minute on a GPU), then loading, warm-up; /readyz answers 503 with progress until then")
+    return f"loading {model_path}, warm-up (seconds; CUDA graphs and compiles up to a minute on a GPU)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,15 +79,24 @@ def training_data_spec(path: Path) -> str | None:
 DEMO_DATA = "synthetic:users=600,items=500,events=60,seed=0"
 
 
-def ensure_demo_models(path: Path, device: str, retrain: bool = False) -> Path:
-    """The small demo checkpoints (retrieval + mtgr-tiny ranking on synthetic data), trained once and cached."""
+def demo_models_ready(path: Path) -> bool:
+    """Whether `path` holds both trained demo checkpoints."""
+    return all((path / d / "config.json").is_file() for d in (RANKING_DIR, RETRIEVAL_DIR))
+
+
+def ensure_demo_models(path: Path, device: str, retrain: bool = False,
+                       on_model: Callable[[int, int, str], None] = lambda i, n, name: None) -> Path:
+    """The small demo checkpoints (retrieval + mtgr-tiny ranking on synthetic data), trained once and cached;
+    `on_model(i, n, name)` is told before the i-th of n models is trained."""
     from grinfer.config import preset
     from grinfer.data import load_dataset
 
-    if retrain or not (path / RANKING_DIR / "config.json").is_file() or not (path / RETRIEVAL_DIR).is_dir():
+    if retrain or not demo_models_ready(path):
         ds = load_dataset(DEMO_DATA)
         settings = TrainSettings(epochs=3, batch_size=64, lr=3e-3, device=device)
-        retrieval_cfg = preset("hstu-ml1m").replace(max_seq_len=64, dropout=0.1)
-        train_model(retrieval_cfg, ds, DEMO_DATA, settings, path / RETRIEVAL_DIR, validate=False)
-        train_model(preset("mtgr-tiny"), ds, DEMO_DATA, settings, path / RANKING_DIR, validate=False)
+        jobs = [("retrieval", preset("hstu-ml1m").replace(max_seq_len=64, dropout=0.1), RETRIEVAL_DIR),
+                ("ranking", preset("mtgr-tiny"), RANKING_DIR)]
+        for i, (name, cfg, folder) in enumerate(jobs):
+            on_model(i, len(jobs), name)
+            train_model(cfg, ds, DEMO_DATA, settings, path / folder, validate=False)
     return path

@@ -1,0 +1,70 @@
+"""Warm-up before ready: the request shapes the server expects go through the engine once, so that
+compiles (torch.compile, Triton) and CUDA-graph captures happen before `/readyz` says ready, never on a
+user's request.
+
+Synthetic users (ids `__warmup-N`) send cold then warm rank requests of the demo's sizes at batch sizes
+1 to `max_batch`, and batched retrievals; every shape bucket they leave pending is then captured. Buckets
+first seen later are served eagerly and captured when the engine is idle (engine/backends/graphs.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from grinfer.engine import Engine, RankRequest
+from grinfer.engine.kv_cache import CacheStats
+from grinfer.features.featurizer import UserContext
+
+log = logging.getLogger("grinfer.serve")
+BATCHES = (1, 4, 16, 64)
+CANDIDATES = (100, 200)  # a /rank of the demo's size, and /recommend's default retrieve
+
+
+def _context(rng: np.random.Generator, num_items: int, num_profile: int, num_static: int,
+             num_realtime: int) -> UserContext:
+    n = num_static + num_realtime
+    stamps = 978_300_000 + np.cumsum(rng.integers(0, 5000, size=n))
+    return UserContext(np.zeros(num_profile, np.int64), rng.integers(1, num_items + 1, size=n).astype(np.int64),
+                       stamps.astype(np.int64), rng.integers(1, 6, size=n).astype(np.int64), num_static)
+
+
+def warm_up(engine: Engine, progress: Callable[[float], None] = lambda f: None, max_batch: int = 64,
+            num_static: int = 60, num_realtime: int = 5, seed: int = 0) -> dict:
+    """Run the expected shapes (cold and warm ranks, retrievals) through the engine, then capture every
+    pending CUDA graph. Returns {"requests", "graphs", "seconds"}; `progress` gets the fraction done."""
+    start = time.perf_counter()
+    core = engine.core
+    rng = np.random.default_rng(seed)
+    num_items, num_profile = engine.retriever.num_items, core.num_profile_tokens
+    batches = [b for b in BATCHES if b <= min(max_batch, core.config.max_batch_requests)]
+    rounds = [(b, c, warm) for b in batches for c in CANDIDATES for warm in (False, True)]
+    sent = 0
+    for i, (batch, num_candidates, warm) in enumerate(rounds):
+        contexts = [_context(np.random.default_rng((seed, batch, num_candidates, u)), num_items, num_profile,
+                             num_static, num_realtime) for u in range(batch)]
+        futures = [engine.submit_retrieval(ctx, num_candidates) for ctx in contexts] if not warm else []
+        for f in futures:
+            f.result()
+        now = int(time.time())
+        requests = [RankRequest(f"__warmup-{batch}-{num_candidates}-{u}", 0, ctx,
+                                rng.choice(np.arange(1, num_items + 1), min(num_candidates, num_items), replace=False),
+                                now) for u, ctx in enumerate(contexts)]
+        for f in [engine.submit(r) for r in requests]:
+            f.result()
+        sent += len(requests) + len(futures)
+        progress(0.8 * (i + 1) / len(rounds))
+    backend = core.runner.backend
+    pending = backend.stats().get("pending", 0)
+    for j in range(pending):
+        engine.call(backend.capture_pending).result()
+        progress(0.8 + 0.2 * (j + 1) / pending)
+    engine.call(lambda: setattr(core.cache, "stats", CacheStats())).result()  # count real traffic only
+    graphs = backend.stats().get("graphs", 0)
+    seconds = time.perf_counter() - start
+    log.info("warm-up: %d requests, %d CUDA graphs, %.1f s", sent, graphs, seconds)
+    progress(1.0)
+    return {"requests": sent, "graphs": graphs, "seconds": seconds}

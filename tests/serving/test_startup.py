@@ -1,0 +1,89 @@
+"""Start-up: the REST port answers while the server prepares, warm-up runs before ready, failures exit cleanly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from grinfer.config import ServerConfig, preset
+from grinfer.data import load_dataset
+from grinfer.serving.background import free_port
+from grinfer.serving.server import Launch
+from grinfer.train.loop import TrainSettings
+from grinfer.train.run import train_model
+
+SPEC = "synthetic:users=20,items=60,events=15,seed=0"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("startup") / "model"
+    train_model(preset("mtgr-tiny"), load_dataset(SPEC), SPEC, TrainSettings(epochs=1, progress=False), path,
+                validate=False)
+    return path
+
+
+def wait_for(predicate, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {timeout} s")
+
+
+def test_port_answers_while_preparing_and_opens_when_ready(checkpoint, tmp_path):
+    release = threading.Event()
+
+    def train(report):  # stands in for the demo models' training: blocks until the test lets it go
+        report("training demo models (ranking)", 0.5)
+        assert release.wait(60)
+
+    port = free_port()
+    cfg = ServerConfig(port=port, grpc_port=0, store=f"sqlite:///{tmp_path / 's.db'}", log_level="warning")
+    launch = Launch(cfg, checkpoint, "cpu", train)
+    thread = threading.Thread(target=launch.web.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200)
+        ready = httpx.get(f"{url}/readyz", timeout=1)
+        assert ready.status_code == 503
+        body = ready.json()
+        assert body["status"] == "training demo models (ranking)" and body["progress"] == pytest.approx(0.4)
+        rank = httpx.post(f"{url}/v1/rank", json={"user": "1", "candidates": [{"item": 1}]}, timeout=1)
+        assert rank.status_code == 503 and "not ready" in rank.json()["error"] and rank.headers["retry-after"]
+        page = httpx.get(url, timeout=1)
+        assert page.status_code == 200 and "grinfer is starting" in page.text
+        release.set()
+        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200)
+        stats = launch.parts["server"].engine.stats()
+        assert stats["steps"] > 0  # the warm-up ran requests through the engine before ready
+        assert stats["kv_cache"]["misses"] == 0  # and its cache lookups are not counted as traffic
+        r = httpx.post(f"{url}/v1/recommend", json={"user": "1", "k": 3}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["items"]) == 3
+    finally:
+        release.set()
+        launch.web.should_exit = True
+        thread.join(30)
+    assert not launch.parts["server"].engine.running  # the lifespan's shutdown closed the server
+
+
+def test_a_preparation_that_fails_exits_with_one_line(tmp_path):
+    port = free_port()
+    proc = subprocess.run([sys.executable, "-m", "grinfer.cli", "serve", "--model", str(tmp_path / "none"),
+                           "--port", str(port), "--grpc-port", "0", "--store", f"sqlite:///{tmp_path / 's.db'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "holds no checkpoint" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
