@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_CANDIDATES = 2000
 MAX_EVENTS = 1000
 MAX_K = 500
+DEFAULT_RETRIEVE = 200
+MAX_USERS_PAGE = 1000
 USER_ID = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$",
                 description="User id (letters, digits, _ . : @ -).")
+DEADLINE_MS = Field(None, ge=1, le=600_000,
+                    description="Answer within this many ms of arrival or fail (504 / DEADLINE_EXCEEDED); checked "
+                                "before each engine step and when the scores are ready. Default: no deadline.")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields are errors, and types are strict (`"10"` or `true` is not an int)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class EventIn(_Model):
@@ -32,14 +42,32 @@ class RankIn(_Model):
     candidates: list[Candidate] = Field(min_length=1, max_length=MAX_CANDIDATES)
     events: list[EventIn] = Field(default_factory=list, max_length=MAX_EVENTS,
                                   description="Extra real-time events for this request only (not stored).")
-    deadline_ms: int | None = Field(None, ge=1, le=600_000)
+    deadline_ms: int | None = DEADLINE_MS
 
 
 class RecommendIn(_Model):
     user: str = USER_ID
-    k: int = Field(10, ge=1, le=MAX_K)
-    retrieve: int = Field(200, ge=1, le=MAX_CANDIDATES, description="Retrieval candidates ranked by MTGR.")
-    deadline_ms: int | None = Field(None, ge=1, le=600_000)
+    # retrieve comes before k so that k's check can see it
+    retrieve: int | None = Field(None, ge=1, le=MAX_CANDIDATES,
+                                 description="Retrieval candidates ranked by MTGR, >= k "
+                                             f"(default: max({DEFAULT_RETRIEVE}, k)).")
+    k: int = Field(10, ge=1, le=MAX_K, description="Items returned (at most retrieve).")
+    deadline_ms: int | None = DEADLINE_MS
+
+    @field_validator("k")
+    @classmethod
+    def _k_within_retrieve(cls, k: int, info: ValidationInfo) -> int:
+        retrieve = info.data.get("retrieve")
+        if retrieve is not None and k > retrieve:
+            raise PydanticCustomError("k_above_retrieve", "k={k} exceeds retrieve={retrieve}: ask for retrieve >= k",
+                                      {"k": k, "retrieve": retrieve})
+        return k
+
+    @model_validator(mode="after")
+    def _default_retrieve(self) -> RecommendIn:
+        if self.retrieve is None:
+            self.retrieve = max(DEFAULT_RETRIEVE, self.k)
+        return self
 
 
 class EventsIn(_Model):
@@ -75,7 +103,20 @@ class EventsOut(BaseModel):
 
 class RollOut(BaseModel):
     user: str
-    history_version: int
+    history_version: int  # unchanged when there was nothing to fold
+    folded: int  # real-time events moved into the static history by this roll
+
+
+class UsersQuery(BaseModel):
+    """A page of user ids (query parameters, so not strict: they arrive as text)."""
+
+    limit: int = Field(50, ge=1, le=MAX_USERS_PAGE)
+    offset: int = Field(0, ge=0)
+
+
+class UsersOut(BaseModel):
+    users: list[str]
+    total: int
 
 
 class EventOut(BaseModel):
@@ -95,5 +136,10 @@ class UserOut(BaseModel):
 
 
 class ErrorOut(BaseModel):
-    error: str
+    error: str  # "field: message" when a field is known
     field: str | None = None
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """A validation error's location as the dotted path both APIs report ("candidates.0.item")."""
+    return ".".join(str(part) for part in loc)

@@ -99,7 +99,7 @@ class EngineCore:
                           "seconds": time.perf_counter() - start, "layers": plan.layers}
         now = time.monotonic()
         for state in self.scheduler.update(plan):
-            out.append((state, self._result(state, now)))
+            out.append((state, self.scheduler.expired(state, now) or self._result(state, now)))
         return out
 
     def _result(self, state: RequestState, now: float) -> RankResult:

@@ -95,9 +95,11 @@ class Scheduler:
         """Pick this step's work; expired requests come back in `failed`."""
         now, failed = time.monotonic(), []
         for queue in (self.running, self.waiting):
-            for state in [s for s in queue if s.request.deadline is not None and now > s.request.deadline]:
-                queue.remove(state)
-                failed.append((state, DeadlineExceeded(f"request {state.request.request_id} missed its deadline")))
+            for state in list(queue):
+                error = self.expired(state, now)
+                if error is not None:
+                    queue.remove(state)
+                    failed.append((state, error))
         budget, items = self.config.max_batch_tokens, []
         busy_users = {s.request.user for s in self.running}
 
@@ -138,6 +140,19 @@ class Scheduler:
             budget -= item.tokens
         self.waiting.extendleft(reversed(skipped))
         return StepPlan(items, (0, self.num_layers), failed)
+
+    @staticmethod
+    def expired(state: RequestState, now: float) -> DeadlineExceeded | None:
+        """The error of a request whose deadline has passed at `now` (monotonic seconds); None while it has time.
+
+        The engine checks before every step (an expired request computes nothing more) and when a
+        request finishes (a late answer is an error, its K/V stay cached: they were committed whole).
+        """
+        deadline = state.request.deadline
+        if deadline is None or now <= deadline:
+            return None
+        return DeadlineExceeded(f"request {state.request.request_id} missed its deadline by "
+                                f"{1e3 * (now - deadline):.1f} ms ({state.steps} engine steps done)")
 
     def _take(self, state: RequestState, budget: int, first: bool) -> WorkItem | StepPlan | None:
         """This request's work within `budget`; a layer-chunk plan if its context needs the whole step."""

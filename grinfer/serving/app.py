@@ -6,8 +6,9 @@ import asyncio
 import time
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,12 +25,14 @@ from grinfer.schema import (
     RollIn,
     RollOut,
     UserOut,
+    UsersOut,
+    UsersQuery,
+    field_path,
 )
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.service import FieldError, RecommenderService, Unavailable
 
-ERRORS = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 413: {"model": ErrorOut},
-          422: {"model": ErrorOut}, 429: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+ERRORS = {status: {"model": ErrorOut} for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 
 
 @dataclass
@@ -84,16 +87,26 @@ def create_app(state: AppState) -> FastAPI:
         if given != state.api_key:
             raise FieldError("x-api-key", "missing or wrong API key", status=401)
 
+    def require_json(request: Request) -> None:
+        """415 unless the body is declared JSON (application/json or application/*+json)."""
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise FieldError("content-type", f"expected application/json, got {media or 'none'}", status=415)
+
+    def fail(request: Request, status: int, kind: str, message: str, field: str | None = None,
+             retry: bool = False) -> JSONResponse:
+        """The error response ("field: message" when a field is known), counted under the request's route."""
+        metrics.error(Metrics.route_label(request.scope), kind)
+        headers = {"Retry-After": str(state.retry_after_s)} if retry else None
+        return _error(status, f"{field}: {message}" if field else message, field, headers=headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
-            metrics.error(request.url.path, "validation")
-            return _error(422, f"body: {first.get('msg', 'invalid JSON')}", "body")
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
-        field = ".".join(loc) or "body"
-        metrics.error(request.url.path, "validation")
-        return _error(422, f"{field}: {first.get('msg', 'invalid')}", field)
+            return fail(request, 422, "validation", first.get("msg", "invalid JSON"), "body")
+        field = field_path([p for p in first.get("loc", ()) if p not in ("body", "path", "query")]) or "body"
+        return fail(request, 422, "validation", first.get("msg", "invalid"), field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -101,29 +114,24 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError):
-        metrics.error(request.url.path, "field")
-        return _error(exc.status, str(exc), exc.field)
+        return fail(request, exc.status, "field", str(exc), exc.field)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded):
-        metrics.error(request.url.path, "overloaded")
-        return _error(429, str(exc), headers={"Retry-After": str(state.retry_after_s)})
+        return fail(request, 429, "overloaded", str(exc), retry=True)
 
     @app.exception_handler(DeadlineExceeded)
     async def _deadline(request: Request, exc: DeadlineExceeded):
-        metrics.error(request.url.path, "deadline")
-        return _error(504, str(exc), "deadline_ms")
+        return fail(request, 504, "deadline", str(exc), "deadline_ms")
 
     @app.exception_handler(ContextTooLarge)
     async def _too_large(request: Request, exc: ContextTooLarge):
-        metrics.error(request.url.path, "context_too_large")
-        return _error(413, str(exc), "events")
+        return fail(request, 413, "context_too_large", str(exc), "events")
 
     @app.exception_handler(Unavailable)
     @app.exception_handler(EngineError)
     async def _unavailable(request: Request, exc: Exception):
-        metrics.error(request.url.path, "unavailable")
-        return _error(503, str(exc), headers={"Retry-After": str(state.retry_after_s)})
+        return fail(request, 503, "unavailable", str(exc), retry=True)
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):
@@ -135,21 +143,24 @@ def create_app(state: AppState) -> FastAPI:
         metrics.observe(getattr(route, "path", "unmatched"), time.perf_counter() - start)
         return response
 
-    @app.post("/v1/rank", response_model=RankOut, responses=ERRORS)
+    json_body = [Depends(require_json)]
+
+    @app.post("/v1/rank", response_model=RankOut, responses=ERRORS, dependencies=json_body)
     async def rank(body: RankIn) -> RankOut:
         """Score candidate items for a user (per-task probabilities and a fused score, best first)."""
         out = await service.rank(body)
         metrics.cache_status.labels(out.cache).inc()
         return out
 
-    @app.post("/v1/recommend", response_model=RankOut, responses=ERRORS)
+    @app.post("/v1/recommend", response_model=RankOut, responses=ERRORS, dependencies=json_body)
     async def recommend(body: RecommendIn) -> RankOut:
         """Top-k items for a user: retrieval over the catalogue, then MTGR ranking."""
         out = await service.recommend(body)
         metrics.cache_status.labels(out.cache).inc()
         return out
 
-    @app.post("/v1/events", response_model=EventsOut, responses=ERRORS, dependencies=[Depends(require_key)])
+    @app.post("/v1/events", response_model=EventsOut, responses=ERRORS,
+              dependencies=[Depends(require_key), *json_body])
     async def events(body: EventsIn) -> EventsOut:
         """Append behaviour events; they are durable before this returns."""
         return await asyncio.to_thread(service.append_events, body)
@@ -159,20 +170,15 @@ def create_app(state: AppState) -> FastAPI:
         """A user's profile, history version and recent events."""
         return await asyncio.to_thread(service.get_user, user)
 
-    @app.get("/v1/users", responses=ERRORS)
-    async def list_users(limit: int = 50, offset: int = 0) -> dict:
-        """Known user ids (for the web page)."""
-        if not 1 <= limit <= 1000:
-            raise FieldError("limit", "limit must be between 1 and 1000")
-        if offset < 0:
-            raise FieldError("offset", "offset must be >= 0")
-        users = await asyncio.to_thread(service.store.list_users, limit, offset)
-        return {"users": users, "total": await asyncio.to_thread(service.store.count_users)}
+    @app.get("/v1/users", response_model=UsersOut, responses=ERRORS)
+    async def list_users(query: Annotated[UsersQuery, Query()]) -> UsersOut:
+        """Known user ids, a page at a time (limit 1..1000, offset >= 0), and how many there are."""
+        return await asyncio.to_thread(service.list_users, query)
 
     @app.post("/v1/admin/roll-history", response_model=RollOut, responses=ERRORS,
-              dependencies=[Depends(require_key)])
+              dependencies=[Depends(require_key), *json_body])
     async def roll_history(body: RollIn) -> RollOut:
-        """Fold real-time events into the static history (bumps the history version)."""
+        """Fold real-time events into the static history (bumps the history version; nothing to fold: no change)."""
         return await asyncio.to_thread(service.roll_history, body)
 
     @app.get("/healthz")

@@ -1,12 +1,44 @@
-"""Prometheus metrics: request latency and errors observed by the adapters, engine state read at scrape."""
+"""Prometheus metrics: request latency and errors observed by the adapters, engine state read at scrape.
+
+Names follow Prometheus conventions: running counts are counters (`_total`), levels are gauges,
+sizes and durations are histograms (`_seconds`, `_bytes`). The registry also carries the standard
+`process_*`, `python_*` (GC, platform) collectors; `_created` series are not exported. The Grafana
+dashboard in deploy/grafana/ queries these names (tests/serving/test_metrics.py checks it).
+"""
 
 from __future__ import annotations
 
+import prometheus_client
 import torch
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.routing import Match
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PHASE_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+UNMATCHED = "unmatched"  # the endpoint label of requests that matched no route (bounded label values)
+KV_COUNTERS = {"hits": "Context lookups served whole from the KV cache",
+               "partial_hits": "Context lookups that reused a cached prefix",
+               "misses": "Context lookups with nothing cached",
+               "evictions": "KV cache entries evicted from the device pool",
+               "host_hits": "KV cache entries restored from the host tier",
+               "host_evictions": "KV cache entries dropped from the host tier"}
+
+
+def engine_device_bytes(core) -> int:
+    """Bytes the engine holds on its device: CUDA's allocator count, or on the CPU its weights and KV pool."""
+    if core.device.type == "cuda":
+        return torch.cuda.memory_allocated(core.device)
+    tensors = [*core.model.parameters(), *core.model.buffers(), core.cache.k, core.cache.v]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class EngineCollector:
@@ -20,22 +52,28 @@ class EngineCollector:
         kv = stats["kv_cache"]
         yield GaugeMetricFamily("grinfer_queue_depth", "Requests waiting in the engine queue", stats["waiting"])
         yield GaugeMetricFamily("grinfer_running_requests", "Requests being computed", stats["running"])
-        for name in ("hits", "partial_hits", "misses", "evictions", "host_hits", "host_evictions"):
-            yield GaugeMetricFamily(f"grinfer_kv_cache_{name}", f"KV cache {name.replace('_', ' ')} so far",
-                                    kv[name])
+        for name, doc in KV_COUNTERS.items():
+            yield CounterMetricFamily(f"grinfer_kv_cache_{name}", doc, kv[name])
         yield GaugeMetricFamily("grinfer_kv_cache_occupancy", "Fraction of KV blocks in use", kv["occupancy"])
         yield GaugeMetricFamily("grinfer_kv_cache_users", "Users with K/V on the device", kv["users"])
-        device = self.engine.core.device
-        if device.type == "cuda":
-            yield GaugeMetricFamily("grinfer_device_memory_bytes", "Device memory allocated",
-                                    torch.cuda.memory_allocated(device))
+        yield GaugeMetricFamily("grinfer_kv_cache_host_bytes", "Bytes of K/V held in the host tier",
+                                kv["host_bytes_used"])
+        core = self.engine.core
+        memory = GaugeMetricFamily("grinfer_device_memory_bytes",
+                                   "Device memory the engine holds (CUDA: allocated; CPU: weights + KV pool)",
+                                   labels=["device"])
+        memory.add_metric([str(core.device)], engine_device_bytes(core))
+        yield memory
 
 
 class Metrics:
     """The server's metric set in its own registry (so tests and several apps don't collide)."""
 
     def __init__(self, engine, backend: str):
+        prometheus_client.disable_created_metrics()  # process-wide: no `_created` series anywhere
         self.registry = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
         self.backend = backend
         self.latency = Histogram("grinfer_request_seconds", "Request latency by endpoint and backend",
                                  ["endpoint", "backend"], buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -49,7 +87,29 @@ class Metrics:
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.fallbacks = Counter("grinfer_backend_fallbacks", "Batches re-run on the eager backend",
                                  ["backend"], registry=self.registry)
+        self.phases = Histogram("grinfer_request_phase_seconds",
+                                "Time per request phase (read, parse, user, features, retrieve, engine, respond, "
+                                "encode, send) by endpoint", ["endpoint", "phase"], buckets=PHASE_BUCKETS,
+                                registry=self.registry)
         self.registry.register(EngineCollector(engine))
+
+    @staticmethod
+    def route_label(scope: dict) -> str:
+        """The endpoint label of an HTTP request: its route's path template ("/v1/users/{user}", "/docs").
+
+        Call it after the app has handled the request (the router has then put the route in the
+        scope); routes that are not API routes (OpenAPI, Swagger, mounts) are matched here. A path
+        that no route matches is "unmatched", so label values stay bounded.
+        """
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        app = scope.get("app")
+        for candidate in getattr(getattr(app, "router", None), "routes", ()):
+            match, _ = candidate.matches(scope)
+            if match is not Match.NONE:
+                return candidate.path
+        return UNMATCHED
 
     def on_step(self, step: dict) -> None:
         self.batch_tokens.observe(step["tokens"])
@@ -57,6 +117,10 @@ class Metrics:
 
     def observe(self, endpoint: str, seconds: float) -> None:
         self.latency.labels(endpoint, self.backend).observe(seconds)
+
+    def observe_phases(self, endpoint: str, spans: list[tuple[str, float]]) -> None:
+        for phase, seconds in spans:
+            self.phases.labels(endpoint, phase).observe(seconds)
 
     def error(self, endpoint: str, kind: str) -> None:
         self.errors.labels(endpoint, kind).inc()

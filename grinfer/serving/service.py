@@ -34,6 +34,8 @@ from grinfer.schema import (
     RollOut,
     ScoredItem,
     UserOut,
+    UsersOut,
+    UsersQuery,
 )
 from grinfer.storage.base import Event, FeatureCache, UserRecord, UserStore
 
@@ -149,7 +151,8 @@ class RecommenderService:
 
     async def _rank(self, user: str, record: UserRecord, cold: bool, ctx: UserContext, candidates: np.ndarray,
                     deadline_ms: int | None, start: float, k: int) -> RankOut:
-        deadline = time.monotonic() + deadline_ms / 1e3 if deadline_ms else None
+        # deadline_ms counts from the request's arrival (start), not from when it reaches the engine
+        deadline = time.monotonic() - (time.perf_counter() - start) + deadline_ms / 1e3 if deadline_ms else None
         request = RankRequest(user, record.history_version, ctx, candidates, int(time.time()), deadline=deadline)
         result = await self.engine.rank(request)
         probs = result.probabilities
@@ -169,18 +172,26 @@ class RecommenderService:
         return EventsOut(user=req.user, appended=len(events), realtime_events=count)
 
     def roll_history(self, req: RollIn) -> RollOut:
-        """Fold the user's real-time events into the static history (new version: old KV cache is void)."""
+        """Fold the user's real-time events into the static history (new version: old KV cache is void).
+
+        With no real-time events there is nothing to fold: same version, the cached record stays.
+        """
         try:
-            version = self.store.roll_history(req.user)
+            roll = self.store.roll_history(req.user)
         except KeyError:
             raise FieldError("user", f"unknown user {req.user!r}", status=404) from None
-        self._invalidate(req.user)
-        return RollOut(user=req.user, history_version=version)
+        if roll.folded:
+            self._invalidate(req.user)
+        return RollOut(user=req.user, history_version=roll.history_version, folded=roll.folded)
 
     def _invalidate(self, user: str) -> None:
         with self._epoch_lock:
             self._epochs[user] += 1
             self.cache.invalidate_user(user)
+
+    def list_users(self, query: UsersQuery) -> UsersOut:
+        """A page of known user ids (in creation order) and how many users there are."""
+        return UsersOut(users=self.store.list_users(query.limit, query.offset), total=self.store.count_users())
 
     def get_user(self, user: str, recent: int = 20) -> UserOut:
         """Profile, history version and recent events (with titles) of a known user."""

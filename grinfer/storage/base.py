@@ -4,7 +4,7 @@ by URL: `sqlite:///path.db` (default), `postgresql://...`, `redis://...`, `memor
 
 A user's events are append-only. Events up to the last history roll form the static history S;
 later ones are the real-time events R. Rolling folds R into S and bumps `history_version`, which
-is what keys the engine's KV cache.
+is what keys the engine's KV cache; a roll with no R to fold changes nothing (same version).
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ class Event:
     item: int
     ts: int
     action: int
+
+
+@dataclass(frozen=True)
+class Roll:
+    """What a history roll did: the history version after it and the real-time events it folded into S."""
+
+    history_version: int
+    folded: int
 
 
 @dataclass
@@ -46,8 +54,8 @@ class UserStore(Protocol):
         """Append (creating the user with an unknown profile if needed); returns the user's R length."""
         ...
 
-    def roll_history(self, user: str) -> int:
-        """Fold R into S; returns the new history version (KeyError for an unknown user)."""
+    def roll_history(self, user: str) -> Roll:
+        """Fold R into S and bump the version; with R empty, change nothing (KeyError for an unknown user)."""
         ...
 
     def count_users(self) -> int: ...

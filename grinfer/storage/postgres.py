@@ -42,7 +42,7 @@ from grinfer.storage._common import (
     existing_users_error,
     metadata_json,
 )
-from grinfer.storage.base import Event, UserRecord
+from grinfer.storage.base import Event, Roll, UserRecord
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -228,18 +228,24 @@ class PostgresStore:
                 row = conn.execute(_LOCK_USER, (user,)).fetchone()
         return row
 
-    def roll_history(self, user: str) -> int:
+    def roll_history(self, user: str) -> Roll:
         with self._conn() as conn, conn.transaction():
-            row = conn.execute(_LOCK_USER, (user,)).fetchone()
+            row = conn.execute(
+                "SELECT uid, history_version, rolled_upto FROM users WHERE id = %s FOR NO KEY UPDATE", (user,)
+            ).fetchone()
             if row is None:
                 raise KeyError(user)
+            uid, version, rolled_upto = row
             # A new statement after the lock: its snapshot holds every append committed before the roll.
-            return conn.execute(
-                """UPDATE users SET history_version = history_version + 1,
-                       rolled_upto = coalesce((SELECT max(seq) FROM events WHERE uid = %s), rolled_upto)
-                   WHERE uid = %s RETURNING history_version""",
-                (row[0], row[0]),
-            ).fetchone()[0]
+            count, last = conn.execute(
+                "SELECT count(*), max(seq) FROM events WHERE uid = %s AND seq > %s", (uid, rolled_upto)
+            ).fetchone()
+            if count == 0:
+                return Roll(version, 0)
+            conn.execute(
+                "UPDATE users SET history_version = %s, rolled_upto = %s WHERE uid = %s", (version + 1, last, uid)
+            )
+            return Roll(version + 1, count)
 
     def count_users(self) -> int:
         with self._conn() as conn:

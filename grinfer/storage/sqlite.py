@@ -35,7 +35,7 @@ from grinfer.storage._common import (
     existing_users_error,
     metadata_json,
 )
-from grinfer.storage.base import Event, UserRecord
+from grinfer.storage.base import Event, Roll, UserRecord
 
 # Each migration is a list of statements run in one transaction; append, never edit.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -191,18 +191,19 @@ class SQLiteStore:
             return c.execute("INSERT INTO users (id) VALUES (?)", (user,)).lastrowid, 0
         return row
 
-    def roll_history(self, user: str) -> int:
+    def roll_history(self, user: str) -> Roll:
         with self._write() as c:
-            row = c.execute("SELECT uid FROM users WHERE id = ?", (user,)).fetchone()
+            row = c.execute("SELECT uid, history_version, rolled_upto FROM users WHERE id = ?", (user,)).fetchone()
             if row is None:
                 raise KeyError(user)
-            c.execute(
-                """UPDATE users SET history_version = history_version + 1,
-                       rolled_upto = coalesce((SELECT max(seq) FROM events WHERE uid = ?), rolled_upto)
-                   WHERE uid = ?""",
-                (row[0], row[0]),
-            )
-            return c.execute("SELECT history_version FROM users WHERE uid = ?", (row[0],)).fetchone()[0]
+            uid, version, rolled_upto = row
+            count, last = c.execute(
+                "SELECT count(*), max(seq) FROM events WHERE uid = ? AND seq > ?", (uid, rolled_upto)
+            ).fetchone()
+            if count == 0:
+                return Roll(version, 0)
+            c.execute("UPDATE users SET history_version = ?, rolled_upto = ? WHERE uid = ?", (version + 1, last, uid))
+            return Roll(version + 1, count)
 
     def count_users(self) -> int:
         return self._conn().execute("SELECT count(*) FROM users").fetchone()[0]

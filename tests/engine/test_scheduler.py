@@ -128,6 +128,31 @@ def test_deadline_passing_mid_request_releases_its_entry(model, catalog, featuri
     assert_scores(model, featurizer, after, run_one(core, after))
 
 
+def test_a_request_whose_deadline_passes_during_its_last_step_fails_and_keeps_its_kv(model, catalog, featurizer,
+                                                                                      make_request):
+    """One step computes the whole request, but the deadline passes while it runs: the answer is late,
+    so it is a DeadlineExceeded; the K/V it committed are whole and serve the next request."""
+    core = make_core(model, catalog)
+    req = engine_request("slow", make_request(6, 2, 3, seed=30), deadline=time.monotonic() + 600.0)
+    execute = core.runner.execute
+
+    def slow_step(plan):
+        execute(plan)
+        req.deadline = time.monotonic() - 0.01  # the step took longer than the request had left
+
+    core.runner.execute = slow_step
+    core.add(req)
+    (state, error), = run_until_done(core)
+    assert isinstance(error, DeadlineExceeded) and state.steps == 1
+    assert "missed its deadline by" in str(error)
+    assert_unpinned(core)
+    core.runner.execute = execute
+    again = with_context(req, req.context, deadline=None)
+    res = run_one(core, again)
+    assert res.cache == "hit"
+    assert_scores(model, featurizer, again, res)
+
+
 # ---- one request per user in flight; per-step limits -------------------------------------------------
 def test_requests_of_one_user_never_share_a_step(model, catalog, featurizer, make_request):
     rng = np.random.default_rng(6)

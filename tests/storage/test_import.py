@@ -9,7 +9,7 @@ import pytest
 
 from grinfer.data import generate_synthetic
 from grinfer.storage import MemoryFeatureCache, SQLiteStore, import_dataset, open_cache, open_store
-from grinfer.storage.base import Event, UserRecord
+from grinfer.storage.base import Event, Roll, UserRecord
 from grinfer.storage.postgres import PostgresStore, parse_postgres_url
 from grinfer.storage.redis_cache import parse_redis_url
 
@@ -43,7 +43,7 @@ def test_import_synthetic(store, dataset):
 
     # later events are real-time until the next roll
     assert store.append_events(got.user, [Event(1, 2_000_000_000, 5)]) == 1
-    assert store.roll_history(got.user) == 2
+    assert store.roll_history(got.user).history_version == 2
 
     with pytest.raises(ValueError, match="already exist"):
         import_dataset(dataset, store, progress=False)
@@ -64,7 +64,7 @@ def test_import_users_writes_records_as_given(store):
     with pytest.raises(ValueError, match="'a'"):
         store.import_users([UserRecord("e", []), UserRecord("a", [])])
     assert store.get_user("e") is None  # the failed batch wrote nothing
-    assert store.roll_history("a") == 4
+    assert store.roll_history("a") == Roll(4, 1)
     assert [e.item for e in store.get_user("a").static] == [3, 1, 2]
 
 

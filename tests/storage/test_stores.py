@@ -16,7 +16,7 @@ import pytest
 from grinfer.data import generate_synthetic
 from grinfer.data.types import ItemCatalog
 from grinfer.storage import open_store
-from grinfer.storage.base import Event, UserRecord
+from grinfer.storage.base import Event, Roll, UserRecord
 
 
 def ev(item: int, ts: int, action: int = 3) -> Event:
@@ -91,19 +91,31 @@ def test_append_orders_by_time_with_ties_in_append_order(store):
 def test_roll_moves_r_into_s_and_bumps_version(store):
     store.put_profile("u", [1, 1, 1, 1])
     store.append_events("u", [ev(1, 100), ev(2, 200)])
-    assert store.roll_history("u") == 1
+    assert store.roll_history("u") == Roll(1, 2)
     got = store.get_user("u")
     assert (got.history_version, got.static, got.realtime) == (1, [ev(1, 100), ev(2, 200)], [])
     assert store.append_events("u", [ev(3, 150), ev(4, 300)]) == 2  # R length only
     got = store.get_user("u")
     assert got.static == [ev(1, 100), ev(2, 200)]
     assert got.realtime == [ev(3, 150), ev(4, 300)]
-    assert store.roll_history("u") == 2
+    assert store.roll_history("u") == Roll(2, 2)
     got = store.get_user("u")
     assert got.static == [ev(1, 100), ev(3, 150), ev(2, 200), ev(4, 300)]
     assert (got.history_version, got.realtime, got.profile) == (2, [], [1, 1, 1, 1])
-    assert store.roll_history("u") == 3  # an empty R still bumps the version
-    assert store.get_user("u").static == got.static
+
+
+def test_a_roll_with_nothing_to_fold_changes_nothing(store):
+    store.put_profile("fresh", [2])
+    assert store.roll_history("fresh") == Roll(0, 0)  # a user without events keeps version 0
+    store.append_events("u", [ev(1, 100)])
+    assert store.roll_history("u") == Roll(1, 1)
+    before = store.get_user("u")
+    assert store.roll_history("u") == Roll(1, 0)
+    assert store.roll_history("u") == Roll(1, 0)
+    assert store.get_user("u") == before
+    store.append_events("u", [ev(2, 50)])  # an event older than S's newest still counts as R
+    assert store.roll_history("u") == Roll(2, 1)
+    assert store.get_user("u").static == [ev(2, 50), ev(1, 100)]
 
 
 def test_roll_unknown_user_raises_keyerror(store):
@@ -241,8 +253,11 @@ def test_rolls_during_appends_lose_nothing(store):
         stop.set()
         t.join()
     got = store.get_user("u")
-    assert rolls == list(range(1, len(rolls) + 1))
-    assert got.history_version == len(rolls)
+    bumps = [r for r in rolls if r.folded]
+    assert [r.history_version for r in bumps] == list(range(1, len(bumps) + 1))  # each fold bumps once
+    versions = [r.history_version for r in rolls]
+    assert versions == sorted(versions)  # an empty roll returns the version it found
+    assert got.history_version == len(bumps) and sum(r.folded for r in bumps) == len(got.static)
     assert got.static + got.realtime == [ev(i, i) for i in range(60)]
 
 
