@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The README's test command: set up .venv if needed, lint, then run the whole test suite on the CPU.
+# The README's test command: set up .venv with the test extras (once), lint, then run the test suite on
+# the CPU. Extra arguments go to pytest, e.g. `scripts/test.sh tests/docs -x`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --test
 .venv/bin/ruff check grinfer tests
 .venv/bin/python -m pytest "$@"
