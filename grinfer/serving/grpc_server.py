@@ -49,7 +49,19 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ValidationError
 
 from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
-from grinfer.schema import EventsIn, EventsOut, RankIn, RankOut, RecommendIn, RollIn, RollOut
+from grinfer.schema import (
+    EventsIn,
+    EventsOut,
+    RankIn,
+    RankOut,
+    RecommendIn,
+    RollIn,
+    RollOut,
+    UserOut,
+    UsersOut,
+    UsersQuery,
+    field_path,
+)
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.proto import grinfer_pb2 as pb
 from grinfer.serving.proto import grinfer_pb2_grpc as pb_grpc
@@ -77,7 +89,7 @@ def _classify(exc: Exception) -> _Abort:
     """Map the service's and the engine's errors to gRPC status codes (as app.py maps them to HTTP)."""
     if isinstance(exc, ValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        field = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        field = field_path(first.get("loc", ())) or "request"
         return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {first.get('msg', 'invalid')}", "validation", field)
     if isinstance(exc, FieldError):
         code = _FIELD_STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
@@ -85,7 +97,7 @@ def _classify(exc: Exception) -> _Abort:
     if isinstance(exc, Overloaded):
         return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "overloaded")
     if isinstance(exc, DeadlineExceeded):
-        return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc), "deadline", "deadline_ms")
+        return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline_ms: {exc}", "deadline", "deadline_ms")
     if isinstance(exc, ContextTooLarge):
         return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"events: {exc}", "context_too_large", "events")
     if isinstance(exc, Unavailable | EngineError):
@@ -123,6 +135,10 @@ def roll_in(msg: pb.RollHistoryRequest) -> RollIn:
     return RollIn.model_validate({"user": msg.user})
 
 
+def users_query(msg: pb.ListUsersRequest) -> UsersQuery:
+    return UsersQuery.model_validate(_optional(msg, "limit", "offset"))
+
+
 def rank_out(out: RankOut) -> pb.RankResponse:
     items = [pb.ScoredItem(item=i.item, score=i.score, probabilities=i.probabilities, title=i.title)
              for i in out.items]
@@ -135,7 +151,17 @@ def events_out(out: EventsOut) -> pb.AppendEventsResponse:
 
 
 def roll_out(out: RollOut) -> pb.RollHistoryResponse:
-    return pb.RollHistoryResponse(user=out.user, history_version=out.history_version)
+    return pb.RollHistoryResponse(user=out.user, history_version=out.history_version, folded=out.folded)
+
+
+def user_out(out: UserOut) -> pb.UserResponse:
+    recent = [pb.UserEvent(item=e.item, ts=e.ts, action=e.action, title=e.title) for e in out.recent]
+    return pb.UserResponse(user=out.user, profile=out.profile, history_version=out.history_version,
+                           static_events=out.static_events, realtime_events=out.realtime_events, recent=recent)
+
+
+def users_out(out: UsersOut) -> pb.ListUsersResponse:
+    return pb.ListUsersResponse(users=out.users, total=out.total)
 
 
 # ---- the servicer ----------------------------------------------------------------------------------
@@ -228,6 +254,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             self._require_key(context)
             return roll_out(self.service.roll_history(roll_in(request)))
         return self._call("RollHistory", context, work)
+
+    def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.UserResponse:
+        return self._call("GetUser", context, lambda: user_out(self.service.get_user(request.user)))
+
+    def ListUsers(self, request: pb.ListUsersRequest, context: grpc.ServicerContext) -> pb.ListUsersResponse:
+        return self._call("ListUsers", context, lambda: users_out(self.service.list_users(users_query(request))))
 
 
 # ---- the server ------------------------------------------------------------------------------------

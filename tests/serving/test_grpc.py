@@ -294,7 +294,8 @@ def test_reflection_lists_and_describes_the_service(stack):
     from google.protobuf.descriptor_pool import DescriptorPool
 
     service = DescriptorPool(database).FindServiceByName(SERVICE_NAME)
-    assert [m.name for m in service.methods] == ["Rank", "Recommend", "AppendEvents", "RollHistory"]
+    assert [m.name for m in service.methods] == ["Rank", "Recommend", "AppendEvents", "RollHistory", "GetUser",
+                                                 "ListUsers"]
     assert service.methods_by_name["Recommend"].output_type.full_name == "grinfer.v1.RankResponse"
 
 

@@ -106,9 +106,68 @@ class RollHistoryRequest(_message.Message):
     def __init__(self, user: _Optional[str] = ...) -> None: ...
 
 class RollHistoryResponse(_message.Message):
-    __slots__ = ("user", "history_version")
+    __slots__ = ("user", "history_version", "folded")
     USER_FIELD_NUMBER: _ClassVar[int]
     HISTORY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FOLDED_FIELD_NUMBER: _ClassVar[int]
     user: str
     history_version: int
-    def __init__(self, user: _Optional[str] = ..., history_version: _Optional[int] = ...) -> None: ...
+    folded: int
+    def __init__(self, user: _Optional[str] = ..., history_version: _Optional[int] = ..., folded: _Optional[int] = ...) -> None: ...
+
+class GetUserRequest(_message.Message):
+    __slots__ = ("user",)
+    USER_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    def __init__(self, user: _Optional[str] = ...) -> None: ...
+
+class UserEvent(_message.Message):
+    __slots__ = ("item", "ts", "action", "title")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    TS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    item: int
+    ts: int
+    action: int
+    title: str
+    def __init__(self, item: _Optional[int] = ..., ts: _Optional[int] = ..., action: _Optional[int] = ..., title: _Optional[str] = ...) -> None: ...
+
+class UserResponse(_message.Message):
+    __slots__ = ("user", "profile", "history_version", "static_events", "realtime_events", "recent")
+    class ProfileEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    USER_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATIC_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REALTIME_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    profile: _containers.ScalarMap[str, int]
+    history_version: int
+    static_events: int
+    realtime_events: int
+    recent: _containers.RepeatedCompositeFieldContainer[UserEvent]
+    def __init__(self, user: _Optional[str] = ..., profile: _Optional[_Mapping[str, int]] = ..., history_version: _Optional[int] = ..., static_events: _Optional[int] = ..., realtime_events: _Optional[int] = ..., recent: _Optional[_Iterable[_Union[UserEvent, _Mapping]]] = ...) -> None: ...
+
+class ListUsersRequest(_message.Message):
+    __slots__ = ("limit", "offset")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    offset: int
+    def __init__(self, limit: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ListUsersResponse(_message.Message):
+    __slots__ = ("users", "total")
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedScalarFieldContainer[str]
+    total: int
+    def __init__(self, users: _Optional[_Iterable[str]] = ..., total: _Optional[int] = ...) -> None: ...

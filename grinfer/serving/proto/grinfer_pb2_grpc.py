@@ -55,6 +55,16 @@ class RecommenderStub:
                 request_serializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.RollHistoryRequest.SerializeToString,
                 response_deserializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.RollHistoryResponse.FromString,
                 _registered_method=True)
+        self.GetUser = channel.unary_unary(
+                '/grinfer.v1.Recommender/GetUser',
+                request_serializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.GetUserRequest.SerializeToString,
+                response_deserializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.UserResponse.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/grinfer.v1.Recommender/ListUsers',
+                request_serializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -83,7 +93,22 @@ class RecommenderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RollHistory(self, request, context):
-        """Fold real-time events into the static history; bumps the history version (needs x-api-key when set).
+        """Fold real-time events into the static history; bumps the history version, or with no real-time
+        events changes nothing (needs x-api-key when set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUser(self, request, context):
+        """A user's profile, history version and recent events (REST: GET /v1/users/{user}); NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Known user ids, a page at a time, and how many there are (REST: GET /v1/users).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +136,16 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.RollHistory,
                     request_deserializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.RollHistoryRequest.FromString,
                     response_serializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.RollHistoryResponse.SerializeToString,
+            ),
+            'GetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUser,
+                    request_deserializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.GetUserRequest.FromString,
+                    response_serializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.UserResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.ListUsersRequest.FromString,
+                    response_serializer=grinfer_dot_serving_dot_proto_dot_grinfer__pb2.ListUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +257,60 @@ class Recommender:
             '/grinfer.v1.Recommender/RollHistory',
             grinfer_dot_serving_dot_proto_dot_grinfer__pb2.RollHistoryRequest.SerializeToString,
             grinfer_dot_serving_dot_proto_dot_grinfer__pb2.RollHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/grinfer.v1.Recommender/GetUser',
+            grinfer_dot_serving_dot_proto_dot_grinfer__pb2.GetUserRequest.SerializeToString,
+            grinfer_dot_serving_dot_proto_dot_grinfer__pb2.UserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/grinfer.v1.Recommender/ListUsers',
+            grinfer_dot_serving_dot_proto_dot_grinfer__pb2.ListUsersRequest.SerializeToString,
+            grinfer_dot_serving_dot_proto_dot_grinfer__pb2.ListUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,
