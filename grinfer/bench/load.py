@@ -71,11 +71,11 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 def parse_kv_metrics(text: str) -> dict[str, float]:
-    """grinfer_kv_cache_{hits,partial_hits,misses} values from a Prometheus text page."""
+    """grinfer_kv_cache_{hits,partial_hits,misses}_total counter values from a Prometheus text page."""
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        key = name.removeprefix("grinfer_kv_cache_")
+        key = name.removeprefix("grinfer_kv_cache_").removesuffix("_total")
         if key != name and key in KV_GAUGES:
             out[key] = float(value.split()[0])
     return out

@@ -135,7 +135,7 @@ def test_cli_prints_a_table_and_writes_json(server, tmp_path):
 
 
 def test_parse_kv_metrics():
-    text = ("# HELP grinfer_kv_cache_hits KV cache hits so far\n# TYPE grinfer_kv_cache_hits gauge\n"
-            "grinfer_kv_cache_hits 3.0\ngrinfer_kv_cache_partial_hits 1.0\ngrinfer_kv_cache_misses 2.0\n"
-            "grinfer_kv_cache_host_hits 7.0\n")
+    text = ("# HELP grinfer_kv_cache_hits_total KV cache hits\n# TYPE grinfer_kv_cache_hits_total counter\n"
+            "grinfer_kv_cache_hits_total 3.0\ngrinfer_kv_cache_partial_hits_total 1.0\n"
+            "grinfer_kv_cache_misses_total 2.0\ngrinfer_kv_cache_host_hits_total 7.0\ngrinfer_kv_cache_users 4.0\n")
     assert parse_kv_metrics(text) == {"hits": 3.0, "partial_hits": 1.0, "misses": 2.0}
