@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict | None
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE))
+    # safetensors writes the file 0600; give it config.json's mode, i.e. what the umask allows
+    os.chmod(path / WEIGHTS_FILE, (path / CONFIG_FILE).stat().st_mode & 0o777)
     return path
 
 

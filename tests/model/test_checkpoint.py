@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import numpy as np
 import pytest
@@ -90,6 +92,17 @@ def test_config_json_keeps_extra_metadata_and_round_trips_tuples(tmp_path, mtgr_
     cfg = ModelConfig.model_validate(meta["model"])
     assert cfg == mtgr_model.cfg
     assert isinstance(cfg.profile_cardinalities, tuple) and isinstance(cfg.tasks, tuple)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_weights_file_mode_follows_the_umask_like_config_json(tmp_path, mtgr_model, umask):
+    old = os.umask(umask)
+    try:
+        path = save_checkpoint(mtgr_model, tmp_path / "c")
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE((path / name).stat().st_mode)
+    assert mode(WEIGHTS_FILE) == mode(CONFIG_FILE) == 0o666 & ~umask
 
 
 def test_saving_twice_overwrites(tmp_path, mtgr_cfg):
