@@ -85,8 +85,6 @@ class Metrics:
                                       buckets=(16, 64, 256, 1024, 4096, 16384, 65536), registry=self.registry)
         self.batch_requests = Histogram("grinfer_batch_requests", "Requests per engine step",
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
-        self.fallbacks = Counter("grinfer_backend_fallbacks", "Batches re-run on the eager backend",
-                                 ["backend"], registry=self.registry)
         self.phases = Histogram("grinfer_request_phase_seconds",
                                 "Time per request phase (read, parse, user, features, retrieve, engine, respond, "
                                 "encode, send) by endpoint", ["endpoint", "phase"], buckets=PHASE_BUCKETS,

@@ -1,0 +1,102 @@
+"""/metrics follows Prometheus conventions on a live server (counters end in _total, no _created series,
+process_* and python_* collectors, bounded endpoint labels), and the shipped Grafana dashboard only
+queries metric names that the server really exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_rest import Stack
+
+from grinfer.serving.app import AppState, create_app
+from grinfer.serving.metrics import KV_COUNTERS, UNMATCHED, Metrics
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "grinfer.json"
+METRIC_NAME = re.compile(r"\b((?:grinfer|process|python)_[A-Za-z0-9_]+)")
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A live server after some traffic: two ranks of one user (miss, hit), a recommend, errors, docs."""
+    stack = Stack(f"sqlite:///{tmp_path_factory.mktemp('metrics') / 'grinfer.db'}", "memory://")
+    user = str(stack.ds.users[0].user_id)
+    for _ in range(2):
+        assert stack.http.post("/v1/rank", json={"user": user, "candidates": [{"item": stack.raw(1)}]}).is_success
+    assert stack.http.post("/v1/recommend", json={"user": user, "k": 3}).is_success
+    assert stack.http.get("/v1/users/bad%20id").status_code == 422
+    assert stack.http.get("/docs").is_success and stack.http.get("/openapi.json").is_success
+    yield stack, stack.http.get("/metrics").text
+    stack.close()
+
+
+def families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample_names(text: str) -> set[str]:
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_running_counts_are_counters_and_levels_are_gauges(live):
+    _, text = live
+    found = families(text)
+    for name in KV_COUNTERS:
+        family = found[f"grinfer_kv_cache_{name}"]
+        assert family.type == "counter", name
+        assert [s.name for s in family.samples] == [f"grinfer_kv_cache_{name}_total"]
+    assert found["grinfer_kv_cache_hits"].samples[0].value >= 1  # the second rank of the user
+    assert found["grinfer_kv_cache_misses"].samples[0].value >= 1
+    for name in ("grinfer_queue_depth", "grinfer_running_requests", "grinfer_kv_cache_occupancy",
+                 "grinfer_kv_cache_users", "grinfer_device_memory_bytes"):
+        assert found[name].type == "gauge", name
+    memory = found["grinfer_device_memory_bytes"].samples[0]
+    assert memory.labels == {"device": "cpu"} and memory.value > 0
+
+
+def test_no_created_series_and_standard_collectors(live):
+    _, text = live
+    names = sample_names(text)
+    assert not [n for n in names if n.endswith("_created")]
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+                 "python_info", "python_gc_objects_collected_total"):
+        assert name in names, name
+
+
+def test_error_endpoints_are_route_templates(live):
+    _, text = live
+    errors = [s for s in families(text)["grinfer_errors"].samples]
+    assert {"endpoint": "/v1/users/{user}", "kind": "field"} in [s.labels for s in errors]
+    assert not [s for s in errors if "bad" in s.labels["endpoint"]]  # no raw paths as label values
+
+
+@pytest.mark.parametrize(("path", "method", "label"), [
+    ("/docs", "GET", "/docs"),
+    ("/openapi.json", "GET", "/openapi.json"),
+    ("/docs/oauth2-redirect", "GET", "/docs/oauth2-redirect"),
+    ("/v1/users/someone", "GET", "/v1/users/{user}"),
+    ("/v1/rank", "GET", "/v1/rank"),  # a wrong method still names the route (405)
+    ("/no/such/route", "GET", UNMATCHED),
+])
+def test_route_label_names_every_route_and_only_routes(live, path, method, label):
+    stack, _ = live
+    app = create_app(AppState(stack.service, stack.metrics))
+    scope = {"type": "http", "path": path, "method": method, "root_path": "", "headers": [], "app": app}
+    assert Metrics.route_label(scope) == label
+
+
+def test_the_grafana_dashboard_queries_only_exported_metrics(live):
+    _, text = live
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ("request rate", "p50", "p99", "queue depth", "batch size", "kv cache hit ratio", "device memory"):
+        assert topic in titles, topic
+    used = {name for expr in exprs for name in METRIC_NAME.findall(expr)}
+    assert {"grinfer_request_seconds_bucket", "grinfer_kv_cache_hits_total", "grinfer_device_memory_bytes"} <= used
+    missing = used - sample_names(text)
+    assert not missing, f"the dashboard queries metrics the server does not export: {sorted(missing)}"
