@@ -1,0 +1,95 @@
+"""The REST front, as one pure-ASGI middleware: draining, body limits, latency and phase metrics.
+
+Pure ASGI (no `BaseHTTPMiddleware`): no extra task, stream or response copy per request. Every body
+byte is counted whatever the headers declare; the body is read here (up to the limit) and handed to
+the app whole, so an over-long body is refused with 413 before any of it is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from grinfer.serving.metrics import Metrics
+from grinfer.serving.phases import Phases
+
+_BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+class RequestFront:
+    """ASGI middleware over the FastAPI app; `state` is the app's AppState (limits, metrics, draining)."""
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state, start = self.state, time.perf_counter()
+        retry = [(b"retry-after", str(state.retry_after_s).encode())]
+        if state.draining and scope["path"].startswith("/v1/"):
+            await _reply(send, 503, "server is shutting down", None, retry)
+            return
+        headers = dict(scope["headers"])
+        if scope["method"] in _BODY_METHODS:
+            if b"content-length" in headers and b"transfer-encoding" in headers:
+                await _reply(send, 400, "body: both Content-Length and Transfer-Encoding given", "body")
+                return
+            declared = headers.get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > state.max_body_bytes:
+                await _reply(send, 413, f"body: {int(declared)} bytes exceed the limit of {state.max_body_bytes}",
+                             "body")
+                return
+            body = await _read_body(receive, state.max_body_bytes)
+            if body is None:
+                await _reply(send, 413, f"body: more than the limit of {state.max_body_bytes} bytes", "body")
+                return
+            receive = _replay(body, receive)
+        phases = Phases(start)
+        scope.setdefault("state", {})["phases"] = phases
+        phases.mark("read")
+        await self.app(scope, receive, send)
+        phases.mark("send")
+        endpoint = Metrics.route_label(scope)
+        state.metrics.observe(endpoint, time.perf_counter() - start)
+        state.metrics.observe_phases(endpoint, phases.spans)
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole request body, or None once more than `limit` bytes arrived (the rest is not read)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """A receive channel that gives the app the buffered body, then the connection's later messages."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _reply(send, status: int, message: str, field: str | None, headers: list = ()) -> None:
+    data = json.dumps({"error": message, "field": field}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})
