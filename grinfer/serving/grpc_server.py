@@ -15,7 +15,7 @@ Concurrency: a thread pool (max_workers) serves RPCs; the service's async operat
 recommend) run as coroutines on ONE asyncio event loop owned by the server (a background thread in
 `loop.run_forever()`); a worker thread submits with `asyncio.run_coroutine_threadsafe` and waits, so
 many RPCs are in the engine at once and get batched together. The blocking operations (append
-events, roll history) run on the worker thread itself. `stop()` stops the server, then the loop.
+events, roll history, GetUser, ListUsers) run on the worker thread itself. `stop()` stops the server, then the loop.
 
 Errors (the REST adapter's, in gRPC codes; the details text is "field: message" where a field is
 known, and the trailing metadata `grinfer-field` names it):

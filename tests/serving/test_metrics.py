@@ -68,7 +68,7 @@ def test_no_created_series_and_standard_collectors(live):
 
 def test_error_endpoints_are_route_templates(live):
     _, text = live
-    errors = [s for s in families(text)["grinfer_errors"].samples]
+    errors = families(text)["grinfer_errors"].samples
     assert {"endpoint": "/v1/users/{user}", "kind": "field"} in [s.labels for s in errors]
     assert not [s for s in errors if "bad" in s.labels["endpoint"]]  # no raw paths as label values
 
