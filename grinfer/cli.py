@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 import json
-import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
+from grinfer.config import ServerConfig, env_var, grinfer_home, settings_help
+
+# click's base of usage errors, whether typer vendors click (>= 0.24) or uses the installed one
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors (a bad flag value, an unknown option) as one `error:` line with exit code 2."""
+
+    def main(self, *args, **kwargs):
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except _ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `grinfer` alone: the help, as before
+                typer.echo(exc.format_message(), err=True)
+            else:
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                typer.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+# rich_markup_mode=None: plain help, so that "[auto]" or "[server]" are text, not markup
 app = typer.Typer(help="grinfer: serve, train and evaluate generative recommenders (MTGR / HSTU).",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  cls=_OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 
 DataOpt = Annotated[str, typer.Option("--data", help="'synthetic', 'synthetic:users=N,items=N,events=N,seed=N' "
                                                       "or a MovieLens-1M directory.")]
@@ -22,18 +51,34 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """--set key=value pairs -> a dict of JSON-parsed values (bare words stay strings)."""
-    out = {}
+def _overrides(pairs: list[str]) -> tuple[dict, dict[str, str]]:
+    """--set key=value pairs -> (JSON-parsed values (bare words stay strings), how each key was given)."""
+    out, given = {}, {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
-        if not eq:
-            raise _fail(f"--set expects key=value, got {pair!r}")
+        if not eq or not key:
+            raise _fail(f"--set expects key=value (a model setting such as d_model=64), got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
-    return out
+        given[key] = f"--set {pair}"
+    return out, given
+
+
+def _model_configs(jobs: list[tuple[str, Path]], pairs: list[str]) -> list:
+    """(preset with the --set overrides, output dir) per job; a bad preset or override is one error line."""
+    from pydantic import ValidationError
+
+    from grinfer.config import ModelConfig, one_line_error, preset
+
+    values, given = _overrides(pairs)
+    try:
+        return [(preset(name).replace(**values), path) for name, path in jobs]
+    except ValidationError as exc:
+        raise _fail(one_line_error(exc, ModelConfig, given)) from None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()
@@ -44,17 +89,15 @@ def train(
     preset_name: Annotated[str, typer.Option("--preset", help="Ranking preset (mtgr-tiny/small/medium/large), "
                                                                "or the retrieval preset for --task retrieval.")] = "",
     retrieval_preset: Annotated[str, typer.Option(help="Retrieval preset for --task both.")] = "hstu-ml1m",
-    set_: Annotated[list[str], typer.Option("--set", help="Override a config field, e.g. --set mask=causal "
-                                                          "--set group_ln=false (repeatable).")] = [],  # noqa: B006
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE",
+                                            help="Override a config field, e.g. --set mask=causal "
+                                                 "--set group_ln=false (repeatable).")] = [],  # noqa: B006
     epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
     negatives: Annotated[int, typer.Option(help="Sampled-softmax negatives (retrieval).")] = 128,
     seed: int = 0, device: DeviceOpt = "auto",
     validate: Annotated[bool, typer.Option(help="Evaluate after every epoch (for the curves).")] = True,
 ) -> None:
     """Train a model (or both) on a dataset; writes checkpoint, metrics.json and loss.png."""
-    from pydantic import ValidationError
-
-    from grinfer.config import preset
     from grinfer.data import load_dataset
     from grinfer.train.loop import TrainSettings, resolve_device
     from grinfer.train.run import RANKING_DIR, RETRIEVAL_DIR, train_model
@@ -64,13 +107,14 @@ def train(
     jobs = {"ranking": [(preset_name or "mtgr-small", out)],
             "retrieval": [(preset_name or "hstu-ml1m", out)],
             "both": [(retrieval_preset, out / RETRIEVAL_DIR), (preset_name or "mtgr-small", out / RANKING_DIR)]}[task]
+    configs = _model_configs(jobs, set_)
     try:
-        configs = [(preset(name).replace(**_overrides(set_)), path) for name, path in jobs]
         ds = load_dataset(data)
-    except (ValueError, ValidationError, FileNotFoundError) as exc:
+        dev = resolve_device(device)
+    except (ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                             num_negatives=negatives, seed=seed, device=resolve_device(device))
+                             num_negatives=negatives, seed=seed, device=dev)
     typer.echo(f"dataset {ds.name}: {len(ds.users)} users, {ds.catalog.num_items} items, {ds.num_events} events; "
                f"device {settings.device}")
     for cfg, path in configs:
@@ -82,26 +126,27 @@ def train(
 @app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Option(help="Checkpoint directory (or a --task both output).")],
-    data: DataOpt = "synthetic",
+    data: Annotated[str | None, typer.Option(help="Dataset spec (as for train); default: the one the model "
+                                                  "was trained on.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the metrics here.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Retrieval HR/NDCG@10/50/200 and per-task ranking AUC/GAUC under DESIGN §5's protocol."""
+    """Retrieval HR/NDCG@10/50/200 and per-task ranking AUC/GAUC (docs: the evaluation protocol)."""
     from grinfer import load
-    from grinfer.data import load_dataset
     from grinfer.train.loop import resolve_device
-    from grinfer.train.run import checkpoint_dirs
+    from grinfer.train.run import checkpoint_dirs, load_matching_dataset
     from grinfer.train.run import evaluate as evaluate_model
 
     try:
         dirs = checkpoint_dirs(model)
-        ds = load_dataset(data)
+        dev = resolve_device(device)
+        models = [load(d, map_location=dev) for d in dirs]
+        ds = load_matching_dataset(data, dirs, [m.cfg for m in models])
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
-    dev = resolve_device(device)
     result: dict = {}
-    for d in dirs:
-        result.update(evaluate_model(load(d, map_location=dev), ds, dev))
+    for m in models:
+        result.update(evaluate_model(m, ds, dev))
     _print_metrics(result)
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +174,8 @@ def bench(
     workloads: Annotated[str, typer.Option(help="Comma-separated: R1-cold, R1-warm, R2, CPU-demo.")] = "CPU-demo",
     backends: Annotated[str, typer.Option(help="Comma-separated backends to run side by side: eager, compiled, "
                                                "fused (CUDA).")] = "eager",
-    batch: Annotated[list[int], typer.Option(help="Batch size(s) (repeatable); default: the workload's.")]
+    batch: Annotated[list[int], typer.Option(metavar="<int>",
+                                             help="Batch size(s) (repeatable); default: the workload's.")]
     = [],  # noqa: B006
     static: Annotated[int | None, typer.Option(help="Override S events per request.")] = None,
     realtime: Annotated[int | None, typer.Option(help="Override R events per request.")] = None,
@@ -147,7 +193,8 @@ def bench(
     server: Annotated[str | None, typer.Option(help="Load-test a running server at this loopback URL instead "
                                                     "(closed loop over HTTP), e.g. http://127.0.0.1:8000.")]
     = None,
-    clients: Annotated[list[str], typer.Option(help="--server: concurrent client loops per level, repeatable "
+    clients: Annotated[list[str], typer.Option(metavar="N[,N...]",
+                                               help="--server: concurrent client loops per level, repeatable "
                                                     "or comma-separated, e.g. 1,8,32,64.")] = ["1,8"],  # noqa: B006
     endpoint: Annotated[str, typer.Option(help="--server: recommend or rank.")] = "recommend",
     requests: Annotated[int, typer.Option(help="--server: requests per level (at most).")] = 400,
@@ -160,7 +207,7 @@ def bench(
     if server is not None:
         import httpx
 
-        from grinfer.bench.load import format_table, parse_clients, run_load, write_json
+        from grinfer.bench.load import format_table, parse_clients, run_load, write_report
 
         try:
             levels = parse_clients(clients)
@@ -176,17 +223,16 @@ def bench(
                    + (f", {results[0].candidates} candidates per request" if results[0].candidates else ""))
         typer.echo(format_table(results))
         if json_out:
-            write_json(results, json_out, settings)
-            typer.echo(f"wrote {json_out}")
+            typer.echo(f"wrote {', '.join(str(f) for f in write_report(results, json_out, settings))}")
         return
     from grinfer.bench.run import matmul_ceiling, run_workload, write_report
     from grinfer.bench.workloads import workload
     from grinfer.engine.backends import BACKENDS
     from grinfer.train.loop import resolve_device
 
-    dev = resolve_device(device)
     names, kinds = [w for w in workloads.split(",") if w], [b for b in backends.split(",") if b]
     try:
+        dev = resolve_device(device)
         for kind in kinds:
             if kind not in BACKENDS:
                 raise ValueError(f"--backends: unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
@@ -204,41 +250,66 @@ def bench(
     typer.echo(write_report(rows, ceiling, dev, json_out))
 
 
-@app.command()
+def _setting_help(name: str) -> str:
+    """A serve flag's help: the setting's description, its environment variable and default."""
+    info = ServerConfig.model_fields[name]
+    default = "" if info.default is None else f", default {str(info.default).lower()}"
+    return f"{info.description} [{env_var(name)}{default}]"
+
+
+def _serve_flag(name: str, **kw):
+    return Annotated[str | None, typer.Option(help=_setting_help(name), **kw)]
+
+
+SERVE_EPILOG = f"""Every setting is also a GRINFER_<NAME> environment variable and a key of the --config TOML
+file ([server] table); flags beat the environment, which beats the file. All settings, with their
+defaults:
+
+\b
+{settings_help()}"""
+
+
+@app.command(epilog=SERVE_EPILOG)
 def serve(
-    model: Annotated[str | None, typer.Option(help="Checkpoint dir (a --task both output or a ranking checkpoint); "
-                                                   "default: the demo models, trained on first start.")] = None,
-    store: Annotated[str | None, typer.Option(help="sqlite:///path.db (default) or postgresql://...")] = None,
-    cache: Annotated[str | None, typer.Option(help="memory:// (default) or redis://host:port/db")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="REST port [8000].")] = None,
-    grpc_port: Annotated[int | None, typer.Option(help="gRPC port, 0 = off [50051].")] = None,
-    api_key: Annotated[str | None, typer.Option(help="Require this key (X-API-Key) on write/admin calls.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto [auto].")] = None,
-    backend: Annotated[str | None, typer.Option(help="eager, compiled or fused (CUDA) [eager].")] = None,
+    model: _serve_flag("model") = None,
+    store: _serve_flag("store") = None,
+    cache: _serve_flag("cache") = None,
+    host: _serve_flag("host") = None,
+    port: Annotated[int | None, typer.Option(help=_setting_help("port"))] = None,
+    grpc_port: Annotated[int | None, typer.Option(help=_setting_help("grpc_port"))] = None,
+    api_key: _serve_flag("api_key") = None,
+    device: _serve_flag("device") = None,
+    backend: _serve_flag("backend") = None,
     config: Annotated[str | None, typer.Option(help="A TOML file of these settings ([server] table).")] = None,
 ) -> None:
-    """Serve REST (+ OpenAPI at /docs, web page at /, /metrics) and gRPC. Settings: flags > GRINFER_* env > file."""
+    """Serve REST (+ OpenAPI at /docs, web page at /, /metrics) and gRPC."""
     import logging
 
-    from pydantic import ValidationError
-
-    from grinfer.config import load_server_config
-    from grinfer.serving.server import StartupError, run
+    from grinfer.config import SettingError, load_server_config
+    from grinfer.serving.ports import PortUnavailable, ensure_port_free
+    from grinfer.serving.server import StartupError, model_dirs, run
     from grinfer.train.loop import resolve_device
-    from grinfer.train.run import demo_models_ready, ensure_demo_models
+    from grinfer.train.run import DEMO_DATA, demo_models_ready, ensure_demo_models, training_data_spec
 
     try:
         cfg = load_server_config(config, model=model, store=store, cache=cache, host=host, port=port,
                                  grpc_port=grpc_port, api_key=api_key, device=device, backend=backend)
-    except (ValidationError, OSError, ValueError) as exc:
-        raise _fail(f"configuration: {exc}") from None
+        dev = resolve_device(cfg.device)
+        # everything that can be checked cheaply is checked before the slow start-up work
+        ensure_port_free(cfg.host, cfg.port, "--port")
+        if not cfg.grpc_reuse_port:
+            ensure_port_free(cfg.host, cfg.grpc_port, "--grpc-port")
+        if cfg.model:
+            model_path = Path(cfg.model).expanduser()
+            data_spec = training_data_spec(model_dirs(model_path)[0])
+        else:
+            model_path, data_spec = demo_model_dir(cfg.home_dir), DEMO_DATA
+    except (SettingError, PortUnavailable, StartupError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    cfg = cfg.with_store_for(data_spec, model_path)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    dev = resolve_device(cfg.device)
-    model_path = Path(cfg.model).expanduser() if cfg.model else None
     train = None
-    if model_path is None:
-        model_path = demo_model_dir()
+    if not cfg.model:
         typer.echo(f"no --model: using the demo models in {model_path} (trained on first start)")
         if not demo_models_ready(model_path):
             demo = model_path
@@ -255,13 +326,17 @@ def serve(
 @app.command("import-movielens")
 def import_movielens(
     path: Annotated[Path, typer.Argument(help="A MovieLens-1M directory (ratings.dat[.gz], users.dat, movies.dat).")],
-    store: Annotated[str, typer.Option(help="Target store URL.")] = "sqlite:///~/.cache/grinfer/grinfer.db",
+    store: Annotated[str | None, typer.Option(help="Target store URL; default: the store `grinfer serve` uses for "
+                                                   "a model trained on this directory (under GRINFER_HOME).")]
+    = None,
 ) -> None:
     """Load a MovieLens directory into a store (catalogue, profiles, events as static history)."""
+    from grinfer.config import default_store_url
     from grinfer.data import DataFormatError, read_movielens
     from grinfer.storage import open_store
     from grinfer.storage.importer import import_dataset
 
+    store = store or default_store_url(str(path), grinfer_home())
     try:
         ds = read_movielens(path)
         target = open_store(store)
@@ -274,13 +349,12 @@ def import_movielens(
     typer.echo(f"imported {counts} into {store}")
 
 
-def demo_model_dir() -> Path:
-    """Where the demo models are cached: $GRINFER_HOME (default ~/.cache/grinfer)/demo-VERSION-fN."""
+def demo_model_dir(home: Path) -> Path:
+    """Where the demo models are cached: GRINFER_HOME/demo-VERSION-fN."""
     from grinfer import __version__
     from grinfer.features.featurizer import FEATURES_VERSION
 
-    root = os.environ.get("GRINFER_HOME") or Path.home() / ".cache" / "grinfer"
-    return Path(root) / f"demo-{__version__}-f{FEATURES_VERSION}"
+    return home / f"demo-{__version__}-f{FEATURES_VERSION}"
 
 
 @app.command()
@@ -296,14 +370,16 @@ def demo(
 ) -> None:
     """Show a few users' recent history and their top-k recommendations with scores."""
     from grinfer import load
-    from grinfer.data import load_dataset
     from grinfer.recommend import Recommender
     from grinfer.train.loop import resolve_device
-    from grinfer.train.run import DEMO_DATA, RANKING_DIR, RETRIEVAL_DIR, ensure_demo_models, training_data_spec
+    from grinfer.train.run import DEMO_DATA, RANKING_DIR, RETRIEVAL_DIR, ensure_demo_models, load_matching_dataset
 
-    dev = resolve_device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     if model is None:
-        model = demo_model_dir()
+        model = demo_model_dir(grinfer_home())
         if retrain or not (model / RANKING_DIR / "config.json").is_file():
             typer.echo(f"training the demo models on {DEMO_DATA} (cached in {model}) ...")
         ensure_demo_models(model, dev, retrain)
@@ -312,7 +388,8 @@ def demo(
     try:
         ranker = load(ranking_dir, map_location=dev)
         retriever = load(retrieval_dir, map_location=dev) if retrieval_dir.is_dir() else None
-        ds = load_dataset(data or training_data_spec(ranking_dir) or DEMO_DATA)
+        loaded = [(ranking_dir, ranker)] + ([(retrieval_dir, retriever)] if retriever is not None else [])
+        ds = load_matching_dataset(data, [d for d, _ in loaded], [m.cfg for _, m in loaded])
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
     show_recommendations(Recommender(ranker, ds.catalog, retriever, device=dev), ds, users, k)

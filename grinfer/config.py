@@ -5,9 +5,14 @@ Kept free of torch so that the CLI and serving layers can read configs cheaply.
 
 from __future__ import annotations
 
-from typing import Literal
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MaskMode = Literal["dynamic", "causal"]
 Normalizer = Literal["max_len", "visible"]
@@ -61,6 +66,19 @@ class ModelConfig(BaseModel):
         """Return a copy with dataset-dependent sizes (num_items, profile_cardinalities, ...) filled in."""
         return self.replace(**vocab)
 
+    def vocab_mismatch(self, num_items: int, num_genres: int, num_year_buckets: int,
+                       profile_cardinalities: tuple[int, ...] | None = None) -> str | None:
+        """Why a catalogue (and, given, profile fields) of these sizes cannot be scored by this model, or None."""
+        sizes = [("items", num_items, self.num_items), ("genres", num_genres, self.num_genres)]
+        if profile_cardinalities is not None:
+            sizes.append(("profile cardinalities", tuple(profile_cardinalities), self.profile_cardinalities))
+        for what, data, model in sizes:
+            if data != model:
+                return f"it has {data} {what} but the model was trained on {model}"
+        if num_year_buckets > self.num_year_buckets:
+            return f"it has {num_year_buckets} year buckets but the model knows {self.num_year_buckets}"
+        return None
+
     def replace(self, **changes) -> ModelConfig:
         """A validated copy with some fields changed (errors name the field)."""
         return type(self).model_validate({**self.model_dump(), **changes})
@@ -108,42 +126,175 @@ class EngineConfig(BaseModel):
     cuda_graphs: bool = True  # fused backend on CUDA: replay the layer stack from a CUDA graph per shape bucket
 
 
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+DEFAULT_HOME = "~/.cache/grinfer"
+
+
+def grinfer_home(env: Mapping[str, str] | None = None) -> Path:
+    """$GRINFER_HOME (default ~/.cache/grinfer): the root of every path grinfer writes by default."""
+    env = os.environ if env is None else env
+    return Path(env.get("GRINFER_HOME") or DEFAULT_HOME).expanduser()
+
+
+def dataset_key(spec: str) -> str:
+    """A file-name-safe key of a dataset spec (directory specs made absolute): readable slug + short hash."""
+    name = spec if spec.startswith("synthetic") else os.path.abspath(os.path.expanduser(spec))
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[-48:]
+    return f"{slug}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def default_store_url(data_spec: str, home: Path) -> str:
+    """The SQLite store kept for one dataset: $GRINFER_HOME/stores/<dataset key>.db."""
+    return f"sqlite://{(home / 'stores' / dataset_key(data_spec)).with_suffix('.db').resolve()}"
+
+
 class ServerConfig(BaseModel):
-    """`grinfer serve` settings: flags > GRINFER_* environment > a TOML file > these defaults."""
+    """`grinfer serve` settings: flags > GRINFER_<FIELD> environment > a TOML file > these defaults."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    grpc_port: int = Field(50051, ge=0, le=65535)  # 0 = no gRPC server
-    model: str | None = None  # checkpoint dir (a --task both output, or a ranking checkpoint); None = demo model
-    store: str = "sqlite:///~/.cache/grinfer/grinfer.db"
-    cache: str = "memory://"
-    api_key: str | None = None
-    device: str = "auto"
-    backend: Literal["eager", "compiled", "fused"] = "eager"
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    max_queue: int = Field(256, ge=1)
-    max_batch_tokens: int = Field(16384, ge=16)
-    kv_cache_mb: int = Field(256, ge=1)
-    user_ttl_s: float = Field(30.0, ge=0)
-    log_level: str = "info"
+    home: str | None = Field(None, description=f"root of every default path (demo models, stores) [{DEFAULT_HOME}]")
+    host: str = Field("127.0.0.1", description="bind address of REST and gRPC")
+    port: int = Field(8000, ge=0, le=65535, description="REST port")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port, 0 = no gRPC server")
+    grpc_reuse_port: bool = Field(False, description="let several servers share the gRPC port (SO_REUSEPORT)")
+    model: str | None = Field(None, description="checkpoint dir (a --task both output or a ranking checkpoint); "
+                                                "unset: the demo models, trained on first start")
+    store: str | None = Field(None, description="sqlite:///PATH.db, a file path or postgresql://...; unset: "
+                                                "GRINFER_HOME/stores/<the model's training dataset>.db")
+    cache: str = Field("memory://", description="memory://[?max_entries=N] or redis://HOST:PORT/DB")
+    api_key: str | None = Field(None, description="require this key (X-API-Key) on write and admin calls")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto")
+    backend: Literal["eager", "compiled", "fused"] = Field("eager", description="eager, compiled or fused (CUDA)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body in bytes")
+    max_queue: int = Field(256, ge=1, description="waiting requests beyond this are rejected (429)")
+    max_batch_tokens: int = Field(16384, ge=16, description="tokens computed per engine step")
+    kv_cache_mb: int = Field(256, ge=1, description="device KV-cache size in MiB")
+    user_ttl_s: float = Field(30.0, ge=0, description="seconds a user record stays in the feature cache")
+    log_level: LogLevel = Field("info", description=", ".join(get_args(LogLevel)))
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, url: str | None) -> str | None:
+        from grinfer.storage import STORE_SCHEMES
+
+        if url is not None and "://" in url and url.split("://")[0].lower() not in STORE_SCHEMES:
+            raise ValueError(f"unsupported store URL {url.split('://')[0]}://; use "
+                             f"{', '.join(s + '://...' for s in STORE_SCHEMES)} or a file path")
+        return url
+
+    @field_validator("cache")
+    @classmethod
+    def _check_cache(cls, url: str) -> str:
+        from grinfer.storage import CACHE_SCHEMES
+
+        if url.split("://")[0].lower() not in CACHE_SCHEMES or "://" not in url:
+            raise ValueError(f"unsupported cache URL; use {', '.join(s + '://...' for s in CACHE_SCHEMES)}")
+        return url
+
+    @property
+    def home_dir(self) -> Path:
+        """The GRINFER_HOME this configuration writes under."""
+        return Path(self.home or DEFAULT_HOME).expanduser()
+
+    def with_store_for(self, data_spec: str | None, model_path: Path) -> ServerConfig:
+        """This config with `store` filled in when unset: the store kept for the model's training dataset
+        (or, when the checkpoint records none, for the model directory)."""
+        if self.store is not None:
+            return self
+        key = data_spec if data_spec is not None else str(model_path.resolve())
+        return self.model_copy(update={"store": default_store_url(key, self.home_dir)})
+
+    def describe(self, device: str, models: dict[str, Path | None]) -> str:
+        """The start-up line: store, cache, model paths, device and backend (the API key never shown)."""
+        from grinfer.storage import _redact
+
+        paths = ", ".join(f"{name} {path or 'none'}" for name, path in models.items())
+        return (f"store {_redact(self.store or '(unset)')}, cache {_redact(self.cache)}, {paths}, device {device}, "
+                f"backend {self.backend}, home {self.home_dir}")
 
 
-def load_server_config(file: str | None = None, env: dict[str, str] | None = None, **flags) -> ServerConfig:
-    """Merge a TOML file, GRINFER_<FIELD> environment variables and explicit flags (None = not given)."""
-    import os
+class SettingError(ValueError):
+    """A setting a user gave is not accepted; the message is one line naming where it came from."""
+
+
+def env_var(name: str) -> str:
+    """The environment variable of a server setting."""
+    return f"GRINFER_{name.upper()}"
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number"}
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def accepted(model: type[BaseModel], name: str) -> str:
+    """What a field accepts, in words: 'an integer >= 0 and <= 65535', "one of 'eager', 'compiled'", ..."""
+    info = model.model_fields[name]
+    if get_origin(info.annotation) is Literal:
+        return "one of " + ", ".join(repr(v) for v in get_args(info.annotation))
+    kind = next((word for t, word in _KINDS.items() if info.annotation in (t, t | None)), None)
+    if kind is None:
+        return info.description or "text"
+    limits = [f"{op} {getattr(m, attr)}" for m in info.metadata for attr, op in _BOUNDS.items() if hasattr(m, attr)]
+    return " ".join([kind, " and ".join(limits)]).strip()
+
+
+def one_line_error(exc: ValidationError, model: type[BaseModel], sources: Mapping[str, str]) -> str:
+    """The first problem of a ValidationError as one line: where the value came from, what was wrong,
+    what is accepted. `sources` maps a field to how the user gave it ('--port', 'GRINFER_PORT=abc')."""
+    err = exc.errors()[0]
+    field = str(err["loc"][0]) if err["loc"] else ""
+    where = sources.get(field, field)
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown setting {field!r}; known settings: {', '.join(model.model_fields)}"
+    message = err["msg"].removeprefix("Value error, ")
+    if field not in model.model_fields:
+        return message
+    if err["type"] == "value_error":  # a validator's own message, which says what is accepted
+        return f"{where}: {message}"
+    if err["type"] == "string_pattern_mismatch":
+        message = "not accepted"
+    return f"{where}: {message[0].lower()}{message[1:]}; {field} accepts {accepted(model, field)}"
+
+
+def load_server_config(file: str | None = None, env: Mapping[str, str] | None = None, **flags) -> ServerConfig:
+    """Merge a TOML file, GRINFER_<FIELD> environment variables and explicit flags (None = not given).
+
+    Raises SettingError (one line naming the flag, variable or file key) for anything not accepted."""
     import tomllib
 
     values: dict = {}
+    sources: dict[str, str] = {}
     if file:
-        with open(os.path.expanduser(file), "rb") as fh:
-            data = tomllib.load(fh)
-        values.update(data.get("server", data))
+        try:
+            with open(os.path.expanduser(file), "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingError(f"--config {file}: {exc}") from None
+        data = data.get("server", data)
+        values.update(data)
+        sources.update({k: f"--config {file}: key {k!r}" for k in data})
     env = os.environ if env is None else env
     for name in ServerConfig.model_fields:
-        key = f"GRINFER_{name.upper()}"
-        if key in env:
-            values[name] = env[key]
-    values.update({k: v for k, v in flags.items() if v is not None})
-    return ServerConfig.model_validate(values)
+        if env_var(name) in env:
+            values[name] = env[env_var(name)]
+            sources[name] = f"{env_var(name)}={env[env_var(name)]}"
+    given = {k: v for k, v in flags.items() if v is not None}
+    values.update(given)
+    sources.update({k: f"--{k.replace('_', '-')} {v}" for k, v in given.items()})
+    try:
+        return ServerConfig.model_validate(values)
+    except ValidationError as exc:
+        raise SettingError(one_line_error(exc, ServerConfig, sources)) from None
+
+
+def settings_help() -> str:
+    """Every server setting with its environment variable and default, for `grinfer serve --help`."""
+    import textwrap
+
+    rows = []
+    for name, info in ServerConfig.model_fields.items():
+        default = "unset" if info.default is None else str(info.default)
+        first = f"  {env_var(name)}={default.lower()}".ljust(35)
+        rows += textwrap.wrap(info.description or "", 100, initial_indent=first, subsequent_indent=" " * len(first))
+    return "\n".join(rows)

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from grinfer.bench.figure import panels
+
 ENDPOINTS = ("recommend", "rank")
 MAX_REQUESTS, MAX_DURATION_S, MAX_CLIENTS = 100_000, 600.0, 1024
 KV_GAUGES = ("hits", "partial_hits", "misses")
@@ -248,8 +250,29 @@ def format_table(results: list[LevelResult]) -> str:
     return "\n".join(lines)
 
 
-def write_json(results: list[LevelResult], out: Path, settings: dict) -> None:
-    """Settings and per-level results (without the raw latency lists)."""
+def write_report(results: list[LevelResult], out: Path, settings: dict) -> list[Path]:
+    """`out`: settings and per-level results (without the raw latency lists) as JSON; beside it, the same
+    name with .png: throughput and latency per concurrency level. Returns both paths."""
     levels = [{k: v for k, v in asdict(r).items() if k != "latencies_ms"} for r in results]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": settings, "levels": levels}, indent=2) + "\n")
+    png = out.with_suffix(".png")
+    plot(results, png, f"{settings['endpoint']} on {settings['server']}")
+    return [out, png]
+
+
+def plot(results: list[LevelResult], path: Path, title: str) -> None:
+    """OK answers per second, and p50 / p90 / p99 latency, against the number of concurrent clients."""
+    clients = [r.clients for r in results]
+    with panels(path, 2, (10, 4)) as (rate, latency):
+        rate.plot(clients, [r.ok_per_s for r in results], "o-", color="tab:blue")
+        rate.set_ylabel("OK answers / s")
+        for name, style in (("p50_ms", "o-"), ("p90_ms", "s--"), ("p99_ms", "^:")):
+            values = [getattr(r, name) for r in results]
+            latency.plot(clients, [float("nan") if v is None else v for v in values], style, label=name[:3])
+        latency.set_ylabel("latency of OK answers (ms)")
+        latency.legend(fontsize=8)
+        for ax in (rate, latency):
+            ax.set_xlabel("concurrent clients")
+            ax.set_xscale("log", base=2)
+            ax.set_title(title, fontsize=9)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from grinfer.bench.figure import panels
 from grinfer.bench.workloads import Workload, bench_catalog, make_requests, request_flops
 from grinfer.config import EngineConfig
 from grinfer.engine.core import DTYPES, EngineCore
@@ -139,7 +140,7 @@ def format_table(rows: list[dict], ceiling: float) -> str:
     """A fixed-width table of the headline numbers."""
     cols = [("workload", "{:<9}"), ("backend", "{:<14}"), ("batch", "{:>5}"), ("p50_ms", "{:>9.2f}"),
             ("p99_ms", "{:>9.2f}"), ("ms_per_request", "{:>9.3f}"), ("requests_per_s", "{:>9.1f}"),
-            ("candidates_per_s", "{:>11.0f}"), ("achieved_tflops", "{:>8.3f}"), ("peak_memory_gb", "{:>7.2f}"),
+            ("candidates_per_s", "{:>11.0f}"), ("achieved_tflops", "{:>8.3g}"), ("peak_memory_gb", "{:>7.2f}"),
             ("kv_hit_ratio", "{:>6.2f}"), ("max_abs_diff_vs_uncached", "{:>9.2e}"), ("max_abs_err_vs_fp32", "{:>9.2e}")]
     heads = ["workload", "backend", "B", "p50 ms", "p99 ms", "ms/req", "req/s", "cand/s", "TFLOP/s", "mem GB",
              "hit", "diff", "err fp32"]
@@ -147,28 +148,20 @@ def format_table(rows: list[dict], ceiling: float) -> str:
     lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
     for r in rows:
         lines.append("  ".join(f.format(r[c]) for c, f in cols))
-    lines.append(f"matmul ceiling (measured): {ceiling:.3f} TFLOP/s; achieved = counted FLOPs / median batch time")
+    lines.append(f"matmul ceiling (measured): {ceiling:.3g} TFLOP/s; achieved = counted FLOPs / median batch time")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
     """Requests/s and p99 latency per workload and backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{r['workload']}\n{r['backend']} B={r['batch']}" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(rows) * 2), 4))
-    axes[0].bar(labels, [r["requests_per_s"] for r in rows], color="tab:blue")
-    axes[0].set_ylabel("requests / s")
-    axes[1].bar(labels, [r["p99_ms"] for r in rows], color="tab:orange")
-    axes[1].set_ylabel("p99 latency (ms)")
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with panels(path, 2, (max(8, 1.6 * len(rows) * 2), 4)) as axes:
+        axes[0].bar(labels, [r["requests_per_s"] for r in rows], color="tab:blue")
+        axes[0].set_ylabel("requests / s")
+        axes[1].bar(labels, [r["p99_ms"] for r in rows], color="tab:orange")
+        axes[1].set_ylabel("p99 latency (ms)")
+        for ax in axes:
+            ax.tick_params(axis="x", labelsize=7)
 
 
 def write_report(rows: list[dict], ceiling: float, device: str, out: Path | None) -> str:

@@ -303,15 +303,17 @@ class GrpcServer(grpc.Server):
 
 
 def start_grpc_server(service: RecommenderService, metrics: Metrics, host: str, port: int, max_workers: int = 16,
-                      api_key: str | None = None) -> GrpcServer:
+                      api_key: str | None = None, reuse_port: bool = False) -> GrpcServer:
     """Serve grinfer.v1.Recommender, grpc.health.v1 and reflection on host:port; returns it started.
 
-    port 0 binds a free port: read it from the returned server's `port`. With api_key, AppendEvents
+    port 0 binds a free port: read it from the returned server's `port`. A port another process listens on is
+    an OSError unless `reuse_port` (SO_REUSEPORT: servers share the port). With api_key, AppendEvents
     and RollHistory need metadata `x-api-key: <key>` (or `authorization: Bearer <key>`).
     """
     loop = _EventLoop()
     try:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grinfer-grpc"))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grinfer-grpc"),
+                             options=[("grpc.so_reuseport", int(reuse_port))])
         pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service, metrics, loop, api_key), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -62,7 +62,8 @@ def resolve_catalog(store, data_spec: str | None, num_items: int) -> ItemCatalog
     catalog = store.load_catalog()
     if catalog is None:
         if data_spec is None:
-            raise StartupError("store: it holds no item catalogue; load one with `grinfer import-movielens DIR`")
+            raise StartupError("store: it holds no item catalogue and the model records no training dataset; load "
+                               "one with `grinfer import-movielens DIR --store URL` and serve with the same --store")
         from grinfer.data import load_dataset
         from grinfer.storage.importer import import_dataset
 
@@ -72,7 +73,8 @@ def resolve_catalog(store, data_spec: str | None, num_items: int) -> ItemCatalog
         catalog = ds.catalog
     if catalog.num_items != num_items:
         raise StartupError(f"store: its catalogue has {catalog.num_items} items but the model was trained on "
-                           f"{num_items}; serve a model trained on this catalogue")
+                           f"{num_items}; serve a model trained on this catalogue, or leave --store (GRINFER_STORE) "
+                           "unset to use the store kept for the model's training dataset under GRINFER_HOME")
     return catalog
 
 

@@ -24,9 +24,19 @@ class TrainSettings:
 
 
 def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; anything else is returned as given."""
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; others are returned as given once checked
+    (ValueError naming --device for an unknown name or a GPU that is not there)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if name == "cpu":
+        return name
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"--device: unknown device {name!r}; use cpu, cuda, cuda:N or auto")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(index or 0) >= visible:
+        raise ValueError(f"--device {name}: {'no CUDA device is visible' if not visible else f'{visible} visible'}"
+                         f"; use cpu or auto")
     return name
 
 

@@ -76,6 +76,24 @@ def training_data_spec(path: Path) -> str | None:
     return read_checkpoint_meta(path).get("training", {}).get("data")
 
 
+def load_matching_dataset(spec: str | None, dirs: list[Path], configs: list[ModelConfig]) -> Dataset:
+    """Dataset `spec` (default: the one the first checkpoint was trained on), checked against each model's
+    vocabulary; ValueError naming --data when a model cannot score it."""
+    from grinfer.data import load_dataset
+
+    spec = spec or training_data_spec(dirs[0])
+    if spec is None:
+        raise ValueError(f"--data: {dirs[0]} records no training dataset; give --data")
+    ds = load_dataset(spec)
+    cat = ds.catalog
+    for path, cfg in zip(dirs, configs):
+        why = cfg.vocab_mismatch(cat.num_items, cat.num_genres, cat.num_year_buckets, ds.profile_cardinalities)
+        if why is not None:
+            raise ValueError(f"--data {spec}: the model in {path} cannot score this dataset: {why}; use the "
+                             f"dataset it was trained on ({training_data_spec(path) or 'not recorded'})")
+    return ds
+
+
 DEMO_DATA = "synthetic:users=600,items=500,events=60,seed=0"
 
 
