@@ -66,6 +66,15 @@ def test_no_created_series_and_standard_collectors(live):
         assert name in names, name
 
 
+def test_docs_and_openapi_are_labelled_by_their_route(live):
+    stack, _ = live
+    assert stack.http.get("/no/such/route").status_code == 404
+    latency = families(stack.http.get("/metrics").text)["grinfer_request_seconds"].samples
+    endpoints = {s.labels["endpoint"] for s in latency}
+    assert {"/docs", "/openapi.json", "/v1/rank", "/v1/users/{user}", UNMATCHED} <= endpoints
+    assert not [e for e in endpoints if "bad" in e or "no/such" in e]
+
+
 def test_error_endpoints_are_route_templates(live):
     _, text = live
     errors = families(text)["grinfer_errors"].samples
