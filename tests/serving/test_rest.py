@@ -253,3 +253,15 @@ def test_concurrent_ranking_is_correct(stack):
         got = {x["item"]: x["probabilities"]["ctr"] for x in r.json()["items"]}
         assert got == pytest.approx(expected, abs=1e-5)
         assert np.isfinite(list(got.values())).all()
+
+
+def test_a_roll_with_nothing_to_fold_keeps_version_and_caches(stack):
+    """On SQLite + memory and on PostgreSQL + Redis: an empty roll is a no-op end to end."""
+    user, payload = _user(stack), {"user": _user(stack), "candidates": [{"item": stack.raw(4)}]}
+    version = stack.http.post("/v1/rank", json=payload).json()["history_version"]
+    assert stack.cache.get_user(user) is not None
+    r = stack.http.post("/v1/admin/roll-history", json={"user": user}, headers={"X-API-Key": API_KEY})
+    assert r.json() == {"user": user, "history_version": version, "folded": 0}
+    assert stack.cache.get_user(user) is not None  # the cached record was not invalidated
+    after = stack.http.post("/v1/rank", json=payload).json()
+    assert (after["cache"], after["history_version"]) == ("hit", version)
