@@ -287,24 +287,28 @@ def serve(
 
     from grinfer.config import SettingError, load_server_config
     from grinfer.serving.ports import PortUnavailable, ensure_port_free
+
+    # everything that can be checked is checked before the slow start-up work (and the torch import)
+    try:
+        cfg = load_server_config(config, model=model, store=store, cache=cache, host=host, port=port,
+                                 grpc_port=grpc_port, api_key=api_key, device=device, backend=backend)
+        ensure_port_free(cfg.host, cfg.port, "--port")
+        if not cfg.grpc_reuse_port:
+            ensure_port_free(cfg.host, cfg.grpc_port, "--grpc-port")
+    except (SettingError, PortUnavailable) as exc:
+        raise _fail(str(exc)) from None
     from grinfer.serving.server import StartupError, model_dirs, run
     from grinfer.train.loop import resolve_device
     from grinfer.train.run import DEMO_DATA, demo_models_ready, ensure_demo_models, training_data_spec
 
     try:
-        cfg = load_server_config(config, model=model, store=store, cache=cache, host=host, port=port,
-                                 grpc_port=grpc_port, api_key=api_key, device=device, backend=backend)
         dev = resolve_device(cfg.device)
-        # everything that can be checked cheaply is checked before the slow start-up work
-        ensure_port_free(cfg.host, cfg.port, "--port")
-        if not cfg.grpc_reuse_port:
-            ensure_port_free(cfg.host, cfg.grpc_port, "--grpc-port")
         if cfg.model:
             model_path = Path(cfg.model).expanduser()
             data_spec = training_data_spec(model_dirs(model_path)[0])
         else:
             model_path, data_spec = demo_model_dir(cfg.home_dir), DEMO_DATA
-    except (SettingError, PortUnavailable, StartupError, ValueError) as exc:
+    except (StartupError, ValueError) as exc:
         raise _fail(str(exc)) from None
     cfg = cfg.with_store_for(data_spec, model_path)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

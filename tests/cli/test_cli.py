@@ -55,3 +55,19 @@ def test_bad_input_gives_a_clear_error(args, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_eval_defaults_to_the_models_own_dataset(trained):
+    result = runner.invoke(app, ["eval", "--model", str(trained), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "GAUC" in result.output
+
+
+@pytest.mark.parametrize("command", ["eval", "demo"])
+def test_a_dataset_the_model_cannot_score_is_one_error_line(trained, command):
+    other = "synthetic:users=40,items=80,events=20,seed=4"
+    result = runner.invoke(app, [command, "--model", str(trained), "--data", other, "--device", "cpu"])
+    assert result.exit_code == 2
+    assert f"--data {other}: the model in {trained}" in result.output
+    assert "it has 80 items but the model was trained on 60" in result.output and DATA in result.output
+    assert "hr@10" not in result.output and "recommendations" not in result.output  # no metrics, no list

@@ -132,6 +132,7 @@ def test_cli_prints_a_table_and_writes_json(server, tmp_path):
     data = json.loads(out.read_text())
     assert [lv["clients"] for lv in data["levels"]] == [1, 2]
     assert all(lv["requests"] == 6 and "latencies_ms" not in lv for lv in data["levels"])
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the PNG --help promises
 
 
 def test_parse_kv_metrics():
