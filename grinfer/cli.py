@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -297,6 +298,8 @@ def serve(
             ensure_port_free(cfg.host, cfg.grpc_port, "--grpc-port")
     except (SettingError, PortUnavailable) as exc:
         raise _fail(str(exc)) from None
+    for key, value in cfg.compile_cache_env().items():
+        os.environ.setdefault(key, value)
     from grinfer.serving.server import StartupError, model_dirs, run
     from grinfer.train.loop import resolve_device
     from grinfer.train.run import DEMO_DATA, demo_models_ready, ensure_demo_models, training_data_spec

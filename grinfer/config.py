@@ -205,6 +205,12 @@ class ServerConfig(BaseModel):
         key = data_spec if data_spec is not None else str(model_path.resolve())
         return self.model_copy(update={"store": default_store_url(key, self.home_dir)})
 
+    def compile_cache_env(self) -> dict[str, str]:
+        """Where torch.compile (Inductor) and Triton keep their caches: under GRINFER_HOME/cache, as environment
+        variables to set before torch is imported (a variable already set is the user's choice and wins)."""
+        cache = self.home_dir / "cache"
+        return {"TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+
     def describe(self, device: str, models: dict[str, Path | None]) -> str:
         """The start-up line: store, cache, model paths, device and backend (the API key never shown)."""
         from grinfer.storage import _redact

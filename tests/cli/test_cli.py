@@ -1,11 +1,15 @@
 """The grinfer command end to end on small synthetic data: train both, eval to JSON, demo, bad input."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from grinfer.cli import app
+from grinfer.config import ServerConfig
+from grinfer.storage import open_store
 
 DATA = "synthetic:users=40,items=60,events=20,seed=4"
 runner = CliRunner()
@@ -71,3 +75,20 @@ def test_a_dataset_the_model_cannot_score_is_one_error_line(trained, command):
     assert f"--data {other}: the model in {trained}" in result.output
     assert "it has 80 items but the model was trained on 60" in result.output and DATA in result.output
     assert "hr@10" not in result.output and "recommendations" not in result.output  # no metrics, no list
+
+
+def test_import_movielens_defaults_to_the_store_serve_uses_for_that_directory(tmp_path):
+    spec = importlib.util.spec_from_file_location("readme_util", Path(__file__).parents[1] / "docs" / "readme_util.py")
+    readme_util = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_util)
+    ml = readme_util.write_movielens(tmp_path / "ml", users=5, movies=20, per_user=4)
+    home = tmp_path / "home"
+    result = runner.invoke(app, ["import-movielens", str(ml)], env={"GRINFER_HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    url = ServerConfig(home=str(home)).with_store_for(str(ml), tmp_path / "runs" / "ml").store
+    assert url in result.output
+    store = open_store(url)
+    try:
+        assert store.count_users() == 5 and store.load_catalog().num_items == 20
+    finally:
+        store.close()

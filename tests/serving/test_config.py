@@ -95,3 +95,9 @@ def test_settings_help_lists_every_setting_with_its_variable():
     text = settings_help()
     for name in ServerConfig.model_fields:
         assert f"GRINFER_{name.upper()}=" in text
+
+
+def test_compile_caches_live_under_grinfer_home(tmp_path):
+    env = ServerConfig(home=str(tmp_path)).compile_cache_env()
+    assert env == {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "inductor"),
+                   "TRITON_CACHE_DIR": str(tmp_path / "cache" / "triton")}
