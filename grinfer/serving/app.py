@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Annotated
@@ -12,7 +11,6 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.middleware.base import BaseHTTPMiddleware
 
 from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
 from grinfer.schema import (
@@ -29,7 +27,9 @@ from grinfer.schema import (
     UsersQuery,
     field_path,
 )
+from grinfer.serving.front import RequestFront
 from grinfer.serving.metrics import Metrics
+from grinfer.serving.phases import Phases, phases_of
 from grinfer.serving.service import FieldError, RecommenderService, Unavailable
 
 ERRORS = {status: {"model": ErrorOut} for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
@@ -51,43 +51,22 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
     return JSONResponse(ErrorOut(error=message, field=field).model_dump(), status_code=status, headers=headers)
 
 
-class _BodyLimit(BaseHTTPMiddleware):
-    """413 for bodies over the limit (declared length, or counted while reading)."""
-
-    def __init__(self, app, limit: int):
-        super().__init__(app)
-        self.limit = limit
-
-    async def dispatch(self, request: Request, call_next):
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return _error(413, f"request body of {declared} bytes exceeds the limit of {self.limit}", "body")
-        if request.method in ("POST", "PUT", "PATCH") and declared is None:
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > self.limit:
-                    return _error(413, f"request body exceeds the limit of {self.limit} bytes", "body")
-            request._body = body
-        return await call_next(request)
-
-
 def create_app(state: AppState) -> FastAPI:
     """The FastAPI application (OpenAPI at /docs)."""
     app = FastAPI(title="grinfer", version="0.1.0",
                   description="Generative-recommender inference: rank, recommend, events.")
     app.state.grinfer = state
-    app.add_middleware(_BodyLimit, limit=state.max_body_bytes)
+    app.add_middleware(RequestFront, state=state)
     service, metrics = state.service, state.metrics
 
-    def require_key(request: Request) -> None:
+    async def require_key(request: Request) -> None:  # async: sync dependencies run in a thread pool
         if state.api_key is None:
             return
         given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
         if given != state.api_key:
             raise FieldError("x-api-key", "missing or wrong API key", status=401)
 
-    def require_json(request: Request) -> None:
+    async def require_json(request: Request) -> None:
         """415 unless the body is declared JSON (application/json or application/*+json)."""
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
@@ -133,31 +112,28 @@ def create_app(state: AppState) -> FastAPI:
     async def _unavailable(request: Request, exc: Exception):
         return fail(request, 503, "unavailable", str(exc), retry=True)
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        if state.draining and request.url.path.startswith("/v1/"):
-            return _error(503, "server is shutting down", headers={"Retry-After": str(state.retry_after_s)})
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe(getattr(route, "path", "unmatched"), time.perf_counter() - start)
-        return response
-
     json_body = [Depends(require_json)]
 
     @app.post("/v1/rank", response_model=RankOut, responses=ERRORS, dependencies=json_body)
-    async def rank(body: RankIn) -> RankOut:
+    async def rank(body: RankIn, request: Request) -> Response:
         """Score candidate items for a user (per-task probabilities and a fused score, best first)."""
-        out = await service.rank(body)
-        metrics.cache_status.labels(out.cache).inc()
-        return out
+        phases = phases_of(request.scope)
+        phases.mark("parse")
+        return _ranked(await service.rank(body, phases), phases)
 
     @app.post("/v1/recommend", response_model=RankOut, responses=ERRORS, dependencies=json_body)
-    async def recommend(body: RecommendIn) -> RankOut:
+    async def recommend(body: RecommendIn, request: Request) -> Response:
         """Top-k items for a user: retrieval over the catalogue, then MTGR ranking."""
-        out = await service.recommend(body)
+        phases = phases_of(request.scope)
+        phases.mark("parse")
+        return _ranked(await service.recommend(body, phases), phases)
+
+    def _ranked(out: RankOut, phases: Phases) -> Response:
+        """The ranked response, serialised by pydantic-core straight to JSON bytes (no re-validation)."""
         metrics.cache_status.labels(out.cache).inc()
-        return out
+        response = Response(out.model_dump_json(), media_type="application/json")
+        phases.mark("encode")
+        return response
 
     @app.post("/v1/events", response_model=EventsOut, responses=ERRORS,
               dependencies=[Depends(require_key), *json_body])
@@ -187,8 +163,11 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.get("/readyz", responses={503: {"model": ErrorOut}})
     async def readyz():
-        if state.draining or not service.engine.running:
-            return _error(503, "engine is not running")
+        if state.draining:
+            return _error(503, "server is shutting down")
+        problem = service.engine.health()
+        if problem is not None:
+            return _error(503, problem)
         try:
             await asyncio.to_thread(service.store.count_users)
         except Exception as exc:  # a store that cannot answer makes us unready, not broken

@@ -32,11 +32,11 @@ from grinfer.schema import (
     RecommendIn,
     RollIn,
     RollOut,
-    ScoredItem,
     UserOut,
     UsersOut,
     UsersQuery,
 )
+from grinfer.serving.phases import Phases
 from grinfer.storage.base import Event, FeatureCache, UserRecord, UserStore
 
 USER_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
@@ -111,6 +111,14 @@ class RecommenderService:
             return UserRecord(user, [0] * self.num_profile), True
         return record, False
 
+    async def load_user(self, user: str) -> tuple[UserRecord, bool]:
+        """`user_record` from the event loop: an in-process cache hit is read inline, the rest in a thread."""
+        if self.cache.in_process:
+            record = self.cache.get_user(user)
+            if record is not None:
+                return record, False
+        return await asyncio.to_thread(self.user_record, user)
+
     def context(self, record: UserRecord, extra: list[Event] = ()) -> UserContext:
         """S = the last max_static static events; R = the last max_realtime real-time (+ extra) events."""
         static = record.static[-self.settings.max_static:] if self.settings.max_static else []
@@ -127,42 +135,52 @@ class RecommenderService:
         return [Event(int(d), e.ts if e.ts is not None else now, e.action) for d, e in zip(dense, events)]
 
     # ---- operations ----------------------------------------------------------------------------
-    async def rank(self, req: RankIn) -> RankOut:
-        """Score the given candidates for the user, best first."""
-        start = time.perf_counter()
+    async def rank(self, req: RankIn, phases: Phases | None = None) -> RankOut:
+        """Score the given candidates for the user, best first (`phases` gets where the time went)."""
+        start, phases = time.perf_counter(), phases or Phases()
         candidates = self.to_dense([c.item for c in req.candidates], "candidates", unique=True)
         extra = self._events(req.events, "events")
-        record, cold = await asyncio.to_thread(self.user_record, req.user)
+        phases.mark("features")
+        record, cold = await self.load_user(req.user)
+        phases.mark("user")
         return await self._rank(req.user, record, cold, self.context(record, extra), candidates,
-                                req.deadline_ms, start, len(candidates))
+                                req.deadline_ms, start, len(candidates), phases)
 
-    async def recommend(self, req: RecommendIn) -> RankOut:
-        """Retrieval top-N over the catalogue, ranked by MTGR, top-k."""
-        start = time.perf_counter()
-        record, cold = await asyncio.to_thread(self.user_record, req.user)
+    async def recommend(self, req: RecommendIn, phases: Phases | None = None) -> RankOut:
+        """Retrieval top-N over the catalogue, ranked by MTGR, top-k (`phases` gets where the time went)."""
+        start, phases = time.perf_counter(), phases or Phases()
+        record, cold = await self.load_user(req.user)
+        phases.mark("user")
         ctx = self.context(record)
         if self.engine.retriever.model is None and self.catalog.num_items > MAX_CATALOGUE_RANK:
             raise Unavailable("no retrieval model is loaded and the catalogue is too large to rank whole")
         candidates = await self.engine.retrieve(ctx, req.retrieve)  # on the engine's thread, batched
+        phases.mark("retrieve")
         if len(candidates) == 0:
             return RankOut(user=req.user, items=[], cache="none", history_version=record.history_version,
                            cold_start=cold, latency_ms=1e3 * (time.perf_counter() - start))
-        return await self._rank(req.user, record, cold, ctx, candidates, req.deadline_ms, start, req.k)
+        return await self._rank(req.user, record, cold, ctx, candidates, req.deadline_ms, start, req.k, phases)
 
     async def _rank(self, user: str, record: UserRecord, cold: bool, ctx: UserContext, candidates: np.ndarray,
-                    deadline_ms: int | None, start: float, k: int) -> RankOut:
+                    deadline_ms: int | None, start: float, k: int, phases: Phases) -> RankOut:
         # deadline_ms counts from the request's arrival (start), not from when it reaches the engine
         deadline = time.monotonic() - (time.perf_counter() - start) + deadline_ms / 1e3 if deadline_ms else None
         request = RankRequest(user, record.history_version, ctx, candidates, int(time.time()), deadline=deadline)
         result = await self.engine.rank(request)
+        phases.mark("engine")
         probs = result.probabilities
         fused = fused_score(probs, self.weights)
-        order = torch.argsort(fused, descending=True)[:k].tolist()
-        items = [ScoredItem(item=self.to_raw(int(candidates[i])), score=float(fused[i]),
-                            probabilities={t: float(probs[i, j]) for j, t in enumerate(self.tasks)},
-                            title=self.catalog.titles[int(candidates[i])]) for i in order]
-        return RankOut(user=user, items=items, cache=result.cache, history_version=record.history_version,
-                       cold_start=cold, latency_ms=1e3 * (time.perf_counter() - start))
+        order = torch.argsort(fused, descending=True)[:k]
+        # plain Python values in one conversion each (per-element tensor indexing costs ~1 us a value)
+        scores, rows, dense = fused[order].tolist(), probs[order].tolist(), candidates[order.numpy()].tolist()
+        raw, titles, tasks = self.catalog.raw_ids, self.catalog.titles, self.tasks
+        items = [{"item": int(raw[d]), "score": score, "probabilities": dict(zip(tasks, row)), "title": titles[d]}
+                 for d, score, row in zip(dense, scores, rows)]
+        out = RankOut.model_validate({"user": user, "items": items, "cache": result.cache,  # one call into Rust
+                                      "history_version": record.history_version, "cold_start": cold,
+                                      "latency_ms": 1e3 * (time.perf_counter() - start)})
+        phases.mark("respond")
+        return out
 
     def append_events(self, req: EventsIn) -> EventsOut:
         """Durably append events (before returning), then drop the user's cached record."""

@@ -82,6 +82,8 @@ class Catalog(Protocol):
 class FeatureCache(Protocol):
     """Short-lived caching of user records and results, with TTLs; never the source of truth."""
 
+    in_process: bool  # lookups are answered from this process's memory (no I/O): callers need no thread
+
     def get_user(self, user: str) -> UserRecord | None: ...
 
     def put_user(self, record: UserRecord, ttl_s: float) -> None: ...

@@ -40,6 +40,8 @@ def copy_record(record: UserRecord) -> UserRecord:
 class MemoryFeatureCache:
     """FeatureCache in this process's memory."""
 
+    in_process = True
+
     def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")

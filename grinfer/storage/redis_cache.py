@@ -81,6 +81,8 @@ def parse_redis_url(url: str) -> tuple[str, str]:
 class RedisFeatureCache:
     """FeatureCache on Redis; thread-safe (redis-py's connection pool)."""
 
+    in_process = False
+
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379/0",
