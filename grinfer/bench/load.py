@@ -275,4 +275,5 @@ def plot(results: list[LevelResult], path: Path, title: str) -> None:
         for ax in (rate, latency):
             ax.set_xlabel("concurrent clients")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(clients, [str(c) for c in clients])
             ax.set_title(title, fontsize=9)
