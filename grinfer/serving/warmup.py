@@ -33,26 +33,30 @@ def _context(rng: np.random.Generator, num_items: int, num_profile: int, num_sta
 
 
 def warm_up(engine: Engine, progress: Callable[[float], None] = lambda f: None, max_batch: int = 64,
-            num_static: int = 60, num_realtime: int = 5, seed: int = 0) -> dict:
+            candidates: tuple[int, ...] = CANDIDATES, num_static: int = 60, num_realtime: int = 5,
+            seed: int = 0) -> dict:
     """Run the expected shapes (cold and warm ranks, retrievals) through the engine, then capture every
-    pending CUDA graph. Returns {"requests", "graphs", "seconds"}; `progress` gets the fraction done."""
+    pending CUDA graph. Returns {"requests", "graphs", "seconds"}; `progress` gets the fraction done.
+
+    Contexts with S and R events go at every batch size; contexts without R events and without any
+    history (cold-start users: torch.compile specialises on them) at the two smallest."""
     start = time.perf_counter()
     core = engine.core
-    rng = np.random.default_rng(seed)
     num_items, num_profile = engine.retriever.num_items, core.num_profile_tokens
     batches = [b for b in BATCHES if b <= min(max_batch, core.config.max_batch_requests)]
-    rounds = [(b, c, warm) for b in batches for c in CANDIDATES for warm in (False, True)]
+    shapes = [(num_static, num_realtime, batches), (num_static, 0, batches[:2]), (0, 0, batches[:2])]
+    rounds = [(s, r, b, c, warm) for s, r, sizes in shapes for b in sizes for c in candidates for warm in (False, True)]
     sent = 0
-    for i, (batch, num_candidates, warm) in enumerate(rounds):
-        contexts = [_context(np.random.default_rng((seed, batch, num_candidates, u)), num_items, num_profile,
-                             num_static, num_realtime) for u in range(batch)]
+    for i, (n_static, n_realtime, batch, num_candidates, warm) in enumerate(rounds):
+        contexts = [_context(np.random.default_rng((seed, n_static, n_realtime, batch, num_candidates, u)),
+                             num_items, num_profile, n_static, n_realtime) for u in range(batch)]
         futures = [engine.submit_retrieval(ctx, num_candidates) for ctx in contexts] if not warm else []
         for f in futures:
             f.result()
-        now = int(time.time())
-        requests = [RankRequest(f"__warmup-{batch}-{num_candidates}-{u}", 0, ctx,
+        rng = np.random.default_rng((seed, i))
+        requests = [RankRequest(f"__warmup-{n_static}-{n_realtime}-{batch}-{num_candidates}-{u}", 0, ctx,
                                 rng.choice(np.arange(1, num_items + 1), min(num_candidates, num_items), replace=False),
-                                now) for u, ctx in enumerate(contexts)]
+                                int(time.time())) for u, ctx in enumerate(contexts)]
         for f in [engine.submit(r) for r in requests]:
             f.result()
         sent += len(requests) + len(futures)

@@ -8,6 +8,8 @@ chosen buckets raise during capture the way a capture raced by another thread do
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,8 @@ class FaultyGraphs(GraphCache):
 
     def __init__(self, *args, fail, **kw):
         self.fail, self.pools, self.released, self.recorded = fail, 0, [], []
+        self.busy = lambda: False  # set to "the engine has requests admitted" by the tests that check it
+        self.captured_while_busy = 0
         super().__init__(*args, **kw)
 
     def _new_pool(self):
@@ -45,6 +49,7 @@ class FaultyGraphs(GraphCache):
         return self.pools
 
     def _record(self, g):
+        self.captured_while_busy += self.busy()
         key = g.inputs.key()
         if self.fail(key):
             raise RuntimeError("operation not permitted when stream is capturing")
@@ -128,11 +133,17 @@ def test_capture_off_the_request_path_happens_when_the_engine_is_idle(model, cat
     core, graphs = faulty_core(model, catalog, fail=lambda key: False)
     engine = Engine(model, catalog, core.config)
     engine.core = core
-    q = engine_request("idle", make_request(4, 1, 3, seed=99))
+    graphs.busy = core.has_work  # a capture must never start while requests are admitted
+    reqs = [engine_request(f"c{i}", make_request(2 + i % 5, i % 3, 1 + i % 4, seed=120 + i)) for i in range(32)]
     with engine:
-        engine.rank_sync(q, timeout=60)
+        threads = [threading.Thread(target=lambda q=q: engine.rank_sync(q, timeout=60)) for q in reqs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         wait_until_captured(engine, graphs)
-        assert graphs.recorded and not graphs.pending
+        assert graphs.recorded and not graphs.pending and graphs.captured_while_busy == 0
+        q = reqs[0]
         again = with_context(q, q.context)
         assert_scores(model, featurizer, again, engine.rank_sync(again, timeout=60), atol=ATOL)
 
@@ -159,3 +170,18 @@ def test_failing_steps_make_the_engine_unhealthy_and_a_success_heals_it(model, c
         engine.rank_sync(engine_request("ok", make_request(2, 1, 2, seed=1)), 60)
         assert engine.health() is None
         assert engine.stats()["failures"] == 3
+
+
+def test_warm_up_leaves_no_bucket_pending(model, catalog):
+    from grinfer.serving.warmup import warm_up
+
+    core, graphs = faulty_core(model, catalog, fail=lambda key: False)
+    engine = Engine(model, catalog, core.config)
+    engine.core = core
+    seen = []
+    with engine:
+        report = warm_up(engine, seen.append, max_batch=4, candidates=(3,), num_static=5, num_realtime=2)
+        assert engine.health() is None
+    assert report["graphs"] == len(graphs.graphs) > 0 and not graphs.pending
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    assert core.cache.snapshot()["misses"] == 0  # warm-up lookups are not counted as traffic
