@@ -78,6 +78,15 @@ def resolve_catalog(store, data_spec: str | None, num_items: int) -> ItemCatalog
     return catalog
 
 
+def _open(setting: str, opener, url: str):
+    """open_store / open_cache with any failure (unreachable server, bad URL) as one StartupError line."""
+    try:
+        return opener(url)
+    except Exception as exc:
+        raise StartupError(f"{setting}: cannot open it ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") \
+            from None
+
+
 def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     """Load models, open storage, start the engine; returns the assembled server (not yet listening)."""
     ranking_dir, retrieval_dir = model_dirs(model_path)
@@ -85,8 +94,8 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     if ranker.cfg.kind != "mtgr":
         raise StartupError(f"model: {ranking_dir} is a {ranker.cfg.kind} model; ranking needs an mtgr checkpoint")
     retriever = load_checkpoint(retrieval_dir, map_location="cpu") if retrieval_dir else None
-    store = open_store(cfg.store)
-    cache = open_cache(cfg.cache)
+    store = _open("store", open_store, cfg.store)
+    cache = _open("cache", open_cache, cfg.cache)
     data_spec = read_checkpoint_meta(ranking_dir).get("training", {}).get("data")
     catalog = resolve_catalog(store, data_spec, ranker.cfg.num_items)
     store.register_model(ranker.cfg.name, str(model_path.resolve()), {"ranking": str(ranking_dir),
@@ -95,8 +104,8 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
                               dtype="bfloat16" if device.startswith("cuda") else "float32",
                               kv_cache_bytes=cfg.kv_cache_mb << 20, max_queue=cfg.max_queue,
                               max_batch_tokens=cfg.max_batch_tokens)
-    log.info("store %s, cache %s, ranking %s, retrieval %s, device %s (torch %s), backend %s", cfg.store, cfg.cache,
-             ranking_dir, retrieval_dir or "none", device, torch.__version__, cfg.backend)
+    log.info("%s; torch %s", cfg.describe(device, {"ranking": ranking_dir, "retrieval": retrieval_dir}),
+             torch.__version__)
     engine = Engine(ranker, catalog, engine_cfg, retriever=retriever)
     metrics = Metrics(engine, cfg.backend)
     engine.on_step = metrics.on_step
@@ -159,7 +168,8 @@ class Launch:
                 from grinfer.serving.grpc_server import start_grpc_server
 
                 self.parts["grpc"] = start_grpc_server(server.state.service, server.state.metrics, cfg.host,
-                                                       cfg.grpc_port, api_key=cfg.api_key)
+                                                       cfg.grpc_port, api_key=cfg.api_key,
+                                                       reuse_port=cfg.grpc_reuse_port)
             self.gate.open(create_app(server.state))
             log.info("ready in %.1f s: http://%s:%d (gRPC %s)", time.monotonic() - prep.started, cfg.host, cfg.port,
                      cfg.grpc_port or "off")

@@ -87,3 +87,12 @@ def test_a_preparation_that_fails_exits_with_one_line(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "holds no checkpoint" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_unreachable_store_is_one_line_not_a_traceback(checkpoint, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "grinfer.cli", "serve", "--model", str(checkpoint), "--port",
+                           str(free_port()), "--grpc-port", "0", "--store", "postgresql://nobody@127.0.0.1:1/x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: store: cannot open it") and "refused" in errors[0]
