@@ -1,6 +1,7 @@
 """scripts/setup.sh, as the README describes it: the serving set-up leaves the test extras out, each
 set-up runs once (a stamp keyed on pyproject.toml), `--test` adds the extras, a failed set-up leaves no
-stamp, and a warm call returns without touching pip.
+stamp, a warm call returns without touching pip, and without torch in the venv the CPU wheel is taken
+from the local wheel folder.
 
 It runs the real script with real pip on a scratch project whose venv sees this venv's packages
 through a .pth file (torch, pip and setuptools included), so nothing is downloaded.
