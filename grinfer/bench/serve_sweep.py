@@ -228,8 +228,9 @@ def plot(backends: list[dict], path: Path) -> None:
             ax.set_xticks(sorted({row["clients"] for row in rows}))
             ax.xaxis.set_major_formatter("{x:g}")
             ax.set_ylabel(ylabel)
-            if rows:
-                ax.legend(fontsize=7)
+        axes[1].set_yscale("log")
+        if rows:
+            axes[0].legend(fontsize=7)
 
 
 def run_sweep(sweep: Sweep) -> dict:

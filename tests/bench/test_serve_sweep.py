@@ -52,6 +52,7 @@ def test_cpu_sweep_reports_every_level(checkpoint, tmp_path, capsys):
     assert "grinfer_request_seconds" in (out / "metrics-eager-after.txt").read_text()
     table = capsys.readouterr().out
     assert "n/a" in table and "eager" in table and "recommend" in table
+    assert "stopped by SIGTERM" in table or "exit code 0" in table
 
 
 def test_a_server_that_cannot_start_is_a_failed_backend(tmp_path, capsys):
