@@ -281,6 +281,7 @@ def serve(
     api_key: _serve_flag("api_key") = None,
     device: _serve_flag("device") = None,
     backend: _serve_flag("backend") = None,
+    workers: Annotated[int | None, typer.Option(help=_setting_help("workers"))] = None,
     config: Annotated[str | None, typer.Option(help="A TOML file of these settings ([server] table).")] = None,
 ) -> None:
     """Serve REST (+ OpenAPI at /docs, web page at /, /metrics) and gRPC."""
@@ -292,7 +293,8 @@ def serve(
     # everything that can be checked is checked before the slow start-up work (and the torch import)
     try:
         cfg = load_server_config(config, model=model, store=store, cache=cache, host=host, port=port,
-                                 grpc_port=grpc_port, api_key=api_key, device=device, backend=backend)
+                                 grpc_port=grpc_port, api_key=api_key, device=device, backend=backend,
+                                 workers=workers)
         ensure_port_free(cfg.host, cfg.port, "--port")
         if not cfg.grpc_reuse_port:
             ensure_port_free(cfg.host, cfg.grpc_port, "--grpc-port")
@@ -300,6 +302,10 @@ def serve(
         raise _fail(str(exc)) from None
     for key, value in cfg.compile_cache_env().items():
         os.environ.setdefault(key, value)
+    if cfg.workers:  # before prometheus_client is imported: every process's metrics in one folder
+        from grinfer.serving.workers import metrics_dir_env
+
+        os.environ.update(metrics_dir_env(cfg))
     from grinfer.serving.server import StartupError, model_dirs, run
     from grinfer.train.loop import resolve_device
     from grinfer.train.run import DEMO_DATA, demo_models_ready, ensure_demo_models, training_data_spec

@@ -170,8 +170,11 @@ class ServerConfig(BaseModel):
     max_queue: int = Field(256, ge=1, description="waiting requests beyond this are rejected (429)")
     max_batch_tokens: int = Field(16384, ge=16, description="tokens computed per engine step")
     kv_cache_mb: int = Field(256, ge=1, description="device KV-cache size in MiB")
-    user_ttl_s: float = Field(30.0, ge=0, description="seconds a user record stays in the feature cache")
+    user_ttl_s: float = Field(30.0, ge=0, description="seconds a user record stays in the feature cache (0: none)")
+    workers: int = Field(0, ge=0, le=64, description="front-end worker processes beside the engine's own, on the "
+                                                     "same port (HTTP, validation, store reads); 0 = one process")
     log_level: LogLevel = Field("info", description=", ".join(get_args(LogLevel)))
+    access_log: bool = Field(False, description="log one line per HTTP request (costs CPU at high request rates)")
 
     @field_validator("store")
     @classmethod

@@ -115,6 +115,13 @@ class EngineCore:
             out.extend(self.step())
         return out
 
+    def device_bytes(self) -> int:
+        """Bytes held on the device: CUDA's allocator count, or on the CPU the weights and the KV pool."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        tensors = [*self.model.parameters(), *self.model.buffers(), self.cache.k, self.cache.v]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def stats(self) -> dict:
         """Plain stats: queue, running, KV cache, last step."""
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),

@@ -122,6 +122,16 @@ class Engine:
         return self.submit(request).result(timeout)
 
     @property
+    def model_config(self):
+        """The ranking model's ModelConfig (tasks, profile fields, ...)."""
+        return self.core.model.cfg
+
+    @property
+    def has_retriever(self) -> bool:
+        """Whether retrievals use a model (else every unseen item is a candidate)."""
+        return self.retriever.model is not None
+
+    @property
     def running(self) -> bool:
         """Whether the stepping thread is alive and accepting requests."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
@@ -136,7 +146,8 @@ class Engine:
 
     def stats(self) -> dict:
         """The core's plain stats (read without stopping the loop: numbers may be one step apart)."""
-        return {**self.core.stats(), "failures": self.failures, "backend": self.core.runner.backend.stats()}
+        return {**self.core.stats(), "failures": self.failures, "backend": self.core.runner.backend.stats(),
+                "device": str(self.core.device), "device_bytes": self.core.device_bytes()}
 
     # ---- loop -------------------------------------------------------------------------------
     def _admit(self) -> None:

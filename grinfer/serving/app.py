@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
@@ -32,6 +33,7 @@ from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases, phases_of
 from grinfer.serving.service import FieldError, RecommenderService, Unavailable
 
+DOCS_ASSETS = "/docs-assets"  # Swagger UI / ReDoc scripts, styles and icon, from the fastapi-offline package
 ERRORS = {status: {"model": ErrorOut} for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 
 
@@ -45,6 +47,7 @@ class AppState:
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
     draining: bool = False
+    process: str = "engine"  # which process answers (X-Grinfer-Process): "engine", or "worker-N" with --workers
 
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -52,9 +55,9 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
 
 
 def create_app(state: AppState) -> FastAPI:
-    """The FastAPI application (OpenAPI at /docs)."""
-    app = FastAPI(title="grinfer", version="0.1.0",
-                  description="Generative-recommender inference: rank, recommend, events.")
+    """The FastAPI application (OpenAPI at /docs and /redoc, their assets served from fastapi-offline: no CDN)."""
+    app = FastAPIOffline(title="grinfer", version="0.1.0", static_url=DOCS_ASSETS,
+                         description="Generative-recommender inference: rank, recommend, events.")
     app.state.grinfer = state
     app.add_middleware(RequestFront, state=state)
     service, metrics = state.service, state.metrics

@@ -1,4 +1,5 @@
-"""The REST front, as one pure-ASGI middleware: draining, body limits, latency and phase metrics.
+"""The REST front, as one pure-ASGI middleware: draining, body limits, latency and phase metrics, and
+the `X-Grinfer-Process` header naming the process that answered.
 
 Pure ASGI (no `BaseHTTPMiddleware`): no extra task, stream or response copy per request. Every body
 byte is counted whatever the headers declare; the body is read here (up to the limit) and handed to
@@ -49,7 +50,18 @@ class RequestFront:
         phases = Phases(start)
         scope.setdefault("state", {})["phases"] = phases
         phases.mark("read")
-        await self.app(scope, receive, send)
+        process = (b"x-grinfer-process", state.process.encode())
+
+        async def send_named(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), process]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_named)
+        except Exception:  # answered 500 by Starlette's outermost layer; counted here, where the route is known
+            state.metrics.error(Metrics.route_label(scope), "internal")
+            raise
         phases.mark("send")
         endpoint = Metrics.route_label(scope)
         state.metrics.observe(endpoint, time.perf_counter() - start)

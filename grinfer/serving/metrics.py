@@ -8,8 +8,9 @@ dashboard in deploy/grafana/ queries these names (tests/serving/test_metrics.py 
 
 from __future__ import annotations
 
+import os
+
 import prometheus_client
-import torch
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -18,6 +19,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
@@ -31,14 +33,6 @@ KV_COUNTERS = {"hits": "Context lookups served whole from the KV cache",
                "evictions": "KV cache entries evicted from the device pool",
                "host_hits": "KV cache entries restored from the host tier",
                "host_evictions": "KV cache entries dropped from the host tier"}
-
-
-def engine_device_bytes(core) -> int:
-    """Bytes the engine holds on its device: CUDA's allocator count, or on the CPU its weights and KV pool."""
-    if core.device.type == "cuda":
-        return torch.cuda.memory_allocated(core.device)
-    tensors = [*core.model.parameters(), *core.model.buffers(), core.cache.k, core.cache.v]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class EngineCollector:
@@ -58,12 +52,23 @@ class EngineCollector:
         yield GaugeMetricFamily("grinfer_kv_cache_users", "Users with K/V on the device", kv["users"])
         yield GaugeMetricFamily("grinfer_kv_cache_host_bytes", "Bytes of K/V held in the host tier",
                                 kv["host_bytes_used"])
-        core = self.engine.core
         memory = GaugeMetricFamily("grinfer_device_memory_bytes",
                                    "Device memory the engine holds (CUDA: allocated; CPU: weights + KV pool)",
                                    labels=["device"])
-        memory.add_metric([str(core.device)], engine_device_bytes(core))
+        memory.add_metric([stats["device"]], stats["device_bytes"])
         yield memory
+        yield CounterMetricFamily("grinfer_engine_failures", "Engine steps or retrieval batches that failed",
+                                  stats["failures"])
+        graphs = stats["backend"]
+        if graphs:  # backends with CUDA graphs
+            yield GaugeMetricFamily("grinfer_cuda_graphs", "CUDA graphs held (one per shape bucket)", graphs["graphs"])
+            yield GaugeMetricFamily("grinfer_cuda_graphs_pending", "Shape buckets waiting for an idle-time capture",
+                                    graphs["pending"])
+            yield CounterMetricFamily("grinfer_cuda_graph_capture_failures",
+                                      "CUDA-graph captures that failed (their buckets run without graphs)",
+                                      graphs["capture_failures"])
+            yield CounterMetricFamily("grinfer_eager_steps", "Fused steps run without a graph (bucket pending or "
+                                      "failed)", graphs["eager_steps"])
 
 
 class Metrics:
@@ -89,6 +94,7 @@ class Metrics:
                                 "Time per request phase (read, parse, user, features, retrieve, engine, respond, "
                                 "encode, send) by endpoint", ["endpoint", "phase"], buckets=PHASE_BUCKETS,
                                 registry=self.registry)
+        self.engine = engine
         self.registry.register(EngineCollector(engine))
 
     @staticmethod
@@ -124,4 +130,10 @@ class Metrics:
         self.errors.labels(endpoint, kind).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The Prometheus text page; with front-end workers (multiprocess mode) every process's series summed."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(EngineCollector(self.engine))
+        return generate_latest(registry)

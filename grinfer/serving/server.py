@@ -16,10 +16,12 @@ from grinfer.data.types import ItemCatalog
 from grinfer.engine import Engine
 from grinfer.model.checkpoint import load_checkpoint, read_checkpoint_meta
 from grinfer.serving.app import AppState, create_app
+from grinfer.serving.engine_link import EngineHost
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.service import RecommenderService, ServiceSettings
 from grinfer.serving.startup import Preparation, StartupGate
 from grinfer.serving.warmup import warm_up
+from grinfer.serving.workers import Workers, shared_port_socket
 from grinfer.storage import open_cache, open_store
 
 log = logging.getLogger("grinfer.serve")
@@ -107,13 +109,22 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     log.info("%s; torch %s", cfg.describe(device, {"ranking": ranking_dir, "retrieval": retrieval_dir}),
              torch.__version__)
     engine = Engine(ranker, catalog, engine_cfg, retriever=retriever)
-    metrics = Metrics(engine, cfg.backend)
-    engine.on_step = metrics.on_step
+    # with workers, no process may keep user records that another process's events have made stale
+    state = front_state(cfg, engine, catalog, store, cache, user_ttl_s=0.0 if cfg.workers and cache.in_process
+                        else None)
+    engine.on_step = state.metrics.on_step
     engine.start()
-    service = RecommenderService(engine, catalog, store, cache, ServiceSettings(user_ttl_s=cfg.user_ttl_s),
-                                 model_name=ranker.cfg.name)
-    state = AppState(service, metrics, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
     return Server(state, engine, store, cache)
+
+
+def front_state(cfg: ServerConfig, engine, catalog: ItemCatalog, store, cache, user_ttl_s: float | None = None,
+                process: str = "engine") -> AppState:
+    """What the REST/gRPC adapters need over an engine (in this process, or an EngineClient in a worker)."""
+    ttl = cfg.user_ttl_s if user_ttl_s is None else user_ttl_s
+    service = RecommenderService(engine, catalog, store, cache, ServiceSettings(user_ttl_s=ttl),
+                                 model_name=engine.model_config.name)
+    return AppState(service, Metrics(engine, cfg.backend), api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
+                    process=process)
 
 
 def run(cfg: ServerConfig, model_path: Path, device: str, train_models: TrainModels | None = None) -> None:
@@ -123,7 +134,7 @@ def run(cfg: ServerConfig, model_path: Path, device: str, train_models: TrainMod
     while a thread prepares the server (see `Launch`). A preparation that fails stops the server and
     raises StartupError with its message."""
     launch = Launch(cfg, model_path, device, train_models)
-    launch.web.run()
+    launch.serve()
     if launch.prep.error is not None:
         raise StartupError(launch.prep.error)
 
@@ -133,7 +144,8 @@ class Launch:
 
     Preparation: models trained first when `train_models` is given (the demo models on a first start; it
     reports (status, fraction done) as it goes), models loaded, storage opened, warm-up (compiles, CUDA
-    graphs), gRPC started; then the gate opens onto the REST app."""
+    graphs), gRPC started; then the gate opens onto the REST app and, with `cfg.workers`, the engine is
+    offered on a Unix socket and the front-end workers start on the same port (workers.py)."""
 
     def __init__(self, cfg: ServerConfig, model_path: Path, device: str, train_models: TrainModels | None = None):
         import uvicorn
@@ -143,12 +155,26 @@ class Launch:
         self.parts: dict = {}  # what the preparing thread built, for the shutdown hook
         self.gate = StartupGate(self.prep, on_shutdown=self.close)
         self.web = uvicorn.Server(uvicorn.Config(self.gate, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                                                 timeout_graceful_shutdown=30))
+                                                 access_log=cfg.access_log, timeout_graceful_shutdown=30))
+        # with workers, the port is shared (SO_REUSEPORT) by this process and theirs
+        self.sockets = [shared_port_socket(cfg.host, cfg.port)] if cfg.workers else None
         log.info("listening on http://%s:%d; preparing: %s", cfg.host, cfg.port, _plan(model_path, train_models))
         threading.Thread(target=self._prepare, name="grinfer-startup", daemon=True).start()
 
+    def serve(self) -> None:
+        """Run uvicorn until SIGINT/SIGTERM (or a failed preparation)."""
+        self.web.run(sockets=self.sockets)
+
+    @property
+    def engine_socket(self) -> Path:
+        return self.cfg.home_dir / "run" / f"engine-{self.cfg.port}.sock"
+
     def close(self) -> None:
-        """Stop gRPC, drain the engine, close storage (whatever was built so far)."""
+        """Stop the workers and gRPC, drain the engine, close storage (whatever was built so far)."""
+        if "workers" in self.parts:
+            self.parts["workers"].stop()
+        if "host" in self.parts:
+            self.parts["host"].close()
         if "grpc" in self.parts:
             self.parts["grpc"].stop(grace=5).wait()
         if "server" in self.parts:
@@ -171,6 +197,9 @@ class Launch:
                                                        cfg.grpc_port, api_key=cfg.api_key,
                                                        reuse_port=cfg.grpc_reuse_port)
             self.gate.open(create_app(server.state))
+            if cfg.workers:
+                self.parts["host"] = EngineHost(server.engine, self.engine_socket)
+                self.parts["workers"] = Workers(cfg, self.engine_socket)
             log.info("ready in %.1f s: http://%s:%d (gRPC %s)", time.monotonic() - prep.started, cfg.host, cfg.port,
                      cfg.grpc_port or "off")
         except Exception as exc:  # the server must not go on half-prepared

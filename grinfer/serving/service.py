@@ -70,11 +70,11 @@ class RecommenderService:
                  settings: ServiceSettings = ServiceSettings(), model_name: str = "model"):
         self.engine, self.catalog, self.store, self.cache = engine, catalog, store, cache
         self.settings, self.model_name = settings, model_name
-        model = engine.core.model
-        self.tasks = model.cfg.tasks
+        cfg = engine.model_config
+        self.tasks = cfg.tasks
         weights = settings.task_weights or {}
         self.weights = torch.tensor([weights.get(t, 1.0) for t in self.tasks])
-        self.num_profile = len(model.cfg.profile_cardinalities)
+        self.num_profile = len(cfg.profile_cardinalities)
         self.dense_of = {int(raw): i for i, raw in enumerate(catalog.raw_ids) if i > 0}
         # per-user write epochs: a reader that raced a write must not put its stale copy in the cache
         self._epochs: defaultdict[str, int] = defaultdict(int)
@@ -105,7 +105,7 @@ class RecommenderService:
             epoch = self._epochs[user]
             record = self.store.get_user(user)
             with self._epoch_lock:
-                if record is not None and self._epochs[user] == epoch:
+                if record is not None and self._epochs[user] == epoch and self.settings.user_ttl_s > 0:
                     self.cache.put_user(record, self.settings.user_ttl_s)
         if record is None:
             return UserRecord(user, [0] * self.num_profile), True
@@ -152,7 +152,7 @@ class RecommenderService:
         record, cold = await self.load_user(req.user)
         phases.mark("user")
         ctx = self.context(record)
-        if self.engine.retriever.model is None and self.catalog.num_items > MAX_CATALOGUE_RANK:
+        if not self.engine.has_retriever and self.catalog.num_items > MAX_CATALOGUE_RANK:
             raise Unavailable("no retrieval model is loaded and the catalogue is too large to rank whole")
         candidates = await self.engine.retrieve(ctx, req.retrieve)  # on the engine's thread, batched
         phases.mark("retrieve")

@@ -6,6 +6,7 @@ import re
 import socket
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from test_rest import NUM_ITEMS, Stack
 
@@ -73,3 +74,14 @@ def test_each_request_phase_is_in_the_metrics(stack):
         assert counts[("/v1/rank", phase)] == 3, phase
     for phase in ("read", "parse", "user", "retrieve", "engine", "respond", "encode", "send"):
         assert counts[("/v1/recommend", phase)] == 3, phase
+
+
+def test_an_unhandled_error_is_a_500_counted_under_its_route(stack, monkeypatch):
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(stack.service, "rank", broken)
+    r = stack.http.post("/v1/rank", json={"user": "1", "candidates": [{"item": stack.raw(1)}]})
+    assert r.status_code == 500
+    text = httpx.get(f"{stack.url}/metrics").text  # uvicorn closes a connection whose request raised
+    assert 'grinfer_errors_total{endpoint="/v1/rank",kind="internal"} 1.0' in text

@@ -51,7 +51,7 @@ def test_port_answers_while_preparing_and_opens_when_ready(checkpoint, tmp_path)
     port = free_port()
     cfg = ServerConfig(port=port, grpc_port=0, store=f"sqlite:///{tmp_path / 's.db'}", log_level="warning")
     launch = Launch(cfg, checkpoint, "cpu", train)
-    thread = threading.Thread(target=launch.web.run, daemon=True)
+    thread = threading.Thread(target=launch.serve, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:

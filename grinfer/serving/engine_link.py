@@ -1,0 +1,173 @@
+"""The engine over a local socket: front-end worker processes feed the one engine process.
+
+One Python process cannot both parse thousands of HTTP requests a second and keep a GPU busy (they
+share one GIL), so `grinfer serve --workers N` runs N front-end processes (HTTP, validation, store
+reads, featurizing, JSON) that send engine requests to the engine process over a Unix socket. The engine
+stays one per device, so a user's K/V live in one place whichever worker took the request.
+
+    EngineHost(engine, path)   in the engine process: one thread per worker connection
+    EngineClient(path)         in a worker: the `Engine` interface the service and metrics use
+
+Messages are pickled tuples on `multiprocessing.connection` (length-prefixed frames):
+worker -> engine `(id, op, args)`, engine -> worker `(id, ok, value)`; ops are rank, retrieve, health, stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from concurrent.futures import Future
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+
+from grinfer.engine import Engine
+from grinfer.engine.request import EngineError
+
+log = logging.getLogger("grinfer.serve")
+
+
+class EngineHost:
+    """Serves an Engine to worker processes on a Unix socket (one thread per connection)."""
+
+    def __init__(self, engine: Engine, path: Path):
+        self.engine, self.path = engine, path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        self.listener = Listener(str(path), family="AF_UNIX")
+        self.info = {"model_config": engine.model_config, "has_retriever": engine.has_retriever}
+        self._closed = False
+        threading.Thread(target=self._accept, name="grinfer-engine-host", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        self.path.unlink(missing_ok=True)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn = self.listener.accept()
+            except OSError:  # closed
+                return
+            conn.send(self.info)
+            threading.Thread(target=self._serve, args=(conn,), name="grinfer-engine-link", daemon=True).start()
+
+    def _serve(self, conn: Connection) -> None:
+        lock = threading.Lock()  # engine-thread callbacks and this thread both send
+
+        def reply(request_id: int, ok: bool, value) -> None:
+            with lock:
+                try:
+                    conn.send((request_id, ok, value))
+                except (OSError, ValueError):  # the worker went away: nothing to tell it
+                    pass
+
+        def forward(request_id: int, future: Future) -> None:
+            exc = future.exception()
+            reply(request_id, exc is None, future.result() if exc is None else _portable(exc))
+
+        while True:
+            try:
+                request_id, op, args = conn.recv()
+            except (EOFError, OSError):
+                conn.close()
+                return
+            try:
+                if op == "rank":
+                    self.engine.submit(*args).add_done_callback(lambda f, i=request_id: forward(i, f))
+                elif op == "retrieve":
+                    self.engine.submit_retrieval(*args).add_done_callback(lambda f, i=request_id: forward(i, f))
+                elif op == "health":
+                    reply(request_id, True, self.engine.health())
+                elif op == "stats":
+                    reply(request_id, True, self.engine.stats())
+                else:
+                    reply(request_id, False, EngineError(f"unknown engine op {op!r}"))
+            except Exception as exc:  # Overloaded, ContextTooLarge, ValueError at submit: the caller's error
+                reply(request_id, False, _portable(exc))
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself when it pickles (engine errors, ValueError), else an EngineError saying what it was."""
+    if isinstance(exc, (EngineError, ValueError)):
+        return exc
+    return EngineError(f"{type(exc).__name__}: {exc}")
+
+
+class EngineClient:
+    """The Engine interface of a worker process, answered by the engine process's EngineHost."""
+
+    def __init__(self, path: Path, timeout_s: float = 30.0):
+        self.conn = Client(str(path), family="AF_UNIX")
+        if not self.conn.poll(timeout_s):
+            raise EngineError(f"engine at {path} did not answer within {timeout_s} s")
+        info = self.conn.recv()
+        self.model_config, self.has_retriever = info["model_config"], info["has_retriever"]
+        self._ids = itertools.count()
+        self._pending: dict[int, Future] = {}
+        self._send_lock = threading.Lock()
+        self._alive = True
+        threading.Thread(target=self._receive, name="grinfer-engine-client", daemon=True).start()
+
+    @property
+    def running(self) -> bool:
+        return self._alive
+
+    def call(self, op: str, *args) -> Future:
+        """Send one op; the future resolves to the engine's answer (or raises its error)."""
+        future: Future = Future()
+        request_id = next(self._ids)
+        self._pending[request_id] = future
+        try:
+            with self._send_lock:
+                self.conn.send((request_id, op, args))
+        except (OSError, ValueError) as exc:
+            self._pending.pop(request_id, None)
+            raise EngineError(f"the engine process is gone ({exc})") from None
+        return future
+
+    async def rank(self, request):
+        """Score a RankRequest in the engine process (awaitable)."""
+        return await asyncio.wrap_future(self.call("rank", request))
+
+    async def retrieve(self, context, n: int):
+        """Top-n unseen items, computed in the engine process."""
+        return await asyncio.wrap_future(self.call("retrieve", context, n))
+
+    def health(self, timeout_s: float = 5.0) -> str | None:
+        """None when the engine serves; else why not (a gone engine process included)."""
+        if not self._alive:
+            return "the engine process is gone"
+        try:
+            return self.call("health").result(timeout_s)
+        except Exception as exc:
+            return f"engine unreachable: {exc}"
+
+    def stats(self, timeout_s: float = 5.0) -> dict:
+        """The engine's stats (as Engine.stats)."""
+        return self.call("stats").result(timeout_s)
+
+    def close(self) -> None:
+        self._alive = False
+        self.conn.close()
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                request_id, ok, value = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            future = self._pending.pop(request_id, None)
+            if future is None:
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        self._alive = False
+        for future in list(self._pending.values()):
+            if not future.done():
+                future.set_exception(EngineError("the engine process is gone"))
+        self._pending.clear()
