@@ -13,8 +13,8 @@ py=.venv/bin/python
 # may be below what grinfer needs: grpcio >= 1.85.1 and protobuf >= 7.35.1 (the committed stubs);
 # typing-extensions, annotated-doc, typer and click carry the versions pydantic-core / fastapi /
 # grinfer's CLI were tested with (small).
-carry=(fastapi starlette uvicorn httptools pydantic pydantic-core annotated-types typing-inspection opentelemetry-api
-       grpcio grpcio-health-checking grpcio-reflection protobuf psycopg psycopg-binary psycopg-pool redis
+carry=(fastapi fastapi-offline starlette uvicorn httptools pydantic pydantic-core annotated-types typing-inspection
+       opentelemetry-api grpcio grpcio-health-checking grpcio-reflection protobuf psycopg psycopg-binary psycopg-pool redis
        typing-extensions annotated-doc typer click)
 # What the image already has among the packages the dependencies resolve to (its list, abridged).
 image_has="anyio certifi click h11 httpcore httpx idna markdown-it-py matplotlib mdurl numpy prometheus-client
