@@ -124,6 +124,9 @@ class EngineConfig(BaseModel):
     max_queue: int = Field(1024, ge=1)  # waiting requests beyond this are rejected (overload)
     max_realtime: int = Field(100, ge=0)  # R events per request (older ones must be rolled into S)
     cuda_graphs: bool = True  # fused backend on CUDA: replay the layer stack from a CUDA graph per shape bucket
+    # a new bucket's graph is captured once the engine has had no work for this long (a request that arrives
+    # during a capture waits for it, so captures wait for a lull instead of filling every gap between steps)
+    capture_idle_s: float = Field(0.25, ge=0.0)
 
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import multiprocessing
 import random
 import time
 from collections import Counter
@@ -109,7 +110,7 @@ class Workload:
 
     def __init__(self, endpoint: str, users: list[str], items: list[int], candidates: int, k: int, seed: int):
         self.endpoint, self.users, self.items = endpoint, users, items
-        self.candidates, self.k = min(candidates, len(items)) if items else 0, k
+        self.candidates, self.k, self.seed = min(candidates, len(items)) if items else 0, k, seed
         self.rng = random.Random(seed)
 
     @property
@@ -158,7 +159,12 @@ async def kv_counts(client: httpx.AsyncClient) -> dict[str, float] | None:
         r = await client.get("/metrics")
     except httpx.HTTPError:
         return None
-    counts = parse_kv_metrics(r.text) if r.status_code == 200 else {}
+    return kv_of_page(r.text) if r.status_code == 200 else None
+
+
+def kv_of_page(text: str) -> dict[str, float] | None:
+    """The KV-cache counters of a /metrics page, or None when any is missing."""
+    counts = parse_kv_metrics(text)
     return counts if len(counts) == len(KV_GAUGES) else None
 
 
@@ -166,6 +172,47 @@ async def run_level(client: httpx.AsyncClient, workload: Workload, clients: int,
                     duration_s: float) -> LevelResult:
     """`clients` closed loops until `requests` have been sent or `duration_s` has passed."""
     before = await kv_counts(client)
+    outcome = await _closed_loops(client, workload, clients, requests, duration_s)
+    return _level(workload, clients, outcome, before, await kv_counts(client))
+
+
+def run_level_spread(base_url: str, workload: Workload, clients: int, requests: int, duration_s: float,
+                     processes: int, timeout_s: float = 60.0) -> LevelResult:
+    """`run_level` with its closed loops spread over `processes` client processes: one asyncio + httpx
+    process saturates near a few hundred requests a second, below what a server with workers answers."""
+    processes = max(1, min(processes, clients))
+    with httpx.Client(base_url=base_url, timeout=timeout_s, trust_env=False) as client:
+        before = kv_of_page(client.get("/metrics").text)
+        shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+        budgets = [requests // processes + (i < requests % processes) for i in range(processes)]
+        jobs = [(base_url, workload.endpoint, workload.users, workload.items, workload.candidates, workload.k,
+                 workload.seed + i, n, budget, duration_s, timeout_s) for i, (n, budget) in enumerate(zip(shares,
+                                                                                                          budgets))]
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            parts = pool.starmap(_loops_in_process, jobs)
+        after = kv_of_page(client.get("/metrics").text)
+    statuses: Counter[str] = Counter()
+    for part in parts:
+        statuses.update(part[0])
+    outcome = (statuses, [x for part in parts for x in part[1]], sum(p[2] for p in parts), max(p[3] for p in parts))
+    return _level(workload, clients, outcome, before, after)
+
+
+def _loops_in_process(base_url: str, endpoint: str, users: list[str], items: list[int], candidates: int, k: int,
+                      seed: int, clients: int, requests: int, duration_s: float, timeout_s: float) -> tuple:
+    async def go():
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, trust_env=False,
+                                     follow_redirects=False) as client:
+            workload = Workload(endpoint, users, items, candidates, k, seed)
+            return await _closed_loops(client, workload, clients, requests, duration_s)
+
+    return asyncio.run(go())
+
+
+async def _closed_loops(client: httpx.AsyncClient, workload: Workload, clients: int, requests: int,
+                        duration_s: float) -> tuple[Counter, list[float], int, float]:
+    """(outcomes by status, OK latencies in ms, requests sent, seconds) of `clients` closed loops."""
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
     sent = 0
@@ -188,8 +235,11 @@ async def run_level(client: httpx.AsyncClient, workload: Workload, clients: int,
             statuses[str(r.status_code)] += 1
 
     await asyncio.gather(*(loop() for _ in range(clients)))
-    seconds = time.perf_counter() - start
-    after = await kv_counts(client)
+    return statuses, latencies, sent, time.perf_counter() - start
+
+
+def _level(workload: Workload, clients: int, outcome: tuple, before: dict | None, after: dict | None) -> LevelResult:
+    statuses, latencies, sent, seconds = outcome
     latencies.sort()
     ok, rejected = statuses.pop("200", 0), statuses.pop("429", 0)
     delta = ratio = None

@@ -29,6 +29,7 @@ from grinfer.bench.load import (
     parse_clients,
     prepare,
     run_level,
+    run_level_spread,
 )
 from grinfer.bench.nvml import GpuSampler, nvml_index
 from grinfer.bench.served import ServedProcess, ServerFailed
@@ -51,6 +52,7 @@ class Sweep:
     model: str | None = None
     candidates: int = 100
     k: int = 10
+    load_processes: int = 1  # client processes the closed loops are spread over
     ready_timeout_s: float = 900.0
     sample_interval_s: float = 0.1
 
@@ -135,7 +137,11 @@ async def load_backend(sweep: Sweep, backend: str, url: str, sampler: GpuSampler
                           f"{sweep.duration_s:g} s ...")
                 before = metric_samples(await _metrics(client))
                 with sampler:
-                    result = await run_level(client, workload, clients, MAX_REQUESTS, sweep.duration_s)
+                    if sweep.load_processes > 1:
+                        result = await asyncio.to_thread(run_level_spread, url, workload, clients, MAX_REQUESTS,
+                                                         sweep.duration_s, sweep.load_processes, REQUEST_TIMEOUT_S)
+                    else:
+                        result = await run_level(client, workload, clients, MAX_REQUESTS, sweep.duration_s)
                 deltas = counter_deltas(before, metric_samples(await _metrics(client)))
                 rows.append(level_row(backend, endpoint, result, sampler.stats(), deltas))
                 _progress("    " + format_row(rows[-1]))
@@ -274,6 +280,8 @@ def parse_sweep(argv: list[str] | None = None) -> Sweep:
     parser.add_argument("--model", help="checkpoint dir to serve [the demo models, trained on first start]")
     parser.add_argument("--ready-timeout", type=float, default=900.0,
                         help="seconds to wait for /readyz per server start [900]")
+    parser.add_argument("--load-processes", type=int, default=1,
+                        help="client processes the load is spread over (one saturates near a few hundred req/s) [1]")
     parser.add_argument("--out", type=Path, default=Path("runs/serve_sweep"), help="output dir [runs/serve_sweep]")
     args = parser.parse_args(argv)
     try:
@@ -281,13 +289,15 @@ def parse_sweep(argv: list[str] | None = None) -> Sweep:
             raise ValueError(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds, got {args.duration:g}")
         if args.candidates < 1:
             raise ValueError(f"--candidates must be >= 1, got {args.candidates}")
+        if not 1 <= args.load_processes <= 64:
+            raise ValueError(f"--load-processes must be between 1 and 64, got {args.load_processes}")
         if args.ready_timeout <= 0:
             raise ValueError(f"--ready-timeout must be > 0, got {args.ready_timeout:g}")
         nvml_index(args.device)
         return Sweep(backends=_names(args.backends, BACKENDS, "--backends"), clients=parse_clients([args.clients]),
                      endpoints=_names(args.endpoints, ENDPOINTS, "--endpoints"), duration_s=args.duration,
                      device=args.device, out=args.out, model=args.model, candidates=args.candidates,
-                     ready_timeout_s=args.ready_timeout)
+                     ready_timeout_s=args.ready_timeout, load_processes=args.load_processes)
     except ValueError as exc:
         parser.error(str(exc))
 

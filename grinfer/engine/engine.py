@@ -167,6 +167,8 @@ class Engine:
             with self._lock:
                 while not self._has_work() and not self._stopping and not self._idle_work:
                     self._wake.wait()
+                if self._idle_work and not self._has_work() and not self._stopping:
+                    self._wake.wait(self.core.config.capture_idle_s)  # deferred work waits for a lull
                 busy = self._has_work()
                 stop = self._stopping and (not self._drain or not busy)
             if stop:

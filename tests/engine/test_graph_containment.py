@@ -9,6 +9,7 @@ chosen buckets raise during capture the way a capture raced by another thread do
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -61,21 +62,18 @@ class FaultyGraphs(GraphCache):
         self.released.append(pool)
 
 
-def wait_until_captured(engine, graphs, turns: int = 200) -> None:
-    """Let the engine go idle until no bucket is pending (bounded)."""
-    def turn():  # a call runs on the engine's thread: a capture under way when it was queued has finished
-        engine.call(lambda: None).result(timeout=60)
-
-    for _ in range(turns):
-        turn()
-        if not graphs.pending:
-            turn()  # the capture that took the last pending bucket has finished too
-            return
-    raise AssertionError(f"buckets still pending after {turns} turns: {list(graphs.pending)}")
+def wait_until_captured(engine, graphs, timeout_s: float = 120.0) -> None:
+    """Leave the engine idle until no bucket is pending (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while graphs.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not graphs.pending, f"buckets still pending after {timeout_s} s: {list(graphs.pending)}"
+    # a call runs on the engine's thread: the capture that took the last pending bucket has finished
+    engine.call(lambda: None).result(timeout=60)
 
 
 def faulty_core(model, catalog, fail):
-    core = make_core(model, catalog, backend="fused", block_size=4)
+    core = make_core(model, catalog, backend="fused", block_size=4, capture_idle_s=0.01)
     backend = core.runner.backend
     backend.use_graphs = True
     layers = len(model.layers)
@@ -185,3 +183,14 @@ def test_warm_up_leaves_no_bucket_pending(model, catalog):
     assert report["graphs"] == len(graphs.graphs) > 0 and not graphs.pending
     assert seen[-1] == 1.0 and seen == sorted(seen)
     assert core.cache.snapshot()["misses"] == 0  # warm-up lookups are not counted as traffic
+
+
+def test_captures_wait_for_a_lull_in_traffic(model, catalog, make_request):
+    """Requests a little apart (a closed-loop client) never leave the engine idle long enough to capture."""
+    core, graphs = faulty_core(model, catalog, fail=lambda key: False)
+    engine = Engine(model, catalog, core.config.model_copy(update={"capture_idle_s": 5.0}))
+    engine.core = core
+    with engine:
+        for i in range(6):
+            engine.rank_sync(engine_request(f"l{i}", make_request(3, 1, 2, seed=140 + i)), timeout=60)
+        assert graphs.pending and not graphs.recorded  # buckets seen, none captured between the requests

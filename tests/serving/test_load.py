@@ -4,13 +4,15 @@ No timing assertions: timings belong to the benchmark, not to pass/fail tests.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from grinfer.bench.load import loopback_url, parse_clients, parse_kv_metrics, run_load
+from grinfer.bench.load import loopback_url, parse_clients, parse_kv_metrics, prepare, run_level_spread, run_load
 from grinfer.cli import app as cli_app
 from grinfer.config import EngineConfig, preset
 from grinfer.data import generate_synthetic
@@ -140,3 +142,21 @@ def test_parse_kv_metrics():
             "grinfer_kv_cache_hits_total 3.0\ngrinfer_kv_cache_partial_hits_total 1.0\n"
             "grinfer_kv_cache_misses_total 2.0\ngrinfer_kv_cache_host_hits_total 7.0\ngrinfer_kv_cache_users 4.0\n")
     assert parse_kv_metrics(text) == {"hits": 3.0, "partial_hits": 1.0, "misses": 2.0}
+
+
+def test_a_level_spread_over_client_processes_counts_every_request(server):
+    """The same level from 2 client processes: every request counted once, the server saw them all."""
+    async def workload():
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            return await prepare(client, "rank", 10, 10, seed=1)
+
+    wl = asyncio.run(workload())
+    def served():
+        return server.engine.stats()["kv_cache"]
+
+    before = served()
+    result = run_level_spread(server.url, wl, clients=4, requests=30, duration_s=60, processes=2)
+    _check([result], [4], 30)
+    after = served()
+    lookups = sum(after[k] - before[k] for k in ("hits", "partial_hits", "misses"))
+    assert result.ok == 30 and lookups == 30
