@@ -33,7 +33,7 @@ from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases, phases_of
 from grinfer.serving.service import FieldError, RecommenderService, Unavailable
 
-DOCS_ASSETS = "/docs-assets"  # Swagger UI / ReDoc scripts, styles and icon, from the fastapi-offline package
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's script, style and icon, from the fastapi-offline package
 ERRORS = {status: {"model": ErrorOut} for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
 
 
@@ -55,8 +55,11 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
 
 
 def create_app(state: AppState) -> FastAPI:
-    """The FastAPI application (OpenAPI at /docs and /redoc, their assets served from fastapi-offline: no CDN)."""
-    app = FastAPIOffline(title="grinfer", version="0.1.0", static_url=DOCS_ASSETS,
+    """The FastAPI application (Swagger UI at /docs, its assets served from fastapi-offline's copy: no CDN).
+
+    No /redoc: ReDoc's page loads its logo from the vendor's CDN.
+    """
+    app = FastAPIOffline(title="grinfer", version="0.1.0", static_url=DOCS_ASSETS, redoc_url=None,
                          description="Generative-recommender inference: rank, recommend, events.")
     app.state.grinfer = state
     app.add_middleware(RequestFront, state=state)

@@ -1,5 +1,8 @@
-"""The web page (GET /) in a real headless Chromium against a real HTTP server: pick a user, see the
-profile, history and recommendations, the cache status after a refresh, a cold start and an error.
+"""The web console (GET /) and the API docs (/docs, /redoc) in a real headless Chromium against a real HTTP
+server: pick a user, see the profile (readable labels), history and recommendations, the cache status after a
+refresh, a cold start and an error; post an event and roll the history (with an API key where the server
+needs one) and see the cache status and scores change; the live server state read from /metrics; a 400 px
+wide layout; Swagger UI and ReDoc rendered from local assets. No request may leave the test server.
 
 Needs Debian's Chromium (/usr/bin/chromium) and the `playwright` package (its bundled driver only;
 no `playwright install`). Without them the test fails, unless GRINFER_SKIP_BROWSER=1 makes it skip.
@@ -10,13 +13,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from grinfer.config import EngineConfig, preset
 from grinfer.data import generate_synthetic
+from grinfer.data.movielens import AGE_CODES, NUM_OCCUPATIONS
 from grinfer.engine import Engine
 from grinfer.model import build_model
 from grinfer.serving.app import AppState, create_app
@@ -31,8 +37,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NUM_ITEMS, NUM_USERS, K = 200, 15, 10
 TIMEOUT_MS = 30_000
-FOREIGN_REQUESTS: list[str] = []  # requests the page made to anything but the test server
+FOREIGN_REQUESTS: list[str] = []  # requests the page made to anything but a test server on 127.0.0.1
 JS_ERRORS: list[str] = []  # uncaught exceptions in the page
+
+
+def _local(url: str) -> bool:
+    """A request to a test server (or a blob: of a page served by one)."""
+    return urlsplit(url.removeprefix("blob:")).hostname == "127.0.0.1"
 
 
 def _browser_or_skip():
@@ -64,10 +75,10 @@ class WebStack:
         self.store, self.cache = open_store(f"sqlite:///{tmp / 'web.db'}"), open_cache("memory://")
         import_dataset(self.ds, self.store, progress=False)
         self.engine = Engine(build_model(cfg).eval(), self.ds.catalog, EngineConfig()).start()
-        service = RecommenderService(self.engine, self.ds.catalog, self.store, self.cache, model_name=cfg.name)
-        metrics = Metrics(self.engine, "eager")
-        self.engine.on_step = metrics.on_step
-        self.server = BackgroundServer(create_app(AppState(service, metrics)))
+        self.service = RecommenderService(self.engine, self.ds.catalog, self.store, self.cache, model_name=cfg.name)
+        self.metrics = Metrics(self.engine, "eager")
+        self.engine.on_step = self.metrics.on_step
+        self.server = BackgroundServer(create_app(AppState(self.service, self.metrics)))
         try:
             self.url = self.server.start()
         except RuntimeError:
@@ -101,14 +112,14 @@ def stack(tmp_path_factory):
 
 @pytest.fixture
 def page(sync_playwright, stack, tmp_path):
-    """A fresh headless Chromium page at 1280x800; records page errors and any request off the server."""
+    """A fresh headless Chromium page at 1280x800; records page errors and any request that leaves 127.0.0.1."""
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1280, "height": 800})
         context.set_default_timeout(TIMEOUT_MS)
         pg = context.new_page()
-        pg.on("request", lambda r: None if r.url.startswith(stack.url) else FOREIGN_REQUESTS.append(r.url))
+        pg.on("request", lambda r: None if _local(r.url) else FOREIGN_REQUESTS.append(r.url))
         pg.on("pageerror", lambda e: JS_ERRORS.append(str(e)))
         FOREIGN_REQUESTS.clear()
         JS_ERRORS.clear()
@@ -124,6 +135,24 @@ def _submit(page, user: str) -> None:
         page.fill("#user-input", user)
         page.press("#user-input", "Enter")
     page.wait_for_selector("body[data-state=ready], body[data-state=error]", state="attached")
+
+
+def _check_profile_labels(page, codes) -> None:
+    """The profile shows MovieLens labels for the stored codes (grinfer/data/movielens.py's encoding), not numbers."""
+    gender, age, occupation, zip_bucket = (int(c) for c in codes)
+    label = lambda field: page.inner_text(f"#profile dd[data-field={field}]")
+    assert label("gender") == {1: "female", 2: "male"}[gender]
+    age_group = AGE_CODES[age - 1]  # ML-1M age codes are the groups' lower bounds (1: under 18)
+    if age_group == 1:
+        assert label("age") == "under 18"
+    else:  # "18–24" ... "50–55", then "56+"
+        assert label("age") == (f"{age_group}–{AGE_CODES[age] - 1}" if age < len(AGE_CODES) else f"{age_group}+")
+    assert label("zip") == f"{zip_bucket - 1:02d}xxx"
+    occupations = page.evaluate(f"[...Array({NUM_OCCUPATIONS}).keys()].map((i) => profileLabel('occupation', i + 1))")
+    assert len(set(occupations)) == NUM_OCCUPATIONS and occupations[12] == "programmer"  # ML-1M code 12
+    assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9 /-]+", o) for o in occupations)
+    assert label("occupation") == occupations[occupation - 1]
+    assert page.evaluate("profileLabel('age', 0)") == "unknown"
 
 
 def test_web_page_end_to_end(stack: WebStack, page, tmp_path):
@@ -165,6 +194,7 @@ def test_web_page_end_to_end(stack: WebStack, page, tmp_path):
     profile = page.inner_text("#profile")
     for field in ("gender", "age", "occupation", "static events"):
         assert field in profile
+    _check_profile_labels(page, next(u for u in stack.ds.users if str(u.user_id) == user).profile)
     timeline_len = len(next(u for u in stack.ds.users if str(u.user_id) == user))
     expected = stack.titles_of(user, 20)
     assert history.count() == min(20, timeline_len)
@@ -205,3 +235,199 @@ def test_web_page_end_to_end(stack: WebStack, page, tmp_path):
 
     assert JS_ERRORS == []
     assert FOREIGN_REQUESTS == [], "the page must not fetch anything but its own server"
+
+
+def _users_with_room(stack: WebStack) -> list[str]:
+    """Users with some history and plenty of unseen items, other than the end-to-end test's (each test writes
+    to its own user: the stack is shared by the module)."""
+    return [str(u.user_id) for u in stack.ds.users if 10 < len(u) <= 20]
+
+
+def _open(page, url: str, user: str) -> None:
+    """Open the console on `user` (#user= in the address) and wait until its answers are rendered."""
+    with page.expect_response(re.compile(r"/v1/recommend$")):
+        page.goto(f"{url}/#user={user}")
+    page.wait_for_selector("body[data-state=ready]", state="attached")
+
+
+def _scores(page) -> dict[int, float]:
+    rows = page.locator("[data-testid=rec-row]")
+    return {int(rows.nth(i).get_attribute("data-item")): float(rows.nth(i).get_by_test_id("score").inner_text())
+            for i in range(rows.count())}
+
+
+def _act(page, button: str) -> None:
+    """Click a write action and wait until it is answered (and the user re-ranked, when it succeeded)."""
+    page.evaluate("document.body.removeAttribute('data-action')")
+    page.click(button)
+    page.wait_for_selector("body[data-action=done], body[data-action=error]", state="attached")
+
+
+def _fresh_scrape(page) -> None:
+    """Wait until the page has read /metrics again after this point."""
+    seen = int(page.get_attribute("body", "data-scrapes") or 0)
+    page.wait_for_function(f"Number(document.body.dataset.scrapes || 0) > {seen}")
+
+
+def test_post_event_and_roll_history(stack: WebStack, page, tmp_path):
+    user = _users_with_room(stack)[-1]
+    _open(page, stack.url, user)
+    before = _scores(page)
+    assert page.inner_text("#history-version") == "1"
+    assert page.get_by_test_id("delta").all_inner_texts() == [""] * K  # nothing to compare with yet
+
+    # clicking a recommendation picks its item; posting it makes the next ranking reuse the cached prefix
+    picked = page.locator("[data-testid=rec-row]").nth(2)
+    item = int(picked.get_attribute("data-item"))
+    picked.click()
+    assert page.input_value("#event-item") == str(item)
+    page.select_option("#event-action", "5")
+    with page.expect_response(re.compile(r"/v1/events$")) as posted:
+        _act(page, "#post-event")
+    assert posted.value.status == 200 and page.get_attribute("body", "data-action") == "done"
+    assert posted.value.request.post_data_json == {"user": user, "events": [{"item": item, "action": 5}]}
+    assert "real-time event" in page.inner_text("#action-note")
+    assert page.inner_text("#cache") == "partial"
+    first = page.get_by_test_id("history-row").first
+    assert first.get_attribute("data-item") == str(item) and first.locator(".stars").get_attribute("title") == "5 / 5"
+    assert "real-time events\n1" in page.inner_text("#profile")
+    after = _scores(page)
+    assert item not in after, "an item the user has just rated is not recommended again"
+    common = before.keys() & after.keys()
+    assert common and max(abs(after[i] - before[i]) for i in common) > 1e-3, "the new event moves the scores"
+    deltas = {int(r.get_attribute("data-item")): r.get_by_test_id("delta").inner_text()
+              for r in page.locator("[data-testid=rec-row]").all()}
+    for i, text in deltas.items():
+        assert text == "new" if i not in before else float(text.replace("−", "-")) == pytest.approx(
+            after[i] - before[i], abs=2e-3)
+    page.screenshot(path=str(tmp_path / "after_event.png"), full_page=True)
+
+    # a roll folds the event into a new history version: the old K/V are void
+    _act(page, "#roll-history")
+    assert "Rolled 1 real-time event" in page.inner_text("#action-note")
+    assert page.inner_text("#history-version") == "2" and page.inner_text("#cache") == "miss"
+    # nothing left to fold: the version stays and the cached K/V are used whole
+    _act(page, "#roll-history")
+    assert page.inner_text("#action-note") == "Nothing to roll: no real-time events; history version stays 2."
+    assert page.inner_text("#history-version") == "2" and page.inner_text("#cache") == "hit"
+
+    # a wrong item is the server's 422, shown beside the action
+    page.fill("#event-item", str(NUM_ITEMS + 50))
+    _act(page, "#post-event")
+    assert page.get_attribute("body", "data-action") == "error"
+    assert page.inner_text("#action-note").startswith("Error 422") and page.is_hidden("#api-key-row")
+    assert JS_ERRORS == [] and FOREIGN_REQUESTS == []
+
+
+def test_api_key_for_writes(stack: WebStack, page):
+    with BackgroundServer(create_app(AppState(stack.service, stack.metrics, api_key="s3cret"))) as url:
+        user = _users_with_room(stack)[-2]
+        _open(page, url, user)
+        assert page.is_hidden("#api-key-row")
+        page.locator("[data-testid=rec-row]").first.click()
+        with page.expect_response(re.compile(r"/v1/events$")) as refused:
+            _act(page, "#post-event")
+        assert refused.value.status == 401
+        assert page.is_visible("#api-key") and "needs an API key" in page.inner_text("#action-note")
+        page.fill("#api-key", "s3cret")
+        with page.expect_response(re.compile(r"/v1/events$")) as accepted:
+            _act(page, "#post-event")
+        assert accepted.value.status == 200 and accepted.value.request.headers["x-api-key"] == "s3cret"
+        assert page.inner_text("#cache") == "partial"
+        page.reload()  # the key is kept for the tab's session
+        page.wait_for_selector("body[data-users=loaded]", state="attached")
+        assert page.input_value("#api-key") == "s3cret" and page.is_visible("#api-key")
+        assert JS_ERRORS == [] and FOREIGN_REQUESTS == []
+
+
+def _expected_live(text: str) -> dict:
+    """What the page's tiles must show, from a /metrics page parsed by prometheus_client's own parser."""
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples}
+    named = lambda name: [v for (n, _), v in values.items() if n == name]
+    kv = {k: sum(named(f"grinfer_kv_cache_{k}_total") or named(f"grinfer_kv_cache_{k}"))
+          for k in ("hits", "partial_hits", "misses")}
+    backends = {dict(labels)["backend"] for (n, labels) in values if n == "grinfer_request_seconds_count"}
+    return {"kv": (kv["hits"] + kv["partial_hits"]) / sum(kv.values()), "kv_counts": kv,
+            "queue": sum(named("grinfer_queue_depth")), "memory": sum(named("grinfer_device_memory_bytes")),
+            "backends": backends}
+
+
+def test_live_state_reads_metrics(stack: WebStack, page):
+    user = _users_with_room(stack)[0]
+    _open(page, stack.url, user)
+    for _ in range(3):  # a few more API requests inside the page's 30 s window
+        with page.expect_response(re.compile(r"/v1/recommend$")):
+            page.click("#refresh")
+        page.wait_for_selector("body[data-state=ready]", state="attached")
+    _fresh_scrape(page)
+    text = httpx.get(f"{stack.url}/metrics", timeout=10).text  # nothing ranks meanwhile: the counters agree
+    want = _expected_live(text)
+    live = lambda name: page.get_attribute(f"#live-{name}", "data-value")
+    assert float(live("kv")) == pytest.approx(want["kv"])
+    c = want["kv_counts"]
+    assert page.inner_text("#live-kv-detail") == (f"{c['hits']:.0f} hit · {c['partial_hits']:.0f} partial · "
+                                                  f"{c['misses']:.0f} miss")
+    assert float(live("queue")) == want["queue"] == 0
+    assert float(live("memory")) == want["memory"] > 0
+    assert re.fullmatch(r"\d+\.\d (KiB|MiB|GiB)", page.inner_text("#live-memory"))
+    assert want["backends"] == {"eager"} and page.inner_text("#live-backend") == "eager"
+    assert float(live("rps")) > 0 and 0 < float(live("p99")) <= 10
+    assert re.fullmatch(r"\d+(\.\d+)? (ms|s)", page.inner_text("#live-p99"))
+
+    # the page's parser reads every sample as prometheus_client's parser does
+    parsed = page.evaluate("(text) => parseMetrics(text).map((s) => [s.name, s.labels, String(s.value)])", text)
+    ours = {(n, tuple(sorted(labels.items()))): float(v.replace("Infinity", "inf")) for n, labels, v in parsed}
+    theirs = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_string_to_metric_families(text) for s in f.samples}
+    assert ours == theirs and any("{user}" in dict(k[1]).get("endpoint", "") for k in ours)
+    # histogram quantiles as Prometheus computes them (linear inside a bucket; +Inf: the last finite bound)
+    q = lambda qq, buckets: page.evaluate(f"histogramQuantile({qq}, {buckets})")
+    assert q(0.99, "[[0.01, 50], [0.025, 99], [0.05, 100], [Infinity, 100]]") == pytest.approx(0.025)
+    assert q(0.5, "[[0.01, 50], [0.025, 99], [0.05, 100], [Infinity, 100]]") == pytest.approx(0.01)
+    assert q(0.75, "[[0.01, 50], [0.02, 100], [Infinity, 100]]") == pytest.approx(0.015)
+    assert q(0.99, "[[0.01, 10], [0.02, 10], [Infinity, 20]]") == pytest.approx(0.02)
+    assert q(0.99, "[[0.01, 0], [Infinity, 0]]") is None
+    assert JS_ERRORS == [] and FOREIGN_REQUESTS == []
+
+
+def _check_fits(page, width: int) -> None:
+    """No horizontal scrolling, no box past the right edge, tables within their cards."""
+    overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"{overflow} px of horizontal overflow at {width} px"
+    boxes = page.evaluate("""[...document.querySelectorAll('.card, .tile, .bar, .stats, header, table')]
+        .filter((e) => e.getBoundingClientRect().right > window.innerWidth + 0.5).map((e) => e.id || e.className)""")
+    assert boxes == [], f"boxes past the right edge at {width} px"
+    for selector in ("#recs", "#history"):  # tables fit their card: no hidden columns
+        assert page.evaluate(f"(() => {{ const t = document.querySelector('{selector}');"
+                             f" return t.scrollWidth <= t.parentElement.clientWidth + 1; }})()"), selector
+
+
+@pytest.mark.parametrize("width", [1280, 400])
+def test_layout_fits_the_window(stack: WebStack, page, tmp_path, width):
+    page.set_viewport_size({"width": width, "height": 900})
+    _open(page, stack.url, _users_with_room(stack)[1])
+    _check_fits(page, width)
+    _fresh_scrape(page)  # the live tiles filled in
+    _check_fits(page, width)
+    assert page.locator("[data-testid=rec-row]").count() == K
+    assert page.is_visible("#post-event") and page.is_visible("#live-p99")
+    page.screenshot(path=str(tmp_path / f"console_{width}.png"), full_page=True)
+    assert JS_ERRORS == [] and FOREIGN_REQUESTS == []
+
+
+def test_docs_render_offline(stack: WebStack, page):
+    """Swagger UI (/docs) renders every operation from assets the server itself serves; no /redoc (its page
+    fetches a logo from a CDN)."""
+    spec = httpx.get(f"{stack.url}/openapi.json", timeout=10).json()
+    operations = [(method.upper(), path) for path, ops in spec["paths"].items() for method in ops]
+    page.goto(stack.url + "/docs")
+    page.wait_for_selector(".opblock", state="visible")
+    shown = [(b.locator(".opblock-summary-method").inner_text(), b.locator(".opblock-summary-path").inner_text())
+             for b in page.locator(".opblock").all()]
+    assert sorted(shown) == sorted(operations) and len(operations) >= 8
+    page.locator(".opblock-summary", has_text="/v1/rank").first.click()  # expand: the request schema renders
+    page.wait_for_selector(".opblock-body .model-example, .opblock-body .body-param", state="visible")
+    assert page.title() == "grinfer - Swagger UI"
+    assert JS_ERRORS == [] and FOREIGN_REQUESTS == [], "the docs must not fetch anything but their own server"
+    assert httpx.get(f"{stack.url}/redoc", timeout=10).status_code == 404
