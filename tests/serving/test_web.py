@@ -1,4 +1,4 @@
-"""The web console (GET /) and the API docs (/docs, /redoc) in a real headless Chromium against a real HTTP
+"""The web console (GET /) and the API docs (/docs) in a real headless Chromium against a real HTTP
 server: pick a user, see the profile (readable labels), history and recommendations, the cache status after a
 refresh, a cold start and an error; post an event and roll the history (with an API key where the server
 needs one) and see the cache status and scores change; the live server state read from /metrics; a 400 px
@@ -135,6 +135,12 @@ def _submit(page, user: str) -> None:
         page.fill("#user-input", user)
         page.press("#user-input", "Enter")
     page.wait_for_selector("body[data-state=ready], body[data-state=error]", state="attached")
+
+
+def expect(locator):
+    """playwright's `expect` (imported here: the module must load without playwright, to skip)."""
+    from playwright.sync_api import expect as playwright_expect
+    return playwright_expect(locator)
 
 
 def _check_profile_labels(page, codes) -> None:
@@ -294,12 +300,13 @@ def test_post_event_and_roll_history(stack: WebStack, page, tmp_path):
     after = _scores(page)
     assert item not in after, "an item the user has just rated is not recommended again"
     common = before.keys() & after.keys()
-    assert common and max(abs(after[i] - before[i]) for i in common) > 1e-3, "the new event moves the scores"
-    deltas = {int(r.get_attribute("data-item")): r.get_by_test_id("delta").inner_text()
-              for r in page.locator("[data-testid=rec-row]").all()}
-    for i, text in deltas.items():
-        assert text == "new" if i not in before else float(text.replace("−", "-")) == pytest.approx(
-            after[i] - before[i], abs=2e-3)
+    assert common and max(abs(after[i] - before[i]) for i in common) > 1e-4, "the new event moves the scores"
+    for row in page.locator("[data-testid=rec-row]").all():  # each row shows its change since the last ranking
+        i, text = int(row.get_attribute("data-item")), row.get_by_test_id("delta").inner_text()
+        if i in before:
+            assert float(text.replace("−", "-")) == pytest.approx(after[i] - before[i], abs=2e-3)
+        else:
+            assert text == "new"
     page.screenshot(path=str(tmp_path / "after_event.png"), full_page=True)
 
     # a roll folds the event into a new history version: the old K/V are void
@@ -360,14 +367,13 @@ def test_live_state_reads_metrics(stack: WebStack, page):
         with page.expect_response(re.compile(r"/v1/recommend$")):
             page.click("#refresh")
         page.wait_for_selector("body[data-state=ready]", state="attached")
-    _fresh_scrape(page)
-    text = httpx.get(f"{stack.url}/metrics", timeout=10).text  # nothing ranks meanwhile: the counters agree
+    text = httpx.get(f"{stack.url}/metrics", timeout=10).text  # nothing ranks from here on: the counters stay
     want = _expected_live(text)
+    c = want["kv_counts"]
+    expect(page.locator("#live-kv-detail")).to_have_text(  # within a scrape or two (every 2 s)
+        f"{c['hits']:.0f} hit · {c['partial_hits']:.0f} partial · {c['misses']:.0f} miss", timeout=10_000)
     live = lambda name: page.get_attribute(f"#live-{name}", "data-value")
     assert float(live("kv")) == pytest.approx(want["kv"])
-    c = want["kv_counts"]
-    assert page.inner_text("#live-kv-detail") == (f"{c['hits']:.0f} hit · {c['partial_hits']:.0f} partial · "
-                                                  f"{c['misses']:.0f} miss")
     assert float(live("queue")) == want["queue"] == 0
     assert float(live("memory")) == want["memory"] > 0
     assert re.fullmatch(r"\d+\.\d (KiB|MiB|GiB)", page.inner_text("#live-memory"))
