@@ -437,3 +437,19 @@ def test_docs_render_offline(stack: WebStack, page):
     assert page.title() == "grinfer - Swagger UI"
     assert JS_ERRORS == [] and FOREIGN_REQUESTS == [], "the docs must not fetch anything but their own server"
     assert httpx.get(f"{stack.url}/redoc", timeout=10).status_code == 404
+
+
+def test_not_ready_is_shown_until_ready(stack: WebStack, page):
+    """While /readyz answers 503 the header says why; once it answers 200 the page shows the model instead."""
+    state = AppState(stack.service, stack.metrics, draining=True)
+    with BackgroundServer(create_app(state)) as url:
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-users=loaded]", state="attached")
+        assert page.inner_text("#not-ready") == "not ready: server is shutting down"
+        assert page.inner_text("#error-status") == "Error 503" and page.inner_text("#model-name") == ""
+        state.draining = False
+        page.wait_for_selector("#not-ready", state="hidden", timeout=10_000)  # /readyz is asked again every 2 s
+        assert page.inner_text("#model-name") == "model mtgr-tiny"
+        expect(page.locator("#users-total")).to_have_text(f"{NUM_USERS} of {NUM_USERS} users")  # list read again
+        assert page.is_hidden("#error")
+    assert JS_ERRORS == [] and FOREIGN_REQUESTS == []
