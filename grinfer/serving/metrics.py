@@ -3,7 +3,7 @@
 Names follow Prometheus conventions: running counts are counters (`_total`), levels are gauges,
 sizes and durations are histograms (`_seconds`, `_bytes`). The registry also carries the standard
 `process_*`, `python_*` (GC, platform) collectors; `_created` series are not exported. The Grafana
-dashboard in deploy/grafana/ queries these names (tests/serving/test_metrics.py checks it).
+dashboard in deploy/grafana/ queries these names (tests/serving/test_prometheus_metrics.py checks it).
 """
 
 from __future__ import annotations
