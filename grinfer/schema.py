@@ -12,8 +12,12 @@ MAX_EVENTS = 1000
 MAX_K = 500
 DEFAULT_RETRIEVE = 200
 MAX_USERS_PAGE = 1000
-USER_ID = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@-]+$",
-                description="User id (letters, digits, _ . : @ -).")
+MAX_OFFSET = 2**31  # list offsets beyond any store's size (SQLite and PostgreSQL take int64: no overflow)
+MAX_ITEM_ID = 2**63 - 1  # catalogue ids are int64 in the stores and the model
+MAX_TS = 4_102_444_800  # 2100-01-01: event times are unix seconds within int64 and the time buckets
+USER_ID_RULES = {"min_length": 1, "max_length": 128, "pattern": r"^[A-Za-z0-9_.:@-]+$",
+                 "description": "User id (1-128 letters, digits, _ . : @ -)."}
+USER_ID = Field(**USER_ID_RULES)
 DEADLINE_MS = Field(None, ge=1, le=600_000,
                     description="Answer within this many ms of arrival or fail (504 / DEADLINE_EXCEEDED); checked "
                                 "before each engine step and when the scores are ready. Default: no deadline.")
@@ -28,13 +32,13 @@ class _Model(BaseModel):
 class EventIn(_Model):
     """A behaviour event: item (catalogue id), unix seconds (default: now), action (rating 1..5)."""
 
-    item: int = Field(ge=0)
-    ts: int | None = Field(None, ge=0, le=4_102_444_800)
-    action: int = Field(4, ge=1, le=5)
+    item: int = Field(ge=0, le=MAX_ITEM_ID, description="Catalogue item id.")
+    ts: int | None = Field(None, ge=0, le=MAX_TS, description="Unix seconds (default: now).")
+    action: int = Field(4, ge=1, le=5, description="Rating 1..5.")
 
 
 class Candidate(_Model):
-    item: int = Field(ge=0, description="Catalogue item id.")
+    item: int = Field(ge=0, le=MAX_ITEM_ID, description="Catalogue item id.")
 
 
 class RankIn(_Model):
@@ -111,7 +115,7 @@ class UsersQuery(BaseModel):
     """A page of user ids (query parameters, so not strict: they arrive as text)."""
 
     limit: int = Field(50, ge=1, le=MAX_USERS_PAGE)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
 
 class UsersOut(BaseModel):

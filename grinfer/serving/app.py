@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
 from grinfer.schema import (
+    USER_ID_RULES,
     ErrorOut,
     EventsIn,
     EventsOut,
@@ -34,7 +36,25 @@ from grinfer.serving.phases import Phases, phases_of
 from grinfer.serving.service import FieldError, RecommenderService, Unavailable
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script, style and icon, from the fastapi-offline package
-ERRORS = {status: {"model": ErrorOut} for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+ERROR_TEXT = {400: "Both Content-Length and Transfer-Encoding given (field `body`)",
+              401: "Missing or wrong API key (field `x-api-key`); checked before the body is read",
+              404: "Unknown user, or no such route", 413: "Body over the size limit, or the user's context too long",
+              415: "Body not declared application/json", 422: "A field fails validation (field names it)",
+              429: "Engine queue full: retry after Retry-After seconds",
+              503: "Shutting down, engine or store unavailable: retry after Retry-After seconds",
+              504: "deadline_ms passed before the scores were ready"}
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI responses for the error statuses a route can answer, each an ErrorOut body."""
+    return {status: {"model": ErrorOut, "description": ERROR_TEXT[status],
+                     **({"headers": RETRY_AFTER} if status in (429, 503) else {})} for status in statuses}
+
+
+BODY_ERRORS = (400, 413, 415, 422, 503)  # a JSON-body route: framing, size, media type, validation, draining
+RANKED_ERRORS = _errors(*BODY_ERRORS, 429, 504)
+WRITE_ERRORS = _errors(*BODY_ERRORS, 401, 404)
 
 
 @dataclass
@@ -64,13 +84,6 @@ def create_app(state: AppState) -> FastAPI:
     app.state.grinfer = state
     app.add_middleware(RequestFront, state=state)
     service, metrics = state.service, state.metrics
-
-    async def require_key(request: Request) -> None:  # async: sync dependencies run in a thread pool
-        if state.api_key is None:
-            return
-        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if given != state.api_key:
-            raise FieldError("x-api-key", "missing or wrong API key", status=401)
 
     async def require_json(request: Request) -> None:
         """415 unless the body is declared JSON (application/json or application/*+json)."""
@@ -119,15 +132,17 @@ def create_app(state: AppState) -> FastAPI:
         return fail(request, 503, "unavailable", str(exc), retry=True)
 
     json_body = [Depends(require_json)]
+    # The key itself is checked by RequestFront before the body is read; these declare it in OpenAPI.
+    keyed = [Security(APIKeyHeader(name="X-API-Key", auto_error=False)), Security(HTTPBearer(auto_error=False))]
 
-    @app.post("/v1/rank", response_model=RankOut, responses=ERRORS, dependencies=json_body)
+    @app.post("/v1/rank", response_model=RankOut, responses=RANKED_ERRORS, dependencies=json_body)
     async def rank(body: RankIn, request: Request) -> Response:
         """Score candidate items for a user (per-task probabilities and a fused score, best first)."""
         phases = phases_of(request.scope)
         phases.mark("parse")
         return _ranked(await service.rank(body, phases), phases)
 
-    @app.post("/v1/recommend", response_model=RankOut, responses=ERRORS, dependencies=json_body)
+    @app.post("/v1/recommend", response_model=RankOut, responses=RANKED_ERRORS, dependencies=json_body)
     async def recommend(body: RecommendIn, request: Request) -> Response:
         """Top-k items for a user: retrieval over the catalogue, then MTGR ranking."""
         phases = phases_of(request.scope)
@@ -141,24 +156,23 @@ def create_app(state: AppState) -> FastAPI:
         phases.mark("encode")
         return response
 
-    @app.post("/v1/events", response_model=EventsOut, responses=ERRORS,
-              dependencies=[Depends(require_key), *json_body])
+    @app.post("/v1/events", response_model=EventsOut, responses=WRITE_ERRORS, dependencies=[*keyed, *json_body])
     async def events(body: EventsIn) -> EventsOut:
         """Append behaviour events; they are durable before this returns."""
         return await asyncio.to_thread(service.append_events, body)
 
-    @app.get("/v1/users/{user}", response_model=UserOut, responses=ERRORS)
-    async def get_user(user: str) -> UserOut:
+    @app.get("/v1/users/{user}", response_model=UserOut, responses=_errors(404, 422, 503))
+    async def get_user(user: Annotated[str, Path(**USER_ID_RULES)]) -> UserOut:
         """A user's profile, history version and recent events."""
         return await asyncio.to_thread(service.get_user, user)
 
-    @app.get("/v1/users", response_model=UsersOut, responses=ERRORS)
+    @app.get("/v1/users", response_model=UsersOut, responses=_errors(422, 503))
     async def list_users(query: Annotated[UsersQuery, Query()]) -> UsersOut:
         """Known user ids, a page at a time (limit 1..1000, offset >= 0), and how many there are."""
         return await asyncio.to_thread(service.list_users, query)
 
-    @app.post("/v1/admin/roll-history", response_model=RollOut, responses=ERRORS,
-              dependencies=[Depends(require_key), *json_body])
+    @app.post("/v1/admin/roll-history", response_model=RollOut, responses=WRITE_ERRORS,
+              dependencies=[*keyed, *json_body])
     async def roll_history(body: RollIn) -> RollOut:
         """Fold real-time events into the static history (bumps the history version; nothing to fold: no change)."""
         return await asyncio.to_thread(service.roll_history, body)
@@ -167,7 +181,7 @@ def create_app(state: AppState) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", responses={503: {"model": ErrorOut}})
+    @app.get("/readyz", responses=_errors(503))
     async def readyz():
         if state.draining:
             return _error(503, "server is shutting down")
@@ -180,9 +194,11 @@ def create_app(state: AppState) -> FastAPI:
             return _error(503, f"store unavailable: {exc}")
         return {"status": "ready", "model": service.model_name}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format 0.0.4"}})
     async def metrics_endpoint() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:

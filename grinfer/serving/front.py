@@ -1,5 +1,6 @@
-"""The REST front, as one pure-ASGI middleware: draining, body limits, latency and phase metrics, and
-the `X-Grinfer-Process` header naming the process that answered.
+"""The REST front, as one pure-ASGI middleware: draining, the API key of the write routes (checked
+before the body is read, so keyless writes learn nothing about validation), body limits, latency
+and phase metrics, and the `X-Grinfer-Process` header naming the process that answered.
 
 Pure ASGI (no `BaseHTTPMiddleware`): no extra task, stream or response copy per request. Every body
 byte is counted whatever the headers declare; the body is read here (up to the limit) and handed to
@@ -11,10 +12,12 @@ from __future__ import annotations
 import json
 import time
 
+from grinfer.serving.auth import KEY_FIELD, KEY_MESSAGE, key_accepted
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
+KEYED_PATHS = frozenset({"/v1/events", "/v1/admin/roll-history"})  # the write routes: an API key is checked first
 
 
 class RequestFront:
@@ -33,6 +36,10 @@ class RequestFront:
             await _reply(send, 503, "server is shutting down", None, retry)
             return
         headers = dict(scope["headers"])
+        if state.api_key is not None and scope["path"] in KEYED_PATHS and not _has_key(headers, state.api_key):
+            await _reply(send, 401, f"{KEY_FIELD}: {KEY_MESSAGE}", KEY_FIELD, [(b"www-authenticate", b"Bearer")])
+            state.metrics.error(scope["path"], "auth")
+            return
         if scope["method"] in _BODY_METHODS:
             if b"content-length" in headers and b"transfer-encoding" in headers:
                 await _reply(send, 400, "body: both Content-Length and Transfer-Encoding given", "body")
@@ -66,6 +73,12 @@ class RequestFront:
         endpoint = Metrics.route_label(scope)
         state.metrics.observe(endpoint, time.perf_counter() - start)
         state.metrics.observe_phases(endpoint, phases.spans)
+
+
+def _has_key(headers: dict[bytes, bytes], api_key: str) -> bool:
+    x_api_key, authorization = headers.get(b"x-api-key"), headers.get(b"authorization")
+    return key_accepted(api_key, x_api_key and x_api_key.decode("latin-1"),
+                        authorization and authorization.decode("latin-1"))
 
 
 async def _read_body(receive, limit: int) -> bytes | None:

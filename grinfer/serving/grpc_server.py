@@ -23,6 +23,7 @@ known, and the trailing metadata `grinfer-field` names it):
 | cause | code |
 |---|---|
 | pydantic validation, FieldError 4xx (e.g. unknown item), ContextTooLarge | INVALID_ARGUMENT |
+| request bytes that are not a valid message (field `request`; logged at most once a minute) | INVALID_ARGUMENT |
 | FieldError 404 (unknown user) | NOT_FOUND |
 | missing or wrong API key (x-api-key or `authorization: Bearer`) | UNAUTHENTICATED |
 | Overloaded | RESOURCE_EXHAUSTED |
@@ -36,7 +37,6 @@ context cache status of ranked requests.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import threading
 import time
@@ -44,6 +44,7 @@ from collections.abc import Callable, Coroutine
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ValidationError
@@ -62,6 +63,7 @@ from grinfer.schema import (
     UsersQuery,
     field_path,
 )
+from grinfer.serving.auth import KEY_FIELD, KEY_MESSAGE, key_accepted
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.proto import grinfer_pb2 as pb
 from grinfer.serving.proto import grinfer_pb2_grpc as pb_grpc
@@ -72,6 +74,7 @@ log = logging.getLogger("grinfer.grpc")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name  # "grinfer.v1.Recommender"
 FIELD_METADATA = "grinfer-field"
 MAX_DEADLINE_MS = 600_000  # RankIn / RecommendIn's limit on deadline_ms
+UNDECODABLE_LOG_INTERVAL_S = 60.0  # undecodable requests are logged at most once per this many seconds
 
 _FIELD_STATUS = {401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
                  429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
@@ -106,6 +109,41 @@ def _classify(exc: Exception) -> _Abort:
         return _Abort(grpc.StatusCode.CANCELLED, "call cancelled", "cancelled")
     log.exception("internal error in a gRPC call", exc_info=exc)
     return _Abort(grpc.StatusCode.INTERNAL, "internal error", "internal")
+
+
+# ---- undecodable requests ------------------------------------------------------------------------
+class Undecodable:
+    """What a method receives when its bytes are not a valid message of its request type."""
+
+    def __init__(self, type_name: str, error: DecodeError):
+        self.type_name, self.error = type_name, error
+
+
+def lenient_parser(message_type) -> Callable[[bytes], object]:
+    """A request deserializer that returns Undecodable instead of raising (grpcio answers INTERNAL to a raise)."""
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:  # truncated or garbage bytes, invalid UTF-8 in a string field
+            return Undecodable(message_type.DESCRIPTOR.full_name, exc)
+    return parse
+
+
+class RateLimitedLog:
+    """A warning at most once per `interval_s`, carrying how many were held back since the last one."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s, self._next, self._held = interval_s, float("-inf"), 0
+        self._lock = threading.Lock()
+
+    def warning(self, message: str, *args) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                self._held += 1
+                return
+            held, self._held, self._next = self._held, 0, now + self.interval_s
+        log.warning(message + " (%d more not logged since the last report)", *args, held)
 
 
 # ---- proto <-> schema ----------------------------------------------------------------------------
@@ -203,6 +241,21 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def __init__(self, service: RecommenderService, metrics: Metrics, loop: _EventLoop, api_key: str | None = None):
         self.service, self.metrics, self.loop, self.api_key = service, metrics, loop, api_key
+        self.undecodable_log = RateLimitedLog(UNDECODABLE_LOG_INTERVAL_S)
+
+    def guarded(self, method: str) -> Callable:
+        """The method, answering INVALID_ARGUMENT (logged at most once a minute) to an undecodable request."""
+        serve = getattr(self, method)
+
+        def call(request, context: grpc.ServicerContext):
+            if not isinstance(request, Undecodable):
+                return serve(request, context)
+            self.metrics.error(f"grpc:{method}", "decode")
+            self.undecodable_log.warning("gRPC %s: undecodable %s from %s: %s", method, request.type_name,
+                                         context.peer(), request.error)
+            context.set_trailing_metadata(((FIELD_METADATA, "request"),))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {request.type_name} message")
+        return call
 
     def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], object]):
         """Run one RPC: time it, map its error to a status (context.abort raises)."""
@@ -223,9 +276,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         if self.api_key is None:
             return
         metadata = dict(context.invocation_metadata())
-        given = metadata.get("x-api-key") or metadata.get("authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-            raise FieldError("x-api-key", "missing or wrong API key", status=401)
+        if not key_accepted(self.api_key, metadata.get("x-api-key"), metadata.get("authorization")):
+            raise FieldError(KEY_FIELD, KEY_MESSAGE, status=401)
 
     def _ranked(self, out: RankOut) -> pb.RankResponse:
         self.metrics.cache_status.labels(out.cache).inc()
@@ -260,6 +312,17 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
 
     def ListUsers(self, request: pb.ListUsersRequest, context: grpc.ServicerContext) -> pb.ListUsersResponse:
         return self._call("ListUsers", context, lambda: users_out(self.service.list_users(users_query(request))))
+
+
+def recommender_handler(servicer: RecommenderServicer) -> grpc.GenericRpcHandler:
+    """grinfer.v1.Recommender's methods, from the proto's descriptor, with lenient request parsers."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Recommender"].methods:
+        request_type, response_type = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            servicer.guarded(method.name), request_deserializer=lenient_parser(request_type),
+            response_serializer=response_type.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 # ---- the server ------------------------------------------------------------------------------------
@@ -314,7 +377,7 @@ def start_grpc_server(service: RecommenderService, metrics: Metrics, host: str, 
     try:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grinfer-grpc"),
                              options=[("grpc.so_reuseport", int(reuse_port))])
-        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(service, metrics, loop, api_key), server)
+        server.add_generic_rpc_handlers((recommender_handler(RecommenderServicer(service, metrics, loop, api_key)),))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", SERVICE_NAME):
