@@ -90,3 +90,19 @@ def make_request() -> RequestBuilder:
         return build_request(np.random.default_rng(seed), num_static, num_realtime, num_candidates)
 
     return make
+
+
+SERVED_SPEC = "synthetic:users=20,items=60,events=15,seed=0"
+
+
+@pytest.fixture(scope="session")
+def served_checkpoint(tmp_path_factory):
+    """An mtgr-tiny checkpoint trained one epoch on SERVED_SPEC: what the tests that start servers serve."""
+    from grinfer.data import load_dataset
+    from grinfer.train.loop import TrainSettings
+    from grinfer.train.run import train_model
+
+    path = tmp_path_factory.mktemp("served") / "model"
+    train_model(preset("mtgr-tiny"), load_dataset(SERVED_SPEC), SERVED_SPEC, TrainSettings(epochs=1, progress=False),
+                path, validate=False)
+    return path

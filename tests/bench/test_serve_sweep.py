@@ -9,26 +9,12 @@ import json
 import pytest
 
 from grinfer.bench.serve_sweep import counter_deltas, main, mean_batch, metric_samples, parse_sweep
-from grinfer.config import preset
-from grinfer.data import load_dataset
-from grinfer.train.loop import TrainSettings
-from grinfer.train.run import train_model
-
-SPEC = "synthetic:users=20,items=60,events=15,seed=0"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sweep") / "model"
-    train_model(preset("mtgr-tiny"), load_dataset(SPEC), SPEC, TrainSettings(epochs=1, progress=False), path,
-                validate=False)
-    return path
-
-
-def test_cpu_sweep_reports_every_level(checkpoint, tmp_path, capsys):
+def test_cpu_sweep_reports_every_level(served_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["--device", "cpu", "--backends", "eager", "--clients", "1,2", "--duration", "1",
-                 "--model", str(checkpoint), "--out", str(out), "--ready-timeout", "120"])
+                 "--model", str(served_checkpoint), "--out", str(out), "--ready-timeout", "120"])
     assert code == 0
     report = json.loads((out / "serve_sweep.json").read_text())
     assert report["gpu"] is None

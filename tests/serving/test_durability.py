@@ -15,12 +15,9 @@ import httpx
 import psycopg
 import pytest
 
-from grinfer.config import preset
 from grinfer.data import load_dataset
 from grinfer.serving.background import free_port
 from grinfer.storage import open_store
-from grinfer.train.loop import TrainSettings
-from grinfer.train.run import train_model
 
 SPEC = "synthetic:users=20,items=60,events=15,seed=0"
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -28,13 +25,6 @@ SERVICES = os.environ.get("GRINFER_SKIP_SERVICES") != "1"
 ACKS_BEFORE_KILL = 50
 TS0 = 2_000_000_000  # later than every synthetic event, so ours are the users' newest
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("durability") / "model"
-    train_model(preset("mtgr-tiny"), load_dataset(SPEC), SPEC, TrainSettings(epochs=1, progress=False), path,
-                validate=False)
-    return path
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
@@ -129,14 +119,14 @@ def _stored(store_url: str, user: str) -> set[tuple[int, int]]:
         store.close()
 
 
-def test_acknowledged_events_survive_kill_9(checkpoint, store_url, tmp_path):
+def test_acknowledged_events_survive_kill_9(served_checkpoint, store_url, tmp_path):
     ds = load_dataset(SPEC)
     users = [str(ds.users[0].user_id), "durable-new-user"]  # an imported user and one the events create
     items = [int(x) for x in ds.catalog.raw_ids[1:]]
     servers: list[ServerProcess] = []
     poster = None
     try:
-        first = ServerProcess(checkpoint, store_url, tmp_path / "first.log")
+        first = ServerProcess(served_checkpoint, store_url, tmp_path / "first.log")
         servers.append(first)
         first.wait_ready()
         poster = Poster(first.url, users, items)
@@ -155,7 +145,7 @@ def test_acknowledged_events_survive_kill_9(checkpoint, store_url, tmp_path):
         assert poster.failures > 0  # posts after the kill failed, so the kill did land mid-stream
         acked = list(poster.acked)
 
-        second = ServerProcess(checkpoint, store_url, tmp_path / "second.log")
+        second = ServerProcess(served_checkpoint, store_url, tmp_path / "second.log")
         servers.append(second)
         second.wait_ready()
         sent = {(u, item, ts) for u, item, ts in poster.sent}

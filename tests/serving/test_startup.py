@@ -10,22 +10,9 @@ import time
 import httpx
 import pytest
 
-from grinfer.config import ServerConfig, preset
-from grinfer.data import load_dataset
+from grinfer.config import ServerConfig
 from grinfer.serving.background import free_port
 from grinfer.serving.server import Launch
-from grinfer.train.loop import TrainSettings
-from grinfer.train.run import train_model
-
-SPEC = "synthetic:users=20,items=60,events=15,seed=0"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("startup") / "model"
-    train_model(preset("mtgr-tiny"), load_dataset(SPEC), SPEC, TrainSettings(epochs=1, progress=False), path,
-                validate=False)
-    return path
 
 
 def wait_for(predicate, timeout: float = 60.0):
@@ -41,7 +28,7 @@ def wait_for(predicate, timeout: float = 60.0):
     raise AssertionError(f"not true within {timeout} s")
 
 
-def test_port_answers_while_preparing_and_opens_when_ready(checkpoint, tmp_path):
+def test_port_answers_while_preparing_and_opens_when_ready(served_checkpoint, tmp_path):
     release = threading.Event()
 
     def train(report):  # stands in for the demo models' training: blocks until the test lets it go
@@ -50,7 +37,7 @@ def test_port_answers_while_preparing_and_opens_when_ready(checkpoint, tmp_path)
 
     port = free_port()
     cfg = ServerConfig(port=port, grpc_port=0, store=f"sqlite:///{tmp_path / 's.db'}", log_level="warning")
-    launch = Launch(cfg, checkpoint, "cpu", train)
+    launch = Launch(cfg, served_checkpoint, "cpu", train)
     thread = threading.Thread(target=launch.serve, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -89,8 +76,8 @@ def test_a_preparation_that_fails_exits_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_an_unreachable_store_is_one_line_not_a_traceback(checkpoint, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "grinfer.cli", "serve", "--model", str(checkpoint), "--port",
+def test_an_unreachable_store_is_one_line_not_a_traceback(served_checkpoint, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "grinfer.cli", "serve", "--model", str(served_checkpoint), "--port",
                            str(free_port()), "--grpc-port", "0", "--store", "postgresql://nobody@127.0.0.1:1/x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

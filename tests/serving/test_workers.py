@@ -9,19 +9,19 @@ import subprocess
 import sys
 
 import httpx
-from test_startup import checkpoint, wait_for  # noqa: F401 - checkpoint is a fixture
+from test_startup import wait_for
 
 from grinfer.serving.background import free_port
 
 API_KEY = "k"
 
 
-def test_workers_share_the_port_the_engine_and_what_users_did(checkpoint, tmp_path):  # noqa: F811
+def test_workers_share_the_port_the_engine_and_what_users_did(served_checkpoint, tmp_path):
     port = free_port()
     env = {**os.environ, "GRINFER_HOME": str(tmp_path / "home")}
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve", "--model", str(checkpoint), "--workers",
-                             "2", "--port", str(port), "--grpc-port", "0", "--store",
+    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve", "--model", str(served_checkpoint),
+                             "--workers", "2", "--port", str(port), "--grpc-port", "0", "--store",
                              f"sqlite:///{tmp_path / 's.db'}", "--api-key", API_KEY], stdout=log, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
