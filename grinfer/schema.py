@@ -18,6 +18,10 @@ MAX_TS = 4_102_444_800  # 2100-01-01: event times are unix seconds within int64 
 USER_ID_RULES = {"min_length": 1, "max_length": 128, "pattern": r"^[A-Za-z0-9_.:@-]+$",
                  "description": "User id (1-128 letters, digits, _ . : @ -)."}
 USER_ID = Field(**USER_ID_RULES)
+IDEMPOTENCY_KEY_RULES = {"min_length": 1, "max_length": 128, "pattern": r"^[!-~]+$",
+                         "description": "Client id of this batch (1-128 printable ASCII, no spaces; or the "
+                                        "Idempotency-Key header): a retry with the same key appends nothing and "
+                                        "gets the first answer; the same key with other events is refused (422)."}
 DEADLINE_MS = Field(None, ge=1, le=600_000,
                     description="Answer within this many ms of arrival or fail (504 / DEADLINE_EXCEEDED); checked "
                                 "before each engine step and when the scores are ready. Default: no deadline.")
@@ -77,6 +81,7 @@ class RecommendIn(_Model):
 class EventsIn(_Model):
     user: str = USER_ID
     events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS)
+    idempotency_key: str | None = Field(None, **IDEMPOTENCY_KEY_RULES)
 
 
 class RollIn(_Model):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Query, Request, Security
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
 from grinfer.schema import (
+    IDEMPOTENCY_KEY_RULES,
     USER_ID_RULES,
     ErrorOut,
     EventsIn,
@@ -34,6 +35,7 @@ from grinfer.serving.front import RequestFront
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases, phases_of
 from grinfer.serving.service import FieldError, RecommenderService, Unavailable
+from grinfer.storage.resilient import health_of
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script, style and icon, from the fastapi-offline package
 ERROR_TEXT = {400: "Both Content-Length and Transfer-Encoding given (field `body`)",
@@ -84,6 +86,7 @@ def create_app(state: AppState) -> FastAPI:
     app.state.grinfer = state
     app.add_middleware(RequestFront, state=state)
     service, metrics = state.service, state.metrics
+    metrics.watch(service)
 
     async def require_json(request: Request) -> None:
         """415 unless the body is declared JSON (application/json or application/*+json)."""
@@ -157,9 +160,10 @@ def create_app(state: AppState) -> FastAPI:
         return response
 
     @app.post("/v1/events", response_model=EventsOut, responses=WRITE_ERRORS, dependencies=[*keyed, *json_body])
-    async def events(body: EventsIn) -> EventsOut:
-        """Append behaviour events; they are durable before this returns."""
-        return await asyncio.to_thread(service.append_events, body)
+    async def events(body: EventsIn, idempotency_key: Annotated[str | None, Header(
+            **IDEMPOTENCY_KEY_RULES)] = None) -> EventsOut:
+        """Append behaviour events; they are durable before this returns (once per idempotency key)."""
+        return await asyncio.to_thread(service.append_events, body, idempotency_key)
 
     @app.get("/v1/users/{user}", response_model=UserOut, responses=_errors(404, 422, 503))
     async def get_user(user: Annotated[str, Path(**USER_ID_RULES)]) -> UserOut:
@@ -192,7 +196,7 @@ def create_app(state: AppState) -> FastAPI:
             await asyncio.to_thread(service.store.count_users)
         except Exception as exc:  # a store that cannot answer makes us unready, not broken
             return _error(503, f"store unavailable: {exc}")
-        return {"status": "ready", "model": service.model_name}
+        return {"status": "ready", "model": service.model_name, "cache": health_of(service.cache)}
 
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

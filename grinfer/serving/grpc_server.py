@@ -42,15 +42,17 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent import futures
+from typing import Annotated
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
 from grinfer.schema import (
+    IDEMPOTENCY_KEY_RULES,
     EventsIn,
     EventsOut,
     RankIn,
@@ -73,6 +75,8 @@ log = logging.getLogger("grinfer.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name  # "grinfer.v1.Recommender"
 FIELD_METADATA = "grinfer-field"
+IDEMPOTENCY_METADATA = "idempotency-key"
+_IDEMPOTENCY_KEY = TypeAdapter(Annotated[str, Field(**IDEMPOTENCY_KEY_RULES)])
 MAX_DEADLINE_MS = 600_000  # RankIn / RecommendIn's limit on deadline_ms
 UNDECODABLE_LOG_INTERVAL_S = 60.0  # undecodable requests are logged at most once per this many seconds
 
@@ -165,8 +169,20 @@ def recommend_in(msg: pb.RecommendRequest) -> RecommendIn:
     return RecommendIn.model_validate({"user": msg.user, **_optional(msg, "k", "retrieve", "deadline_ms")})
 
 
+def _metadata_key(context: grpc.ServicerContext) -> str | None:
+    """The idempotency-key metadata, checked as the request's idempotency_key field is (None if absent)."""
+    key = dict(context.invocation_metadata()).get(IDEMPOTENCY_METADATA)
+    if key is None:
+        return None
+    try:
+        return _IDEMPOTENCY_KEY.validate_python(key)
+    except ValidationError as exc:
+        raise FieldError(IDEMPOTENCY_METADATA, exc.errors()[0]["msg"]) from None
+
+
 def events_in(msg: pb.AppendEventsRequest) -> EventsIn:
-    return EventsIn.model_validate({"user": msg.user, "events": [_event(e) for e in msg.events]})
+    return EventsIn.model_validate({"user": msg.user, "events": [_event(e) for e in msg.events],
+                                    **_optional(msg, "idempotency_key")})
 
 
 def roll_in(msg: pb.RollHistoryRequest) -> RollIn:
@@ -298,7 +314,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def AppendEvents(self, request: pb.AppendEventsRequest, context: grpc.ServicerContext) -> pb.AppendEventsResponse:
         def work():
             self._require_key(context)
-            return events_out(self.service.append_events(events_in(request)))
+            return events_out(self.service.append_events(events_in(request), _metadata_key(context)))
         return self._call("AppendEvents", context, work)
 
     def RollHistory(self, request: pb.RollHistoryRequest, context: grpc.ServicerContext) -> pb.RollHistoryResponse:

@@ -24,6 +24,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
 
+from grinfer.storage.resilient import health_of
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PHASE_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 UNMATCHED = "unmatched"  # the endpoint label of requests that matched no route (bounded label values)
@@ -71,6 +73,21 @@ class EngineCollector:
                                       "failed)", graphs["eager_steps"])
 
 
+class DependencyCollector:
+    """The store's and the cache's breakers, read at scrape time: degraded (0/1) and failures counted."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def collect(self):
+        for name, part in (("cache", self.service.cache), ("store", self.service.store)):
+            health = health_of(part)
+            yield GaugeMetricFamily(f"grinfer_{name}_degraded", f"1 while the {name} is failing and bypassed by a "
+                                    "breaker (cache: served uncached; store: 503)", float(health["degraded"]))
+            yield CounterMetricFamily(f"grinfer_{name}_errors", f"Calls to the {name} that failed (outages)",
+                                      health["errors"])
+
+
 class Metrics:
     """The server's metric set in its own registry (so tests and several apps don't collide)."""
 
@@ -96,6 +113,13 @@ class Metrics:
                                 registry=self.registry)
         self.engine = engine
         self.registry.register(EngineCollector(engine))
+        self.dependencies: DependencyCollector | None = None
+
+    def watch(self, service) -> None:
+        """Export the service's store and cache health (once per Metrics; later calls change nothing)."""
+        if self.dependencies is None:
+            self.dependencies = DependencyCollector(service)
+            self.registry.register(self.dependencies)
 
     @staticmethod
     def route_label(scope: dict) -> str:
@@ -136,4 +160,6 @@ class Metrics:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         registry.register(EngineCollector(self.engine))
+        if self.dependencies is not None:
+            registry.register(self.dependencies)
         return generate_latest(registry)

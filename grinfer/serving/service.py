@@ -8,6 +8,7 @@ the engine's probabilities back into sorted, fused scores.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import threading
 import time
@@ -37,7 +38,7 @@ from grinfer.schema import (
     UsersQuery,
 )
 from grinfer.serving.phases import Phases
-from grinfer.storage.base import Event, FeatureCache, UserRecord, UserStore
+from grinfer.storage.base import Event, FeatureCache, IdempotencyConflict, Unavailable, UserRecord, UserStore
 
 USER_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 MAX_CATALOGUE_RANK = 2000  # without a retrieval model, /recommend ranks the whole catalogue up to this size
@@ -49,10 +50,6 @@ class FieldError(ValueError):
     def __init__(self, field: str, message: str, status: int = 422):
         super().__init__(message)
         self.field, self.status = field, status
-
-
-class Unavailable(RuntimeError):
-    """The service cannot answer this kind of request right now (maps to 503)."""
 
 
 @dataclass
@@ -182,12 +179,27 @@ class RecommenderService:
         phases.mark("respond")
         return out
 
-    def append_events(self, req: EventsIn) -> EventsOut:
-        """Durably append events (before returning), then drop the user's cached record."""
+    def append_events(self, req: EventsIn, idempotency_key: str | None = None) -> EventsOut:
+        """Durably append events (before returning), then drop the user's cached record.
+
+        With an idempotency key (the body's, or `idempotency_key` from a header) a retry appends nothing
+        and gets the first answer."""
+        key = req.idempotency_key or idempotency_key
+        if req.idempotency_key and idempotency_key and req.idempotency_key != idempotency_key:
+            raise FieldError("idempotency_key", "differs from the Idempotency-Key header; send one of them")
         events = sorted(self._events(req.events, "events"), key=lambda e: e.ts)
-        count = self.store.append_events(req.user, events)
+        if key is None:
+            count = self.store.append_events(req.user, events)
+            out = EventsOut(user=req.user, appended=len(events), realtime_events=count)
+        else:
+            digest = hashlib.sha256(repr([(e.item, e.ts, e.action) for e in req.events]).encode()).hexdigest()
+            try:
+                done = self.store.append_events_once(req.user, events, key, digest)
+            except IdempotencyConflict as exc:
+                raise FieldError("idempotency_key", str(exc)) from None
+            out = EventsOut(user=req.user, appended=done.appended, realtime_events=done.realtime_events)
         self._invalidate(req.user)
-        return EventsOut(user=req.user, appended=len(events), realtime_events=count)
+        return out
 
     def roll_history(self, req: RollIn) -> RollOut:
         """Fold the user's real-time events into the static history (new version: old KV cache is void).

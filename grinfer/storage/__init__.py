@@ -13,7 +13,8 @@ Stores (`open_store`), each one object that is both a UserStore and a Catalog:
 Caches (`open_cache`), each a FeatureCache:
 
 - ``memory://`` or ``memory://?max_entries=N``: `MemoryFeatureCache` (the default).
-- ``redis://host:6379/0`` or ``rediss://…``, optionally ``?prefix=grinfer:``: `RedisFeatureCache`.
+- ``redis://host:6379/0`` or ``rediss://…``, optionally ``?prefix=grinfer:&socket_timeout=0.25``:
+  `RedisFeatureCache` in a `ResilientCache` (an outage of Redis degrades to uncached serving).
 
 Both stores also offer ``import_users(records)`` for bulk loading (used by `import_dataset`).
 """
@@ -96,8 +97,9 @@ def open_cache(url: str) -> FeatureCache:
         return MemoryFeatureCache(**kwargs)
     if scheme in ("redis", "rediss"):
         from grinfer.storage.redis_cache import RedisFeatureCache
+        from grinfer.storage.resilient import ResilientCache
 
-        return RedisFeatureCache(url)
+        return ResilientCache(RedisFeatureCache(url))
     raise ValueError(
         f"unsupported cache URL {_redact(url)!r}: expected one of {', '.join(s + '://' for s in CACHE_SCHEMES)}"
     )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from grinfer.data.types import ItemCatalog
-from grinfer.storage.base import Event, UserRecord
+from grinfer.storage.base import Appended, Event, IdempotencyConflict, UserRecord
 
 
 @dataclass(frozen=True)
@@ -95,3 +95,10 @@ def check_new_users(records: Sequence[UserRecord]) -> None:
 def existing_users_error(existing: Sequence[str]) -> ValueError:
     shown = ", ".join(repr(u) for u in existing[:5]) + (" ..." if len(existing) > 5 else "")
     return ValueError(f"import_users only creates new users; {len(existing)} already exist in the store: {shown}")
+
+
+def replay_append(key: str, digest: str, stored_digest: str, appended: int, realtime_events: int) -> Appended:
+    """The first answer of an append whose idempotency key is used again (IdempotencyConflict for other events)."""
+    if digest != stored_digest:
+        raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different batch of events")
+    return Appended(appended, realtime_events, replayed=True)

@@ -32,6 +32,24 @@ class Roll:
     folded: int
 
 
+@dataclass(frozen=True)
+class Appended:
+    """What an append answered: events appended and the user's R length after it; `replayed` when a retry
+    with an already-used idempotency key got the first answer back instead of appending again."""
+
+    appended: int
+    realtime_events: int
+    replayed: bool = False
+
+
+class Unavailable(RuntimeError):
+    """A dependency (the store) or the service cannot answer right now: retry later (503 / UNAVAILABLE)."""
+
+
+class IdempotencyConflict(ValueError):
+    """An idempotency key already used by the user for a different batch of events."""
+
+
 @dataclass
 class UserRecord:
     """Everything the featurizer needs about a user."""
@@ -52,6 +70,11 @@ class UserStore(Protocol):
 
     def append_events(self, user: str, events: list[Event]) -> int:
         """Append (creating the user with an unknown profile if needed); returns the user's R length."""
+        ...
+
+    def append_events_once(self, user: str, events: list[Event], key: str, digest: str) -> Appended:
+        """Append unless the user already used `key`: then return that first append's answer, appending nothing
+        (IdempotencyConflict if that batch's `digest` differs). The key is stored durably with the events."""
         ...
 
     def roll_history(self, user: str) -> Roll:

@@ -1,11 +1,18 @@
 """PostgresStore: UserStore + Catalog on PostgreSQL (psycopg 3 with a psycopg_pool ConnectionPool).
 
-URL: any libpq URL (``postgresql://user@host:5432/db`` or ``postgres://…``) plus three optional
+URL: any libpq URL (``postgresql://user@host:5432/db`` or ``postgres://…``) plus optional
 query parameters that grinfer reads and strips before handing the rest to libpq:
 
 - ``schema=NAME``: keep every table in this schema (created if missing; lowercase identifier) by
   putting it on the connections' ``search_path``; the default is the server's search_path.
 - ``pool_min=N`` / ``pool_max=N``: connection-pool bounds (default 1 and 10).
+- ``pool_timeout_ms=N``: how long a call waits for a pooled connection (default 500).
+- ``statement_timeout_ms=N``: PostgreSQL's statement_timeout on every connection (default 500; bulk
+  imports, catalogue writes and migrations lift it for their own transaction).
+
+Outages fail fast: a call that cannot get a connection within the pool timeout, or whose connection
+breaks, raises `Unavailable` and opens a breaker (`resilient.Breaker`): for the next second every
+call raises `Unavailable` at once, then one call tries the database again.
 
 Migrations run at start in one transaction under a transaction-scoped advisory lock keyed by the
 schema, so two processes starting at once apply them exactly once. Writes are explicit
@@ -14,9 +21,10 @@ connection), so an acknowledged append is durable. Per-user writes (append, roll
 user's row, which serialises them: a user's seq order is its commit order and a roll folds exactly
 the events committed before it.
 
-Schema (version 1) mirrors the SQLite store: ``users(uid, id, profile bigint[], history_version,
+Schema (version 2) mirrors the SQLite store: ``users(uid, id, profile bigint[], history_version,
 rolled_upto)``, append-only ``events(seq identity, uid, item, ts, action)`` indexed on (uid, seq),
-``items``, ``genre_names``, ``models`` (metadata jsonb) and ``schema_version``.
+``items``, ``genre_names``, ``models`` (metadata jsonb) and ``schema_version``; version 2 adds
+``event_keys(uid, key, digest, appended, realtime_events)``, the idempotency keys of appends.
 """
 
 from __future__ import annotations
@@ -24,12 +32,13 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from grinfer.data.types import ItemCatalog
 from grinfer.storage._common import (
@@ -41,8 +50,10 @@ from grinfer.storage._common import (
     event_tuples,
     existing_users_error,
     metadata_json,
+    replay_append,
 )
-from grinfer.storage.base import Event, Roll, UserRecord
+from grinfer.storage.base import Appended, Event, Roll, Unavailable, UserRecord
+from grinfer.storage.resilient import Breaker
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -80,11 +91,27 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        2,
+        [
+            """CREATE TABLE event_keys (
+                uid BIGINT NOT NULL REFERENCES users(uid),
+                key TEXT NOT NULL,
+                digest TEXT NOT NULL,
+                appended INTEGER NOT NULL,
+                realtime_events INTEGER NOT NULL,
+                created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                PRIMARY KEY (uid, key)
+            )""",
+        ],
+    ),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-_GRINFER_PARAMS = ("schema", "pool_min", "pool_max")
+_GRINFER_PARAMS = ("schema", "pool_min", "pool_max", "pool_timeout_ms", "statement_timeout_ms")
+# what a down, unreachable or restarting server raises (QueryCanceled, a statement timeout, is an OperationalError)
+_OUTAGE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 _GET_USER = """
 SELECT u.profile, u.history_version, u.rolled_upto, e.seq, e.item, e.ts, e.action
@@ -130,8 +157,12 @@ class PostgresStore:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ValueError(f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {min_size} and {max_size}")
         self.schema = schema
+        self._pool_timeout_s = _int_param(params, "pool_timeout_ms", 500) / 1000
+        statement_timeout_ms = _int_param(params, "statement_timeout_ms", 500)
+        self._breaker = Breaker(f"store {self!r}", consequence=": answering 503 until it is back")
         options = dict(parse_qsl(urlsplit(conninfo).query)).get("options", "")
-        options = " ".join(filter(None, [options, "-c synchronous_commit=on"]))
+        options = " ".join(filter(None, [options, "-c synchronous_commit=on",
+                                         f"-c statement_timeout={statement_timeout_ms}"]))
         if schema is not None:
             options += f" -c search_path={schema}"
         kwargs = {"autocommit": True, "options": options, "connect_timeout": max(1, round(connect_timeout_s))}
@@ -154,6 +185,7 @@ class PostgresStore:
         key = f"grinfer.storage.migrate:{self.schema or ''}"
         lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
         with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = 0")  # waiting for another process's migration is fine
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_id,))
             if self.schema is not None:
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
@@ -172,10 +204,27 @@ class PostgresStore:
                         conn.execute(statement)
                     conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
 
-    def _conn(self):
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection, through the breaker: an outage raises Unavailable (fast, see the module docstring)."""
         if self._closed:
             raise RuntimeError("PostgresStore is closed")
-        return self._pool.connection()
+        if not self._breaker.allow():
+            raise self._outage()
+        try:
+            with self._pool.connection(timeout=self._pool_timeout_s) as conn:
+                yield conn
+        except _OUTAGE as exc:
+            self._breaker.failure(exc)
+            raise self._outage() from None
+        self._breaker.success()
+
+    def _outage(self) -> Unavailable:
+        return Unavailable(f"PostgreSQL unreachable ({self._breaker.last_error}); retry shortly")
+
+    def health(self) -> dict:
+        """The breaker's state: {"degraded", "errors", "last_error"}."""
+        return self._breaker.health()
 
     def schema_version(self) -> int:
         with self._conn() as conn:
@@ -203,18 +252,36 @@ class PostgresStore:
     def append_events(self, user: str, events: list[Event]) -> int:
         rows = event_tuples(events)
         with self._conn() as conn, conn.transaction():
-            uid, rolled_upto = self._lock_user(conn, user)
-            if rows:
-                items, ts, actions = (list(col) for col in zip(*rows))
-                conn.execute(
-                    """INSERT INTO events (uid, item, ts, action)
-                       SELECT %s, i, t, a FROM unnest(%s::bigint[], %s::bigint[], %s::int[])
-                           WITH ORDINALITY AS x(i, t, a, n) ORDER BY n""",
-                    (uid, items, ts, actions),
-                )
-            return conn.execute(
-                "SELECT count(*) FROM events WHERE uid = %s AND seq > %s", (uid, rolled_upto)
-            ).fetchone()[0]
+            return self._append(conn, *self._lock_user(conn, user), rows)
+
+    def append_events_once(self, user: str, events: list[Event], key: str, digest: str) -> Appended:
+        rows = event_tuples(events)
+        with self._conn() as conn, conn.transaction():
+            uid, rolled_upto = self._lock_user(conn, user)  # the row lock serialises retries of one key
+            seen = conn.execute(
+                "SELECT digest, appended, realtime_events FROM event_keys WHERE uid = %s AND key = %s", (uid, key)
+            ).fetchone()
+            if seen is not None:
+                return replay_append(key, digest, *seen)
+            count = self._append(conn, uid, rolled_upto, rows)
+            conn.execute(
+                "INSERT INTO event_keys (uid, key, digest, appended, realtime_events) VALUES (%s, %s, %s, %s, %s)",
+                (uid, key, digest, len(rows), count),
+            )
+            return Appended(len(rows), count)
+
+    @staticmethod
+    def _append(conn: psycopg.Connection, uid: int, rolled_upto: int, rows: list[tuple[int, int, int]]) -> int:
+        """Insert the rows in order for a locked user; returns the user's R length."""
+        if rows:
+            items, ts, actions = (list(col) for col in zip(*rows))
+            conn.execute(
+                """INSERT INTO events (uid, item, ts, action)
+                   SELECT %s, i, t, a FROM unnest(%s::bigint[], %s::bigint[], %s::int[])
+                       WITH ORDINALITY AS x(i, t, a, n) ORDER BY n""",
+                (uid, items, ts, actions),
+            )
+        return conn.execute("SELECT count(*) FROM events WHERE uid = %s AND seq > %s", (uid, rolled_upto)).fetchone()[0]
 
     @staticmethod
     def _lock_user(conn: psycopg.Connection, user: str) -> tuple[int, int]:
@@ -270,6 +337,7 @@ class PostgresStore:
         try:
             with self._conn() as conn, conn.transaction():
                 cur = conn.cursor()
+                cur.execute("SET LOCAL statement_timeout = 0")  # bulk COPY may take longer than a request
                 cur.executemany(
                     "INSERT INTO users (id, profile, history_version) VALUES (%s, %s, %s)",
                     [(r.user, [int(v) for v in r.profile], int(r.history_version)) for r in records],
@@ -303,6 +371,7 @@ class PostgresStore:
         rows = catalog_rows(catalog)
         with self._conn() as conn, conn.transaction():
             cur = conn.cursor()
+            cur.execute("SET LOCAL statement_timeout = 0")
             cur.execute("DELETE FROM items")
             cur.execute("DELETE FROM genre_names")
             with cur.copy("COPY items (item, raw_id, title, genres, year_bucket) FROM STDIN") as copy:

@@ -8,8 +8,10 @@ with ``SET … PX`` (TTL in milliseconds, at least 1).
 A user record is packed with `struct` (little-endian): a header ``b"GRU1"``, history_version (i64),
 profile length, S length, R length (u32 each), then the profile values and (item, ts, action) of
 each S and R event as i64. ``get_users`` is one MGET and ``put_users`` one pipeline, so a batch of
-users costs one round trip. Redis errors propagate (the caller decides whether a cache outage is
-a miss); a payload that is not a record is treated as a miss.
+users costs one round trip. Redis errors propagate (`open_cache` wraps this cache in a
+`ResilientCache`, which makes an outage a miss); a payload that is not a record is treated as a miss.
+Socket timeouts are short (250 ms, ``?socket_timeout=S`` in the URL overrides) and a failed command
+is not retried here, so a hung Redis costs a request at most one timeout.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ from itertools import chain
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from grinfer.storage.base import Event, UserRecord
 from grinfer.storage.memory import check_ttl
 
 DEFAULT_PREFIX = "grinfer:"
+DEFAULT_SOCKET_TIMEOUT_S = 0.25
 _MAGIC = b"GRU1"
 _HEADER = struct.Struct("<4sqIII")
 
@@ -82,13 +87,14 @@ class RedisFeatureCache:
     """FeatureCache on Redis; thread-safe (redis-py's connection pool)."""
 
     in_process = False
+    errors = (redis.RedisError, OSError)  # what an unreachable or hung Redis raises
 
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379/0",
         *,
         prefix: str | None = None,
-        socket_timeout_s: float = 5.0,
+        socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
         client_name: str | None = None,
     ) -> None:
         redis_url, url_prefix = parse_redis_url(url)
@@ -97,6 +103,7 @@ class RedisFeatureCache:
             redis_url,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,
+            retry=Retry(NoBackoff(), 0),
             client_name=client_name,
         )
         self._lock = threading.Lock()

@@ -7,11 +7,12 @@ survives a ``kill -9`` of the process (and, with FULL, an OS crash or power loss
 Concurrency: one connection per thread (WAL lets readers run beside the writer); writers in this
 process take a lock, and writers in other processes wait on SQLite's busy timeout.
 
-Schema (version 1): ``users(uid, id, profile JSON, history_version, rolled_upto)``, append-only
+Schema (version 2): ``users(uid, id, profile JSON, history_version, rolled_upto)``, append-only
 ``events(seq AUTOINCREMENT, uid, item, ts, action)``, ``items(item, raw_id, title, genres,
 year_bucket)``, ``genre_names(idx, name)``, ``models(id, name, path, metadata JSON,
 registered_at)`` and ``schema_version(version, applied_at)``. A user's S is its events with
-``seq <= rolled_upto``; R is the rest. Events come back ordered by (ts, seq).
+``seq <= rolled_upto``; R is the rest. Events come back ordered by (ts, seq). Version 2 adds
+``event_keys(uid, key, digest, appended, realtime_events)``: the idempotency keys of appends.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from grinfer.storage._common import (
     event_tuples,
     existing_users_error,
     metadata_json,
+    replay_append,
 )
-from grinfer.storage.base import Event, Roll, UserRecord
+from grinfer.storage.base import Appended, Event, Roll, UserRecord
 
 # Each migration is a list of statements run in one transaction; append, never edit.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -71,6 +73,20 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 path TEXT NOT NULL,
                 metadata TEXT NOT NULL,
                 registered_at REAL NOT NULL
+            )""",
+        ],
+    ),
+    (
+        2,
+        [
+            """CREATE TABLE event_keys (
+                uid INTEGER NOT NULL REFERENCES users(uid),
+                key TEXT NOT NULL,
+                digest TEXT NOT NULL,
+                appended INTEGER NOT NULL,
+                realtime_events INTEGER NOT NULL,
+                created_at REAL NOT NULL,
+                PRIMARY KEY (uid, key)
             )""",
         ],
     ),
@@ -180,9 +196,27 @@ class SQLiteStore:
     def append_events(self, user: str, events: list[Event]) -> int:
         rows = event_tuples(events)
         with self._write() as c:
+            return self._append(c, *self._user_for_write(c, user), rows)
+
+    def append_events_once(self, user: str, events: list[Event], key: str, digest: str) -> Appended:
+        rows = event_tuples(events)
+        with self._write() as c:
             uid, rolled_upto = self._user_for_write(c, user)
-            c.executemany("INSERT INTO events (uid, item, ts, action) VALUES (?, ?, ?, ?)", [(uid, *r) for r in rows])
-            return c.execute("SELECT count(*) FROM events WHERE uid = ? AND seq > ?", (uid, rolled_upto)).fetchone()[0]
+            seen = c.execute(
+                "SELECT digest, appended, realtime_events FROM event_keys WHERE uid = ? AND key = ?", (uid, key)
+            ).fetchone()
+            if seen is not None:
+                return replay_append(key, digest, *seen)
+            count = self._append(c, uid, rolled_upto, rows)
+            row = (uid, key, digest, len(rows), count, time.time())
+            c.execute("INSERT INTO event_keys VALUES (?, ?, ?, ?, ?, ?)", row)
+            return Appended(len(rows), count)
+
+    @staticmethod
+    def _append(c: sqlite3.Connection, uid: int, rolled_upto: int, rows: list[tuple[int, int, int]]) -> int:
+        """Insert the rows for a user inside a write transaction; returns the user's R length."""
+        c.executemany("INSERT INTO events (uid, item, ts, action) VALUES (?, ?, ?, ?)", [(uid, *r) for r in rows])
+        return c.execute("SELECT count(*) FROM events WHERE uid = ? AND seq > ?", (uid, rolled_upto)).fetchone()[0]
 
     @staticmethod
     def _user_for_write(c: sqlite3.Connection, user: str) -> tuple[int, int]:

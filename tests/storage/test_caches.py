@@ -229,7 +229,7 @@ def test_redis_foreign_value_is_a_miss(redis_url, redis_prefix):
 def test_open_cache_redis_url_prefix(redis_url, redis_prefix):
     cache = open_cache(f"{redis_url}?prefix={redis_prefix}")
     try:
-        assert isinstance(cache, RedisFeatureCache) and cache.prefix == redis_prefix
+        assert isinstance(cache.inner, RedisFeatureCache) and cache.prefix == redis_prefix
         cache.put_result("k", b"v", ttl_s=60)
         with redis.Redis.from_url(redis_url) as raw:
             assert raw.get(f"{redis_prefix}r:k") == b"v"

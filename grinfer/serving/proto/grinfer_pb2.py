@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#grinfer/serving/proto/grinfer.proto\x12\ngrinfer.v1\"M\n\x05\x45vent\x12\x0c\n\x04item\x18\x01 \x01(\x03\x12\x0f\n\x02ts\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06\x61\x63tion\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x05\n\x03_tsB\t\n\x07_action\"\x19\n\tCandidate\x12\x0c\n\x04item\x18\x01 \x01(\x03\"\x93\x01\n\x0bRankRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12)\n\ncandidates\x18\x02 \x03(\x0b\x32\x15.grinfer.v1.Candidate\x12!\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x11.grinfer.v1.Event\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0e\n\x0c_deadline_ms\"\x84\x01\n\x10RecommendRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08retrieve\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x05H\x02\x88\x01\x01\x42\x04\n\x02_kB\x0b\n\t_retrieveB\x0e\n\x0c_deadline_ms\"\xb0\x01\n\nScoredItem\x12\x0c\n\x04item\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12@\n\rprobabilities\x18\x03 \x03(\x0b\x32).grinfer.v1.ScoredItem.ProbabilitiesEntry\x12\r\n\x05title\x18\x04 \x01(\t\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x93\x01\n\x0cRankResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.grinfer.v1.ScoredItem\x12\r\n\x05\x63\x61\x63he\x18\x03 \x01(\t\x12\x17\n\x0fhistory_version\x18\x04 \x01(\x03\x12\x12\n\ncold_start\x18\x05 \x01(\x08\x12\x12\n\nlatency_ms\x18\x06 \x01(\x01\"F\n\x13\x41ppendEventsRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.grinfer.v1.Event\"O\n\x14\x41ppendEventsResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x10\n\x08\x61ppended\x18\x02 \x01(\x05\x12\x17\n\x0frealtime_events\x18\x03 \x01(\x05\"\"\n\x12RollHistoryRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\"L\n\x13RollHistoryResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x17\n\x0fhistory_version\x18\x02 \x01(\x03\x12\x0e\n\x06\x66olded\x18\x03 \x01(\x05\"\x1e\n\x0eGetUserRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\"D\n\tUserEvent\x12\x0c\n\x04item\x18\x01 \x01(\x03\x12\n\n\x02ts\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\x05\x12\r\n\x05title\x18\x04 \x01(\t\"\xf4\x01\n\x0cUserResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x36\n\x07profile\x18\x02 \x03(\x0b\x32%.grinfer.v1.UserResponse.ProfileEntry\x12\x17\n\x0fhistory_version\x18\x03 \x01(\x03\x12\x15\n\rstatic_events\x18\x04 \x01(\x05\x12\x17\n\x0frealtime_events\x18\x05 \x01(\x05\x12%\n\x06recent\x18\x06 \x03(\x0b\x32\x15.grinfer.v1.UserEvent\x1a.\n\x0cProfileEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"P\n\x10ListUsersRequest\x12\x12\n\x05limit\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_limitB\t\n\x07_offset\"1\n\x11ListUsersResponse\x12\r\n\x05users\x18\x01 \x03(\t\x12\r\n\x05total\x18\x02 \x01(\x03\x32\xbb\x03\n\x0bRecommender\x12\x39\n\x04Rank\x12\x17.grinfer.v1.RankRequest\x1a\x18.grinfer.v1.RankResponse\x12\x43\n\tRecommend\x12\x1c.grinfer.v1.RecommendRequest\x1a\x18.grinfer.v1.RankResponse\x12Q\n\x0c\x41ppendEvents\x12\x1f.grinfer.v1.AppendEventsRequest\x1a .grinfer.v1.AppendEventsResponse\x12N\n\x0bRollHistory\x12\x1e.grinfer.v1.RollHistoryRequest\x1a\x1f.grinfer.v1.RollHistoryResponse\x12?\n\x07GetUser\x12\x1a.grinfer.v1.GetUserRequest\x1a\x18.grinfer.v1.UserResponse\x12H\n\tListUsers\x12\x1c.grinfer.v1.ListUsersRequest\x1a\x1d.grinfer.v1.ListUsersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#grinfer/serving/proto/grinfer.proto\x12\ngrinfer.v1\"M\n\x05\x45vent\x12\x0c\n\x04item\x18\x01 \x01(\x03\x12\x0f\n\x02ts\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06\x61\x63tion\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x05\n\x03_tsB\t\n\x07_action\"\x19\n\tCandidate\x12\x0c\n\x04item\x18\x01 \x01(\x03\"\x93\x01\n\x0bRankRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12)\n\ncandidates\x18\x02 \x03(\x0b\x32\x15.grinfer.v1.Candidate\x12!\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x11.grinfer.v1.Event\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0e\n\x0c_deadline_ms\"\x84\x01\n\x10RecommendRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0e\n\x01k\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\x08retrieve\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x04 \x01(\x05H\x02\x88\x01\x01\x42\x04\n\x02_kB\x0b\n\t_retrieveB\x0e\n\x0c_deadline_ms\"\xb0\x01\n\nScoredItem\x12\x0c\n\x04item\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12@\n\rprobabilities\x18\x03 \x03(\x0b\x32).grinfer.v1.ScoredItem.ProbabilitiesEntry\x12\r\n\x05title\x18\x04 \x01(\t\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x93\x01\n\x0cRankResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12%\n\x05items\x18\x02 \x03(\x0b\x32\x16.grinfer.v1.ScoredItem\x12\r\n\x05\x63\x61\x63he\x18\x03 \x01(\t\x12\x17\n\x0fhistory_version\x18\x04 \x01(\x03\x12\x12\n\ncold_start\x18\x05 \x01(\x08\x12\x12\n\nlatency_ms\x18\x06 \x01(\x01\"x\n\x13\x41ppendEventsRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.grinfer.v1.Event\x12\x1c\n\x0fidempotency_key\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x12\n\x10_idempotency_key\"O\n\x14\x41ppendEventsResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x10\n\x08\x61ppended\x18\x02 \x01(\x05\x12\x17\n\x0frealtime_events\x18\x03 \x01(\x05\"\"\n\x12RollHistoryRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\"L\n\x13RollHistoryResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x17\n\x0fhistory_version\x18\x02 \x01(\x03\x12\x0e\n\x06\x66olded\x18\x03 \x01(\x05\"\x1e\n\x0eGetUserRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\"D\n\tUserEvent\x12\x0c\n\x04item\x18\x01 \x01(\x03\x12\n\n\x02ts\x18\x02 \x01(\x03\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\x05\x12\r\n\x05title\x18\x04 \x01(\t\"\xf4\x01\n\x0cUserResponse\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x36\n\x07profile\x18\x02 \x03(\x0b\x32%.grinfer.v1.UserResponse.ProfileEntry\x12\x17\n\x0fhistory_version\x18\x03 \x01(\x03\x12\x15\n\rstatic_events\x18\x04 \x01(\x05\x12\x17\n\x0frealtime_events\x18\x05 \x01(\x05\x12%\n\x06recent\x18\x06 \x03(\x0b\x32\x15.grinfer.v1.UserEvent\x1a.\n\x0cProfileEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"P\n\x10ListUsersRequest\x12\x12\n\x05limit\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06offset\x18\x02 \x01(\x05H\x01\x88\x01\x01\x42\x08\n\x06_limitB\t\n\x07_offset\"1\n\x11ListUsersResponse\x12\r\n\x05users\x18\x01 \x03(\t\x12\r\n\x05total\x18\x02 \x01(\x03\x32\xbb\x03\n\x0bRecommender\x12\x39\n\x04Rank\x12\x17.grinfer.v1.RankRequest\x1a\x18.grinfer.v1.RankResponse\x12\x43\n\tRecommend\x12\x1c.grinfer.v1.RecommendRequest\x1a\x18.grinfer.v1.RankResponse\x12Q\n\x0c\x41ppendEvents\x12\x1f.grinfer.v1.AppendEventsRequest\x1a .grinfer.v1.AppendEventsResponse\x12N\n\x0bRollHistory\x12\x1e.grinfer.v1.RollHistoryRequest\x1a\x1f.grinfer.v1.RollHistoryResponse\x12?\n\x07GetUser\x12\x1a.grinfer.v1.GetUserRequest\x1a\x18.grinfer.v1.UserResponse\x12H\n\tListUsers\x12\x1c.grinfer.v1.ListUsersRequest\x1a\x1d.grinfer.v1.ListUsersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,25 +50,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKRESPONSE']._serialized_start=622
   _globals['_RANKRESPONSE']._serialized_end=769
   _globals['_APPENDEVENTSREQUEST']._serialized_start=771
-  _globals['_APPENDEVENTSREQUEST']._serialized_end=841
-  _globals['_APPENDEVENTSRESPONSE']._serialized_start=843
-  _globals['_APPENDEVENTSRESPONSE']._serialized_end=922
-  _globals['_ROLLHISTORYREQUEST']._serialized_start=924
-  _globals['_ROLLHISTORYREQUEST']._serialized_end=958
-  _globals['_ROLLHISTORYRESPONSE']._serialized_start=960
-  _globals['_ROLLHISTORYRESPONSE']._serialized_end=1036
-  _globals['_GETUSERREQUEST']._serialized_start=1038
-  _globals['_GETUSERREQUEST']._serialized_end=1068
-  _globals['_USEREVENT']._serialized_start=1070
-  _globals['_USEREVENT']._serialized_end=1138
-  _globals['_USERRESPONSE']._serialized_start=1141
-  _globals['_USERRESPONSE']._serialized_end=1385
-  _globals['_USERRESPONSE_PROFILEENTRY']._serialized_start=1339
-  _globals['_USERRESPONSE_PROFILEENTRY']._serialized_end=1385
-  _globals['_LISTUSERSREQUEST']._serialized_start=1387
-  _globals['_LISTUSERSREQUEST']._serialized_end=1467
-  _globals['_LISTUSERSRESPONSE']._serialized_start=1469
-  _globals['_LISTUSERSRESPONSE']._serialized_end=1518
-  _globals['_RECOMMENDER']._serialized_start=1521
-  _globals['_RECOMMENDER']._serialized_end=1964
+  _globals['_APPENDEVENTSREQUEST']._serialized_end=891
+  _globals['_APPENDEVENTSRESPONSE']._serialized_start=893
+  _globals['_APPENDEVENTSRESPONSE']._serialized_end=972
+  _globals['_ROLLHISTORYREQUEST']._serialized_start=974
+  _globals['_ROLLHISTORYREQUEST']._serialized_end=1008
+  _globals['_ROLLHISTORYRESPONSE']._serialized_start=1010
+  _globals['_ROLLHISTORYRESPONSE']._serialized_end=1086
+  _globals['_GETUSERREQUEST']._serialized_start=1088
+  _globals['_GETUSERREQUEST']._serialized_end=1118
+  _globals['_USEREVENT']._serialized_start=1120
+  _globals['_USEREVENT']._serialized_end=1188
+  _globals['_USERRESPONSE']._serialized_start=1191
+  _globals['_USERRESPONSE']._serialized_end=1435
+  _globals['_USERRESPONSE_PROFILEENTRY']._serialized_start=1389
+  _globals['_USERRESPONSE_PROFILEENTRY']._serialized_end=1435
+  _globals['_LISTUSERSREQUEST']._serialized_start=1437
+  _globals['_LISTUSERSREQUEST']._serialized_end=1517
+  _globals['_LISTUSERSRESPONSE']._serialized_start=1519
+  _globals['_LISTUSERSRESPONSE']._serialized_end=1568
+  _globals['_RECOMMENDER']._serialized_start=1571
+  _globals['_RECOMMENDER']._serialized_end=2014
 # @@protoc_insertion_point(module_scope)

@@ -82,12 +82,14 @@ class RankResponse(_message.Message):
     def __init__(self, user: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., cache: _Optional[str] = ..., history_version: _Optional[int] = ..., cold_start: _Optional[bool] = ..., latency_ms: _Optional[float] = ...) -> None: ...
 
 class AppendEventsRequest(_message.Message):
-    __slots__ = ("user", "events")
+    __slots__ = ("user", "events", "idempotency_key")
     USER_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     user: str
     events: _containers.RepeatedCompositeFieldContainer[Event]
-    def __init__(self, user: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, user: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class AppendEventsResponse(_message.Message):
     __slots__ = ("user", "appended", "realtime_events")
