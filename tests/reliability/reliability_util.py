@@ -130,7 +130,8 @@ class App:
         import_dataset(self.ds, self.store)
         self.engine = Engine(build_model(cfg).eval(), self.ds.catalog).start()
         self.service = RecommenderService(self.engine, self.ds.catalog, self.store, self.cache)
-        self.server = BackgroundServer(create_app(AppState(self.service, Metrics(self.engine, "eager"))))
+        self.metrics = Metrics(self.engine, "eager")
+        self.server = BackgroundServer(create_app(AppState(self.service, self.metrics)))
         self.http = httpx.Client(base_url=self.server.start(), timeout=60)
         self.users = [str(u.user_id) for u in self.ds.users]
 
