@@ -7,7 +7,7 @@ query parameters that grinfer reads and strips before handing the rest to libpq:
   putting it on the connections' ``search_path``; the default is the server's search_path.
 - ``pool_min=N`` / ``pool_max=N``: connection-pool bounds (default 1 and 10).
 - ``pool_timeout_ms=N``: how long a call waits for a pooled connection (default 500).
-- ``statement_timeout_ms=N``: PostgreSQL's statement_timeout on every connection (default 500; bulk
+- ``statement_timeout_ms=N``: PostgreSQL's statement_timeout on every connection (default 500, 0: none; bulk
   imports, catalogue writes and migrations lift it for their own transaction).
 
 Outages fail fast: a call that cannot get a connection within the pool timeout, or whose connection
@@ -157,8 +157,12 @@ class PostgresStore:
         if not 0 <= min_size <= max_size or max_size < 1:
             raise ValueError(f"need 0 <= pool_min <= pool_max and pool_max >= 1, got {min_size} and {max_size}")
         self.schema = schema
-        self._pool_timeout_s = _int_param(params, "pool_timeout_ms", 500) / 1000
+        pool_timeout_ms = _int_param(params, "pool_timeout_ms", 500)
         statement_timeout_ms = _int_param(params, "statement_timeout_ms", 500)
+        if pool_timeout_ms < 1 or statement_timeout_ms < 0:
+            raise ValueError(f"need pool_timeout_ms >= 1 and statement_timeout_ms >= 0 (0: none), got "
+                             f"{pool_timeout_ms} and {statement_timeout_ms}")
+        self._pool_timeout_s = pool_timeout_ms / 1000
         self._breaker = Breaker(f"store {self!r}", consequence=": answering 503 until it is back")
         options = dict(parse_qsl(urlsplit(conninfo).query)).get("options", "")
         options = " ".join(filter(None, [options, "-c synchronous_commit=on",

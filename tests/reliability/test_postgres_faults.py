@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from reliability_util import App, PrivatePostgres, wait_until
 
+from grinfer.storage.postgres import PostgresStore
+
 FAST_S = 5.0
 
 
@@ -58,3 +60,13 @@ def test_postgres_down_fails_fast_serves_cached_reads_and_recovers(postgres):
         assert app.metric("grinfer_store_degraded") == 0
     finally:
         app.close()
+
+
+def test_timeouts_come_from_the_store_url(postgres):
+    with PostgresStore(f"{postgres.url}?statement_timeout_ms=250&pool_timeout_ms=300") as store:
+        with store._conn() as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone()[0] == "250ms"
+        assert store._pool_timeout_s == 0.3
+    for bad in ("pool_timeout_ms=0", "statement_timeout_ms=-1", "pool_timeout_ms=soon"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            PostgresStore(f"{postgres.url}?{bad}")
