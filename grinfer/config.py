@@ -177,6 +177,9 @@ class ServerConfig(BaseModel):
     workers: int = Field(0, ge=0, le=64, description="front-end worker processes beside the engine's own, on the "
                                                      "same port (HTTP, validation, store reads); 0 = one process")
     log_level: LogLevel = Field("info", description=", ".join(get_args(LogLevel)))
+    latency_target_ms: int = Field(500, ge=0, le=600_000,
+                                   description="admission: requests in flight are kept under the measured rate x "
+                                               "this; past it a request gets 429 at once (0 = admit all)")
     access_log: bool = Field(False, description="log one line per HTTP request (costs CPU at high request rates)")
 
     @field_validator("store")

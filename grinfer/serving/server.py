@@ -121,8 +121,9 @@ def front_state(cfg: ServerConfig, engine, catalog: ItemCatalog, store, cache, u
                 process: str = "engine") -> AppState:
     """What the REST/gRPC adapters need over an engine (in this process, or an EngineClient in a worker)."""
     ttl = cfg.user_ttl_s if user_ttl_s is None else user_ttl_s
-    service = RecommenderService(engine, catalog, store, cache, ServiceSettings(user_ttl_s=ttl),
-                                 model_name=engine.model_config.name)
+    target = cfg.latency_target_ms / 1e3 if cfg.latency_target_ms else None
+    settings = ServiceSettings(user_ttl_s=ttl, latency_target_s=target)
+    service = RecommenderService(engine, catalog, store, cache, settings, model_name=engine.model_config.name)
     return AppState(service, Metrics(engine, cfg.backend), api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
                     process=process)
 

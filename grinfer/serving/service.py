@@ -37,6 +37,7 @@ from grinfer.schema import (
     UsersOut,
     UsersQuery,
 )
+from grinfer.serving.admission import Admission
 from grinfer.serving.phases import Phases
 from grinfer.storage.base import Event, FeatureCache, IdempotencyConflict, Unavailable, UserRecord, UserStore
 
@@ -58,6 +59,7 @@ class ServiceSettings:
     max_realtime: int = 100
     user_ttl_s: float = 30.0
     task_weights: dict[str, float] | None = None
+    latency_target_s: float | None = None  # admission keeps requests in flight under rate x this (None: all)
 
 
 class RecommenderService:
@@ -67,6 +69,7 @@ class RecommenderService:
                  settings: ServiceSettings = ServiceSettings(), model_name: str = "model"):
         self.engine, self.catalog, self.store, self.cache = engine, catalog, store, cache
         self.settings, self.model_name = settings, model_name
+        self.admission = Admission(settings.latency_target_s)
         cfg = engine.model_config
         self.tasks = cfg.tasks
         weights = settings.task_weights or {}
@@ -133,8 +136,19 @@ class RecommenderService:
 
     # ---- operations ----------------------------------------------------------------------------
     async def rank(self, req: RankIn, phases: Phases | None = None) -> RankOut:
-        """Score the given candidates for the user, best first (`phases` gets where the time went)."""
-        start, phases = time.perf_counter(), phases or Phases()
+        """Score the given candidates for the user, best first (`phases` gets where the time went); refused
+        at once with Overloaded when the server is saturated (admission.py)."""
+        with self.admission.admit(req.deadline_ms):
+            return await self._rank_given(req, phases or Phases())
+
+    async def recommend(self, req: RecommendIn, phases: Phases | None = None) -> RankOut:
+        """Retrieval top-N over the catalogue, ranked by MTGR, top-k (`phases` gets where the time went);
+        refused at once with Overloaded when the server is saturated."""
+        with self.admission.admit(req.deadline_ms):
+            return await self._recommend(req, phases or Phases())
+
+    async def _rank_given(self, req: RankIn, phases: Phases) -> RankOut:
+        start = time.perf_counter()
         candidates = self.to_dense([c.item for c in req.candidates], "candidates", unique=True)
         extra = self._events(req.events, "events")
         phases.mark("features")
@@ -143,9 +157,8 @@ class RecommenderService:
         return await self._rank(req.user, record, cold, self.context(record, extra), candidates,
                                 req.deadline_ms, start, len(candidates), phases)
 
-    async def recommend(self, req: RecommendIn, phases: Phases | None = None) -> RankOut:
-        """Retrieval top-N over the catalogue, ranked by MTGR, top-k (`phases` gets where the time went)."""
-        start, phases = time.perf_counter(), phases or Phases()
+    async def _recommend(self, req: RecommendIn, phases: Phases) -> RankOut:
+        start = time.perf_counter()
         record, cold = await self.load_user(req.user)
         phases.mark("user")
         ctx = self.context(record)

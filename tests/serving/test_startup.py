@@ -15,7 +15,8 @@ from grinfer.serving.background import free_port
 from grinfer.serving.server import Launch
 
 
-def wait_for(predicate, timeout: float = 60.0):
+def wait_for(predicate, timeout: float = 60.0, state=lambda: ""):
+    """Poll `predicate` until true (transport errors count as false); on timeout, say `state()`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -25,7 +26,7 @@ def wait_for(predicate, timeout: float = 60.0):
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    raise AssertionError(f"not true within {timeout} s")
+    raise AssertionError(f"not true within {timeout} s; {state()}")
 
 
 def test_port_answers_while_preparing_and_opens_when_ready(served_checkpoint, tmp_path):
@@ -42,17 +43,17 @@ def test_port_answers_while_preparing_and_opens_when_ready(served_checkpoint, tm
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=1).status_code == 200)
-        ready = httpx.get(f"{url}/readyz", timeout=1)
+        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=10).status_code == 200, 180, launch.prep.snapshot)
+        ready = httpx.get(f"{url}/readyz", timeout=10)
         assert ready.status_code == 503
         body = ready.json()
         assert body["status"] == "training demo models (ranking)" and body["progress"] == pytest.approx(0.4)
-        rank = httpx.post(f"{url}/v1/rank", json={"user": "1", "candidates": [{"item": 1}]}, timeout=1)
+        rank = httpx.post(f"{url}/v1/rank", json={"user": "1", "candidates": [{"item": 1}]}, timeout=10)
         assert rank.status_code == 503 and "not ready" in rank.json()["error"] and rank.headers["retry-after"]
-        page = httpx.get(url, timeout=1)
+        page = httpx.get(url, timeout=10)
         assert page.status_code == 200 and "grinfer is starting" in page.text
         release.set()
-        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200)
+        wait_for(lambda: httpx.get(f"{url}/readyz", timeout=10).status_code == 200, 180, launch.prep.snapshot)
         stats = launch.parts["server"].engine.stats()
         assert stats["steps"] > 0  # the warm-up ran requests through the engine before ready
         assert stats["kv_cache"]["misses"] == 0  # and its cache lookups are not counted as traffic

@@ -1,0 +1,67 @@
+"""Admission at the door: the bound follows the measured rate; past it, refusals are immediate 429s."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from test_rest import NUM_ITEMS, Stack
+
+from grinfer.engine.request import Overloaded
+from grinfer.serving.admission import Admission
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_bound_is_the_measured_rate_times_the_target():
+    clock = Clock()
+    gate = Admission(target_s=0.5, floor=2, ceiling=1000, window_s=1.0, clock=clock)
+    assert gate.bound() == 2  # no rate measured yet: the floor
+    for _ in range(100):  # 100 requests served in one second
+        with gate.admit():
+            pass
+    clock.now = 1.0
+    with gate.admit():
+        pass
+    assert gate.rate == pytest.approx(100, rel=0.02) and gate.bound() == 50
+    assert gate.bound(deadline_s=0.1) == 10  # a shorter deadline admits fewer
+    held = [gate.admit() for _ in range(50)]
+    for h in held:
+        h.__enter__()
+    with pytest.raises(Overloaded, match="saturated"), gate.admit():
+        pass
+    assert gate.refused == 1 and gate.in_flight == 50
+    for h in held:
+        h.__exit__(None, None, None)
+    assert gate.in_flight == 0
+    assert Admission(target_s=None).bound() is None  # no target: everything is admitted
+
+
+def test_past_saturation_only_200_and_429_and_refusals_do_no_work(tmp_path):
+    stack = Stack(f"sqlite:///{tmp_path / 'a.db'}", "memory://")
+    stack.service.admission = Admission(target_s=0.05, floor=2, window_s=0.2)
+    try:
+        user = stack.service.store.list_users(1, 0)[0]
+        body = {"user": user, "candidates": [{"item": stack.raw(i)} for i in range(1, NUM_ITEMS + 1)]}
+        before = stack.engine.stats()["kv_cache"]
+
+        async def burst():
+            async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+                return await asyncio.gather(*(http.post("/v1/rank", json=body) for _ in range(48)))
+
+        answers = asyncio.run(burst())
+        codes = [r.status_code for r in answers]
+        assert set(codes) <= {200, 429} and codes.count(429) > 0 and codes.count(200) > 0
+        assert all(r.headers["retry-after"] for r in answers if r.status_code == 429)
+        after = stack.engine.stats()["kv_cache"]
+        lookups = sum(after[k] - before[k] for k in ("hits", "partial_hits", "misses"))
+        assert lookups == codes.count(200)  # a refused request never reached the engine
+    finally:
+        stack.close()
