@@ -189,6 +189,11 @@ def roll_in(msg: pb.RollHistoryRequest) -> RollIn:
     return RollIn.model_validate({"user": msg.user})
 
 
+def user_id(msg: pb.GetUserRequest) -> str:
+    """The user id, checked by the user-id rules REST applies to its path (so the messages match)."""
+    return RollIn.model_validate({"user": msg.user}).user
+
+
 def users_query(msg: pb.ListUsersRequest) -> UsersQuery:
     return UsersQuery.model_validate(_optional(msg, "limit", "offset"))
 
@@ -324,7 +329,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return self._call("RollHistory", context, work)
 
     def GetUser(self, request: pb.GetUserRequest, context: grpc.ServicerContext) -> pb.UserResponse:
-        return self._call("GetUser", context, lambda: user_out(self.service.get_user(request.user)))
+        return self._call("GetUser", context, lambda: user_out(self.service.get_user(user_id(request))))
 
     def ListUsers(self, request: pb.ListUsersRequest, context: grpc.ServicerContext) -> pb.ListUsersResponse:
         return self._call("ListUsers", context, lambda: users_out(self.service.list_users(users_query(request))))

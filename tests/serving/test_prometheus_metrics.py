@@ -78,7 +78,7 @@ def test_docs_and_openapi_are_labelled_by_their_route(live):
 def test_error_endpoints_are_route_templates(live):
     _, text = live
     errors = families(text)["grinfer_errors"].samples
-    assert {"endpoint": "/v1/users/{user}", "kind": "field"} in [s.labels for s in errors]
+    assert {"endpoint": "/v1/users/{user}", "kind": "validation"} in [s.labels for s in errors]  # the path pattern
     assert not [s for s in errors if "bad" in s.labels["endpoint"]]  # no raw paths as label values
 
 
