@@ -76,9 +76,8 @@ class RequestFront:
 
 
 def _has_key(headers: dict[bytes, bytes], api_key: str) -> bool:
-    x_api_key, authorization = headers.get(b"x-api-key"), headers.get(b"authorization")
-    return key_accepted(api_key, x_api_key and x_api_key.decode("latin-1"),
-                        authorization and authorization.decode("latin-1"))
+    x_api_key, authorization = (headers.get(name, b"").decode("latin-1") for name in (b"x-api-key", b"authorization"))
+    return key_accepted(api_key, x_api_key, authorization)
 
 
 async def _read_body(receive, limit: int) -> bytes | None:

@@ -59,8 +59,11 @@ def live(tmp_path_factory):
     stack.close()
 
 
-def _fuzz_operation(operation, mode: GenerationMode) -> int:
-    """Send one operation's generated cases with every check; how many were sent."""
+def _fuzz_operation(operation, mode: GenerationMode, headers: dict | None = None,
+                    statuses: set[int] | None = None) -> int:
+    """Send one operation's generated cases with every check (and with `headers`); how many were sent.
+
+    Each response's status is added to `statuses` when it is given."""
     sent = 0
 
     @given(case=operation.as_strategy(generation_mode=mode))
@@ -69,7 +72,9 @@ def _fuzz_operation(operation, mode: GenerationMode) -> int:
     def send(case):
         nonlocal sent
         sent += 1
-        case.call_and_validate(headers={"X-API-Key": API_KEY}, checks=CHECKS)
+        response = case.call_and_validate(headers=headers, checks=CHECKS)
+        if statuses is not None:
+            statuses.add(response.status_code)
 
     try:
         send()
@@ -83,7 +88,7 @@ def test_generated_rest_requests_pass_every_check(live):
     cases = {}
     for result in openapi.get_all_operations():
         operation = result.ok()
-        cases[operation.label] = sum(_fuzz_operation(operation, mode)
+        cases[operation.label] = sum(_fuzz_operation(operation, mode, {"X-API-Key": API_KEY})
                                      for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE))
     print(f"schemathesis: {sum(cases.values())} cases over {len(cases)} operations")
     assert len(cases) >= 9 and sum(cases.values()) >= 6 * REST_CASES_PER_OPERATION, cases
@@ -139,3 +144,14 @@ def test_every_grpc_method_answers_hostile_input_without_internal_errors(live, m
                 assert error.code() not in GRPC_BROKEN, (method.name, request, error.details())
                 codes.append(error.code())
     assert grpc.StatusCode.INVALID_ARGUMENT in codes and len(codes) == 2 * GRPC_CASES_PER_METHOD
+
+
+def test_generated_keyless_writes_are_all_401(live):
+    openapi = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    keyed = [op for op in (result.ok() for result in openapi.get_all_operations()) if op.definition.raw.get("security")]
+    assert {op.path for op in keyed} == {"/v1/events", "/v1/admin/roll-history"}
+    for operation in keyed:
+        statuses: set[int] = set()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            _fuzz_operation(operation, mode, statuses=statuses)
+        assert statuses == {401}, (operation.label, statuses)

@@ -116,7 +116,8 @@ def test_body_numbers_past_their_bounds_are_422_naming_the_field(live, path, bod
 
 @pytest.mark.parametrize("headers", [
     {"Authorization": API_KEY}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": "Bearer"},
-    {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}, {"X-API-Key": "caf\u00e9".encode("latin-1")}, {},
+    {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}, {"X-API-Key": "caf\u00e9".encode("latin-1")},
+    {"X-API-Key": ""}, {"X-API-Key": "", "Authorization": ""}, {},
 ])
 @pytest.mark.parametrize("path", ["/v1/events", "/v1/admin/roll-history"])
 def test_writes_without_a_bearer_or_x_api_key_key_are_401_before_the_body_is_looked_at(live, headers, path):
