@@ -36,9 +36,10 @@ class RequestFront:
             await _reply(send, 503, "server is shutting down", None, retry)
             return
         headers = dict(scope["headers"])
-        if state.api_key is not None and scope["path"] in KEYED_PATHS and not _has_key(headers, state.api_key):
+        route_path = scope["path"].removeprefix(scope.get("root_path", ""))  # as the router matches it
+        if state.api_key is not None and route_path in KEYED_PATHS and not _has_key(headers, state.api_key):
             await _reply(send, 401, f"{KEY_FIELD}: {KEY_MESSAGE}", KEY_FIELD, [(b"www-authenticate", b"Bearer")])
-            state.metrics.error(scope["path"], "auth")
+            state.metrics.error(route_path, "auth")
             return
         if scope["method"] in _BODY_METHODS:
             if b"content-length" in headers and b"transfer-encoding" in headers:

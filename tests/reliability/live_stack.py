@@ -39,8 +39,8 @@ class LiveStack:
         self.service = RecommenderService(self.engine, cat, self.store, self.cache)
         self.metrics = Metrics(self.engine, "eager")
         self.engine.on_step = self.metrics.on_step
-        self.rest = BackgroundServer(create_app(AppState(self.service, self.metrics, api_key=API_KEY,
-                                                         max_body_bytes=64 * 1024)))
+        self.app = create_app(AppState(self.service, self.metrics, api_key=API_KEY, max_body_bytes=64 * 1024))
+        self.rest = BackgroundServer(self.app)
         self.url = self.rest.start()
         self.http = httpx.Client(base_url=self.url, timeout=30)
         self.grpc = start_grpc_server(self.service, self.metrics, "127.0.0.1", 0, api_key=API_KEY)

@@ -5,6 +5,7 @@ INVALID_ARGUMENT with a rate-limited log."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,6 +133,16 @@ def test_writes_without_a_bearer_or_x_api_key_key_are_401_before_the_body_is_loo
 def test_a_key_as_x_api_key_or_bearer_token_is_accepted(live, headers):
     r = live.http.post("/v1/events", json={"user": "keyed", "events": [{"item": 3}]}, headers=headers)
     assert r.status_code == 200, r.text
+
+
+def test_the_key_is_checked_when_served_under_a_root_path(live):
+    async def post(headers: dict) -> int:
+        transport = httpx.ASGITransport(app=live.app, root_path="/api")
+        async with httpx.AsyncClient(transport=transport, base_url="http://grinfer") as http:
+            response = await http.post("/api/v1/admin/roll-history", json={"user": live.user()}, headers=headers)
+            return response.status_code
+    assert asyncio.run(post({})) == 401
+    assert asyncio.run(post(KEY)) == 200
 
 
 def test_grpc_writes_need_the_bearer_scheme(live):
