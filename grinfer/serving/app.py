@@ -42,7 +42,7 @@ ERROR_TEXT = {400: "Both Content-Length and Transfer-Encoding given (field `body
               401: "Missing or wrong API key (field `x-api-key`); checked before the body is read",
               404: "Unknown user, or no such route", 413: "Body over the size limit, or the user's context too long",
               415: "Body not declared application/json", 422: "A field fails validation (field names it)",
-              429: "Engine queue full: retry after Retry-After seconds",
+              429: "Server saturated (admission) or engine queue full: retry after Retry-After seconds",
               503: "Shutting down, engine or store unavailable: retry after Retry-After seconds",
               504: "deadline_ms passed before the scores were ready"}
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
