@@ -92,7 +92,7 @@ class Engine:
 
     def submit_retrieval(self, context: UserContext, n: int) -> Future:
         """Queue a retrieval; the future resolves to the top-n unseen items (model ids, best first)."""
-        return self._queue(self._retrievals, (context, n))
+        return self._queue("_retrievals", (context, n))
 
     async def retrieve(self, context: UserContext, n: int):
         """Top-n unseen items for the context, computed on the engine's thread with the turn's other retrievals."""
@@ -100,11 +100,14 @@ class Engine:
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn()` on the engine's thread between steps (device work that must not race a step)."""
-        return self._queue(self._calls, (fn,))
+        return self._queue("_calls", (fn,))
 
-    def _queue(self, queue: list, item: tuple) -> Future:
+    def _queue(self, name: str, item: tuple) -> Future:
+        """Append (*item, future) to the queue attribute `name`, looked up under the lock: the loop swaps
+        the queue lists out, so a list fetched before the lock may already be the loop's (the item lost)."""
         future: Future = Future()
         with self._lock:
+            queue = getattr(self, name)
             if not self.running:
                 raise EngineError("engine is not running")
             if len(queue) >= self.core.config.max_queue:
