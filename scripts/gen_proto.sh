@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the committed gRPC stubs (grinfer/serving/proto/grinfer_pb2*.py*) from grinfer.proto;
+# Regenerate the committed gRPC stubs (grinfer/serving/proto/*_pb2*.py*) from grinfer.proto and inference.proto;
 # `scripts/gen_proto.sh --check` only verifies they are current. Needs grpcio-tools (the test extra).
 set -euo pipefail
 cd "$(dirname "$0")/.."

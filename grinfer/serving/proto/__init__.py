@@ -1,6 +1,7 @@
-"""grinfer's gRPC API: grinfer.proto and the Python stubs generated from it.
+"""grinfer's gRPC APIs: grinfer.proto (grinfer.v1.Recommender), inference.proto (the KServe v2 / Open
+Inference Protocol's inference.GRPCInferenceService) and the Python stubs generated from them.
 
-grinfer_pb2.py, grinfer_pb2_grpc.py and grinfer_pb2.pyi are generated and committed; after editing
-grinfer.proto run `python -m grinfer.serving.proto.generate` (or scripts/gen_proto.sh). The test suite
-fails while the committed stubs differ from what the .proto generates.
+<name>_pb2.py, <name>_pb2_grpc.py and <name>_pb2.pyi are generated and committed; after editing a .proto
+run `python -m grinfer.serving.proto.generate` (or scripts/gen_proto.sh). The test suite fails while the
+committed stubs differ from what the .proto files generate.
 """

@@ -1,6 +1,8 @@
-"""The build step that turns grinfer.proto into the committed Python stubs (needs grpcio-tools).
+"""The build step that turns the .proto files into the committed Python stubs (needs grpcio-tools).
 
-    python -m grinfer.serving.proto.generate          # regenerate grinfer_pb2.py, grinfer_pb2_grpc.py, .pyi
+grinfer.proto (grinfer.v1.Recommender) and inference.proto (the KServe v2 GRPCInferenceService):
+
+    python -m grinfer.serving.proto.generate          # regenerate <name>_pb2.py, <name>_pb2_grpc.py, .pyi
     python -m grinfer.serving.proto.generate --check  # exit 1 if the committed stubs differ from the .proto
 
 protoc runs with the repository root as its include path and the .proto at its package path, so the
@@ -19,8 +21,9 @@ import tempfile
 from pathlib import Path
 
 PROTO = Path(__file__).resolve().with_name("grinfer.proto")
+PROTOS = (PROTO, PROTO.with_name("inference.proto"))
 ROOT = PROTO.parents[3]  # the directory that holds the grinfer package
-STUBS = ("grinfer_pb2.py", "grinfer_pb2_grpc.py", "grinfer_pb2.pyi")
+STUBS = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")  # suffixes of the .proto's stem
 
 _STAMPS = (
     (re.compile(r"^# Protobuf Python Version: .*$", re.M), "# Protobuf Python Version: <stamp>"),
@@ -29,17 +32,17 @@ _STAMPS = (
 )
 
 
-def generate(out_root: Path = ROOT) -> list[Path]:
-    """Run protoc on grinfer.proto; the stubs land in out_root/grinfer/serving/proto/ (returned)."""
+def generate(out_root: Path = ROOT, proto: Path = PROTO) -> list[Path]:
+    """Run protoc on one .proto; its stubs land in out_root/grinfer/serving/proto/ (returned)."""
     import grpc_tools  # noqa: F401  (a clear ImportError if grpcio-tools is missing)
 
-    relative = PROTO.relative_to(ROOT)
+    relative = proto.relative_to(ROOT)
     cmd = [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", f"--python_out={out_root}",
            f"--grpc_python_out={out_root}", f"--pyi_out={out_root}", str(relative)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"protoc failed ({done.returncode}): {done.stderr.strip()}")
-    return [out_root / relative.parent / name for name in STUBS]
+    return [out_root / relative.parent / f"{proto.stem}{suffix}" for suffix in STUBS]
 
 
 def normalized(text: str) -> str:
@@ -53,7 +56,7 @@ def check() -> list[str]:
     """Names of committed stubs that are missing or differ from freshly generated ones (empty: up to date)."""
     stale = []
     with tempfile.TemporaryDirectory() as tmp:
-        for fresh in generate(Path(tmp)):
+        for fresh in (stub for proto in PROTOS for stub in generate(Path(tmp), proto)):
             committed = PROTO.with_name(fresh.name)
             if not committed.is_file() or normalized(committed.read_text()) != normalized(fresh.read_text()):
                 stale.append(fresh.name)
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print("gRPC stubs are up to date")
         return 0
-    for path in generate():
+    for path in (stub for proto in PROTOS for stub in generate(proto=proto)):
         print(f"wrote {path}")
     return 0
 
