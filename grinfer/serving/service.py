@@ -232,6 +232,17 @@ class RecommenderService:
             self._epochs[user] += 1
             self.cache.invalidate_user(user)
 
+    def unready(self) -> str | None:
+        """Why the service cannot answer now (engine unhealthy, store unreachable), or None; blocking."""
+        problem = self.engine.health()
+        if problem is not None:
+            return problem
+        try:
+            self.store.count_users()
+        except Exception as exc:  # a store that cannot answer makes us unready, not broken
+            return f"store unavailable: {exc}"
+        return None
+
     def list_users(self, query: UsersQuery) -> UsersOut:
         """A page of known user ids (in creation order) and how many users there are."""
         return UsersOut(users=self.store.list_users(query.limit, query.offset), total=self.store.count_users())
