@@ -32,6 +32,7 @@ from grinfer.schema import (
     field_path,
 )
 from grinfer.serving.front import RequestFront
+from grinfer.serving.kserve.rest import kserve_router
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases, phases_of
 from grinfer.serving.service import FieldError, RecommenderService, Unavailable
@@ -189,13 +190,9 @@ def create_app(state: AppState) -> FastAPI:
     async def readyz():
         if state.draining:
             return _error(503, "server is shutting down")
-        problem = service.engine.health()
+        problem = await asyncio.to_thread(service.unready)
         if problem is not None:
             return _error(503, problem)
-        try:
-            await asyncio.to_thread(service.store.count_users)
-        except Exception as exc:  # a store that cannot answer makes us unready, not broken
-            return _error(503, f"store unavailable: {exc}")
         return {"status": "ready", "model": service.model_name, "cache": health_of(service.cache)}
 
     @app.get("/metrics", response_class=PlainTextResponse,
@@ -203,6 +200,8 @@ def create_app(state: AppState) -> FastAPI:
                               "description": "Prometheus text exposition format 0.0.4"}})
     async def metrics_endpoint() -> Response:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(kserve_router(state))  # KServe v2 / Open Inference Protocol: /v2/...
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
