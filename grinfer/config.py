@@ -47,6 +47,22 @@ class ModelConfig(BaseModel):
     tasks: tuple[str, ...] = ("ctr", "ctcvr")
     # retrieval (hstu) training
     temperature: float = Field(0.05, gt=0.0)
+    # conventions; the defaults are grinfer's own, `grinfer import-checkpoint` sets those of Meta's
+    # generative-recommenders (its research HSTU) so that its checkpoints compute the same outputs
+    attn_alpha: float | None = Field(None, gt=0.0)  # q.k scale; None = 1/sqrt(qk_dim); generative-recommenders: 1
+    ln_affine: bool = True  # LayerNorms with a learned scale and shift (generative-recommenders: none)
+    ln_eps: float = Field(1e-5, gt=0.0)  # generative-recommenders: 1e-6
+    uvqk_bias: bool = True  # bias on the U/V/Q/K projection (generative-recommenders: none)
+    qk_dim: int | None = Field(None, ge=1)  # per-head Q/K width (their dqk); None = d_model / num_heads
+    v_dim: int | None = Field(None, ge=1)  # per-head U/V width (their dv); None = d_model / num_heads
+    rel_pos_reach: int | None = Field(None, ge=1)  # relative positions clamped to +-reach: a 2 * reach + 1 table;
+    #   None = max_seq_len; generative-recommenders: max_seq_len - 1 (its 2N - 1 table)
+    time_bias_from: Literal["query", "next"] = "query"  # time-bias dt = ts[query] - ts[key], or "next":
+    #   ts[query + 1] - ts[key], the next event's timestamp (generative-recommenders)
+    layer_dropout: Literal["around_out", "before_out"] = "around_out"  # dropout before and after W_o, or only
+    #   before it (generative-recommenders)
+    output_norm: Literal["l2", "layer_norm"] = "l2"  # retrieval output embedding: L2 or LayerNorm (no affine)
+    norm_eps: float = Field(1e-12, gt=0.0)  # epsilon of the output (and item) normalisation; theirs: 1e-6
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -56,11 +72,23 @@ class ModelConfig(BaseModel):
             raise ValueError("mask: an hstu (retrieval) model must use the causal mask")
         if self.kind == "mtgr" and not self.tasks:
             raise ValueError("tasks: an mtgr model needs at least one task")
+        if self.rel_pos_reach is not None and self.rel_pos_reach > self.max_seq_len:
+            raise ValueError(f"rel_pos_reach ({self.rel_pos_reach}) must be <= max_seq_len ({self.max_seq_len})")
         return self
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
+
+    @property
+    def head_qk_dim(self) -> int:
+        """Per-head width of Q and K."""
+        return self.qk_dim or self.head_dim
+
+    @property
+    def head_v_dim(self) -> int:
+        """Per-head width of U and V."""
+        return self.v_dim or self.head_dim
 
     def with_vocab(self, **vocab) -> ModelConfig:
         """Return a copy with dataset-dependent sizes (num_items, profile_cardinalities, ...) filled in."""
