@@ -209,6 +209,8 @@ class ServerConfig(BaseModel):
                                    description="admission: requests in flight are kept under the measured rate x "
                                                "this; past it a request gets 429 at once (0 = admit all)")
     access_log: bool = Field(False, description="log one line per HTTP request (costs CPU at high request rates)")
+    replica: str | None = Field(None, max_length=128, pattern=r"^[\x21-\x7e]+$",
+                                description="this replica's name in X-Grinfer-Replica (unset: hostname:port)")
 
     @field_validator("store")
     @classmethod
@@ -228,6 +230,13 @@ class ServerConfig(BaseModel):
         if url.split("://")[0].lower() not in CACHE_SCHEMES or "://" not in url:
             raise ValueError(f"unsupported cache URL; use {', '.join(s + '://...' for s in CACHE_SCHEMES)}")
         return url
+
+    @property
+    def replica_name(self) -> str:
+        """The name a balanced fleet knows this replica by: `replica`, else hostname:port."""
+        import socket
+
+        return self.replica or f"{socket.gethostname()}:{self.port}"
 
     @property
     def home_dir(self) -> Path:

@@ -3,7 +3,18 @@
 URL: ``redis://[:password@]host:port/db`` or ``rediss://…`` (TLS), with an optional
 ``prefix=…`` query parameter (default ``grinfer:``); other query parameters go to redis-py.
 Keys: ``{prefix}u:{user}`` for user records, ``{prefix}r:{key}`` for result blobs, each written
-with ``SET … PX`` (TTL in milliseconds, at least 1).
+with ``SET … PX`` (TTL in milliseconds, at least 1), and ``{prefix}w:{user}``, the user's write epoch.
+
+Fleet-wide freshness (many replicas on one Redis): `invalidate_user` deletes the record and bumps the
+write epoch in one transaction. A record is stored tagged with the epoch its reader saw when it missed
+(`get_users` reads record and epoch in the same MGET; the epoch is remembered per thread until that
+thread's `put_user`), and a lookup serves a record only while its tag is the current epoch. So a reader
+that read the store before another replica's write cannot re-cache the stale copy: its tag is already
+old. Epoch keys live `EPOCH_TTL_S`, far longer than any record (TTLs are capped at `MAX_RECORD_TTL_S`).
+
+History rolls are announced on the channel ``{prefix}rolls`` (`publish_roll`, `subscribe_rolls`) so
+every replica can free the user's K/V of older versions at once; a missed message costs memory only,
+since the engine keys K/V by history version.
 
 A user record is packed with `struct` (little-endian): a header ``b"GRU1"``, history_version (i64),
 profile length, S length, R length (u32 each), then the profile values and (item, ts, action) of
@@ -16,10 +27,13 @@ is not retried here, so a hung Redis costs a request at most one timeout.
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
 import threading
-from collections.abc import Iterable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from itertools import chain
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -30,10 +44,23 @@ from redis.retry import Retry
 from grinfer.storage.base import Event, UserRecord
 from grinfer.storage.memory import check_ttl
 
+log = logging.getLogger("grinfer.storage")
 DEFAULT_PREFIX = "grinfer:"
 DEFAULT_SOCKET_TIMEOUT_S = 0.25
+EPOCH_TTL_S = 7 * 86400  # a user's write epoch outlives every record tagged with it
+MAX_RECORD_TTL_S = 86400
+MAX_SEEN_PER_THREAD = 1024  # misses remembered per thread awaiting their put (unknown users are never put)
 _MAGIC = b"GRU1"
 _HEADER = struct.Struct("<4sqIII")
+# Stores each record as b"<epoch>:" + its encoding: the epoch its reader saw, or (no miss seen, tag "")
+# the current one, read in the same script so that a batch stays one round trip.
+_PUT_TAGGED = """
+for i = 1, #KEYS / 2 do
+  local tag = ARGV[2 * i]
+  if tag == '' then tag = redis.call('GET', KEYS[2 * i]) or '0' end
+  redis.call('SET', KEYS[2 * i - 1], tag .. ':' .. ARGV[2 * i + 1], 'PX', ARGV[1])
+end
+"""
 
 
 def encode_user(record: UserRecord) -> bytes:
@@ -106,7 +133,10 @@ class RedisFeatureCache:
             retry=Retry(NoBackoff(), 0),
             client_name=client_name,
         )
+        self._redis_url, self._client_name = redis_url, client_name
         self._lock = threading.Lock()
+        self._seen = threading.local()  # per thread: {user: write epoch seen at its last miss}
+        self._put_tagged = self._client.register_script(_PUT_TAGGED)
         self._hits = self._misses = self._round_trips = 0
         self._round_trip(self._client.ping)  # fail at start, with redis-py's message, if unreachable
 
@@ -123,12 +153,25 @@ class RedisFeatureCache:
     def _user_key(self, user: str) -> str:
         return f"{self.prefix}u:{user}"
 
+    def _epoch_key(self, user: str) -> str:
+        return f"{self.prefix}w:{user}"
+
+    @property
+    def rolls_channel(self) -> str:
+        return f"{self.prefix}rolls"
+
+    def _seen_epochs(self) -> OrderedDict[str, bytes]:
+        seen = getattr(self._seen, "epochs", None)
+        if seen is None:
+            seen = self._seen.epochs = OrderedDict()
+        return seen
+
     def _result_key(self, key: str) -> str:
         return f"{self.prefix}r:{key}"
 
     @staticmethod
     def _px(ttl_s: float) -> int:
-        return max(1, round(check_ttl(ttl_s) * 1000))
+        return max(1, round(min(check_ttl(ttl_s), MAX_RECORD_TTL_S) * 1000))
 
     # -- FeatureCache ----------------------------------------------------------------------------
 
@@ -136,32 +179,86 @@ class RedisFeatureCache:
         return self.get_users([user])[0]
 
     def put_user(self, record: UserRecord, ttl_s: float) -> None:
-        self._round_trip(self._client.set, self._user_key(record.user), encode_user(record), px=self._px(ttl_s))
+        self.put_users([record], ttl_s)
 
     def get_users(self, users: Iterable[str]) -> list[UserRecord | None]:
-        """Many users in one MGET, in the order asked (None for each miss)."""
+        """Many users (records and write epochs) in one MGET, in the order asked (None for each miss, and for
+        a record stored under an older epoch: another replica wrote since)."""
         users = list(users)
         if not users:
             return []
-        payloads = self._round_trip(self._client.mget, [self._user_key(u) for u in users])
-        out = [None if p is None else decode_user(u, p) for u, p in zip(users, payloads)]
+        values = self._round_trip(self._client.mget, [self._user_key(u) for u in users]
+                                  + [self._epoch_key(u) for u in users])
+        seen, out = self._seen_epochs(), []  # epochs kept as Redis returns them (decimal bytes)
+        for user, payload, epoch in zip(users, values[:len(users)], values[len(users):]):
+            epoch = epoch or b"0"
+            tag, _, body = (payload or b"").partition(b":")
+            record = decode_user(user, body) if tag == epoch else None
+            if record is None:
+                seen[user] = epoch
+                seen.move_to_end(user)
+                if len(seen) > MAX_SEEN_PER_THREAD:
+                    seen.popitem(last=False)
+            out.append(record)
         hits = sum(r is not None for r in out)
         self._count(hits, len(out) - hits)
         return out
 
     def put_users(self, records: Iterable[UserRecord], ttl_s: float) -> None:
-        """Many records in one pipelined round trip, all with the same TTL."""
-        px = self._px(ttl_s)
-        pipe = self._client.pipeline(transaction=False)
-        n = 0
+        """Many records in one pipelined round trip, all with the same TTL, each tagged with the write epoch
+        this thread saw when it missed the user (so a record read before another replica's write stays unused;
+        a record put without a miss first is tagged with the current epoch)."""
+        seen, keys, args = self._seen_epochs(), [], [self._px(ttl_s)]
         for record in records:
-            pipe.set(self._user_key(record.user), encode_user(record), px=px)
-            n += 1
-        if n:
-            self._round_trip(pipe.execute)
+            keys += (self._user_key(record.user), self._epoch_key(record.user))
+            args += (seen.pop(record.user, b""), encode_user(record))
+        if keys:
+            self._round_trip(self._put_tagged, keys=keys, args=args)
 
     def invalidate_user(self, user: str) -> None:
-        self._round_trip(self._client.delete, self._user_key(user))
+        """Drop the record and bump the user's write epoch (one transaction): no replica serves or re-caches
+        a copy read before this call."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.delete(self._user_key(user))
+        pipe.incr(self._epoch_key(user))
+        pipe.expire(self._epoch_key(user), EPOCH_TTL_S)
+        self._round_trip(pipe.execute)
+
+    # -- fleet-wide roll announcements -----------------------------------------------------------
+
+    def publish_roll(self, user: str, history_version: int) -> None:
+        """Announce that `user`'s history rolled to `history_version` (every subscribed replica hears it)."""
+        self._round_trip(self._client.publish, self.rolls_channel, f"{history_version} {user}")
+
+    def subscribe_rolls(self, on_roll: Callable[[str, int], None]) -> Callable[[], None]:
+        """Call on_roll(user, history_version) for every announced roll, from a background thread, until the
+        returned function is called. A Redis outage is logged once; the subscription resumes when it is back."""
+        client = redis.Redis.from_url(self._redis_url, socket_connect_timeout=DEFAULT_SOCKET_TIMEOUT_S,
+                                      client_name=self._client_name, health_check_interval=10)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+
+        def handle(message) -> None:
+            version, _, user = message["data"].decode().partition(" ")
+            if version.lstrip("-").isdigit() and user:
+                on_roll(user, int(version))
+
+        failing = threading.Event()
+
+        def outage(exc: BaseException, _pubsub, _thread) -> None:
+            if not failing.is_set():
+                log.warning("roll announcements: %s unreachable (%s); retrying every second", self, exc)
+                failing.set()
+            time.sleep(1.0)
+
+        pubsub.subscribe(**{self.rolls_channel: handle})
+        thread = pubsub.run_in_thread(sleep_time=0.5, daemon=True, exception_handler=outage)
+
+        def stop() -> None:
+            thread.stop()
+            thread.join(timeout=2.0)
+            pubsub.close()
+            client.close()
+        return stop
 
     def get_result(self, key: str) -> bytes | None:
         value = self._round_trip(self._client.get, self._result_key(key))
