@@ -18,6 +18,10 @@ MaskMode = Literal["dynamic", "causal"]
 Normalizer = Literal["max_len", "visible"]
 
 
+CONVENTION_FIELDS = ("attn_alpha", "ln_affine", "ln_eps", "uvqk_bias", "qk_dim", "v_dim", "rel_pos_reach",
+                     "time_bias_from", "layer_dropout", "output_norm", "norm_eps")
+
+
 class ModelConfig(BaseModel):
     """Everything needed to rebuild a model from its weights (stored as a checkpoint's config.json)."""
 
@@ -72,6 +76,11 @@ class ModelConfig(BaseModel):
             raise ValueError("mask: an hstu (retrieval) model must use the causal mask")
         if self.kind == "mtgr" and not self.tasks:
             raise ValueError("tasks: an mtgr model needs at least one task")
+        if self.kind == "mtgr":
+            changed = [f for f in CONVENTION_FIELDS if getattr(self, f) != type(self).model_fields[f].default]
+            if changed:
+                raise ValueError(f"{changed[0]}: the convention options ({', '.join(CONVENTION_FIELDS)}) are for "
+                                 "hstu retrieval models; the ranking engine computes grinfer's own conventions")
         if self.rel_pos_reach is not None and self.rel_pos_reach > self.max_seq_len:
             raise ValueError(f"rel_pos_reach ({self.rel_pos_reach}) must be <= max_seq_len ({self.max_seq_len})")
         return self
