@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Check and time the Triton kernels on a GPU at the R1 shapes (mtgr-large attention; see KERNELS.md).
-# Usage: scripts/gpu_kernels.sh [OUTDIR] [python3 -m grinfer.ops.triton.check flags, e.g. --sweep]
+# Usage: scripts/gpu_kernels.sh [OUTDIR] [python3 -m grinfer.bench.kernels flags, e.g. --sweep]
 # Needs torch + triton only (the GPU machines have both); OUTDIR defaults to $OUT or runs/gpu-kernels.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,5 +11,5 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader \
   | tee "$out/card.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/card.txt"
-python3 -m grinfer.ops.triton.check --json "$out/check.json" "$@" 2>&1 | tee "$out/check.log"
+python3 -m grinfer.bench.kernels --json "$out/check.json" "$@" 2>&1 | tee "$out/check.log"
 exit "${PIPESTATUS[0]}"

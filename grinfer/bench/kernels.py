@@ -1,7 +1,7 @@
-"""Check and time the Triton HSTU attention kernel on a GPU at the R1 shapes.
+"""Benchmark: check and time the Triton HSTU attention kernel on a GPU at the R1 shapes.
 
-    python3 -m grinfer.ops.triton.check [--batch 32] [--sweep] [--json PATH]
-    TRITON_INTERPRET=1 python3 -m grinfer.ops.triton.check --smoke   # tiny shapes on the CPU: the script runs
+    python3 -m grinfer.bench.kernels [--batch 32] [--sweep] [--json PATH]
+    TRITON_INTERPRET=1 python3 -m grinfer.bench.kernels --smoke   # tiny shapes on the CPU: the script runs
 
 Needs only torch and triton (no grinfer module that imports pydantic or typer). Shapes: mtgr-large
 attention, 3 heads of head dim 256, B users of 16 U + 1000 S + 100 R context events and 512
@@ -39,16 +39,9 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 from grinfer.ops.jagged import jagged_to_padded, offsets_of, padded_to_jagged
-from grinfer.ops.reference.hstu_attention import (
-    GROUP_C,
-    GROUP_R,
-    GROUP_S,
-    GROUP_U,
-    attend,
-    hstu_attention,
-    plan_attention,
-)
+from grinfer.ops.reference.hstu_attention import attend, hstu_attention, plan_attention
 from grinfer.ops.triton.hstu_attention import (
     KernelConfig,
     default_config,

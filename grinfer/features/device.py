@@ -10,7 +10,7 @@ import torch
 from grinfer.data.types import ItemCatalog
 from grinfer.features.batch import EventTokens, MTGRBatch
 from grinfer.features.featurizer import RankRequest
-from grinfer.ops.reference.hstu_attention import time_bucket
+from grinfer.ops.groups import time_bucket
 
 
 def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

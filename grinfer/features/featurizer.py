@@ -9,7 +9,7 @@ import torch
 
 from grinfer.data.types import ItemCatalog, UserTimeline
 from grinfer.features.batch import EventTokens, MTGRBatch, RetrievalBatch
-from grinfer.ops.reference.hstu_attention import time_bucket
+from grinfer.ops.groups import time_bucket
 
 NUM_CROSS_FEATURES = 4  # genre affinity, rating on the item's genres, same-era share, already seen
 FEATURES_VERSION = 2  # bump when token or cross features change meaning (cached demo models are keyed by it)

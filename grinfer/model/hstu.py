@@ -11,8 +11,18 @@ from torch import nn
 from grinfer.config import ModelConfig
 from grinfer.features.batch import RetrievalBatch
 from grinfer.model.layers import HSTULayer, TokenMeta
-from grinfer.ops import GROUP_S
+from grinfer.ops.groups import GROUP_S
 from grinfer.ops.jagged import positions_in_seq
+
+
+def next_timestamps(batch: RetrievalBatch, last: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] each event's next timestamp in its sequence; a sequence's last event gets `last` [B] (default: its own)."""
+    ts = batch.timestamps
+    out = torch.cat([ts[1:], ts[-1:]])
+    ends = batch.offsets[1:] - 1
+    ends = ends[batch.offsets[1:] > batch.offsets[:-1]]  # empty sequences have no last event
+    out[ends] = ts[ends] if last is None else last.to(ts)[batch.offsets[1:] > batch.offsets[:-1]]
+    return out
 
 
 class HSTURetrieval(nn.Module):
@@ -32,24 +42,33 @@ class HSTURetrieval(nn.Module):
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
 
-    def encode(self, batch: RetrievalBatch) -> torch.Tensor:
-        """L2-normalised output embedding [N, d] at every position."""
-        pos = positions_in_seq(batch.offsets, len(batch.items))
-        x = self.item_emb(batch.items) * math.sqrt(self.cfg.d_model)
-        x = self.input_dropout(x + self.pos_emb(pos.clamp(max=self.cfg.max_seq_len - 1)))
-        meta = TokenMeta(batch.offsets, torch.full_like(batch.items, GROUP_S), pos, batch.timestamps)
-        plan = self.layers[0].plan(meta, meta)
-        for layer in self.layers:
-            x = layer(x, meta, plan)
-        return F.normalize(x, dim=-1)
+    def encode(self, batch: RetrievalBatch, next_ts: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised output embedding [N, d] at every position (L2, or LayerNorm with cfg.output_norm).
 
-    def user_embedding(self, batch: RetrievalBatch) -> torch.Tensor:
+        With cfg.time_bias_from == "next", a query's time bias uses the next event's timestamp; `next_ts` [B]
+        gives the one after each sequence's last event (default: that event's own timestamp)."""
+        cfg = self.cfg
+        pos = positions_in_seq(batch.offsets, len(batch.items))
+        x = self.item_emb(batch.items) * math.sqrt(cfg.d_model)
+        x = self.input_dropout(x + self.pos_emb(pos.clamp(max=cfg.max_seq_len - 1)))
+        keys = TokenMeta(batch.offsets, torch.full_like(batch.items, GROUP_S), pos, batch.timestamps)
+        queries = keys
+        if cfg.time_bias_from == "next":
+            queries = TokenMeta(keys.offsets, keys.group, pos, next_timestamps(batch, next_ts))
+        plan = self.layers[0].plan(queries, keys)
+        for layer in self.layers:
+            x = layer(x, keys, plan)
+        if cfg.output_norm == "layer_norm":
+            return F.layer_norm(x, x.shape[-1:], eps=cfg.norm_eps)
+        return F.normalize(x, dim=-1, eps=cfg.norm_eps)
+
+    def user_embedding(self, batch: RetrievalBatch, next_ts: torch.Tensor | None = None) -> torch.Tensor:
         """[B, d] the last position's embedding per sequence (sequences must be non-empty)."""
-        return self.encode(batch)[batch.offsets[1:] - 1]
+        return self.encode(batch, next_ts)[batch.offsets[1:] - 1]
 
     def item_table(self) -> torch.Tensor:
         """[num_items + 1, d] L2-normalised item embeddings (row 0 is padding)."""
-        return F.normalize(self.item_emb.weight, dim=-1)
+        return F.normalize(self.item_emb.weight, dim=-1, eps=self.cfg.norm_eps)
 
     def sampled_softmax_loss(self, batch: RetrievalBatch, num_negatives: int,
                              generator: torch.Generator | None = None) -> torch.Tensor:

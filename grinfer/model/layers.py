@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grinfer.config import ModelConfig
-from grinfer.ops import NUM_GROUPS
+from grinfer.ops.groups import NUM_GROUPS
 from grinfer.ops.reference.hstu_attention import AttentionPlan, attend, plan_attention
 
 
@@ -24,16 +24,20 @@ class TokenMeta:
 
 
 class GroupLayerNorm(nn.Module):
-    """LayerNorm with one (weight, bias) per token group; one group = a plain LayerNorm."""
+    """LayerNorm with one (weight, bias) per token group; one group = a plain LayerNorm; affine=False: none."""
 
-    def __init__(self, num_groups: int, dim: int, eps: float = 1e-5):
+    def __init__(self, num_groups: int, dim: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_groups, dim))
-        self.bias = nn.Parameter(torch.zeros(num_groups, dim))
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_groups, dim))
+            self.bias = nn.Parameter(torch.zeros(num_groups, dim))
+        self.affine = affine
         self.eps = eps
 
     def forward(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        if not self.affine:
+            return y
         if self.weight.shape[0] == 1:
             return y * self.weight[0] + self.bias[0]
         # F.embedding: its backward reduces sorted indices; weight[group] piles T atomic adds onto 4 rows
@@ -41,11 +45,12 @@ class GroupLayerNorm(nn.Module):
 
 
 class RelativeBias(nn.Module):
-    """Learned relative-position and time-bucket attention bias tables (shared by all heads)."""
+    """Learned relative-position and time-bucket attention bias tables (shared by all heads); positions
+    k - q are clamped to [-reach, reach]."""
 
-    def __init__(self, max_seq_len: int, num_time_buckets: int):
+    def __init__(self, reach: int, num_time_buckets: int):
         super().__init__()
-        self.pos_table = nn.Parameter(torch.zeros(2 * max_seq_len + 1))
+        self.pos_table = nn.Parameter(torch.zeros(2 * reach + 1))
         self.time_table = nn.Parameter(torch.zeros(num_time_buckets))
 
 
@@ -55,24 +60,28 @@ class HSTULayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         groups = NUM_GROUPS if cfg.group_ln else 1
-        d = cfg.d_model
+        d, h = cfg.d_model, cfg.num_heads
         self.cfg = cfg
-        self.norm_in = GroupLayerNorm(groups, d)
-        self.uvqk = nn.Linear(d, 4 * d)
-        self.norm_attn = GroupLayerNorm(groups, d)
-        self.out = nn.Linear(d, d)
+        self.bias_reach = cfg.rel_pos_reach or cfg.max_seq_len
+        self.norm_in = GroupLayerNorm(groups, d, cfg.ln_eps, cfg.ln_affine)
+        self.uvqk = nn.Linear(d, 2 * h * (cfg.head_v_dim + cfg.head_qk_dim), bias=cfg.uvqk_bias)
+        self.norm_attn = GroupLayerNorm(groups, h * cfg.head_v_dim, cfg.ln_eps, cfg.ln_affine)
+        self.out = nn.Linear(h * cfg.head_v_dim, d)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.rel_bias = RelativeBias(cfg.max_seq_len, cfg.num_time_buckets) if cfg.rel_bias else None
+        self.rel_bias = RelativeBias(self.bias_reach, cfg.num_time_buckets) if cfg.rel_bias else None
 
     def _group(self, group: torch.Tensor) -> torch.Tensor:
         return group if self.cfg.group_ln else torch.zeros_like(group)
 
     def project(self, x: torch.Tensor, group: torch.Tensor):
         """U [T, d] and V, Q, K [T, H, d/H] of the given tokens."""
+        cfg = self.cfg
         h = F.silu(self.uvqk(self.norm_in(x, self._group(group))))
-        u, v, q, k = h.split(self.cfg.d_model, dim=-1)
-        shape = (x.shape[0], self.cfg.num_heads, self.cfg.head_dim)
-        return u, v.reshape(shape), q.reshape(shape), k.reshape(shape)
+        wv, wqk = cfg.num_heads * cfg.head_v_dim, cfg.num_heads * cfg.head_qk_dim
+        u, v, q, k = h.split([wv, wv, wqk, wqk], dim=-1)
+        t, heads = x.shape[0], cfg.num_heads
+        return (u, v.reshape(t, heads, cfg.head_v_dim), q.reshape(t, heads, cfg.head_qk_dim),
+                k.reshape(t, heads, cfg.head_qk_dim))
 
     def plan(self, q_meta: TokenMeta, k_meta: TokenMeta) -> AttentionPlan:
         """Mask, normaliser and bias indices for these queries and keys (the same for every layer)."""
@@ -80,20 +89,20 @@ class HSTULayer(nn.Module):
         return plan_attention(q_meta.offsets, k_meta.offsets, q_meta.group, q_meta.pos, k_meta.group, k_meta.pos,
                               mode=cfg.mask, normalizer=cfg.normalizer, max_seq_len=cfg.max_seq_len,
                               q_ts=q_meta.ts, k_ts=k_meta.ts,
-                              bias_reach=cfg.max_seq_len if cfg.rel_bias else None,
+                              bias_reach=self.bias_reach if cfg.rel_bias else None,
                               num_time_buckets=cfg.num_time_buckets)
 
     def attend(self, q, k, v, plan: AttentionPlan) -> torch.Tensor:
         """Attention of the queries over the keys (which include every key a query may see)."""
         bias = self.rel_bias
-        o = attend(q, k, v, plan, pos_table=None if bias is None else bias.pos_table,
+        o = attend(q, k, v, plan, self.cfg.attn_alpha, pos_table=None if bias is None else bias.pos_table,
                    time_table=None if bias is None else bias.time_table)
         return o.reshape(o.shape[0], -1)
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         """Residual update from the attention output."""
-        y = self.norm_attn(attn, self._group(group)) * u
-        return x + self.dropout(self.out(self.dropout(y)))
+        y = self.dropout(self.norm_attn(attn, self._group(group)) * u)
+        return x + (self.out(y) if self.cfg.layer_dropout == "before_out" else self.dropout(self.out(y)))
 
     def forward(self, x: torch.Tensor, meta: TokenMeta, plan: AttentionPlan | None = None) -> torch.Tensor:
         """One layer over a whole sequence batch (pass `plan` to share it across layers)."""

@@ -8,7 +8,7 @@ from torch import nn
 from grinfer.config import ModelConfig
 from grinfer.features.batch import EventTokens, MTGRBatch
 from grinfer.model.layers import HSTULayer, TokenMeta
-from grinfer.ops import GROUP_C, GROUP_R, GROUP_S, GROUP_U
+from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 from grinfer.ops.jagged import offsets_of, positions_in_seq, seq_ids
 
 

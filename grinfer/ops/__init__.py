@@ -1,23 +1,9 @@
-"""Ops: each defined once in `ops.reference` (plain PyTorch); fast kernels plug in beside it."""
+"""Ops, one module per job: a dispatcher per op checks its arguments and picks the kernel.
 
-from grinfer.ops.reference.hstu_attention import (
-    GROUP_C,
-    GROUP_R,
-    GROUP_S,
-    GROUP_U,
-    NUM_GROUPS,
-    hstu_attention,
-    time_bucket,
-    visible,
-)
-
-__all__ = [
-    "GROUP_C",
-    "GROUP_R",
-    "GROUP_S",
-    "GROUP_U",
-    "NUM_GROUPS",
-    "hstu_attention",
-    "time_bucket",
-    "visible",
-]
+    groups.py          token groups [U | S | R | C], the mask over them, time buckets, relative positions
+    jagged.py          values + offsets helpers
+    hstu_attention.py  the attention dispatcher (kernel="auto|reference|triton")
+    layer_norm.py      the layer-epilogue dispatchers (GroupLN, SiLU + K/V scatter, GroupLN * U)
+    reference/         each op defined once in plain PyTorch
+    triton/            the Triton twins (GPU; CPU only through TRITON_INTERPRET=1)
+"""

@@ -10,21 +10,12 @@ The signature is the reference's, plus `kernel`.
 
 from __future__ import annotations
 
-import importlib.util
-from functools import cache
-
 import torch
 
+from grinfer.ops.dispatch import auto_picks_triton, check_kernel
 from grinfer.ops.reference import hstu_attention as reference
 
-KERNELS = ("auto", "reference", "triton")
 TRITON_MAX_HEAD_DIM = 256
-
-
-@cache
-def triton_available() -> bool:
-    """Whether Triton can be imported (looked up once)."""
-    return importlib.util.find_spec("triton") is not None
 
 
 def check_inputs(
@@ -74,22 +65,15 @@ def check_inputs(
 def choose_kernel(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   has_bias: bool) -> str:
     """'reference' or 'triton' for this call (see the module docstring)."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel: expected one of {KERNELS}, got {kernel!r}")
+    check_kernel(kernel)
+    head_dim = max(q.shape[2], v.shape[2])
     if kernel == "triton":
         if has_bias:
             raise ValueError("kernel='triton': the Triton kernel has no relative bias; use 'reference' or 'auto'")
-        if max(q.shape[2], v.shape[2]) > TRITON_MAX_HEAD_DIM:
-            raise ValueError(f"kernel='triton': head dims up to {TRITON_MAX_HEAD_DIM}, got "
-                             f"{max(q.shape[2], v.shape[2])}")
-        if not triton_available():
-            raise ImportError("kernel='triton' needs the triton package (pip install 'triton>=3.2,<4')")
+        if head_dim > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"kernel='triton': head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dim}")
         return "triton"
-    if kernel == "reference":
-        return "reference"
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    fits = max(q.shape[2], v.shape[2]) <= TRITON_MAX_HEAD_DIM
-    if q.is_cuda and not has_bias and not needs_grad and fits and triton_available():
+    if kernel == "auto" and not has_bias and head_dim <= TRITON_MAX_HEAD_DIM and auto_picks_triton(q, k, v):
         return "triton"
     return "reference"
 

@@ -10,7 +10,7 @@ from model_util import seeded_model
 
 from grinfer.features import Featurizer, RankRequest, UserContext
 from grinfer.model.mtgr import MTGR
-from grinfer.ops import GROUP_C, GROUP_R, GROUP_S, GROUP_U
+from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 
 ATOL = 1e-5
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grinfer.ops import GROUP_C, GROUP_R, GROUP_S, GROUP_U, hstu_attention, time_bucket
+from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U, relative_index, time_bucket
 from grinfer.ops.jagged import (
     jagged_to_padded,
     lengths_of,
@@ -22,7 +22,7 @@ from grinfer.ops.jagged import (
     positions_in_seq,
     seq_ids,
 )
-from grinfer.ops.reference.hstu_attention import relative_index
+from grinfer.ops.reference.hstu_attention import hstu_attention
 
 ATOL = 1e-5
 HYPOTHESIS = settings(max_examples=20, deadline=None, derandomize=True, database=None)

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from grinfer.ops import GROUP_C, GROUP_R, GROUP_S, GROUP_U, visible
+from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U, visible
 
 G = {"U": GROUP_U, "S": GROUP_S, "R": GROUP_R, "C": GROUP_C}
 

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from triton_util import interpreted_module
 
-from grinfer.ops import attention
+from grinfer.ops import hstu_attention as attention
+from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 from grinfer.ops.jagged import offsets_of
-from grinfer.ops.reference.hstu_attention import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 from grinfer.ops.reference.hstu_attention import hstu_attention as reference_attention
 
 tk = interpreted_module("grinfer.ops.triton.hstu_attention")

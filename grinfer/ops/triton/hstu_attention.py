@@ -1,7 +1,7 @@
 """Jagged HSTU attention under the MTGR dynamic (or causal) mask: a Triton forward kernel.
 
 The twin of `grinfer.ops.reference.hstu_attention` without the relative bias (the dispatcher in
-`grinfer.ops.attention` falls back to the reference when bias tables are given):
+`grinfer.ops.hstu_attention` falls back to the reference when bias tables are given):
 
     out_i = sum_j SiLU(alpha * q_i . k_j) * M(i, j) / N_i * v_j
 
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grinfer.ops.reference.hstu_attention import GROUP_C, GROUP_R, GROUP_S, GROUP_U
+from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 from grinfer.ops.triton.rounding import round_to
 
 _U = tl.constexpr(GROUP_U)
@@ -353,7 +353,7 @@ def triton_hstu_attention(
 ) -> torch.Tensor:
     """Jagged HSTU attention without relative bias: q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv].
 
-    Shapes are checked by the dispatcher (`grinfer.ops.attention.hstu_attention`). What depends only on
+    Shapes are checked by the dispatcher (`grinfer.ops.hstu_attention.hstu_attention`). What depends only on
     the token layout can be computed once and shared by every layer: `max_len_q` (the longest query
     sequence; without it the offsets are checked and it is read, one host sync) and `k_counts`
     (`key_counts(k_group, k_offsets)`). `out` is written in place. `fast_silu` (default: on for bf16/fp16
