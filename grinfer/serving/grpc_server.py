@@ -30,6 +30,9 @@ known, and the trailing metadata `grinfer-field` names it):
 | DeadlineExceeded (deadline_ms, or the call's gRPC deadline when deadline_ms is unset) | DEADLINE_EXCEEDED |
 | Unavailable, EngineError | UNAVAILABLE |
 
+Fleet: Rank, Recommend, AppendEvents and RollHistory accept metadata `x-user-id` (what a balancer hashes;
+it must be the message's user) and name the replica in the trailing metadata `x-grinfer-replica`.
+
 Metrics: latency per RPC as endpoint "grpc:<Method>", errors by the REST adapter's kinds, and the
 context cache status of ranked requests.
 """
@@ -69,13 +72,14 @@ from grinfer.serving.auth import KEY_FIELD, KEY_MESSAGE, key_accepted
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.proto import grinfer_pb2 as pb
 from grinfer.serving.proto import grinfer_pb2_grpc as pb_grpc
-from grinfer.serving.service import FieldError, RecommenderService, Unavailable
+from grinfer.serving.service import FieldError, RecommenderService, Unavailable, check_user_header
 
 log = logging.getLogger("grinfer.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name  # "grinfer.v1.Recommender"
 FIELD_METADATA = "grinfer-field"
 IDEMPOTENCY_METADATA = "idempotency-key"
+USER_METADATA, REPLICA_METADATA = "x-user-id", "x-grinfer-replica"  # balancer's hash key in; serving replica out
 _IDEMPOTENCY_KEY = TypeAdapter(Annotated[str, Field(**IDEMPOTENCY_KEY_RULES)])
 MAX_DEADLINE_MS = 600_000  # RankIn / RecommendIn's limit on deadline_ms
 UNDECODABLE_LOG_INTERVAL_S = 60.0  # undecodable requests are logged at most once per this many seconds
@@ -304,14 +308,22 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self.metrics.cache_status.labels(out.cache).inc()
         return rank_out(out)
 
+    def _served(self, context: grpc.ServicerContext, user: str) -> None:
+        """Name this replica in the trailing metadata; the x-user-id metadata (the balancer's hash key), when
+        sent, must be the request's user (INVALID_ARGUMENT naming `user` otherwise)."""
+        context.set_trailing_metadata(((REPLICA_METADATA, self.service.settings.replica),))
+        check_user_header(dict(context.invocation_metadata()).get(USER_METADATA), user)
+
     def Rank(self, request: pb.RankRequest, context: grpc.ServicerContext) -> pb.RankResponse:
         def work():
+            self._served(context, request.user)
             req = _with_call_deadline(rank_in(request), context)
             return self._ranked(self.loop.run(self.service.rank(req), context))
         return self._call("Rank", context, work)
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RankResponse:
         def work():
+            self._served(context, request.user)
             req = _with_call_deadline(recommend_in(request), context)
             return self._ranked(self.loop.run(self.service.recommend(req), context))
         return self._call("Recommend", context, work)
@@ -319,12 +331,14 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     def AppendEvents(self, request: pb.AppendEventsRequest, context: grpc.ServicerContext) -> pb.AppendEventsResponse:
         def work():
             self._require_key(context)
+            self._served(context, request.user)
             return events_out(self.service.append_events(events_in(request), _metadata_key(context)))
         return self._call("AppendEvents", context, work)
 
     def RollHistory(self, request: pb.RollHistoryRequest, context: grpc.ServicerContext) -> pb.RollHistoryResponse:
         def work():
             self._require_key(context)
+            self._served(context, request.user)
             return roll_out(self.service.roll_history(roll_in(request)))
         return self._call("RollHistory", context, work)
 

@@ -59,7 +59,7 @@ def _flatten(values, out: list) -> None:
 
 
 def from_list(name: str, datatype: str, shape, values) -> Tensor:
-    """A tensor from JSON `data` (flat or nested row-major); BYTES elements are strings."""
+    """A tensor from a list of values (JSON `data`, flat or nested row-major; BYTES elements as str or bytes)."""
     count = element_count(name, datatype, shape)
     flat: list = []
     _flatten(values if isinstance(values, list) else [values], flat)
@@ -68,7 +68,8 @@ def from_list(name: str, datatype: str, shape, values) -> Tensor:
     try:
         if datatype == "BYTES":
             array = np.empty(count, object)
-            array[:] = [v.encode() if isinstance(v, str) else _not_string(v) for v in flat]
+            array[:] = [v.encode() if isinstance(v, str) else v if isinstance(v, bytes) else _not_string(v)
+                        for v in flat]
         else:
             if datatype != "BOOL" and any(isinstance(v, bool | str) for v in flat):
                 raise TypeError("booleans or strings in a numeric tensor")
