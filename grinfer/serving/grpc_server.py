@@ -1,4 +1,5 @@
-"""The gRPC adapter: grinfer.v1.Recommender over RecommenderService, plus health and reflection.
+"""The gRPC adapter: grinfer.v1.Recommender over RecommenderService, plus health and reflection (and, on
+the same port, KServe v2's inference.GRPCInferenceService: grinfer/serving/kserve/grpc_service.py).
 
 A thin twin of the REST adapter (app.py). Each RPC turns its proto message into the pydantic model
 of grinfer/schema.py, so validation is the REST API's, calls the service and turns the result back.
@@ -261,11 +262,11 @@ def _with_call_deadline(req: BaseModel, context: grpc.ServicerContext) -> BaseMo
     return req.model_copy(update={"deadline_ms": max(1, min(MAX_DEADLINE_MS, int(remaining * 1e3)))})
 
 
-class RecommenderServicer(pb_grpc.RecommenderServicer):
-    """grinfer.v1.Recommender: proto in, schema model, service call, proto out."""
+class GuardedServicer:
+    """What grinfer's servicers share: undecodable requests and errors answered with status codes, timed."""
 
-    def __init__(self, service: RecommenderService, metrics: Metrics, loop: _EventLoop, api_key: str | None = None):
-        self.service, self.metrics, self.loop, self.api_key = service, metrics, loop, api_key
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
         self.undecodable_log = RateLimitedLog(UNDECODABLE_LOG_INTERVAL_S)
 
     def guarded(self, method: str) -> Callable:
@@ -296,6 +297,15 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             context.abort(abort.code, abort.details)
         finally:
             self.metrics.observe(endpoint, time.perf_counter() - start)
+
+
+
+class RecommenderServicer(GuardedServicer, pb_grpc.RecommenderServicer):
+    """grinfer.v1.Recommender: proto in, schema model, service call, proto out."""
+
+    def __init__(self, service: RecommenderService, metrics: Metrics, loop: _EventLoop, api_key: str | None = None):
+        super().__init__(metrics)
+        self.service, self.loop, self.api_key = service, loop, api_key
 
     def _require_key(self, context: grpc.ServicerContext) -> None:
         if self.api_key is None:
@@ -349,15 +359,16 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return self._call("ListUsers", context, lambda: users_out(self.service.list_users(users_query(request))))
 
 
-def recommender_handler(servicer: RecommenderServicer) -> grpc.GenericRpcHandler:
-    """grinfer.v1.Recommender's methods, from the proto's descriptor, with lenient request parsers."""
+def lenient_handler(servicer: GuardedServicer, module, service: str) -> grpc.GenericRpcHandler:
+    """The methods of `service` in the generated `module` (from its descriptor), with lenient request parsers."""
+    descriptor = module.DESCRIPTOR.services_by_name[service]
     handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["Recommender"].methods:
-        request_type, response_type = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+    for method in descriptor.methods:
+        request_type, response_type = getattr(module, method.input_type.name), getattr(module, method.output_type.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             servicer.guarded(method.name), request_deserializer=lenient_parser(request_type),
             response_serializer=response_type.SerializeToString)
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+    return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
 
 
 # ---- the server ------------------------------------------------------------------------------------
@@ -402,7 +413,8 @@ class GrpcServer(grpc.Server):
 
 def start_grpc_server(service: RecommenderService, metrics: Metrics, host: str, port: int, max_workers: int = 16,
                       api_key: str | None = None, reuse_port: bool = False) -> GrpcServer:
-    """Serve grinfer.v1.Recommender, grpc.health.v1 and reflection on host:port; returns it started.
+    """Serve grinfer.v1.Recommender, inference.GRPCInferenceService, grpc.health.v1 and reflection on host:port;
+    returns it started.
 
     port 0 binds a free port: read it from the returned server's `port`. A port another process listens on is
     an OSError unless `reuse_port` (SO_REUSEPORT: servers share the port). With api_key, AppendEvents
@@ -412,12 +424,16 @@ def start_grpc_server(service: RecommenderService, metrics: Metrics, host: str, 
     try:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grinfer-grpc"),
                              options=[("grpc.so_reuseport", int(reuse_port))])
-        server.add_generic_rpc_handlers((recommender_handler(RecommenderServicer(service, metrics, loop, api_key)),))
+        from grinfer.serving.kserve.grpc_service import KSERVE_SERVICE, kserve_handler
+
+        server.add_generic_rpc_handlers((lenient_handler(RecommenderServicer(service, metrics, loop, api_key), pb,
+                                                         "Recommender"), kserve_handler(service, metrics, loop)))
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, KSERVE_SERVICE):
             health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        reflection.enable_server_reflection((SERVICE_NAME, KSERVE_SERVICE, health.SERVICE_NAME,
+                                             reflection.SERVICE_NAME), server)
         address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
         try:
             bound = server.add_insecure_port(address)
