@@ -1,6 +1,7 @@
 """The REST front, as one pure-ASGI middleware: draining, the API key of the write routes (checked
 before the body is read, so keyless writes learn nothing about validation), body limits, latency
-and phase metrics, and the `X-Grinfer-Process` header naming the process that answered.
+and phase metrics, and the `X-Grinfer-Process` / `X-Grinfer-Replica` headers naming the process and
+the replica that answered.
 
 Pure ASGI (no `BaseHTTPMiddleware`): no extra task, stream or response copy per request. Every body
 byte is counted whatever the headers declare; the body is read here (up to the limit) and handed to
@@ -58,11 +59,11 @@ class RequestFront:
         phases = Phases(start)
         scope.setdefault("state", {})["phases"] = phases
         phases.mark("read")
-        process = (b"x-grinfer-process", state.process.encode())
+        named = [(b"x-grinfer-process", state.process.encode()), (b"x-grinfer-replica", state.replica)]
 
         async def send_named(message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), process]
+                message["headers"] = [*message.get("headers", ()), *named]
             await send(message)
 
         try:

@@ -17,6 +17,7 @@ from grinfer.engine import Engine
 from grinfer.model.checkpoint import load_checkpoint, read_checkpoint_meta
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.engine_link import EngineHost
+from grinfer.serving.fleet import join_fleet
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.service import RecommenderService, ServiceSettings
 from grinfer.serving.startup import Preparation, StartupGate
@@ -41,9 +42,11 @@ class Server:
     engine: Engine
     store: object
     cache: object
+    leave_fleet: Callable[[], None] = lambda: None  # stops the roll announcements' listener (fleet.py)
 
     def close(self) -> None:
         self.state.draining = True
+        self.leave_fleet()
         self.engine.shutdown(drain=True)
         self.cache.close()
         self.store.close()
@@ -114,7 +117,7 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
                         else None)
     engine.on_step = state.metrics.on_step
     engine.start()
-    return Server(state, engine, store, cache)
+    return Server(state, engine, store, cache, join_fleet(state.service, engine))
 
 
 def front_state(cfg: ServerConfig, engine, catalog: ItemCatalog, store, cache, user_ttl_s: float | None = None,
@@ -122,7 +125,7 @@ def front_state(cfg: ServerConfig, engine, catalog: ItemCatalog, store, cache, u
     """What the REST/gRPC adapters need over an engine (in this process, or an EngineClient in a worker)."""
     ttl = cfg.user_ttl_s if user_ttl_s is None else user_ttl_s
     target = cfg.latency_target_ms / 1e3 if cfg.latency_target_ms else None
-    settings = ServiceSettings(user_ttl_s=ttl, latency_target_s=target)
+    settings = ServiceSettings(user_ttl_s=ttl, latency_target_s=target, replica=cfg.replica_name)
     service = RecommenderService(engine, catalog, store, cache, settings, model_name=engine.model_config.name)
     return AppState(service, Metrics(engine, cfg.backend), api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
                     process=process)

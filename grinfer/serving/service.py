@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,13 @@ class ServiceSettings:
     user_ttl_s: float = 30.0
     task_weights: dict[str, float] | None = None
     latency_target_s: float | None = None  # admission keeps requests in flight under rate x this (None: all)
+    replica: str = "grinfer"  # this replica's name (X-Grinfer-Replica, gRPC trailing metadata x-grinfer-replica)
+
+
+def check_user_header(header: str | None, user: str) -> None:
+    """A balancer routes by the X-User-Id header (gRPC: x-user-id metadata): it must name the body's user."""
+    if header is not None and header != user:
+        raise FieldError("user", f"{user!r} differs from the X-User-Id header {header!r}; send the same user in both")
 
 
 class RecommenderService:
@@ -79,6 +87,8 @@ class RecommenderService:
         # per-user write epochs: a reader that raced a write must not put its stale copy in the cache
         self._epochs: defaultdict[str, int] = defaultdict(int)
         self._epoch_lock = threading.Lock()
+        # called with (user, new history version) after a roll folded events (fleet.py: frees stale K/V fleet-wide)
+        self.on_roll: Callable[[str, int], None] | None = None
 
     # ---- ids and users -------------------------------------------------------------------------
     def to_dense(self, items: list[int], field: str, unique: bool = False) -> np.ndarray:
@@ -225,6 +235,8 @@ class RecommenderService:
             raise FieldError("user", f"unknown user {req.user!r}", status=404) from None
         if roll.folded:
             self._invalidate(req.user)
+            if self.on_roll is not None:
+                self.on_roll(req.user, roll.history_version)
         return RollOut(user=req.user, history_version=roll.history_version, folded=roll.folded)
 
     def _invalidate(self, user: str) -> None:
