@@ -14,6 +14,7 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
 from grinfer.schema import (
     IDEMPOTENCY_KEY_RULES,
     USER_ID_RULES,
@@ -30,12 +31,11 @@ from grinfer.schema import (
     UsersQuery,
     field_path,
 )
-from grinfer.serving.errors import MAPPED_TYPES, VALIDATION, mapped
 from grinfer.serving.front import RequestFront
 from grinfer.serving.kserve.rest import kserve_router
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases, phases_of
-from grinfer.serving.service import FieldError, RecommenderService, check_user_header
+from grinfer.serving.service import FieldError, RecommenderService, Unavailable
 from grinfer.storage.resilient import health_of
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script, style and icon, from the fastapi-offline package
@@ -46,9 +46,6 @@ ERROR_TEXT = {400: "Both Content-Length and Transfer-Encoding given (field `body
               429: "Server saturated (admission) or engine queue full: retry after Retry-After seconds",
               503: "Shutting down, engine or store unavailable: retry after Retry-After seconds",
               504: "deadline_ms passed before the scores were ready"}
-# the user a balancer hashes on (nginx, HAProxy, Envoy: consistent hash of this header); checked against the body
-UserHeader = Annotated[str | None, Header(description="The request's user, for a user-affine balancer; must be the "
-                                                      "body's user (422, field `user`, otherwise)")]
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
 
 
@@ -74,11 +71,6 @@ class AppState:
     retry_after_s: int = 1
     draining: bool = False
     process: str = "engine"  # which process answers (X-Grinfer-Process): "engine", or "worker-N" with --workers
-
-    @property
-    def replica(self) -> bytes:
-        """This replica's name, the X-Grinfer-Replica header's value."""
-        return self.service.settings.replica.encode()
 
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -114,63 +106,69 @@ def create_app(state: AppState) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
-            return fail(request, VALIDATION.http, VALIDATION.kind, first.get("msg", "invalid JSON"), "body")
+            return fail(request, 422, "validation", first.get("msg", "invalid JSON"), "body")
         field = field_path([p for p in first.get("loc", ()) if p not in ("body", "path", "query")]) or "body"
-        return fail(request, VALIDATION.http, VALIDATION.kind, first.get("msg", "invalid"), field)
+        return fail(request, 422, "validation", first.get("msg", "invalid"), field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    async def _mapped(request: Request, exc: Exception):
-        """FieldError, the engine's and the store's errors, answered from grinfer/serving/errors.py's table."""
-        how = mapped(exc)
-        assert how is not None  # registered for MAPPED_TYPES only
-        return fail(request, how.http, how.kind, str(exc), how.field, retry=how.retry)
+    @app.exception_handler(FieldError)
+    async def _field(request: Request, exc: FieldError):
+        return fail(request, exc.status, "field", str(exc), exc.field)
 
-    for error_type in MAPPED_TYPES:
-        app.add_exception_handler(error_type, _mapped)
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded):
+        return fail(request, 429, "overloaded", str(exc), retry=True)
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, exc: DeadlineExceeded):
+        return fail(request, 504, "deadline", str(exc), "deadline_ms")
+
+    @app.exception_handler(ContextTooLarge)
+    async def _too_large(request: Request, exc: ContextTooLarge):
+        return fail(request, 413, "context_too_large", str(exc), "events")
+
+    @app.exception_handler(Unavailable)
+    @app.exception_handler(EngineError)
+    async def _unavailable(request: Request, exc: Exception):
+        return fail(request, 503, "unavailable", str(exc), retry=True)
 
     json_body = [Depends(require_json)]
     # The key itself is checked by RequestFront before the body is read; these declare it in OpenAPI.
     keyed = [Security(APIKeyHeader(name="X-API-Key", auto_error=False)), Security(HTTPBearer(auto_error=False))]
 
     @app.post("/v1/rank", response_model=RankOut, responses=RANKED_ERRORS, dependencies=json_body)
-    async def rank(body: RankIn, request: Request, x_user_id: UserHeader = None) -> Response:
+    async def rank(body: RankIn, request: Request) -> Response:
         """Score candidate items for a user (per-task probabilities and a fused score, best first)."""
-        check_user_header(x_user_id, body.user)
         phases = phases_of(request.scope)
         phases.mark("parse")
         return _ranked(await service.rank(body, phases), phases)
 
     @app.post("/v1/recommend", response_model=RankOut, responses=RANKED_ERRORS, dependencies=json_body)
-    async def recommend(body: RecommendIn, request: Request, x_user_id: UserHeader = None) -> Response:
+    async def recommend(body: RecommendIn, request: Request) -> Response:
         """Top-k items for a user: retrieval over the catalogue, then MTGR ranking."""
-        check_user_header(x_user_id, body.user)
         phases = phases_of(request.scope)
         phases.mark("parse")
         return _ranked(await service.recommend(body, phases), phases)
 
     def _ranked(out: RankOut, phases: Phases) -> Response:
-        """The ranked response, serialised by pydantic-core straight to JSON bytes (no re-validation); the
-        X-Grinfer-Cache header repeats the context's KV-cache status for balancer logs."""
+        """The ranked response, serialised by pydantic-core straight to JSON bytes (no re-validation)."""
         metrics.cache_status.labels(out.cache).inc()
-        response = Response(out.model_dump_json(), media_type="application/json",
-                            headers={"X-Grinfer-Cache": out.cache})
+        response = Response(out.model_dump_json(), media_type="application/json")
         phases.mark("encode")
         return response
 
     @app.post("/v1/events", response_model=EventsOut, responses=WRITE_ERRORS, dependencies=[*keyed, *json_body])
     async def events(body: EventsIn, idempotency_key: Annotated[str | None, Header(
-            **IDEMPOTENCY_KEY_RULES)] = None, x_user_id: UserHeader = None) -> EventsOut:
+            **IDEMPOTENCY_KEY_RULES)] = None) -> EventsOut:
         """Append behaviour events; they are durable before this returns (once per idempotency key)."""
-        check_user_header(x_user_id, body.user)
         return await asyncio.to_thread(service.append_events, body, idempotency_key)
 
     @app.get("/v1/users/{user}", response_model=UserOut, responses=_errors(404, 422, 503))
-    async def get_user(user: Annotated[str, Path(**USER_ID_RULES)], x_user_id: UserHeader = None) -> UserOut:
+    async def get_user(user: Annotated[str, Path(**USER_ID_RULES)]) -> UserOut:
         """A user's profile, history version and recent events."""
-        check_user_header(x_user_id, user)
         return await asyncio.to_thread(service.get_user, user)
 
     @app.get("/v1/users", response_model=UsersOut, responses=_errors(422, 503))
@@ -180,9 +178,8 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.post("/v1/admin/roll-history", response_model=RollOut, responses=WRITE_ERRORS,
               dependencies=[*keyed, *json_body])
-    async def roll_history(body: RollIn, x_user_id: UserHeader = None) -> RollOut:
+    async def roll_history(body: RollIn) -> RollOut:
         """Fold real-time events into the static history (bumps the history version; nothing to fold: no change)."""
-        check_user_header(x_user_id, body.user)
         return await asyncio.to_thread(service.roll_history, body)
 
     @app.get("/healthz")
