@@ -35,7 +35,7 @@ from grinfer.serving.front import RequestFront
 from grinfer.serving.kserve.rest import kserve_router
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases, phases_of
-from grinfer.serving.service import FieldError, RecommenderService, Unavailable
+from grinfer.serving.service import FieldError, RecommenderService, Unavailable, check_user_header
 from grinfer.storage.resilient import health_of
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script, style and icon, from the fastapi-offline package
@@ -46,6 +46,9 @@ ERROR_TEXT = {400: "Both Content-Length and Transfer-Encoding given (field `body
               429: "Server saturated (admission) or engine queue full: retry after Retry-After seconds",
               503: "Shutting down, engine or store unavailable: retry after Retry-After seconds",
               504: "deadline_ms passed before the scores were ready"}
+# the user a balancer hashes on (nginx, HAProxy, Envoy: consistent hash of this header); checked against the body
+UserHeader = Annotated[str | None, Header(description="The request's user, for a user-affine balancer; must be the "
+                                                      "body's user (422, field `user`, otherwise)")]
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
 
 
@@ -71,6 +74,11 @@ class AppState:
     retry_after_s: int = 1
     draining: bool = False
     process: str = "engine"  # which process answers (X-Grinfer-Process): "engine", or "worker-N" with --workers
+
+    @property
+    def replica(self) -> bytes:
+        """This replica's name, the X-Grinfer-Replica header's value."""
+        return self.service.settings.replica.encode()
 
 
 def _error(status: int, message: str, field: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -140,35 +148,41 @@ def create_app(state: AppState) -> FastAPI:
     keyed = [Security(APIKeyHeader(name="X-API-Key", auto_error=False)), Security(HTTPBearer(auto_error=False))]
 
     @app.post("/v1/rank", response_model=RankOut, responses=RANKED_ERRORS, dependencies=json_body)
-    async def rank(body: RankIn, request: Request) -> Response:
+    async def rank(body: RankIn, request: Request, x_user_id: UserHeader = None) -> Response:
         """Score candidate items for a user (per-task probabilities and a fused score, best first)."""
+        check_user_header(x_user_id, body.user)
         phases = phases_of(request.scope)
         phases.mark("parse")
         return _ranked(await service.rank(body, phases), phases)
 
     @app.post("/v1/recommend", response_model=RankOut, responses=RANKED_ERRORS, dependencies=json_body)
-    async def recommend(body: RecommendIn, request: Request) -> Response:
+    async def recommend(body: RecommendIn, request: Request, x_user_id: UserHeader = None) -> Response:
         """Top-k items for a user: retrieval over the catalogue, then MTGR ranking."""
+        check_user_header(x_user_id, body.user)
         phases = phases_of(request.scope)
         phases.mark("parse")
         return _ranked(await service.recommend(body, phases), phases)
 
     def _ranked(out: RankOut, phases: Phases) -> Response:
-        """The ranked response, serialised by pydantic-core straight to JSON bytes (no re-validation)."""
+        """The ranked response, serialised by pydantic-core straight to JSON bytes (no re-validation); the
+        X-Grinfer-Cache header repeats the context's KV-cache status for balancer logs."""
         metrics.cache_status.labels(out.cache).inc()
-        response = Response(out.model_dump_json(), media_type="application/json")
+        response = Response(out.model_dump_json(), media_type="application/json",
+                            headers={"X-Grinfer-Cache": out.cache})
         phases.mark("encode")
         return response
 
     @app.post("/v1/events", response_model=EventsOut, responses=WRITE_ERRORS, dependencies=[*keyed, *json_body])
     async def events(body: EventsIn, idempotency_key: Annotated[str | None, Header(
-            **IDEMPOTENCY_KEY_RULES)] = None) -> EventsOut:
+            **IDEMPOTENCY_KEY_RULES)] = None, x_user_id: UserHeader = None) -> EventsOut:
         """Append behaviour events; they are durable before this returns (once per idempotency key)."""
+        check_user_header(x_user_id, body.user)
         return await asyncio.to_thread(service.append_events, body, idempotency_key)
 
     @app.get("/v1/users/{user}", response_model=UserOut, responses=_errors(404, 422, 503))
-    async def get_user(user: Annotated[str, Path(**USER_ID_RULES)]) -> UserOut:
+    async def get_user(user: Annotated[str, Path(**USER_ID_RULES)], x_user_id: UserHeader = None) -> UserOut:
         """A user's profile, history version and recent events."""
+        check_user_header(x_user_id, user)
         return await asyncio.to_thread(service.get_user, user)
 
     @app.get("/v1/users", response_model=UsersOut, responses=_errors(422, 503))
@@ -178,8 +192,9 @@ def create_app(state: AppState) -> FastAPI:
 
     @app.post("/v1/admin/roll-history", response_model=RollOut, responses=WRITE_ERRORS,
               dependencies=[*keyed, *json_body])
-    async def roll_history(body: RollIn) -> RollOut:
+    async def roll_history(body: RollIn, x_user_id: UserHeader = None) -> RollOut:
         """Fold real-time events into the static history (bumps the history version; nothing to fold: no change)."""
+        check_user_header(x_user_id, body.user)
         return await asyncio.to_thread(service.roll_history, body)
 
     @app.get("/healthz")
