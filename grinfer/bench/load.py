@@ -102,7 +102,27 @@ class LevelResult:
     candidates: int | None = None  # per rank request (None for recommend: the server retrieves them)
     kv_delta: dict[str, float] | None = None  # hits / partial_hits / misses during the level
     kv_hit_ratio: float | None = None  # (hits + partial_hits) / lookups during the level
+    # OK answers by the replica that served them (X-Grinfer-Replica) and their context's cache status
+    replicas: dict[str, dict[str, int]] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def answer_hit_ratio(self) -> float | None:
+        """Share of OK answers whose context came (wholly or partly) from a KV cache, over every replica that
+        answered: the fleet's hit ratio, where one server's /metrics sees only its own lookups."""
+        counts = Counter()
+        for statuses in self.replicas.values():
+            counts.update(statuses)
+        lookups = counts["hit"] + counts["partial"] + counts["miss"]
+        return (counts["hit"] + counts["partial"]) / lookups if lookups else None
+
+
+def by_replica(served: Counter) -> dict[str, dict[str, int]]:
+    """{replica: {cache status: OK answers}} from counts keyed by (replica, cache status)."""
+    out: dict[str, dict[str, int]] = {}
+    for (replica, cache), n in sorted(served.items()):
+        out.setdefault(replica, {})[cache] = n
+    return out
 
 
 class Workload:
@@ -192,9 +212,12 @@ def run_level_spread(base_url: str, workload: Workload, clients: int, requests: 
             parts = pool.starmap(_loops_in_process, jobs)
         after = kv_of_page(client.get("/metrics").text)
     statuses: Counter[str] = Counter()
+    served: Counter[tuple[str, str]] = Counter()
     for part in parts:
         statuses.update(part[0])
-    outcome = (statuses, [x for part in parts for x in part[1]], sum(p[2] for p in parts), max(p[3] for p in parts))
+        served.update(part[4])
+    outcome = (statuses, [x for part in parts for x in part[1]], sum(p[2] for p in parts), max(p[3] for p in parts),
+               served)
     return _level(workload, clients, outcome, before, after)
 
 
@@ -211,9 +234,11 @@ def _loops_in_process(base_url: str, endpoint: str, users: list[str], items: lis
 
 
 async def _closed_loops(client: httpx.AsyncClient, workload: Workload, clients: int, requests: int,
-                        duration_s: float) -> tuple[Counter, list[float], int, float]:
-    """(outcomes by status, OK latencies in ms, requests sent, seconds) of `clients` closed loops."""
+                        duration_s: float) -> tuple[Counter, list[float], int, float, Counter]:
+    """(outcomes by status, OK latencies in ms, requests sent, seconds, OK answers by (replica, cache status))
+    of `clients` closed loops; each request names its user in X-User-Id, the key user-affine balancers hash."""
     statuses: Counter[str] = Counter()
+    served: Counter[tuple[str, str]] = Counter()  # OK answers by (X-Grinfer-Replica, X-Grinfer-Cache)
     latencies: list[float] = []
     sent = 0
     start = time.perf_counter()
@@ -226,20 +251,21 @@ async def _closed_loops(client: httpx.AsyncClient, workload: Workload, clients: 
             body = workload.body()
             t0 = time.perf_counter()
             try:
-                r = await client.post(workload.path, json=body)
+                r = await client.post(workload.path, json=body, headers={"X-User-Id": body["user"]})
             except httpx.HTTPError as exc:
                 statuses[type(exc).__name__] += 1
                 continue
             if r.status_code == 200:
                 latencies.append(1e3 * (time.perf_counter() - t0))
+                served[(r.headers.get("x-grinfer-replica", "?"), r.headers.get("x-grinfer-cache", "?"))] += 1
             statuses[str(r.status_code)] += 1
 
     await asyncio.gather(*(loop() for _ in range(clients)))
-    return statuses, latencies, sent, time.perf_counter() - start
+    return statuses, latencies, sent, time.perf_counter() - start, served
 
 
 def _level(workload: Workload, clients: int, outcome: tuple, before: dict | None, after: dict | None) -> LevelResult:
-    statuses, latencies, sent, seconds = outcome
+    statuses, latencies, sent, seconds, served = outcome
     latencies.sort()
     ok, rejected = statuses.pop("200", 0), statuses.pop("429", 0)
     delta = ratio = None
@@ -251,7 +277,7 @@ def _level(workload: Workload, clients: int, outcome: tuple, before: dict | None
                        seconds=seconds, p50_ms=percentile(latencies, 50), p90_ms=percentile(latencies, 90),
                        p99_ms=percentile(latencies, 99), ok_per_s=ok / seconds, requests_per_s=sent / seconds,
                        candidates=workload.candidates if workload.endpoint == "rank" else None,
-                       kv_delta=delta, kv_hit_ratio=ratio, latencies_ms=latencies)
+                       kv_delta=delta, kv_hit_ratio=ratio, latencies_ms=latencies, replicas=by_replica(served))
 
 
 async def run_load_async(server: str, clients: list[int], endpoint: str = "recommend", requests: int = 400,
