@@ -14,7 +14,6 @@ from fastapi.security import APIKeyHeader, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
 from grinfer.schema import (
     IDEMPOTENCY_KEY_RULES,
     USER_ID_RULES,
@@ -31,11 +30,12 @@ from grinfer.schema import (
     UsersQuery,
     field_path,
 )
+from grinfer.serving.errors import MAPPED_TYPES, VALIDATION, mapped
 from grinfer.serving.front import RequestFront
 from grinfer.serving.kserve.rest import kserve_router
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases, phases_of
-from grinfer.serving.service import FieldError, RecommenderService, Unavailable, check_user_header
+from grinfer.serving.service import FieldError, RecommenderService, check_user_header
 from grinfer.storage.resilient import health_of
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script, style and icon, from the fastapi-offline package
@@ -114,34 +114,22 @@ def create_app(state: AppState) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         if first.get("type") == "json_invalid":
-            return fail(request, 422, "validation", first.get("msg", "invalid JSON"), "body")
+            return fail(request, VALIDATION.http, VALIDATION.kind, first.get("msg", "invalid JSON"), "body")
         field = field_path([p for p in first.get("loc", ()) if p not in ("body", "path", "query")]) or "body"
-        return fail(request, 422, "validation", first.get("msg", "invalid"), field)
+        return fail(request, VALIDATION.http, VALIDATION.kind, first.get("msg", "invalid"), field)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(FieldError)
-    async def _field(request: Request, exc: FieldError):
-        return fail(request, exc.status, "field", str(exc), exc.field)
+    async def _mapped(request: Request, exc: Exception):
+        """FieldError, the engine's and the store's errors, answered from grinfer/serving/errors.py's table."""
+        how = mapped(exc)
+        assert how is not None  # registered for MAPPED_TYPES only
+        return fail(request, how.http, how.kind, str(exc), how.field, retry=how.retry)
 
-    @app.exception_handler(Overloaded)
-    async def _overloaded(request: Request, exc: Overloaded):
-        return fail(request, 429, "overloaded", str(exc), retry=True)
-
-    @app.exception_handler(DeadlineExceeded)
-    async def _deadline(request: Request, exc: DeadlineExceeded):
-        return fail(request, 504, "deadline", str(exc), "deadline_ms")
-
-    @app.exception_handler(ContextTooLarge)
-    async def _too_large(request: Request, exc: ContextTooLarge):
-        return fail(request, 413, "context_too_large", str(exc), "events")
-
-    @app.exception_handler(Unavailable)
-    @app.exception_handler(EngineError)
-    async def _unavailable(request: Request, exc: Exception):
-        return fail(request, 503, "unavailable", str(exc), retry=True)
+    for error_type in MAPPED_TYPES:
+        app.add_exception_handler(error_type, _mapped)
 
     json_body = [Depends(require_json)]
     # The key itself is checked by RequestFront before the body is read; these declare it in OpenAPI.

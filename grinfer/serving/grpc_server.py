@@ -18,18 +18,12 @@ recommend) run as coroutines on ONE asyncio event loop owned by the server (a ba
 many RPCs are in the engine at once and get batched together. The blocking operations (append
 events, roll history, GetUser, ListUsers) run on the worker thread itself. `stop()` stops the server, then the loop.
 
-Errors (the REST adapter's, in gRPC codes; the details text is "field: message" where a field is
-known, and the trailing metadata `grinfer-field` names it):
-
-| cause | code |
-|---|---|
-| pydantic validation, FieldError 4xx (e.g. unknown item), ContextTooLarge | INVALID_ARGUMENT |
-| request bytes that are not a valid message (field `request`; logged at most once a minute) | INVALID_ARGUMENT |
-| FieldError 404 (unknown user) | NOT_FOUND |
-| missing or wrong API key (x-api-key or `authorization: Bearer`) | UNAUTHENTICATED |
-| Overloaded | RESOURCE_EXHAUSTED |
-| DeadlineExceeded (deadline_ms, or the call's gRPC deadline when deadline_ms is unset) | DEADLINE_EXCEEDED |
-| Unavailable, EngineError | UNAVAILABLE |
+Errors: the REST adapter's codes, from the one table in grinfer/serving/errors.py; the details text is
+"field: message" where a field is known, and the trailing metadata `grinfer-field` names it. Only gRPC has:
+request bytes that are not a valid message (INVALID_ARGUMENT, field `request`; logged at most once a minute),
+a call cancelled while it runs (CANCELLED), and DeadlineExceeded from the call's gRPC deadline when
+deadline_ms is unset (DEADLINE_EXCEEDED). A missing or wrong API key (x-api-key or `authorization: Bearer`)
+is a FieldError 401: UNAUTHENTICATED.
 
 Fleet: Rank, Recommend, AppendEvents and RollHistory accept metadata `x-user-id` (what a balancer hashes;
 it must be the message's user) and name the replica in the trailing metadata `x-grinfer-replica`.
@@ -54,7 +48,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from grinfer.engine.request import ContextTooLarge, DeadlineExceeded, EngineError, Overloaded
 from grinfer.schema import (
     IDEMPOTENCY_KEY_RULES,
     EventsIn,
@@ -70,10 +63,11 @@ from grinfer.schema import (
     field_path,
 )
 from grinfer.serving.auth import KEY_FIELD, KEY_MESSAGE, key_accepted
+from grinfer.serving.errors import VALIDATION, mapped
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.proto import grinfer_pb2 as pb
 from grinfer.serving.proto import grinfer_pb2_grpc as pb_grpc
-from grinfer.serving.service import FieldError, RecommenderService, Unavailable, check_user_header
+from grinfer.serving.service import FieldError, RecommenderService, check_user_header
 
 log = logging.getLogger("grinfer.grpc")
 
@@ -84,9 +78,6 @@ USER_METADATA, REPLICA_METADATA = "x-user-id", "x-grinfer-replica"  # balancer's
 _IDEMPOTENCY_KEY = TypeAdapter(Annotated[str, Field(**IDEMPOTENCY_KEY_RULES)])
 MAX_DEADLINE_MS = 600_000  # RankIn / RecommendIn's limit on deadline_ms
 UNDECODABLE_LOG_INTERVAL_S = 60.0  # undecodable requests are logged at most once per this many seconds
-
-_FIELD_STATUS = {401: grpc.StatusCode.UNAUTHENTICATED, 404: grpc.StatusCode.NOT_FOUND,
-                 429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 
 
 class _Abort(Exception):
@@ -102,18 +93,10 @@ def _classify(exc: Exception) -> _Abort:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         field = field_path(first.get("loc", ())) or "request"
-        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {first.get('msg', 'invalid')}", "validation", field)
-    if isinstance(exc, FieldError):
-        code = _FIELD_STATUS.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
-        return _Abort(code, f"{exc.field}: {exc}", "field", exc.field)
-    if isinstance(exc, Overloaded):
-        return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), "overloaded")
-    if isinstance(exc, DeadlineExceeded):
-        return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline_ms: {exc}", "deadline", "deadline_ms")
-    if isinstance(exc, ContextTooLarge):
-        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"events: {exc}", "context_too_large", "events")
-    if isinstance(exc, Unavailable | EngineError):
-        return _Abort(grpc.StatusCode.UNAVAILABLE, str(exc), "unavailable")
+        return _Abort(VALIDATION.grpc, f"{field}: {first.get('msg', 'invalid')}", VALIDATION.kind, field)
+    how = mapped(exc)
+    if how is not None:
+        return _Abort(how.grpc, how.message(exc), how.kind, how.field)
     if isinstance(exc, futures.CancelledError):  # the call ended (client cancel or its deadline) while ranking
         return _Abort(grpc.StatusCode.CANCELLED, "call cancelled", "cancelled")
     log.exception("internal error in a gRPC call", exc_info=exc)
