@@ -362,6 +362,11 @@ def import_movielens(
     typer.echo(f"imported {counts} into {store}")
 
 
+from grinfer.importers.command import import_checkpoint_command  # noqa: E402
+
+app.command("import-checkpoint")(import_checkpoint_command)
+
+
 def demo_model_dir(home: Path) -> Path:
     """Where the demo models are cached: GRINFER_HOME/demo-VERSION-fN."""
     from grinfer import __version__
