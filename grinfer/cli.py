@@ -366,6 +366,12 @@ from grinfer.importers.command import import_checkpoint_command  # noqa: E402
 
 app.command("import-checkpoint")(import_checkpoint_command)
 
+from grinfer.triton_repo.cli import triton_repo  # noqa: E402
+
+export_app = typer.Typer(help="Export a model for other runtimes (Triton Inference Server).", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+export_app.command("triton-repo")(triton_repo)
+
 
 def demo_model_dir(home: Path) -> Path:
     """Where the demo models are cached: GRINFER_HOME/demo-VERSION-fN."""
