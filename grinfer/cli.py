@@ -366,6 +366,10 @@ from grinfer.importers.command import import_checkpoint_command  # noqa: E402
 
 app.command("import-checkpoint")(import_checkpoint_command)
 
+from grinfer.deploy.cli import deploy_app  # noqa: E402
+
+app.add_typer(deploy_app, name="deploy")
+
 from grinfer.triton_repo.cli import triton_repo  # noqa: E402
 
 export_app = typer.Typer(help="Export a model for other runtimes (Triton Inference Server).", no_args_is_help=True)

@@ -1,0 +1,51 @@
+"""`grinfer deploy nginx|haproxy|envoy`: write a balancer configuration for N replicas."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from grinfer.deploy import envoy, haproxy, nginx
+from grinfer.deploy.plan import POLICIES, make_plan
+
+RENDERERS = {"nginx": nginx.render, "haproxy": haproxy.render, "envoy": envoy.render}
+DEFAULT_LISTEN = {"nginx": "0.0.0.0:8080", "haproxy": "0.0.0.0:8080", "envoy": "0.0.0.0:8080"}
+
+deploy_app = typer.Typer(help="Balancer configurations for a fleet of replicas (consistent hash on X-User-Id).",
+                         no_args_is_help=True, rich_markup_mode=None)
+
+
+def _command(balancer: str):
+    def write(
+        replicas: Annotated[str, typer.Option(help="The replicas' REST addresses, HOST:PORT,HOST:PORT,...")],
+        listen: Annotated[str, typer.Option(help="Where the balancer takes REST traffic.")] = DEFAULT_LISTEN[balancer],
+        grpc_replicas: Annotated[str | None, typer.Option(help="The same replicas' gRPC addresses, in the same "
+                                                               "order (HTTP/2 upstreams).")] = None,
+        grpc_listen: Annotated[str | None, typer.Option(help="Where the balancer takes gRPC traffic.")] = None,
+        policy: Annotated[str, typer.Option(help=f"{' or '.join(POLICIES)} (round-robin: only to measure what "
+                                                 "affinity is worth).")] = "hash",
+        admin: Annotated[str | None, typer.Option(help="HOST:PORT of the balancer's stats/admin page (Envoy admin, "
+                                                       "HAProxy stats; nginx has none).")] = None,
+        out: Annotated[Path | None, typer.Option(help="Write here instead of standard output.")] = None,
+    ) -> None:
+        try:
+            text = RENDERERS[balancer](make_plan(replicas, listen, grpc_replicas, grpc_listen, policy, admin))
+        except ValueError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        if out is None:
+            typer.echo(text, nl=False)
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        typer.echo(f"wrote {out}", err=True)
+
+    write.__doc__ = f"Write a {balancer} configuration hashing X-User-Id over the replicas."
+    return write
+
+
+for _name in RENDERERS:
+    deploy_app.command(_name)(_command(_name))
