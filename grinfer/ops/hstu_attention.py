@@ -30,6 +30,21 @@ def check_inputs(
         raise ValueError(f"mask mode: expected 'dynamic' or 'causal', got {mode!r}")
     if normalizer not in ("visible", "max_len"):
         raise ValueError(f"normalizer: expected 'visible' or 'max_len', got {normalizer!r}")
+    _check_qkv(q, k, v)
+    _check_layout(q_offsets, k_offsets, (("q_group", q_group, q.shape[0]), ("q_pos", q_pos, q.shape[0]),
+                                         ("k_group", k_group, k.shape[0]), ("k_pos", k_pos, k.shape[0])))
+    if (pos_table is None) != (time_table is None):
+        raise ValueError("pos_table, time_table: give both relative-bias tables or neither")
+    if pos_table is not None and (q_ts is None or k_ts is None):
+        raise ValueError("q_ts, k_ts: the relative bias needs the query and key timestamps")
+    device = q.device
+    for name, t in (("k", k), ("v", v), ("q_offsets", q_offsets), ("k_offsets", k_offsets), ("q_group", q_group),
+                    ("q_pos", q_pos), ("k_group", k_group), ("k_pos", k_pos)):
+        if t.device != device:
+            raise ValueError(f"{name}: expected the device of q ({device}), got {t.device}")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
             raise ValueError(f"{name}: expected [tokens, heads, head_dim], got shape {tuple(t.shape)}")
@@ -41,25 +56,20 @@ def check_inputs(
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(f"v: expected [{k.shape[0]}, {k.shape[1]}, Dv] to match k {tuple(k.shape)}, "
                          f"got {tuple(v.shape)}")
+
+
+def _check_layout(q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+                  per_token: tuple[tuple[str, torch.Tensor, int], ...]) -> None:
+    """Offsets [B + 1] of one batch size; each (name, tensor, tokens) one integer per token."""
     for name, off in (("q_offsets", q_offsets), ("k_offsets", k_offsets)):
         if off.dim() != 1 or len(off) < 1 or off.is_floating_point():
             raise ValueError(f"{name}: expected integer offsets [B + 1], got {off.dtype} {tuple(off.shape)}")
     if len(q_offsets) != len(k_offsets):
         raise ValueError(f"q_offsets, k_offsets: expected the same batch size, got {len(q_offsets) - 1} and "
                          f"{len(k_offsets) - 1} sequences")
-    for name, t, n in (("q_group", q_group, q.shape[0]), ("q_pos", q_pos, q.shape[0]),
-                       ("k_group", k_group, k.shape[0]), ("k_pos", k_pos, k.shape[0])):
+    for name, t, n in per_token:
         if t.shape != (n,) or t.is_floating_point():
             raise ValueError(f"{name}: expected {n} integers (one per token), got {t.dtype} {tuple(t.shape)}")
-    if (pos_table is None) != (time_table is None):
-        raise ValueError("pos_table, time_table: give both relative-bias tables or neither")
-    if pos_table is not None and (q_ts is None or k_ts is None):
-        raise ValueError("q_ts, k_ts: the relative bias needs the query and key timestamps")
-    device = q.device
-    for name, t in (("k", k), ("v", v), ("q_offsets", q_offsets), ("k_offsets", k_offsets), ("q_group", q_group),
-                    ("q_pos", q_pos), ("k_group", k_group), ("k_pos", k_pos)):
-        if t.device != device:
-            raise ValueError(f"{name}: expected the device of q ({device}), got {t.device}")
 
 
 def choose_kernel(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

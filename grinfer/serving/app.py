@@ -85,7 +85,7 @@ def _error(status: int, message: str, field: str | None = None, headers: dict | 
     return JSONResponse(ErrorOut(error=message, field=field).model_dump(), status_code=status, headers=headers)
 
 
-def create_app(state: AppState) -> FastAPI:
+def create_app(state: AppState) -> FastAPI:  # noqa: C901 (one nested function per route)
     """The FastAPI application (Swagger UI at /docs, its assets served from fastapi-offline's copy: no CDN).
 
     No /redoc: ReDoc's page loads its logo from the vendor's CDN.

@@ -374,7 +374,7 @@ def triton_hstu_attention(
                                  block_table=block_table, page_size=page_size, layout_counts=layout_counts)[0]
 
 
-def launch_hstu_attention(
+def launch_hstu_attention(  # noqa: C901 (argument checks, then one launch)
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_offsets: torch.Tensor, k_offsets: torch.Tensor,
     q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
