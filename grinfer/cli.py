@@ -93,14 +93,26 @@ def train(
     set_: Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE",
                                             help="Override a config field, e.g. --set mask=causal "
                                                  "--set group_ln=false (repeatable).")] = [],  # noqa: B006
-    epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
-    negatives: Annotated[int, typer.Option(help="Sampled-softmax negatives (retrieval).")] = 128,
+    epochs: Annotated[int | None, typer.Option(help="Epoch budget (early stopping may end sooner) [preset's "
+                                                   "recipe]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="[preset's recipe]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [preset's recipe]")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="[preset's recipe]")] = None,
+    negatives: Annotated[int | None, typer.Option(help="Sampled-softmax negatives (retrieval) [128].")] = None,
+    patience: Annotated[int | None, typer.Option(help="Stop after this many epochs without a better validation "
+                                                     "metric; 0 = run the whole budget [preset's recipe]")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear learning-rate warm-up steps [recipe]")] = None,
+    decay: Annotated[str | None, typer.Option(help="none or cosine (over the budget) [preset's recipe]")] = None,
+    group_lr_scale: Annotated[float | None, typer.Option(help="Learning-rate multiple of the per-group "
+                                                              "LayerNorm parameters [1]")] = None,
     seed: int = 0, device: DeviceOpt = "auto",
-    validate: Annotated[bool, typer.Option(help="Evaluate after every epoch (for the curves).")] = True,
+    validate: Annotated[bool, typer.Option(help="Validate after every epoch: early stopping, best epoch saved "
+                                                "(--no-validate: the whole budget, last epoch saved).")] = True,
 ) -> None:
     """Train a model (or both) on a dataset; writes checkpoint, metrics.json and loss.png."""
     from grinfer.data import load_dataset
-    from grinfer.train.loop import TrainSettings, resolve_device
+    from grinfer.train.loop import resolve_device
+    from grinfer.train.recipe import settings_for
     from grinfer.train.run import RANKING_DIR, RETRIEVAL_DIR, train_model
 
     if task not in ("ranking", "retrieval", "both"):
@@ -114,13 +126,21 @@ def train(
         dev = resolve_device(device)
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
-    settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                             num_negatives=negatives, seed=seed, device=dev)
+    if decay not in (None, "none", "cosine"):
+        raise _fail(f"--decay must be none or cosine, got {decay!r}")
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+             "num_negatives": negatives, "patience": patience, "warmup_steps": warmup_steps, "decay": decay,
+             "group_lr_scale": group_lr_scale, "seed": seed, "device": dev}
     typer.echo(f"dataset {ds.name}: {len(ds.users)} users, {ds.catalog.num_items} items, {ds.num_events} events; "
-               f"device {settings.device}")
+               f"device {dev}")
     for cfg, path in configs:
+        settings = settings_for(cfg.name, cfg.kind, **given)
+        typer.echo(f"{cfg.name}: up to {settings.epochs} epochs (patience {settings.patience if validate else 'off'}), "
+                   f"lr {settings.lr:g}, batch {settings.batch_size}, warm-up {settings.warmup_steps} steps, "
+                   f"decay {settings.decay}")
         record = train_model(cfg, ds, data, settings, path, validate=validate)
-        typer.echo(f"{cfg.name}: wrote {path} in {record['train_seconds']} s")
+        typer.echo(f"{cfg.name}: wrote {path} in {record['train_seconds']} s (epoch {record['saved_epoch']} of "
+                   f"{record['epochs_run']} saved)")
         _print_metrics({k: record[k] for k in ("retrieval", "ranking") if k in record})
 
 
@@ -200,6 +220,13 @@ def bench(
     endpoint: Annotated[str, typer.Option(help="--server: recommend or rank.")] = "recommend",
     requests: Annotated[int, typer.Option(help="--server: requests per level (at most).")] = 400,
     duration: Annotated[float, typer.Option(help="--server: seconds per level (at most).")] = 30.0,
+    protocol: Annotated[str, typer.Option(help="--server: rest, grpc, kserve-http, kserve-grpc or triton "
+                                               "(docs/protocols.md).")] = "rest",
+    grpc_target: Annotated[str | None, typer.Option(help="--protocol grpc / kserve-grpc: the server's gRPC "
+                                                         "HOST:PORT.")] = None,
+    triton_url: Annotated[str | None, typer.Option(help="--protocol triton: a KServe v2 server's loopback URL "
+                                                        "(e.g. tritonserver's HTTP port).")] = None,
+    triton_model: Annotated[str, typer.Option(help="--protocol triton: the model to call.")] = "ensemble_model",
 ) -> None:
     """Time workloads through the engine per backend: latency, throughput, TFLOP/s, memory, cache hits.
 
@@ -213,14 +240,15 @@ def bench(
         try:
             levels = parse_clients(clients)
             results = run_load(server, levels, endpoint=endpoint, requests=requests, duration_s=duration,
-                               candidates=100 if candidates is None else candidates, seed=seed)
+                               candidates=100 if candidates is None else candidates, seed=seed, protocol=protocol,
+                               grpc_target=grpc_target, triton_url=triton_url, triton_model=triton_model)
         except ValueError as exc:
             raise _fail(str(exc)) from None
         except httpx.HTTPError as exc:
             raise _fail(f"--server {server}: {exc}") from None
         settings = {"server": server, "endpoint": endpoint, "clients": levels, "requests": requests,
-                    "duration_s": duration, "candidates": results[0].candidates, "seed": seed}
-        typer.echo(f"{endpoint} on {server}"
+                    "duration_s": duration, "candidates": results[0].candidates, "seed": seed, "protocol": protocol}
+        typer.echo(f"{endpoint} over {protocol} on {server}"
                    + (f", {results[0].candidates} candidates per request" if results[0].candidates else ""))
         typer.echo(format_table(results))
         if json_out:

@@ -9,15 +9,17 @@ from grinfer.data.splits import retrieval_eval_point, retrieval_train_items
 from grinfer.data.types import Dataset
 from grinfer.features.featurizer import retrieval_batch
 from grinfer.model.hstu import HSTURetrieval
-from grinfer.train.loop import TrainSettings, fit
+from grinfer.train.loop import FitResult, TrainSettings, fit
 from grinfer.train.metrics import hit_rate, ndcg
 
 RETRIEVAL_KS = (10, 50, 200)
+MONITOR = "valid_hr@10"  # early stopping and the saved epoch follow the validation HR@10
 
 
 def train_retrieval(model: HSTURetrieval, ds: Dataset, settings: TrainSettings,
-                    validate: bool = True) -> list[dict]:
-    """Train on each user's events before the validation target (the last max_seq_len + 1 of them)."""
+                    validate: bool = True) -> FitResult:
+    """Train on each user's events before the validation target (the last max_seq_len + 1 of them); with
+    `validate`, early stopping on the validation HR@10 and the best epoch's weights kept."""
     window = model.cfg.max_seq_len + 1
     seqs = []
     for u in ds.users:
@@ -39,15 +41,17 @@ def train_retrieval(model: HSTURetrieval, ds: Dataset, settings: TrainSettings,
         if not validate:
             return {}
         metrics = evaluate_retrieval(model, ds, "valid", settings.device, ks=(10,))
-        return {"valid_hr@10": metrics["hr@10"], "valid_ndcg@10": metrics["ndcg@10"]}
+        return {MONITOR: metrics["hr@10"], "valid_ndcg@10": metrics["ndcg@10"]}
 
-    return fit(model, batches, loss_fn, settings, "train retrieval", on_epoch)
+    steps = -(-len(seqs) // settings.batch_size)
+    return fit(model, batches, loss_fn, settings, "train retrieval", steps, on_epoch, MONITOR if validate else None)
 
 
 @torch.no_grad()
 def target_ranks(model: HSTURetrieval, ds: Dataset, split: str, device: str,
                  batch_size: int = 256) -> np.ndarray:
-    """0-based rank of each user's target among all items, history items excluded."""
+    """0-based rank of each user's target among all items, history items excluded (a model whose time bias
+    uses the next event's timestamp is given the target's, as generative-recommenders evaluates)."""
     model.eval()
     table = model.item_table().to(device)
     users = [u for u in ds.users if retrieval_eval_point(u, split) >= 1]
@@ -57,7 +61,8 @@ def target_ranks(model: HSTURetrieval, ds: Dataset, split: str, device: str,
         points = [retrieval_eval_point(u, split) for u in chunk]
         seqs = [(u.items[max(0, t - model.cfg.max_seq_len):t], u.timestamps[max(0, t - model.cfg.max_seq_len):t])
                 for u, t in zip(chunk, points)]
-        emb = model.user_embedding(retrieval_batch(seqs, False).to(device))
+        next_ts = torch.as_tensor(np.array([u.timestamps[t] for u, t in zip(chunk, points)]), device=device)
+        emb = model.user_embedding(retrieval_batch(seqs, False).to(device), next_ts)
         scores = emb @ table.T  # [b, num_items + 1]
         targets = torch.as_tensor(np.array([u.items[t] for u, t in zip(chunk, points)]), device=device)
         target_scores = scores.gather(1, targets[:, None])

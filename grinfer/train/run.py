@@ -40,13 +40,16 @@ def train_model(cfg: ModelConfig, ds: Dataset, data_spec: str, settings: TrainSe
     model = build_model(cfg).to(settings.device)
     start = time.perf_counter()
     if cfg.kind == "hstu":
-        history = train_retrieval(model, ds, settings, validate=validate)
+        fitted = train_retrieval(model, ds, settings, validate=validate)
     else:
-        history = train_ranking(model, ds, Featurizer(ds.catalog, cfg.num_time_buckets), settings, validate=validate)
+        fitted = train_ranking(model, ds, Featurizer(ds.catalog, cfg.num_time_buckets), settings, validate=validate)
     seconds = time.perf_counter() - start
     metrics = evaluate(model, ds, settings.device)
+    history = fitted.history
     record = {"data": data_spec, "dataset": ds.name, "device": settings.device, "train_seconds": round(seconds, 1),
-              "settings": settings.__dict__, "history": history, **metrics}
+              "settings": settings.__dict__, "epochs_run": len(history), "best_epoch": fitted.best_epoch,
+              "best_validation": fitted.best_value, "stopped_early": fitted.stopped_early,
+              "saved_epoch": fitted.best_epoch or len(history), "history": history, **metrics}
     save_checkpoint(model.cpu(), out, extra={"training": {k: record[k] for k in ("data", "dataset", "device")}})
     (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     plot_history({f"{cfg.name} ({cfg.kind})": history}, out / "loss.png")

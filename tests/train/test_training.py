@@ -26,7 +26,7 @@ def test_ranking_training_lowers_loss(ds):
     cfg = config_for(preset("mtgr-tiny"), ds)
     model = build_model(cfg)
     history = train_ranking(model, ds, Featurizer(ds.catalog, cfg.num_time_buckets),
-                            TrainSettings(epochs=4, batch_size=32, lr=3e-3, progress=False), validate=False)
+                            TrainSettings(epochs=4, batch_size=32, lr=3e-3, progress=False), validate=False).history
     losses = [h["loss"] for h in history]
     assert losses[-1] < losses[0] - 0.02, losses
     metrics = evaluate_ranking(model, ds, Featurizer(ds.catalog, cfg.num_time_buckets))
@@ -39,7 +39,7 @@ def test_retrieval_training_lowers_loss(ds):
     cfg = config_for(preset("hstu-ml1m").model_copy(update={"max_seq_len": 32, "dropout": 0.0}), ds)
     model = build_model(cfg)
     history = train_retrieval(model, ds, TrainSettings(epochs=4, batch_size=32, lr=3e-3, num_negatives=32,
-                                                       progress=False), validate=False)
+                                                       progress=False), validate=False).history
     losses = [h["loss"] for h in history]
     assert losses[-1] < losses[0] - 0.1, losses
     metrics = evaluate_retrieval(model, ds, "test")
