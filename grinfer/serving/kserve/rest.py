@@ -94,10 +94,11 @@ def encode(response: InferResponse, binary: set[str] | bool) -> Response:
         outputs.append(entry)
     head = json.dumps({"model_name": response.model_name, "model_version": response.model_version,
                        "id": response.id, "parameters": response.parameters, "outputs": outputs}).encode()
+    cache = {"X-Grinfer-Cache": str(response.parameters.get("cache", ""))}  # as /v1/rank's, for balancer logs
     if not raws:
-        return Response(head, media_type="application/json")
+        return Response(head, media_type="application/json", headers=cache)
     return Response(head + b"".join(raws), media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(len(head))})
+                    headers={"Inference-Header-Content-Length": str(len(head)), **cache})
 
 
 def _false(message: str) -> JSONResponse:

@@ -1,0 +1,52 @@
+"""`grinfer bench --server --protocol P`: the same closed-loop load over REST, grinfer's gRPC and KServe v2
+(HTTP and gRPC) on a live server, every request answered; bad protocol settings are one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from grinfer.bench.load import run_load
+from grinfer.cli import app
+
+
+@pytest.mark.parametrize("protocol", ["rest", "grpc", "kserve-http", "kserve-grpc"])
+@pytest.mark.parametrize("endpoint", ["rank", "recommend"])
+def test_every_protocol_carries_the_load(live, protocol, endpoint):
+    (level,) = run_load(live.url, [3], endpoint=endpoint, requests=12, duration_s=120, candidates=5,
+                        protocol=protocol, grpc_target=f"127.0.0.1:{live.grpc.port}")
+    assert level.ok == 12 and level.errors == {} and level.rejected_429 == 0
+    assert level.p50_ms is not None and level.p99_ms >= level.p50_ms
+    caches = {cache for statuses in level.replicas.values() for cache in statuses}
+    assert caches <= {"hit", "partial", "miss", "none"} and sum(
+        n for statuses in level.replicas.values() for n in statuses.values()) == 12
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"protocol": "soap"}, "--protocol must be one of rest, grpc, kserve-http, kserve-grpc, triton"),
+    ({"protocol": "grpc"}, "--protocol grpc needs --grpc-target HOST:PORT"),
+    ({"protocol": "kserve-grpc", "grpc_target": "10.1.2.3:50051"}, "only loopback addresses"),
+    ({"protocol": "kserve-grpc", "grpc_target": "127.0.0.1"}, "--grpc-target must be HOST:PORT"),
+    ({"protocol": "triton"}, "--protocol triton needs --triton-url"),
+    ({"protocol": "triton", "endpoint": "recommend", "triton_url": "http://127.0.0.1:1"}, "use --endpoint rank"),
+    ({"protocol": "triton", "triton_url": "http://192.0.2.1:8000"}, "only loopback addresses"),
+])
+def test_bad_protocol_settings_are_one_clear_error(live, kwargs, message):
+    kwargs = {"endpoint": "rank", **kwargs}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run_load(live.url, [1], requests=1, duration_s=5, **kwargs)
+
+
+def test_cli_runs_a_protocol_and_names_it(live, tmp_path):
+    out = tmp_path / "kserve.json"
+    result = CliRunner().invoke(app, ["bench", "--server", live.url, "--endpoint", "rank", "--protocol",
+                                      "kserve-grpc", "--grpc-target", f"127.0.0.1:{live.grpc.port}", "--clients",
+                                      "2", "--requests", "6", "--candidates", "4", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "rank over kserve-grpc on" in result.output
+    report = json.loads(out.read_text())
+    assert report["settings"]["protocol"] == "kserve-grpc" and report["levels"][0]["ok"] == 6
+    bad = CliRunner().invoke(app, ["bench", "--server", live.url, "--protocol", "grpc"])
+    assert bad.exit_code == 2 and "--protocol grpc needs --grpc-target" in bad.output
