@@ -9,6 +9,7 @@ KV-cache hit ratio over the level (from /metrics). It only ever talks to the loc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import multiprocessing
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from grinfer.bench.figure import panels
+from grinfer.bench.protocols import PROTOCOLS, Send, rest_sender
 
 ENDPOINTS = ("recommend", "rank")
 MAX_REQUESTS, MAX_DURATION_S, MAX_CLIENTS = 100_000, 600.0, 1024
@@ -133,10 +135,6 @@ class Workload:
         self.candidates, self.k, self.seed = min(candidates, len(items)) if items else 0, k, seed
         self.rng = random.Random(seed)
 
-    @property
-    def path(self) -> str:
-        return f"/v1/{self.endpoint}"
-
     def body(self) -> dict:
         user = self.rng.choice(self.users)
         if self.endpoint == "recommend":
@@ -189,10 +187,11 @@ def kv_of_page(text: str) -> dict[str, float] | None:
 
 
 async def run_level(client: httpx.AsyncClient, workload: Workload, clients: int, requests: int,
-                    duration_s: float) -> LevelResult:
-    """`clients` closed loops until `requests` have been sent or `duration_s` has passed."""
+                    duration_s: float, send: Send | None = None) -> LevelResult:
+    """`clients` closed loops until `requests` have been sent or `duration_s` has passed (over REST, or `send`)."""
     before = await kv_counts(client)
-    outcome = await _closed_loops(client, workload, clients, requests, duration_s)
+    outcome = await _closed_loops(send or rest_sender(client, workload.endpoint), workload, clients, requests,
+                                  duration_s)
     return _level(workload, clients, outcome, before, await kv_counts(client))
 
 
@@ -228,12 +227,12 @@ def _loops_in_process(base_url: str, endpoint: str, users: list[str], items: lis
         async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, trust_env=False,
                                      follow_redirects=False) as client:
             workload = Workload(endpoint, users, items, candidates, k, seed)
-            return await _closed_loops(client, workload, clients, requests, duration_s)
+            return await _closed_loops(rest_sender(client, endpoint), workload, clients, requests, duration_s)
 
     return asyncio.run(go())
 
 
-async def _closed_loops(client: httpx.AsyncClient, workload: Workload, clients: int, requests: int,
+async def _closed_loops(send: Send, workload: Workload, clients: int, requests: int,
                         duration_s: float) -> tuple[Counter, list[float], int, float, Counter]:
     """(outcomes by status, OK latencies in ms, requests sent, seconds, OK answers by (replica, cache status))
     of `clients` closed loops; each request names its user in X-User-Id, the key user-affine balancers hash."""
@@ -250,15 +249,11 @@ async def _closed_loops(client: httpx.AsyncClient, workload: Workload, clients: 
             sent += 1  # no await between the check and the increment: the budget is exact
             body = workload.body()
             t0 = time.perf_counter()
-            try:
-                r = await client.post(workload.path, json=body, headers={"X-User-Id": body["user"]})
-            except httpx.HTTPError as exc:
-                statuses[type(exc).__name__] += 1
-                continue
-            if r.status_code == 200:
+            outcome, answered = await send(body)
+            if outcome == "200":
                 latencies.append(1e3 * (time.perf_counter() - t0))
-                served[(r.headers.get("x-grinfer-replica", "?"), r.headers.get("x-grinfer-cache", "?"))] += 1
-            statuses[str(r.status_code)] += 1
+                served[answered] += 1
+            statuses[outcome] += 1
 
     await asyncio.gather(*(loop() for _ in range(clients)))
     return statuses, latencies, sent, time.perf_counter() - start, served
@@ -282,11 +277,17 @@ def _level(workload: Workload, clients: int, outcome: tuple, before: dict | None
 
 async def run_load_async(server: str, clients: list[int], endpoint: str = "recommend", requests: int = 400,
                          duration_s: float = 30.0, candidates: int = 100, k: int = 10, seed: int = 0,
-                         timeout_s: float = 60.0) -> list[LevelResult]:
-    """Run every concurrency level in turn against a loopback server; returns one result per level."""
+                         timeout_s: float = 60.0, protocol: str = "rest", grpc_target: str | None = None,
+                         triton_url: str | None = None, triton_model: str = "ensemble_model") -> list[LevelResult]:
+    """Run every concurrency level in turn against a loopback server; returns one result per level.
+
+    The load goes over `protocol` (protocols.py); users, items and KV-cache counters always come from
+    `server`'s REST API."""
     base = loopback_url(server)
     if endpoint not in ENDPOINTS:
         raise ValueError(f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {endpoint!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if not 1 <= requests <= MAX_REQUESTS:
         raise ValueError(f"--requests must be between 1 and {MAX_REQUESTS}, got {requests}")
     if not 0 < duration_s <= MAX_DURATION_S:
@@ -300,7 +301,36 @@ async def run_load_async(server: str, clients: list[int], endpoint: str = "recom
     async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits, trust_env=False,
                                  follow_redirects=False) as client:
         workload = await prepare(client, endpoint, candidates, k, seed)
-        return [await run_level(client, workload, n, requests, duration_s) for n in levels]
+        async with connect(protocol, client, workload, timeout_s, width, grpc_target, triton_url,
+                           triton_model) as send:
+            return [await run_level(client, workload, n, requests, duration_s, send) for n in levels]
+
+
+@contextlib.asynccontextmanager
+async def connect(protocol: str, client: httpx.AsyncClient, workload: Workload, timeout_s: float, width: int,
+                  grpc_target: str | None, triton_url: str | None, triton_model: str):
+    """The sender of `protocol` (its channel or client open while the context lasts)."""
+    from grinfer.bench import protocols as p
+
+    if protocol in p.GRPC_PROTOCOLS:
+        import grpc
+
+        async with grpc.aio.insecure_channel(p.grpc_target(grpc_target, protocol, loopback_url)) as channel:
+            make = p.grpc_sender if protocol == "grpc" else p.kserve_grpc_sender
+            yield make(channel, workload.endpoint, timeout_s)
+    elif protocol == "triton":
+        if workload.endpoint != "rank":
+            raise ValueError("--protocol triton ranks given candidates: use --endpoint rank")
+        if not triton_url:
+            raise ValueError("--protocol triton needs --triton-url, the v2 server's HTTP URL")
+        limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
+        tensors = p.triton_inputs(await p.triton_contexts(client, workload.users))
+        async with httpx.AsyncClient(base_url=loopback_url(triton_url), timeout=timeout_s, limits=limits,
+                                     trust_env=False, follow_redirects=False) as triton:
+            yield p.kserve_http_sender(triton, workload.endpoint, triton_model, tensors)
+    else:
+        yield p.rest_sender(client, workload.endpoint) if protocol == "rest" else \
+            p.kserve_http_sender(client, workload.endpoint)
 
 
 def run_load(server: str, clients: list[int], **kwargs) -> list[LevelResult]:
