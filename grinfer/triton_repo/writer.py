@@ -56,11 +56,17 @@ def _cell(name: str, dtype: str = "INT64") -> Tensor:
     return Tensor(name, dtype, (1, 1))
 
 
-def request_inputs(optional: bool = True) -> list[Tensor]:
-    """The raw request tensors clients send to ensemble_model (and preprocess_py takes)."""
-    return [_one("USER_ID", "BYTES"), _vec("PROFILE"), _vec("EVENT_ITEMS"), _vec("EVENT_TIMESTAMPS"),
-            _vec("EVENT_ACTIONS"), _vec("CANDIDATE_ITEMS")] + \
-        [_one(n, optional=optional) for n in ("NUM_STATIC", "HISTORY_VERSION", "REQUEST_TS", "TOP_K")]
+def request_inputs() -> list[Tensor]:
+    """The raw request tensors clients send to ensemble_model (and preprocess_py takes).
+
+    All are declared optional, the required ones too: Triton's ensemble scheduler answers a request that
+    lacks a required input with "unexpected deadlock"; so preprocess_py checks them and names the missing one.
+    NUM_STATIC (default: every event is static history), HISTORY_VERSION (0), REQUEST_TS (now) and TOP_K (all
+    candidates) may be left out."""
+    return [_one("USER_ID", "BYTES", optional=True)] + \
+        [_vec(n, optional=True) for n in ("PROFILE", "EVENT_ITEMS", "EVENT_TIMESTAMPS", "EVENT_ACTIONS",
+                                          "CANDIDATE_ITEMS")] + \
+        [_one(n, optional=True) for n in ("NUM_STATIC", "HISTORY_VERSION", "REQUEST_TS", "TOP_K")]
 
 
 def configs(model_cfg, settings: RepoSettings) -> dict[str, str]:
