@@ -49,6 +49,7 @@ ERROR_TEXT = {400: "Both Content-Length and Transfer-Encoding given (field `body
 # the user a balancer hashes on (nginx, HAProxy, Envoy: consistent hash of this header); checked against the body
 UserHeader = Annotated[str | None, Header(description="The request's user, for a user-affine balancer; must be the "
                                                       "body's user (422, field `user`, otherwise)")]
+MAX_RECENT = 10_000  # GET /v1/users/{user}?recent=: more events than a context holds
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
 
 
@@ -168,10 +169,12 @@ def create_app(state: AppState) -> FastAPI:  # noqa: C901 (one nested function p
         return await asyncio.to_thread(service.append_events, body, idempotency_key)
 
     @app.get("/v1/users/{user}", response_model=UserOut, responses=_errors(404, 422, 503))
-    async def get_user(user: Annotated[str, Path(**USER_ID_RULES)], x_user_id: UserHeader = None) -> UserOut:
+    async def get_user(user: Annotated[str, Path(**USER_ID_RULES)], x_user_id: UserHeader = None,
+                       recent: Annotated[int, Query(ge=1, le=MAX_RECENT, description="How many of the most recent "
+                                                    "events to return, newest first.")] = 20) -> UserOut:
         """A user's profile, history version and recent events."""
         check_user_header(x_user_id, user)
-        return await asyncio.to_thread(service.get_user, user)
+        return await asyncio.to_thread(service.get_user, user, recent)
 
     @app.get("/v1/users", response_model=UsersOut, responses=_errors(422, 503))
     async def list_users(query: Annotated[UsersQuery, Query()]) -> UsersOut:
