@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import pytest
 from typer.testing import CliRunner
 
 from grinfer.bench.load import run_load
+from grinfer.bench.protocols import triton_contexts, triton_inputs
 from grinfer.cli import app
 
 
@@ -50,3 +53,18 @@ def test_cli_runs_a_protocol_and_names_it(live, tmp_path):
     assert report["settings"]["protocol"] == "kserve-grpc" and report["levels"][0]["ok"] == 6
     bad = CliRunner().invoke(app, ["bench", "--server", live.url, "--protocol", "grpc"])
     assert bad.exit_code == 2 and "--protocol grpc needs --grpc-target" in bad.output
+
+
+def test_triton_contexts_carry_the_users_whole_context(live):
+    async def fetch():
+        async with httpx.AsyncClient(base_url=live.url) as client:
+            return await triton_contexts(client, [live.user()])
+    context = asyncio.run(fetch())[live.user()]
+    record = live.store.get_user(live.user())
+    events = record.static + record.realtime
+    assert context["items"] == [live.raw_item(e.item) for e in events] and len(events) > 0
+    assert context["ts"] == [e.ts for e in events] and context["num_static"] == len(record.static)
+    tensors = {t["name"]: t for t in triton_inputs({live.user(): context})({"user": live.user(),
+                                                                            "candidates": [{"item": 7}]})}
+    assert tensors["CANDIDATE_ITEMS"]["data"] == [7] and tensors["USER_ID"]["data"] == [live.user()]
+    assert live.http.get(f"/v1/users/{live.user()}", params={"recent": 0}).status_code == 422
