@@ -156,6 +156,11 @@ class EngineConfig(BaseModel):
     kv_cache_bytes: int = Field(256 << 20, ge=0)
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=0.95)
     host_cache_bytes: int = Field(0, ge=0)  # 0 disables the host tier
+    # the disk tier: memory-mapped files under disk_cache_dir/<model fingerprint>, kept across restarts
+    disk_cache_bytes: int = Field(0, ge=0)  # 0 disables it
+    disk_cache_dir: str | None = None
+    # steps in flight: 1 = plan, run, wait (the synchronous reference); 2 = plan step N+1 while N runs
+    pipeline_depth: int = Field(2, ge=1, le=2)
     max_batch_tokens: int = Field(8192, ge=16)  # tokens computed per step (context + candidates)
     max_batch_requests: int = Field(64, ge=1)
     max_queue: int = Field(1024, ge=1)  # waiting requests beyond this are rejected (overload)

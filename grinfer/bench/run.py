@@ -116,7 +116,7 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
                           computed_realtime=w.new_events, context_cached=w.warm)
     per_batch = float(np.median(batch_seconds))
     stats = core.stats()["kv_cache"]
-    per_token = core.cache.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype])
+    per_token = core.pool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype])
     context_tokens = w.profile_tokens + w.static + w.realtime
     return {
         "workload": w.name, "backend": backend + ("/nograph" if backend == "fused" and not config.cuda_graphs else ""),

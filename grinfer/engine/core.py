@@ -1,22 +1,36 @@
-"""EngineCore: the synchronous engine loop body (schedule -> execute -> update), no threads."""
+"""EngineCore: the engine loop body (schedule -> launch -> update), no threads of its own.
+
+With `EngineConfig.pipeline_depth` = 1 each step is launched and waited for before the next is planned
+(the synchronous reference). With 2 the next step is planned, prepared and launched while the previous
+one still runs on the device, and the previous one is then waited for: progress advances at schedule
+time (scheduler.py), so planning never waits for a result.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import deque
+from pathlib import Path
 
 import torch
 
 from grinfer.config import EngineConfig
 from grinfer.data.types import ItemCatalog
 from grinfer.engine.backends import make_backend
+from grinfer.engine.block_manager import BlockManager
 from grinfer.engine.kv_cache import KVCache
+from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.request import ContextTooLarge, EngineError, RankRequest, RankResult
-from grinfer.engine.runner import ModelRunner
-from grinfer.engine.scheduler import RequestState, Scheduler, context_signature
+from grinfer.engine.runner import ModelRunner, StepOutput
+from grinfer.engine.scheduler import RequestState, Scheduler, StepPlan
+from grinfer.engine.signature import context_signature
+from grinfer.engine.tiers import DiskTier, HostTier, Tier
 from grinfer.features.device import DeviceFeaturizer
 from grinfer.model.mtgr import MTGR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Finished = list[tuple[RequestState, RankResult | EngineError | Exception]]
 
 
 def cache_blocks(config: EngineConfig, bytes_per_token: int, device: torch.device) -> int:
@@ -25,6 +39,27 @@ def cache_blocks(config: EngineConfig, bytes_per_token: int, device: torch.devic
     if device.type == "cuda" and budget == 0:
         budget = int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
     return budget // (bytes_per_token * config.block_size)
+
+
+def model_fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
+    """A short hash of the model's config, dtype and weights (the first 64 KiB of every tensor): the key
+    under which its K/V may be kept across restarts."""
+    h = hashlib.sha1(f"{getattr(model, 'cfg', '')}|{dtype}".encode())
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(flat[:65536 // max(flat.element_size(), 1)].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def make_tiers(config: EngineConfig, fingerprint: str) -> list[Tier]:
+    """The lower tiers the config asks for, first to last: host memory, then disk."""
+    disk = None
+    if config.disk_cache_bytes and config.disk_cache_dir:
+        disk = DiskTier(Path(config.disk_cache_dir).expanduser() / fingerprint, config.disk_cache_bytes)
+    if config.host_cache_bytes:
+        return [HostTier(config.host_cache_bytes, lower=disk)]
+    return [disk] if disk is not None else []
 
 
 class EngineCore:
@@ -42,16 +77,18 @@ class EngineCore:
         self.model = model.to(self.device, dtype).eval()
         cfg = model.cfg
         backend = make_backend(config.backend, self.model, config)
-        per_token = KVCache.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype)
+        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype)
         # candidates of one step: at most max_batch_tokens, each item's starting on a page of their own
         scratch = -(-config.max_batch_tokens // config.block_size) + config.max_batch_requests
-        self.cache = KVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, config.block_size,
-                             cache_blocks(config, per_token, self.device), dtype, self.device,
-                             host_bytes=config.host_cache_bytes, scratch_blocks=scratch if backend.keys_in_pool else 0)
+        manager = BlockManager(cache_blocks(config, per_token, self.device), config.block_size)
+        self.pool = KVPool(cfg.num_layers, cfg.num_heads, cfg.head_dim, config.block_size, manager.num_blocks,
+                           dtype, self.device, scratch_blocks=scratch if backend.keys_in_pool else 0)
+        self.cache = KVCache(manager, self.pool, make_tiers(config, model_fingerprint(self.model, dtype)))
         self.scheduler = Scheduler(config, self.cache, cfg.num_layers)
-        self.runner = ModelRunner(backend, self.cache,
-                                  DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device), self.device)
+        self.runner = ModelRunner(backend, self.pool, DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device),
+                                  self.device, pipelined=config.pipeline_depth > 1)
         self.num_profile_tokens = len(cfg.profile_cardinalities)
+        self.inflight: deque[tuple[StepPlan, StepOutput, float]] = deque()
         self.steps = 0
         self.last_step: dict = {}
 
@@ -74,55 +111,87 @@ class EngineCore:
         return state
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.inflight)
 
-    def step(self) -> list[tuple[RequestState, RankResult | EngineError | Exception]]:
-        """One engine step; returns the requests that finished or failed in it."""
+    def step(self) -> Finished:
+        """Plan and launch one step, then wait for the oldest step in flight once `pipeline_depth` are (or
+        when there is nothing new to launch); returns the requests that finished or failed."""
         plan = self.scheduler.schedule()
-        out: list[tuple[RequestState, RankResult | EngineError | Exception]] = []
-        for state, error in plan.failed:
-            # an expired request keeps its user's entry: K/V are only written past the committed prefix
-            self.scheduler.finish(state, ok=True)
+        out: Finished = []
+        for state, error in plan.failed:  # expired with nothing in flight: their entries stay cached
+            self.runner.forget(state)
             out.append((state, error))
-        if not plan.items:
-            return out
-        start = time.perf_counter()
+        if plan.items:
+            start = time.perf_counter()
+            try:
+                output = self.runner.launch(plan)
+            except Exception as exc:  # a failing batch fails its requests, never the engine
+                output = StepOutput([], done=_raiser(exc))
+            self.inflight.append((plan, output, start))
+        while self.inflight and (len(self.inflight) >= self.config.pipeline_depth or not plan.items):
+            out.extend(self._complete(*self.inflight.popleft()))
+        return out
+
+    def _complete(self, plan: StepPlan, output: StepOutput, start: float) -> Finished:
+        """Wait for a launched step, commit it and resolve the requests it finished."""
         try:
-            self.runner.execute(plan)
-        except Exception as exc:  # a failing batch fails its requests, never the engine
-            for item in plan.items:
-                self.scheduler.finish(item.state, ok=False)
-                out.append((item.state, exc))
-            return out
-        self.steps += 1
-        self.last_step = {"requests": len(plan.items), "tokens": sum(i.tokens for i in plan.items),
-                          "seconds": time.perf_counter() - start, "layers": plan.layers}
+            output.wait()
+            error = None
+        except Exception as exc:
+            error = exc
+        if error is None:
+            self.runner.complete(plan, output)
+            self.steps += 1
+            self.last_step = {"requests": len(plan.items), "tokens": sum(i.tokens for i in plan.items),
+                              "seconds": time.perf_counter() - start, "layers": plan.layers}
         now = time.monotonic()
-        for state in self.scheduler.update(plan):
-            out.append((state, self.scheduler.expired(state, now) or self._result(state, now)))
+        out: Finished = []
+        for state in self.scheduler.update(plan, error):
+            if state.error is not None:
+                self.runner.forget(state)
+                out.append((state, state.error))
+            else:
+                out.append((state, self.scheduler.expired(state, now) or self._result(state, now)))
         return out
 
     def _result(self, state: RequestState, now: float) -> RankResult:
-        logits = torch.cat(state.logits) if state.logits else torch.zeros(0, len(self.model.cfg.tasks))
+        probs = torch.sigmoid(self.runner.pop_logits(state, len(self.model.cfg.tasks)))
         req, lookup = state.request, state.lookup
-        return RankResult(req.request_id, torch.sigmoid(logits), lookup.status, lookup.cached_tokens,
+        return RankResult(req.request_id, probs, lookup.status, lookup.cached_tokens,
                           lookup.compute_tokens, state.started - req.arrival, now - req.arrival, state.steps)
 
-    def run_until_done(self) -> list[tuple[RequestState, RankResult | EngineError | Exception]]:
-        """Step until nothing is queued or running (tests and offline scoring)."""
+    def run_until_done(self) -> Finished:
+        """Step until nothing is queued, running or in flight (tests and offline scoring)."""
         out = []
         while self.has_work():
             out.extend(self.step())
         return out
 
+    def close(self) -> None:
+        """Stop the runner's worker and move the cached K/V down to the tiers (a disk tier keeps them for
+        the next start)."""
+        self.runner.close()
+        self.cache.persist()
+        for tier in self.cache.tiers:
+            closer = getattr(tier, "close", None)
+            if closer is not None:
+                closer()
+
     def device_bytes(self) -> int:
         """Bytes held on the device: CUDA's allocator count, or on the CPU the weights and the KV pool."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        tensors = [*self.model.parameters(), *self.model.buffers(), self.cache.k, self.cache.v]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        weights = [*self.model.parameters(), *self.model.buffers()]
+        return sum(t.numel() * t.element_size() for t in weights) + self.pool.nbytes()
 
     def stats(self) -> dict:
         """Plain stats: queue, running, KV cache, last step."""
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                "steps": self.steps, "kv_cache": self.cache.snapshot(), "last_step": self.last_step}
+                "steps": self.steps, "kv_cache": self.cache.snapshot(), "last_step": self.last_step,
+                "pipeline_depth": self.config.pipeline_depth}
+
+
+def _raiser(exc: Exception):
+    def done():
+        raise exc
+    return done

@@ -130,6 +130,11 @@ class Engine:
         return self.core.model.cfg
 
     @property
+    def device(self):
+        """The torch.device the engine computes on."""
+        return self.core.device
+
+    @property
     def has_retriever(self) -> bool:
         """Whether retrievals use a model (else every unseen item is a candidate)."""
         return self.retriever.model is not None
@@ -175,6 +180,7 @@ class Engine:
                 busy = self._has_work()
                 stop = self._stopping and (not self._drain or not busy)
             if stop:
+                self._close_core()
                 break
             if not busy:  # idle: deferred device work (a CUDA-graph capture), one piece at a time
                 self._idle_work = self._capture_pending()
@@ -192,6 +198,12 @@ class Engine:
         for future in pending:
             if future.set_running_or_notify_cancel():
                 future.set_exception(EngineError("engine shut down before the request ran"))
+
+    def _close_core(self) -> None:
+        try:
+            self.core.close()  # the runner's worker stops; cached K/V go down to the tiers
+        except Exception:
+            log.exception("closing the engine core failed")
 
     def _has_work(self) -> bool:
         return bool(self._inbox or self._retrievals or self._calls) or self.core.has_work()

@@ -1,20 +1,28 @@
-"""Executes a step: one jagged batch of new tokens through the backend over the paged KV cache.
+"""Executes a step: one jagged batch of new tokens through the backend over the paged KV pool.
 
-New requests are featurized and embedded once; the step's indices (engine/step.py) are built; the
-backend runs the layers over the step's new tokens (`Backend.run_layers`: new context K/V written into
-the cache, each query attending over its user's cached context plus the step's candidates).
-Candidates' final states go through the heads.
+New requests are featurized and embedded once; the step's indices (engine/step.py) are built from the
+pages each work item carries; the backend runs the layers over the step's new tokens (`Backend.run_layers`:
+new context K/V written into the pool, each query attending over its user's cached context plus the
+step's candidates). Candidates' final states go through the heads.
+
+The runner owns every per-request tensor (embeddings, a layer-chunked context's hidden states, the logits
+so far) in a table keyed by request. `launch(plan)` prepares on the host and queues the device work
+without waiting for it: on CUDA the kernels are queued on the stream and the logits come back through a
+non-blocking copy into pinned memory with an event; on the CPU (pipelined) a worker thread runs the device
+part in order, so the host prepares step N+1 while step N computes. `StepOutput.wait()` joins the step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import record_function
 
 from grinfer.engine.backends import Backend
-from grinfer.engine.kv_cache import KVCache
+from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.scheduler import RequestState, StepPlan
 from grinfer.engine.step import build_step_index
 from grinfer.features.device import DeviceFeaturizer
@@ -29,40 +37,116 @@ class _Embedded:
     ts: torch.Tensor
 
 
-class ModelRunner:
-    """Runs StepPlans with a backend over the KV cache; candidate logits go back to the request states."""
+@dataclass
+class _RequestTensors:
+    """The runner's state of one request."""
 
-    def __init__(self, backend: Backend, cache: KVCache, featurizer: DeviceFeaturizer, device: torch.device):
-        self.backend, self.cache, self.featurizer, self.device = backend, cache, featurizer, device
+    embedded: _Embedded | None = None
+    layer_state: torch.Tensor | None = None  # hidden states of a layer-chunked context's pending tokens
+    logits: list[torch.Tensor] = field(default_factory=list)  # [n, tasks] float32 host, per step
+
+
+@dataclass
+class StepOutput:
+    """A launched step: `wait()` blocks until it is done and raises what its device part raised."""
+
+    counts: list[int]  # candidates scored per work item, in plan order
+    logits: torch.Tensor | None = None  # [sum(counts), tasks] float32 on the host once done
+    done: Callable[[], object] | None = None
+
+    def wait(self) -> None:
+        if self.done is not None:
+            done, self.done = self.done, None
+            result = done()
+            if isinstance(result, torch.Tensor):
+                self.logits = result
+
+
+class ModelRunner:
+    """Runs StepPlans with a backend over the KV pool; keeps each request's tensors until it finishes."""
+
+    def __init__(self, backend: Backend, pool: KVPool, featurizer: DeviceFeaturizer, device: torch.device,
+                 pipelined: bool = False):
+        self.backend, self.pool, self.featurizer, self.device = backend, pool, featurizer, device
         self.dtype = next(backend.model.parameters()).dtype
+        self.table: dict[int, _RequestTensors] = {}
+        # CPU kernels run on the calling thread: a worker thread plays the role of the CUDA stream
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="grinfer-device") \
+            if pipelined and device.type == "cpu" else None
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Run the plan to completion (the synchronous form of `launch`)."""
+        output = self.launch(plan)
+        output.wait()
+        return output
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> None:
-        """Compute the plan; candidate logits go to each state's `logits`, chunk states to `layer_state`."""
+    def launch(self, plan: StepPlan) -> StepOutput:
+        """Prepare the plan on the host (embed new requests, build indices) and queue its device work."""
         items = [it for it in plan.items if it.tokens]
+        counts = [it.cand_end - it.cand_start for it in plan.items]
         if not items:
-            return
+            return StepOutput(counts)
         with record_function("grinfer.embed"):
-            self._embed([it.state for it in items if it.state.embedded is None])
+            self._embed([it.state for it in items if self._tensors(it.state).embedded is None])
+        embedded = [self.table[it.state.key].embedded for it in items]
         with record_function("grinfer.index"):
-            idx = build_step_index(items, self.cache, self.device)
+            idx = build_step_index(items, embedded, self.pool, self.device)
         first, last = plan.layers
-        if first == 0:
-            x = torch.cat([it.state.embedded.x for it in items])[idx.q_rows]
-        else:
-            x = items[0].state.layer_state
-        x = self.backend.run_layers(x, idx, self.cache, first, last)
-        if last < len(self.backend.model.layers):
-            items[0].state.layer_state = x
+        chunked = self.table[items[0].state.key]
+
+        @torch.inference_mode()
+        def run() -> torch.Tensor | None:
+            x = torch.cat([e.x for e in embedded])[idx.q_rows] if first == 0 else chunked.layer_state
+            x = self.backend.run_layers(x, idx, self.pool, first, last)
+            if last < len(self.backend.model.layers):
+                chunked.layer_state = x
+                return None
+            chunked.layer_state = None
+            return self._to_host(self.backend.head(x[idx.cand_src]).float())
+
+        if self._worker is not None:
+            return StepOutput(counts, done=self._worker.submit(run).result)
+        logits = run()
+        if logits is None or self.device.type != "cuda":
+            return StepOutput(counts, logits)
+        event = torch.cuda.Event()
+        event.record()
+        return StepOutput(counts, logits, event.synchronize)
+
+    def complete(self, plan: StepPlan, output: StepOutput) -> None:
+        """File a finished step's logits under their requests."""
+        if output.logits is None:
             return
-        items[0].state.layer_state = None
-        logits = self.backend.head(x[idx.cand_src]).float().cpu()
         offset = 0
-        for it in items:
-            n = it.cand_end - it.cand_start
+        for item, n in zip(plan.items, output.counts):
             if n:
-                it.state.logits.append(logits[offset:offset + n])
+                self._tensors(item.state).logits.append(output.logits[offset:offset + n])
                 offset += n
+
+    def pop_logits(self, state: RequestState, num_tasks: int) -> torch.Tensor:
+        """The request's candidate logits in order, and its tensors forgotten."""
+        tensors = self.table.pop(state.key, None)
+        if tensors is None or not tensors.logits:
+            return torch.zeros(0, num_tasks)
+        return torch.cat(tensors.logits)
+
+    def forget(self, state: RequestState) -> None:
+        """Drop a failed or expired request's tensors."""
+        self.table.pop(state.key, None)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+
+    def _tensors(self, state: RequestState) -> _RequestTensors:
+        return self.table.setdefault(state.key, _RequestTensors())
+
+    def _to_host(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.device.type != "cuda":
+            return logits
+        host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+        return host.copy_(logits, non_blocking=True)
 
     def _embed(self, states: list[RequestState]) -> None:
         """Embed the full sequences of newly started requests, in one batch."""
@@ -76,5 +160,5 @@ class ModelRunner:
         lo = 0
         for state, n in zip(states, lengths):
             hi = lo + n  # the sequence lengths are known on the host: no device sync
-            state.embedded = _Embedded(x[lo:hi], meta.group[lo:hi], meta.pos[lo:hi], meta.ts[lo:hi])
+            self._tensors(state).embedded = _Embedded(x[lo:hi], meta.group[lo:hi], meta.pos[lo:hi], meta.ts[lo:hi])
             lo = hi

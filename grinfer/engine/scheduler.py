@@ -4,6 +4,10 @@ Each step takes, in arrival order, what fits `max_batch_tokens` and `max_batch_r
 request's uncached context tokens first, then its candidates, in micro-batches (M-FALCON) when they
 exceed what is left of the budget. A context larger than the whole budget runs alone, a few layers
 per step. Requests of one user run one at a time, so a user's cache entry has a single writer.
+
+Progress advances when work is scheduled (vLLM's async scheduling), so the next plan can be made while
+the previous step still runs on the device; `update(plan, output)` commits what a finished step
+computed. A request leaves the running set only once none of its steps is in flight.
 """
 
 from __future__ import annotations
@@ -12,30 +16,32 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-
 from grinfer.config import EngineConfig
-from grinfer.engine.kv_cache import CacheHandle, CacheLookup, ContextSignature, KVCache
+from grinfer.engine.kv_cache import CacheHandle, KVCache
 from grinfer.engine.request import DeadlineExceeded, EngineError, Overloaded, RankRequest
+from grinfer.engine.signature import CacheLookup, ContextSignature
+
+_keys = iter(range(1 << 62))
 
 
 @dataclass
 class RequestState:
-    """A request's progress through the engine."""
+    """A request's progress through the engine (its tensors live in the runner, keyed by `key`)."""
 
     request: RankRequest
     signature: ContextSignature
     lookup: CacheLookup | None = None
     handle: CacheHandle | None = None
-    context_done: int = 0  # context tokens whose K/V are in the cache (all layers)
-    layer_progress: int = 0  # for a layer-chunked context: layers done for the pending tokens
-    layer_state: torch.Tensor | None = None  # hidden states of the pending context tokens
+    context_scheduled: int = 0  # context tokens handed to steps so far (all layers)
+    candidates_scheduled: int = 0
+    layer_progress: int = 0  # for a layer-chunked context: layers scheduled for the pending tokens
+    context_done: int = 0  # context tokens whose K/V are committed to the cache
     candidates_done: int = 0
-    logits: list[torch.Tensor] = field(default_factory=list)
-    embedded: tuple | None = None  # (x0, meta) of the full sequence, made by the runner once
+    inflight: int = 0  # steps holding this request that have not been updated yet
+    error: Exception | None = None  # set when it failed or expired with steps still in flight
     started: float | None = None
     steps: int = 0
+    key: int = field(default_factory=lambda: next(_keys))
 
     @property
     def context_len(self) -> int:
@@ -46,19 +52,25 @@ class RequestState:
         return len(self.request.candidates)
 
     @property
+    def fully_scheduled(self) -> bool:
+        return self.context_scheduled == self.context_len and self.candidates_scheduled == self.num_candidates
+
+    @property
     def finished(self) -> bool:
         return self.context_done == self.context_len and self.candidates_done == self.num_candidates
 
 
 @dataclass
 class WorkItem:
-    """One request's share of a step: context positions [ctx_start, ctx_end), candidates [cand_start, cand_end)."""
+    """One request's share of a step: context positions [ctx_start, ctx_end), candidates [cand_start,
+    cand_end), over the pages `blocks` of its cache entry."""
 
     state: RequestState
     ctx_start: int
     ctx_end: int
     cand_start: int
     cand_end: int
+    blocks: list[int] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -92,27 +104,23 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> StepPlan:
-        """Pick this step's work; expired requests come back in `failed`."""
-        now, failed = time.monotonic(), []
-        for queue in (self.running, self.waiting):
-            for state in list(queue):
-                error = self.expired(state, now)
-                if error is not None:
-                    queue.remove(state)
-                    failed.append((state, error))
+        """Pick this step's work; expired requests with nothing in flight come back in `failed`."""
+        failed = self._expire(time.monotonic())
         budget, items = self.config.max_batch_tokens, []
         busy_users = {s.request.user for s in self.running}
 
         for state in list(self.running):
+            if state.error is not None or state.fully_scheduled:
+                continue
             item = self._take(state, budget, first=not items)
             if item is None:
                 break
             if isinstance(item, StepPlan):
-                return StepPlan(item.items, item.layers, failed)
+                return self._planned(item.items, item.layers, failed)
             items.append(item)
             budget -= item.tokens
             if len(items) >= self.config.max_batch_requests or budget <= 0:
-                return StepPlan(items, (0, self.num_layers), failed)
+                return self._planned(items, (0, self.num_layers), failed)
 
         skipped: list[RequestState] = []
         while self.waiting and len(items) < self.config.max_batch_requests and budget > 0:
@@ -120,26 +128,61 @@ class Scheduler:
             if state.request.user in busy_users:
                 skipped.append(state)
                 continue
-            state.lookup, state.handle = self.cache.acquire(state.signature)
-            if not self.cache.reserve(state.handle, state.lookup, state.signature):
-                self.cache.release(state.handle, keep=state.lookup.cached_tokens > 0)  # no empty entries left
-                state.lookup = state.handle = None
+            if not self._start(state):
                 skipped.append(state)
                 break  # the pool is full of running users' contexts: wait for them to finish
-            state.context_done = state.lookup.cached_tokens
-            state.started = time.monotonic()
-            self.running.append(state)
             busy_users.add(state.request.user)
             item = self._take(state, budget, first=not items)
             if item is None:
                 break
             if isinstance(item, StepPlan):
                 self.waiting.extendleft(reversed(skipped))
-                return StepPlan(item.items, item.layers, failed)
+                return self._planned(item.items, item.layers, failed)
             items.append(item)
             budget -= item.tokens
         self.waiting.extendleft(reversed(skipped))
-        return StepPlan(items, (0, self.num_layers), failed)
+        return self._planned(items, (0, self.num_layers), failed)
+
+    def _expire(self, now: float) -> list[tuple[RequestState, EngineError]]:
+        """Expired requests: out of the queues now, or (with steps in flight) marked to finish at update."""
+        failed = []
+        for queue in (self.running, self.waiting):
+            for state in list(queue):
+                error = self.expired(state, now)
+                if error is None or state.error is not None:
+                    continue
+                if state.inflight:
+                    state.error = error
+                else:
+                    queue.remove(state)
+                    self._unpin(state, ok=True)
+                    failed.append((state, error))
+        return failed
+
+    def _start(self, state: RequestState) -> bool:
+        """Look the request's context up and reserve its pages; False when the pool has no room now."""
+        state.lookup, state.handle = self.cache.acquire(state.signature)
+        if not self.cache.reserve(state.handle, state.lookup, state.signature):
+            self.cache.release(state.handle, keep=state.lookup.cached_tokens > 0)  # no empty entries left
+            state.lookup = state.handle = None
+            return False
+        state.context_scheduled = state.context_done = state.lookup.cached_tokens
+        state.started = time.monotonic()
+        self.running.append(state)
+        return True
+
+    def _planned(self, items: list[WorkItem], layers: tuple[int, int], failed) -> StepPlan:
+        """The plan, with each item's progress advanced as scheduled and its pages attached."""
+        for item in items:
+            state = item.state
+            item.blocks = state.handle.blocks if state.handle is not None else []
+            state.inflight += 1
+            if layers[1] < self.num_layers:
+                state.layer_progress = layers[1]
+                continue
+            state.layer_progress = 0
+            state.context_scheduled, state.candidates_scheduled = item.ctx_end, item.cand_end
+        return StepPlan(items, layers, failed)
 
     @staticmethod
     def expired(state: RequestState, now: float) -> DeadlineExceeded | None:
@@ -156,56 +199,51 @@ class Scheduler:
 
     def _take(self, state: RequestState, budget: int, first: bool) -> WorkItem | StepPlan | None:
         """This request's work within `budget`; a layer-chunk plan if its context needs the whole step."""
-        pending = state.context_len - state.context_done
+        pending = state.context_len - state.context_scheduled
         if pending > self.config.max_batch_tokens or state.layer_progress:
             if not first:
                 return None
             per_step = max(1, self.config.max_batch_tokens * self.num_layers // pending)
             start = state.layer_progress
             layers = (start, min(self.num_layers, start + per_step))
-            return StepPlan([WorkItem(state, state.context_done, state.context_len, 0, 0)], layers)
-        remaining = state.num_candidates - state.candidates_done
+            return StepPlan([WorkItem(state, state.context_scheduled, state.context_len, 0, 0)], layers)
+        remaining = state.num_candidates - state.candidates_scheduled
         if pending > budget:
             return None
         n = min(remaining, budget - pending)
         if pending == 0 and n == 0 and remaining:
             return None  # no budget left for its candidates this step
-        return WorkItem(state, state.context_done, state.context_len, state.candidates_done,
-                        state.candidates_done + n)
+        return WorkItem(state, state.context_scheduled, state.context_len, state.candidates_scheduled,
+                        state.candidates_scheduled + n)
 
-    def update(self, plan: StepPlan) -> list[RequestState]:
-        """Advance progress after a step; returns the requests that are now finished."""
+    def update(self, plan: StepPlan, error: Exception | None = None) -> list[RequestState]:
+        """Commit a finished step (or fail its requests with `error`); returns the requests that are now
+        done — finished, failed or expired — with nothing left in flight."""
         done = []
-        full = plan.layers == (0, self.num_layers)
+        full = plan.layers[1] == self.num_layers
         for item in plan.items:
             state = item.state
+            state.inflight -= 1
             state.steps += 1
-            if not full:
-                state.layer_progress = plan.layers[1] % self.num_layers
-                if plan.layers[1] < self.num_layers:
-                    continue
-            state.context_done = item.ctx_end
-            self.cache.commit(state.handle, item.ctx_end)
-            state.candidates_done = item.cand_end
-            if state.finished:
+            if error is not None:
+                state.error = state.error or error
+            elif full:
+                state.context_done = item.ctx_end
+                self.cache.commit(state.handle, item.ctx_end)
+                state.candidates_done = item.cand_end
+            if state.inflight == 0 and (state.error is not None or state.finished):
                 done.append(state)
         for state in done:
-            self.finish(state)
+            self.finish(state, ok=state.error is None or isinstance(state.error, EngineError))
         return done
 
     def finish(self, state: RequestState, ok: bool = True) -> None:
-        """Remove a request from the running set and unpin its cache entry."""
+        """Remove a request from the running set and unpin its cache entry (dropped unless ok)."""
         if state in self.running:
             self.running.remove(state)
+        self._unpin(state, ok)
+
+    def _unpin(self, state: RequestState, ok: bool) -> None:
         if state.handle is not None:
             self.cache.release(state.handle, keep=ok)
             state.handle = None
-
-
-def context_signature(request: RankRequest, num_profile_tokens: int) -> ContextSignature:
-    """The cache identity of a request's context."""
-    ctx = request.context
-    n = ctx.num_static
-    realtime = np.stack([ctx.items[n:], ctx.timestamps[n:], ctx.ratings[n:]], 1).astype(np.int64)
-    return ContextSignature(request.user, request.history_version, num_profile_tokens + n, realtime,
-                            tuple(int(v) for v in ctx.profile))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from grinfer.engine.kv_cache import KVCache
+from grinfer.engine.kv_pool import KVPool
 from grinfer.features.device import upload
 from grinfer.model.layers import TokenMeta
 from grinfer.ops.jagged import offsets_of
@@ -50,33 +50,33 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x) - x
 
 
-def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
-    """All of a step's indices for work items whose states are embedded, vectorised over the items; one
-    host-to-device copy.
+def build_step_index(items, embedded: list, pool: KVPool, device: torch.device) -> StepIndex:
+    """All of a step's indices for the plan's work items (their sequences' embeddings `embedded`, from the
+    runner), vectorised over the items, from the pages each item carries; one host-to-device copy.
 
-    With scratch pages in the cache (backends that read every key from the pool), each sequence's
+    With scratch pages in the pool (backends that read every key from the pool), each sequence's
     candidates get slots after its context (the free tail of its last page, then scratch pages) and its
     block table covers them, and no dense-key gather indices are built; without, candidates have slot -1,
     the tables cover the context only and the gather indices are built."""
-    page = cache.block_size
+    page = pool.block_size
     ctx_start, ctx_end, cand_start, cand_end, ctx_len, n_seq, n_static = np.array(
         [(it.ctx_start, it.ctx_end, it.cand_start, it.cand_end, it.state.context_len,
-          len(it.state.embedded.group), it.state.signature.static_tokens) for it in items], np.int64).T
+          len(e.group), it.state.signature.static_tokens) for it, e in zip(items, embedded)], np.int64).T
     n_new, n_cand = ctx_end - ctx_start, cand_end - cand_start
     n_q, n_k = n_new + n_cand, ctx_end + n_cand
     base, q_off, k_off = _exclusive_cumsum(n_seq), _exclusive_cumsum(n_q), _exclusive_cumsum(n_k)
 
     # block tables: each sequence's own pages up to ctx_end, then scratch pages for its candidates
     own = -(-ctx_end // page)
-    extra = (-(-n_k // page) - own) if len(cache.scratch) else np.zeros_like(own)
-    if extra.sum() > len(cache.scratch):
-        raise RuntimeError(f"kv cache: the step's candidates need {extra.sum()} scratch pages, the cache has "
-                           f"{len(cache.scratch)}")
+    extra = (-(-n_k // page) - own) if len(pool.scratch) else np.zeros_like(own)
+    if extra.sum() > len(pool.scratch):
+        raise RuntimeError(f"kv cache: the step's candidates need {extra.sum()} scratch pages, the pool has "
+                           f"{len(pool.scratch)}")
     table = np.zeros((len(items), max(int((own + extra).max()), 1)), np.int64)
     for i, it in enumerate(items):
-        table[i, :own[i]] = it.state.handle.entry.blocks[:own[i]]
+        table[i, :own[i]] = it.blocks[:own[i]]
     seq = np.repeat(np.arange(len(items)), extra)
-    table[seq, own[seq] + _ranges(np.zeros_like(extra), extra)] = cache.scratch[:int(extra.sum())]
+    table[seq, own[seq] + _ranges(np.zeros_like(extra), extra)] = pool.scratch[:int(extra.sum())]
 
     def slots(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         pos, seq = _ranges(starts, lengths), np.repeat(np.arange(len(items)), lengths)
@@ -87,7 +87,7 @@ def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
     q_slots = np.full(int(n_q.sum()), -1, np.int64)
     q_slots[write_src] = write_slots
     gather = {}
-    if len(cache.scratch):
+    if len(pool.scratch):
         q_slots[cand_src] = slots(ctx_end, n_cand)
     else:
         gather = {"ctx_dest": _ranges(k_off, ctx_end), "ctx_slots": slots(np.zeros_like(ctx_end), ctx_end),
@@ -101,7 +101,6 @@ def build_step_index(items, cache: KVCache, device: torch.device) -> StepIndex:
         "table": table.ravel(),
     }
     t = dict(zip(parts, upload(device, [[a] for a in parts.values()], torch.int64)))
-    embedded = [it.state.embedded for it in items]
     group, pos, ts = (torch.cat([getattr(e, f) for e in embedded]) for f in ("group", "pos", "ts"))
 
     def meta(rows: torch.Tensor, lengths: torch.Tensor) -> TokenMeta:

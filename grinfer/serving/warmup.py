@@ -16,7 +16,6 @@ from collections.abc import Callable
 import numpy as np
 
 from grinfer.engine import Engine, RankRequest
-from grinfer.engine.kv_cache import CacheStats
 from grinfer.features.featurizer import UserContext
 
 log = logging.getLogger("grinfer.serve")
@@ -66,7 +65,7 @@ def warm_up(engine: Engine, progress: Callable[[float], None] = lambda f: None, 
     for j in range(pending):
         engine.call(backend.capture_pending).result()
         progress(0.8 + 0.2 * (j + 1) / pending)
-    engine.call(lambda: setattr(core.cache, "stats", CacheStats())).result()  # count real traffic only
+    engine.call(core.cache.reset_stats).result()  # count real traffic only
     graphs = backend.stats().get("graphs", 0)
     seconds = time.perf_counter() - start
     log.info("warm-up: %d requests, %d CUDA graphs, %.1f s", sent, graphs, seconds)

@@ -13,7 +13,7 @@ from model_util import seeded_model
 from grinfer.config import EngineConfig, ModelConfig
 from grinfer.data.types import ItemCatalog
 from grinfer.engine import EngineCore, RankRequest, RankResult
-from grinfer.engine.kv_cache import KVCache
+from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.scheduler import StepPlan
 from grinfer.features import Featurizer, UserContext
 from grinfer.features import RankRequest as FeatureRequest
@@ -80,7 +80,7 @@ def fold_realtime(context: UserContext) -> UserContext:
 def kv_bytes(model: MTGR, tokens: int) -> int:
     """Device-tier bytes that hold `tokens` context tokens (float32)."""
     cfg = model.cfg
-    return tokens * KVCache.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, torch.float32)
+    return tokens * KVPool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, torch.float32)
 
 
 def make_core(model: MTGR, catalog: ItemCatalog, **config) -> EngineCore:
@@ -138,7 +138,7 @@ def record_plans(core: EngineCore) -> list[StepPlan]:
 
 def assert_unpinned(core: EngineCore) -> None:
     """No cache entry is pinned and the block pool is fully accounted for."""
-    cache = core.cache
+    cache = core.cache.manager
     assert all(e.pins == 0 for e in cache.entries.values()), {k: e.pins for k, e in cache.entries.items()}
     used = [b for e in cache.entries.values() for b in e.blocks]
     assert len(used) == len(set(used)), "a block belongs to two entries"

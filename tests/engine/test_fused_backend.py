@@ -103,7 +103,7 @@ def test_padded_static_inputs_of_the_cuda_graphs_give_the_same_scores(model, cat
     backend = core.runner.backend
     layers = len(model.layers)
     backend.use_graphs = True
-    backend.graphs = GraphCache(lambda x, inputs: backend._layers(x, inputs, core.cache, 0, layers), model.cfg.d_model,
+    backend.graphs = GraphCache(lambda x, inputs: backend._layers(x, inputs, core.pool, 0, layers), model.cfg.d_model,
                                 torch.float32, torch.device("cpu"), capture=False)
     rng = np.random.default_rng(3)
     first = [engine_request(f"u{i}", make_request(s, r, 3, seed=40 + i)) for i, (s, r) in enumerate([(3, 1), (2, 2),

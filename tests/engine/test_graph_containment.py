@@ -77,7 +77,7 @@ def faulty_core(model, catalog, fail):
     backend = core.runner.backend
     backend.use_graphs = True
     layers = len(model.layers)
-    backend.graphs = FaultyGraphs(lambda x, inputs: backend._layers(x, inputs, core.cache, 0, layers),
+    backend.graphs = FaultyGraphs(lambda x, inputs: backend._layers(x, inputs, core.pool, 0, layers),
                                   model.cfg.d_model, torch.float32, torch.device("cpu"), fail=fail)
     return core, backend.graphs
 
@@ -148,15 +148,15 @@ def test_capture_off_the_request_path_happens_when_the_engine_is_idle(model, cat
 
 def test_failing_steps_make_the_engine_unhealthy_and_a_success_heals_it(model, catalog, make_request):
     engine = Engine(model, catalog, make_core(model, catalog).config)
-    real = engine.core.runner.execute
+    real = engine.core.runner.launch
     broken = {"on": True}
 
-    def execute(plan):
+    def launch(plan):
         if broken["on"]:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real(plan)
 
-    engine.core.runner.execute = execute
+    engine.core.runner.launch = launch
     rng = np.random.default_rng(0)
     with engine:
         for i in range(3):

@@ -218,11 +218,11 @@ def test_history_version_bump_is_a_miss_and_drops_the_old_entry(model, catalog, 
     assert (res.cache, res.cached_tokens, res.computed_tokens) == ("partial", context_tokens(rolled), 2)
     assert_scores(model, featurizer, warm, res)
     # the old versions are gone: one entry per user, the new version, holding only its own blocks
-    entries = core.cache.entries
+    entries = core.cache.manager.entries
     assert set(entries) == {"u", "w"} and entries["u"].signature.version == 2
     assert core.stats()["kv_cache"]["users"] == 2
     blocks_needed = -(-context_tokens(warm) // block_size) + -(-context_tokens(other) // block_size)
-    assert core.cache.num_blocks - len(core.cache.free) == blocks_needed
+    assert core.cache.num_blocks - len(core.cache.manager.free) == blocks_needed
     assert_unpinned(core)
 
 
@@ -234,7 +234,7 @@ def test_version_bump_after_eviction_to_host_is_a_miss(model, catalog, featurize
     reqs = cold_users(make_request, [(10, 2, 3)] * 3, seed=70)
     for req in reqs:  # one at a time: u0 is evicted to the host tier by u2
         run_one(core, req)
-    assert "u0" in core.cache.host.entries and "u0" not in core.cache.entries
+    assert "u0" in core.cache.tiers[0].entries and "u0" not in core.cache.manager.entries
     bumped = with_context(reqs[0], reqs[0].context, version=1)
     state = core.add(bumped)
     res = run(core)[bumped.request_id]
@@ -250,9 +250,9 @@ def test_version_bump_removes_the_old_host_copy(model, catalog, make_request):
     reqs = cold_users(make_request, [(10, 2, 3)] * 3, seed=70)
     for req in reqs:
         run_one(core, req)
-    assert core.cache.host.entries["u0"][0].version == 0
+    assert core.cache.tiers[0].entries["u0"].signature.version == 0
     run_one(core, with_context(reqs[0], reqs[0].context, version=1))
-    assert "u0" not in core.cache.host.entries
+    assert "u0" not in core.cache.tiers[0].entries
 
 
 # ---- 7. eviction and refill --------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_host_copies_survive_a_restore_that_must_wait(model, catalog, featurizer
     core = tiny_pool_core(model, catalog, host=True)
     first = cold_users(make_request, [SHAPE] * ROUND_USERS, seed=140)
     run(core, first)  # two users stay on the device, three go to the host tier
-    assert len(core.cache.entries) + len(core.cache.host.entries) == ROUND_USERS
+    assert len(core.cache.manager.entries) + len(core.cache.tiers[0].entries) == ROUND_USERS
     again = [with_context(r, r.context) for r in first]  # all at once: some restores must wait for room
     results = run(core, again)
     for req in again:

@@ -99,7 +99,7 @@ def test_request_past_its_deadline_fails_and_pins_nothing(model, catalog, featur
     assert isinstance(errors[late.request_id], DeadlineExceeded)
     result = next(r for s, r in outcomes if s.request is timely)
     assert_scores(model, featurizer, timely, result)
-    assert "late" not in core.cache.entries or core.cache.entries["late"].pins == 0
+    assert "late" not in core.cache.manager.entries or core.cache.manager.entries["late"].pins == 0
     assert_unpinned(core)
 
 
@@ -117,7 +117,7 @@ def test_deadline_passing_mid_request_releases_its_entry(model, catalog, featuri
     core.add(other)
     outcomes = core.step()
     assert not any(s.request is req for s, _ in outcomes)  # still in flight
-    assert core.cache.entries["u"].pins == 1
+    assert core.cache.manager.entries["u"].pins == 1
     req.deadline = time.monotonic() - 1.0
     outcomes += run_until_done(core)
     errors = failures(outcomes)
@@ -134,19 +134,21 @@ def test_a_request_whose_deadline_passes_during_its_last_step_fails_and_keeps_it
     so it is a DeadlineExceeded; the K/V it committed are whole and serve the next request."""
     core = make_core(model, catalog)
     req = engine_request("slow", make_request(6, 2, 3, seed=30), deadline=time.monotonic() + 600.0)
-    execute = core.runner.execute
+    launch = core.runner.launch
 
     def slow_step(plan):
-        execute(plan)
+        output = launch(plan)
+        output.wait()
         req.deadline = time.monotonic() - 0.01  # the step took longer than the request had left
+        return output
 
-    core.runner.execute = slow_step
+    core.runner.launch = slow_step
     core.add(req)
     (state, error), = run_until_done(core)
     assert isinstance(error, DeadlineExceeded) and state.steps == 1
     assert "missed its deadline by" in str(error)
     assert_unpinned(core)
-    core.runner.execute = execute
+    core.runner.launch = launch
     again = with_context(req, req.context, deadline=None)
     res = run_one(core, again)
     assert res.cache == "hit"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from grinfer.config import EngineConfig
-from grinfer.engine.kv_cache import KVCache
+from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.step import StepIndex
 from grinfer.features.device import DeviceFeaturizer, RawBatch
 from grinfer.model.layers import TokenMeta
@@ -44,13 +44,13 @@ class Backend:
         """Residual update of the layer."""
         return self.model.layers[layer].finish(x, attn, u, group)
 
-    def run_layers(self, x: torch.Tensor, idx: StepIndex, cache: KVCache, first: int, last: int) -> torch.Tensor:
-        """Layers [first, last) over the step's new tokens x: each writes its new context K/V into the cache,
-        then the queries attend over their context K/V (gathered from the cache) plus the step's candidates."""
+    def run_layers(self, x: torch.Tensor, idx: StepIndex, pool: KVPool, first: int, last: int) -> torch.Tensor:
+        """Layers [first, last) over the step's new tokens x: each writes its new context K/V into the pool,
+        then the queries attend over their context K/V (gathered from the pool) plus the step's candidates."""
         plan = self.plan(idx.q_meta, idx.k_meta)
         for layer in range(first, last):
             u, v, q, k = self.project(layer, x, idx.q_meta.group)
-            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            k_cache, v_cache = pool.k[layer], pool.v[layer]
             k_cache[idx.write_slots] = k[idx.write_src].to(k_cache.dtype)
             v_cache[idx.write_slots] = v[idx.write_src].to(v_cache.dtype)
             attn = self.attend(layer, q, _keys(k, k_cache, idx), _keys(v, v_cache, idx), plan)

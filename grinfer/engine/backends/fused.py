@@ -23,7 +23,7 @@ from grinfer.config import EngineConfig
 from grinfer.engine.backends.base import Backend
 from grinfer.engine.backends.compiled import compile_featurize_embed
 from grinfer.engine.backends.graphs import GraphCache, LayerInputs
-from grinfer.engine.kv_cache import KVCache
+from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.step import StepIndex
 from grinfer.model.mtgr import MTGR
 
@@ -50,15 +50,15 @@ class FusedBackend(Backend):
         if device.type == "cuda":
             self.featurize_embed = compile_featurize_embed(model)
         self.use_graphs = device.type == "cuda" and (config is None or config.cuda_graphs)  # full-stack steps only
-        self.graphs: GraphCache | None = None  # made at the first step, for the engine's cache
+        self.graphs: GraphCache | None = None  # made at the first step, for the engine's pool
 
-    def run_layers(self, x: torch.Tensor, idx: StepIndex, cache: KVCache, first: int, last: int) -> torch.Tensor:
+    def run_layers(self, x: torch.Tensor, idx: StepIndex, pool: KVPool, first: int, last: int) -> torch.Tensor:
         inputs = LayerInputs(idx.q_meta.offsets, idx.q_meta.group, idx.q_meta.pos, idx.q_slots, idx.k_meta.offsets,
                              idx.k_meta.group, idx.k_meta.pos, idx.block_table, idx.k_counts, idx.max_len_q)
         if not self.use_graphs or (first, last) != (0, len(self.model.layers)):
-            return self._layers(x, inputs, cache, first, last)  # layer-chunked steps are rare: no graphs
+            return self._layers(x, inputs, pool, first, last)  # layer-chunked steps are rare: no graphs
         if self.graphs is None:
-            self.graphs = GraphCache(lambda xs, ins: self._layers(xs, ins, cache, first, last), x.shape[1],
+            self.graphs = GraphCache(lambda xs, ins: self._layers(xs, ins, pool, first, last), x.shape[1],
                                      x.dtype, x.device)
         return self.graphs(x, inputs)
 
@@ -68,7 +68,7 @@ class FusedBackend(Backend):
     def stats(self) -> dict:
         return self.graphs.stats() if self.graphs is not None else {}
 
-    def _layers(self, x: torch.Tensor, inp: LayerInputs, cache: KVCache, first: int, last: int) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, inp: LayerInputs, pool: KVPool, first: int, last: int) -> torch.Tensor:
         cfg, norms, attention = self.model.cfg, self._norms, self._attention
         d, heads, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
         bias = None  # the previous layer's output bias, added into x (in place, on addmm's output) by the next norm
@@ -77,13 +77,13 @@ class FusedBackend(Backend):
             xn = norms.group_layer_norm(x, inp.q_group, layer.norm_in.weight, layer.norm_in.bias,
                                         layer.norm_in.eps, add=bias)
             h = torch.addmm(layer.uvqk.bias, xn, layer.uvqk.weight.t())
-            norms.silu_scatter_kv(h, d, inp.q_slots, cache.k[i], cache.v[i])
+            norms.silu_scatter_kv(h, d, inp.q_slots, pool.k[i], pool.v[i])
             u, q = h[:, :d], h[:, 2 * d:3 * d]
             attn = attention.triton_hstu_attention(
-                q.view(-1, heads, dh), cache.k[i], cache.v[i], inp.q_offsets, inp.k_offsets, inp.q_group, inp.q_pos,
+                q.view(-1, heads, dh), pool.k[i], pool.v[i], inp.q_offsets, inp.k_offsets, inp.q_group, inp.q_pos,
                 inp.k_group, inp.k_pos, mode=cfg.mask, normalizer=cfg.normalizer, max_seq_len=cfg.max_seq_len,
                 max_len_q=inp.max_len_q, k_counts=inp.k_counts, config=self._attn_config,
-                block_table=inp.block_table, page_size=cache.block_size, layout_counts=self._layout_counts)
+                block_table=inp.block_table, page_size=pool.block_size, layout_counts=self._layout_counts)
             y = norms.group_norm_mul(attn.view(-1, d), u, inp.q_group, layer.norm_attn.weight,
                                      layer.norm_attn.bias, layer.norm_attn.eps)
             x = torch.addmm(x, y, layer.out.weight.t())

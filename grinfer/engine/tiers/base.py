@@ -1,0 +1,59 @@
+"""The tier protocol (after NVIDIA recsys-examples' KV manager: lookup -> allocate -> onboard -> offload).
+
+    offload_launch(key, signature, tokens, k, v)   start copying an evicted entry's K/V into the tier; the
+                                                   copy completes in the background (a CUDA event or a
+                                                   writer thread) and never blocks a step
+    take(key, version) -> Held | None              remove the user's entry at that history version from
+                                                   the tier (an older version's copy is discarded)
+    Held.wait() -> (k, v)                          block until the copy is whole, then its host tensors
+    flush()                                        wait for every copy in flight
+
+An entry being copied is never read half-written: `take` hands out a Held whose `wait` joins the copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from grinfer.engine.signature import ContextSignature
+
+
+@dataclass
+class Held:
+    """One entry's K/V in a tier: [layers, tokens, heads, head_dim] each, readable once `wait` returns."""
+
+    signature: ContextSignature
+    tokens: int
+    k: torch.Tensor
+    v: torch.Tensor
+    done: Callable[[], None] | None = None  # blocks until the copy into the tier completed
+    source: str = "host"  # the tier it was taken from
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.done is not None:
+            self.done()
+            self.done = None
+        return self.k, self.v
+
+
+class Tier(Protocol):
+    name: str
+
+    def offload_launch(self, key: str, signature: ContextSignature, tokens: int, k: torch.Tensor,
+                       v: torch.Tensor, done: Callable[[], None] | None = None) -> None: ...
+
+    def take(self, key: str, version: int) -> Held | None: ...
+
+    def discard(self, key: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def snapshot(self) -> dict: ...

@@ -1,0 +1,92 @@
+"""The host tier: evicted entries' K/V in host memory (pinned on CUDA), LRU within a byte budget.
+
+On CUDA the device-to-host copy runs on a side stream and completes with an event; on the CPU the
+gathered tensors already live in host memory and are kept as they are. Entries pushed out by the budget
+go on to the next tier (disk), if any.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from grinfer.engine.signature import ContextSignature
+from grinfer.engine.tiers.base import Held, Tier
+
+
+class HostTier:
+    name = "host"
+
+    def __init__(self, capacity_bytes: int, lower: Tier | None = None):
+        self.capacity, self.lower, self.used, self.evictions = capacity_bytes, lower, 0, 0
+        self.entries: OrderedDict[str, Held] = OrderedDict()
+        self._stream: torch.cuda.Stream | None = None
+
+    def offload_launch(self, key: str, signature: ContextSignature, tokens: int, k: torch.Tensor,
+                       v: torch.Tensor, done: Callable[[], None] | None = None) -> None:
+        self.discard(key)
+        held = Held(signature, tokens, k, v, done)
+        if held.nbytes > self.capacity:
+            self._pass_down(key, held)
+            return
+        while self.used + held.nbytes > self.capacity:
+            old_key = next(iter(self.entries))
+            self._pass_down(old_key, self._remove(old_key))
+            self.evictions += 1
+        if k.device.type == "cuda":
+            held.k, held.v, held.done = self._copy_to_host(k, v)
+        self.entries[key] = held
+        self.used += held.nbytes
+
+    def take(self, key: str, version: int) -> Held | None:
+        held = self.entries.get(key)
+        if held is None:
+            return self.lower.take(key, version) if self.lower is not None else None
+        self._remove(key)
+        if held.signature.version != version:  # useless from now on
+            if self.lower is not None:
+                self.lower.discard(key)
+            return None
+        return held
+
+    def discard(self, key: str) -> None:
+        if key in self.entries:
+            self._remove(key)
+
+    def flush(self) -> None:
+        for held in self.entries.values():
+            held.wait()
+        if self.lower is not None:
+            self.lower.flush()
+
+    def snapshot(self) -> dict:
+        return {"host_users": len(self.entries), "host_bytes_used": self.used, "host_evictions": self.evictions}
+
+    def _copy_to_host(self, k: torch.Tensor, v: torch.Tensor):
+        """Pinned host copies of device K/V on a side stream (after the current stream's gather); the
+        third value blocks until they are whole."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(k.device)
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(k.device))
+        k_host = torch.empty(k.shape, dtype=k.dtype, pin_memory=True)
+        v_host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            k_host.copy_(k, non_blocking=True)
+            v_host.copy_(v, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        k.record_stream(stream)  # the gathered device tensors stay alive until the copy has read them
+        v.record_stream(stream)
+        return k_host, v_host, event.synchronize
+
+    def _pass_down(self, key: str, held: Held) -> None:
+        if self.lower is not None:
+            self.lower.offload_launch(key, held.signature, held.tokens, held.k, held.v, held.done)
+
+    def _remove(self, key: str) -> Held:
+        held = self.entries.pop(key)
+        self.used -= held.nbytes
+        return held
