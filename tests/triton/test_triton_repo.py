@@ -1,0 +1,125 @@
+"""The repository writer and the request rules of its Python models, without a server (the .venv alone)."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from grinfer.cli import app
+from grinfer.serving.service import RecommenderService, ServiceSettings
+from grinfer.storage.base import Event, UserRecord
+from grinfer.triton_repo.catalog_file import load_catalog, save_catalog
+from grinfer.triton_repo.requests import BadInput, IdLookup, preprocess
+from grinfer.triton_repo.writer import MODULES, write_repository
+
+CARDINALITIES = [3, 8, 22, 101]
+
+
+def raw_tensors(items, stamps, actions, num_static, candidates=(5, 6), profile=(1, 2)) -> dict:
+    return {"USER_ID": np.array([b"u-1"], np.object_), "PROFILE": np.array(profile),
+            "EVENT_ITEMS": np.array(items), "EVENT_TIMESTAMPS": np.array(stamps), "EVENT_ACTIONS": np.array(actions),
+            "CANDIDATE_ITEMS": np.array(candidates),
+            "NUM_STATIC": None if num_static is None else np.array([num_static])}
+
+
+def test_preprocess_windows_the_context_as_the_service_does():
+    rng = np.random.default_rng(0)
+    static = [Event(int(i), 1000 + t, int(a)) for t, (i, a) in enumerate(zip(rng.integers(1, 40, 9),
+                                                                              rng.integers(1, 6, 9)))]
+    realtime = [Event(int(i), 2000 + t, 3) for t, i in enumerate(rng.integers(1, 40, 7))]
+    record = UserRecord("u-1", [1, 2], history_version=3, static=static, realtime=realtime)
+    settings = ServiceSettings(max_static=5, max_realtime=4)
+    # the service's own windowing (it needs nothing of the service but these two attributes)
+    want = RecommenderService.context(SimpleNamespace(settings=settings, num_profile=len(CARDINALITIES)), record)
+    events = static + realtime
+    got = preprocess(raw_tensors([e.item for e in events], [e.ts for e in events], [e.action for e in events],
+                                 len(static)), CARDINALITIES, settings.max_static, settings.max_realtime, now=5000)
+    assert got.num_static == want.num_static == 5
+    np.testing.assert_array_equal(got.items, want.items)
+    np.testing.assert_array_equal(got.timestamps, want.timestamps)
+    np.testing.assert_array_equal(got.actions, want.ratings)
+    np.testing.assert_array_equal(got.profile, want.profile)
+    assert (got.user, got.history_version, got.request_ts, got.top_k) == ("u-1", 0, 5000, 2)
+
+
+def test_preprocess_defaults_and_errors():
+    ctx = preprocess(raw_tensors([1, 2, 3], [10, 20, 30], [4, 5, 1], None), CARDINALITIES, 1000, 100, now=99)
+    assert ctx.num_static == 3 and ctx.request_ts == 99 and len(ctx.profile) == 4
+    cases = [
+        ({"num_static": 4}, "NUM_STATIC: 4 is outside [0, 3]"),
+        ({"actions": [4, 0, 1]}, "EVENT_ACTIONS[1]: 0 is outside [1, 5]"),
+        ({"stamps": [10, 20]}, "EVENT_TIMESTAMPS, EVENT_ACTIONS: 2 and 3 values for 3 EVENT_ITEMS"),
+        ({"profile": (1, 2, 3, 4, 5)}, "PROFILE: 5 values; the model has 4 profile fields"),
+        ({"profile": (3,)}, "PROFILE[0]: 3 is outside [0, 2]"),
+        ({"candidates": ()}, "CANDIDATE_ITEMS: 0 candidates"),
+    ]
+    base = {"items": [1, 2, 3], "stamps": [10, 20, 30], "actions": [4, 5, 1], "num_static": None}
+    for change, message in cases:
+        with pytest.raises(BadInput, match=re.escape(message)):
+            preprocess(raw_tensors(**{**base, **change}), CARDINALITIES, 1000, 100, now=0)
+    tensors = raw_tensors(**base)
+    tensors["USER_ID"] = np.array([b"no spaces please"], np.object_)
+    with pytest.raises(BadInput, match="USER_ID: user id must be"):
+        preprocess(tensors, CARDINALITIES, 1000, 100, now=0)
+    del tensors["USER_ID"]
+    with pytest.raises(BadInput, match="USER_ID: missing"):
+        preprocess(tensors, CARDINALITIES, 1000, 100, now=0)
+
+
+def test_id_lookup_maps_catalogue_ids_to_rows(catalog):
+    lookup = IdLookup(catalog)
+    rows = np.array([3, 1, 40, 17])
+    np.testing.assert_array_equal(lookup.rows("CANDIDATE_ITEMS", catalog.raw_ids[rows], unique=True), rows)
+    with pytest.raises(BadInput, match=r"EVENT_ITEMS\[1\]: item 5 is not in the catalogue"):
+        lookup.rows("EVENT_ITEMS", np.array([7, 5]))
+    with pytest.raises(BadInput, match=r"CANDIDATE_ITEMS\[2\]: item 14 is already candidate 0"):
+        lookup.rows("CANDIDATE_ITEMS", np.array([14, 7, 14]), unique=True)
+
+
+def test_catalogue_file_round_trip(catalog, tmp_path):
+    save_catalog(catalog, tmp_path / "catalog.npz")
+    back = load_catalog(tmp_path / "catalog.npz")
+    for name in ("genres", "year_bucket", "raw_ids"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(catalog, name))
+    assert back.titles == catalog.titles and back.genre_names == catalog.genre_names
+
+
+def test_repository_layout(served_checkpoint, tmp_path):
+    from conftest import SERVED_SPEC
+
+    from grinfer.data import load_dataset
+
+    out = tmp_path / "repo"
+    names = write_repository(served_checkpoint, load_dataset(SERVED_SPEC).catalog, out)
+    assert sorted(names) == sorted(p.name for p in out.iterdir())
+    for name in names:
+        text = (out / name / "config.pbtxt").read_text()
+        assert f'name: "{name}"' in text and (out / name / "1").is_dir()
+        assert str(tmp_path) not in text  # paths are parameters relative to the version folder
+        assert (out / name / "1" / "model.py").is_file() == (name in MODULES)
+    gr = (out / "gr_model" / "config.pbtxt").read_text()
+    assert 'key: "checkpoint" value: { string_value: "checkpoint" }' in gr
+    assert "instance_group [ { kind: KIND_CPU count: 1 } ]" in gr and "dynamic_batching" in gr
+    assert (out / "gr_model" / "1" / "checkpoint" / "config.json").is_file()
+    assert (out / "embedding_service" / "1" / "catalog.npz").is_file()
+    assert 'platform: "ensemble"' in (out / "ensemble_model" / "config.pbtxt").read_text()
+    with pytest.raises(FileExistsError, match="is not empty"):
+        write_repository(served_checkpoint, load_dataset(SERVED_SPEC).catalog, out)
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("[1, 2]", "--task-weights: expected a JSON object of task -> number"),
+    ('{"ctr": "high"}', "--task-weights: expected a JSON object of task -> number"),
+    ('{"clicks": 1}', "--task-weights: unknown task(s) ['clicks']"),
+])
+def test_export_command_errors_are_one_line(served_checkpoint, tmp_path, weights, message):
+    result = CliRunner().invoke(app, ["export", "triton-repo", "--model", str(served_checkpoint), "--out",
+                                      str(tmp_path / "r"), "--task-weights", weights])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output
+    assert not (tmp_path / "r").exists()
