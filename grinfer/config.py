@@ -215,6 +215,10 @@ class ServerConfig(BaseModel):
     max_queue: int = Field(256, ge=1, description="waiting requests beyond this are rejected (429)")
     max_batch_tokens: int = Field(16384, ge=16, description="tokens computed per engine step")
     kv_cache_mb: int = Field(256, ge=1, description="device KV-cache size in MiB")
+    kv_host_mb: int = Field(0, ge=0, description="host-memory tier of the KV cache in MiB (0: none)")
+    kv_disk_mb: int = Field(0, ge=0, description="disk tier of the KV cache in MiB, files under GRINFER_HOME/kv, "
+                                                 "kept across restarts (0: none)")
+    pipeline_depth: int = Field(2, ge=1, le=2, description="engine steps in flight (1: synchronous)")
     user_ttl_s: float = Field(30.0, ge=0, description="seconds a user record stays in the feature cache (0: none)")
     workers: int = Field(0, ge=0, le=64, description="front-end worker processes beside the engine's own, on the "
                                                      "same port (HTTP, validation, store reads); 0 = one process")

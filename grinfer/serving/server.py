@@ -107,7 +107,9 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
                                                                        "retrieval": str(retrieval_dir or "")})
     engine_cfg = EngineConfig(backend=cfg.backend, device=device,
                               dtype="bfloat16" if device.startswith("cuda") else "float32",
-                              kv_cache_bytes=cfg.kv_cache_mb << 20, max_queue=cfg.max_queue,
+                              kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
+                              disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
+                              pipeline_depth=cfg.pipeline_depth, max_queue=cfg.max_queue,
                               max_batch_tokens=cfg.max_batch_tokens)
     log.info("%s; torch %s", cfg.describe(device, {"ranking": ranking_dir, "retrieval": retrieval_dir}),
              torch.__version__)
