@@ -310,6 +310,7 @@ def serve(
     device: _serve_flag("device") = None,
     backend: _serve_flag("backend") = None,
     workers: Annotated[int | None, typer.Option(help=_setting_help("workers"))] = None,
+    kv_disk_mb: Annotated[int | None, typer.Option(help=_setting_help("kv_disk_mb"))] = None,
     config: Annotated[str | None, typer.Option(help="A TOML file of these settings ([server] table).")] = None,
 ) -> None:
     """Serve REST (+ OpenAPI at /docs, web page at /, /metrics) and gRPC."""
@@ -322,7 +323,7 @@ def serve(
     try:
         cfg = load_server_config(config, model=model, store=store, cache=cache, host=host, port=port,
                                  grpc_port=grpc_port, api_key=api_key, device=device, backend=backend,
-                                 workers=workers)
+                                 workers=workers, kv_disk_mb=kv_disk_mb)
         ensure_port_free(cfg.host, cfg.port, "--port")
         if not cfg.grpc_reuse_port:
             ensure_port_free(cfg.host, cfg.grpc_port, "--grpc-port")
