@@ -74,7 +74,13 @@ def resolve_catalog(store, data_spec: str | None, num_items: int) -> ItemCatalog
 
         log.info("empty store: importing %s", data_spec)
         ds = load_dataset(data_spec)
-        import_dataset(ds, store)
+        try:
+            import_dataset(ds, store)
+        except Exception as exc:  # replicas of a fleet starting together: another one's import got there first
+            if store.load_catalog() is None or not store.count_users():
+                raise
+            log.info("store: another server imported %s meanwhile (%s: %s); using theirs", data_spec,
+                     type(exc).__name__, str(exc).splitlines()[0])
         catalog = ds.catalog
     if catalog.num_items != num_items:
         raise StartupError(f"store: its catalogue has {catalog.num_items} items but the model was trained on "
