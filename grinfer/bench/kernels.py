@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,7 @@ def bench(fn) -> float:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return cast(float, do_bench(fn, warmup=25, rep=100, return_mode="median"))  # one float for "median"
 
 
 DEVICE = "cuda"
@@ -276,7 +277,7 @@ def table(rows: list[dict], caps: dict, device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--cases", default="cold,warm")
     parser.add_argument("--sweep", action="store_true", help="also time the launch shapes in SWEEP")

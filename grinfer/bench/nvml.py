@@ -62,7 +62,7 @@ class GpuSampler:
             self.unavailable_reason = "not a CUDA device"
             return
         try:
-            import pynvml
+            import pynvml  # pyright: ignore[reportMissingImports] (optional, GPU hosts)
 
             pynvml.nvmlInit()
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -78,8 +78,11 @@ class GpuSampler:
         return self._nvml is not None
 
     def _sample(self) -> None:
-        self._util.append(float(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu))
-        self._mem.append(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20)
+        nvml = self._nvml
+        if nvml is None:
+            return
+        self._util.append(float(nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu))
+        self._mem.append(nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20)
 
     def _run(self) -> None:
         while True:

@@ -25,7 +25,7 @@ import torch
 from grinfer.config import EngineConfig, preset
 from grinfer.data import load_dataset
 from grinfer.engine import Engine
-from grinfer.model import build_model
+from grinfer.model.mtgr import MTGR
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.background import BackgroundServer
 from grinfer.serving.metrics import Metrics
@@ -66,7 +66,7 @@ def measure(requests: int, clients: int, candidates: int, backend: str, device: 
     """Run the load on both endpoints; returns per-endpoint phase means (ms), req/s and time outside the engine."""
     ds = load_dataset(DEMO_DATA)
     torch.manual_seed(0)
-    model = build_model(config_for(preset("mtgr-tiny"), ds)).eval()
+    model = MTGR(config_for(preset("mtgr-tiny"), ds)).eval()
     rng = random.Random(0)
     users = [u.user_id for u in ds.users]
     items = [int(i) for i in ds.catalog.raw_ids[1:]]
@@ -133,7 +133,7 @@ def print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=500, help="requests per endpoint [500]")
     parser.add_argument("--clients", type=int, default=1, help="closed-loop clients [1]")
     parser.add_argument("--candidates", type=int, default=100, help="candidates per /v1/rank [100]")

@@ -51,11 +51,12 @@ class RawBatch:
     num_candidates: int
     labels: torch.Tensor | None
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor, torch.Tensor]:
         return (self.offsets, self.runs, self.last, self.request_ts, self.profile, self.items, self.stamps,
                 self.ratings, self.candidates)
 
-    def sizes(self) -> tuple[int, ...]:
+    def sizes(self) -> tuple[int, int, int, int, int]:
         return self.num_requests, self.profile_width, self.num_context, self.num_static, self.num_candidates
 
 
@@ -103,7 +104,7 @@ class DeviceFeaturizer:
             [offsets.ravel()], [runs.ravel()], [last], [np.array([r.request_ts for r in requests])],
             [c.profile for c in ctxs], [c.items for c in ctxs], [c.timestamps for c in ctxs],
             [c.ratings for c in ctxs], [r.candidates for r in requests]], torch.int64)
-        return RawBatch(*tensors, b, width, n_ctx, n_s, n_cand, self._labels(requests))
+        return RawBatch(*tensors, b, width, n_ctx, n_s, n_cand, self._labels(requests))  # pyright: ignore[reportCallIssue]
 
     def build(self, raw: RawBatch) -> MTGRBatch:
         """The device's share: tokens, gaps and cross features with batched ops (no host sync)."""

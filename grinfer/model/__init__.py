@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from grinfer.config import ModelConfig
 
+if TYPE_CHECKING:
+    from grinfer.model.hstu import HSTURetrieval
+    from grinfer.model.mtgr import MTGR
 
-def build_model(cfg: ModelConfig):
+
+def build_model(cfg: ModelConfig) -> MTGR | HSTURetrieval:
     """A fresh model for the config: MTGR for kind 'mtgr', HSTURetrieval for kind 'hstu'."""
     from grinfer.model.hstu import HSTURetrieval
     from grinfer.model.mtgr import MTGR

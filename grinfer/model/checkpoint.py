@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from grinfer.config import ModelConfig
 from grinfer.model import build_model
+from grinfer.model.hstu import HSTURetrieval
+from grinfer.model.mtgr import MTGR
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -20,7 +22,7 @@ class CheckpointError(ValueError):
     """A checkpoint directory is missing files or its config does not match its weights."""
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | Path, extra: dict | None = None) -> Path:
+def save_checkpoint(model: MTGR | HSTURetrieval, path: str | Path, extra: dict | None = None) -> Path:
     """Write config.json (+ `extra` metadata) and model.safetensors into `path`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,7 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MTGR | HSTURetrieval:
     """Rebuild the model from config.json and load its weights; mismatches name the tensor."""
     path = Path(path)
     try:

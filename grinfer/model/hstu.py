@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,7 @@ class HSTURetrieval(nn.Module):
         queries = keys
         if cfg.time_bias_from == "next":
             queries = TokenMeta(keys.offsets, keys.group, pos, next_timestamps(batch, next_ts))
-        plan = self.layers[0].plan(queries, keys)
+        plan = cast(HSTULayer, self.layers[0]).plan(queries, keys)
         for layer in self.layers:
             x = layer(x, keys, plan)
         if cfg.output_norm == "layer_norm":
@@ -73,6 +74,8 @@ class HSTURetrieval(nn.Module):
     def sampled_softmax_loss(self, batch: RetrievalBatch, num_negatives: int,
                              generator: torch.Generator | None = None) -> torch.Tensor:
         """Next-item sampled softmax: each position's target against its own uniform random negatives."""
+        if batch.targets is None:
+            raise ValueError("batch: the sampled softmax needs a batch built with targets")
         out = self.encode(batch)
         keep = batch.targets > 0
         out, targets = out[keep], batch.targets[keep]

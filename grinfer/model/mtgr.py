@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -96,7 +98,7 @@ class MTGR(nn.Module):
 
     def forward(self, batch: MTGRBatch) -> torch.Tensor:
         x, meta = self.embed(batch)
-        plan = self.layers[0].plan(meta, meta)
+        plan = cast(HSTULayer, self.layers[0]).plan(meta, meta)
         for layer in self.layers:
             x = layer(x, meta, plan)
         return self.head_logits(x[meta.group == GROUP_C])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 
 from grinfer.serving.auth import KEY_FIELD, KEY_MESSAGE, key_accepted
 from grinfer.serving.metrics import Metrics
@@ -113,7 +114,8 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _reply(send, status: int, message: str, field: str | None, headers: list = ()) -> None:
+async def _reply(send, status: int, message: str, field: str | None,
+                 headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     data = json.dumps({"error": message, "field": field}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),

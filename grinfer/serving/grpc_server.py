@@ -40,13 +40,13 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent import futures
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from grinfer.schema import (
     IDEMPOTENCY_KEY_RULES,
@@ -78,6 +78,13 @@ USER_METADATA, REPLICA_METADATA = "x-user-id", "x-grinfer-replica"  # balancer's
 _IDEMPOTENCY_KEY = TypeAdapter(Annotated[str, Field(**IDEMPOTENCY_KEY_RULES)])
 MAX_DEADLINE_MS = 600_000  # RankIn / RecommendIn's limit on deadline_ms
 UNDECODABLE_LOG_INTERVAL_S = 60.0  # undecodable requests are logged at most once per this many seconds
+T = TypeVar("T")
+Deadlined = TypeVar("Deadlined", RankIn, RecommendIn)
+
+
+def _text_metadata(context: grpc.ServicerContext) -> dict[str, str]:
+    """The call's text metadata (binary `-bin` entries left out)."""
+    return {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
 
 
 class _Abort(Exception):
@@ -159,7 +166,7 @@ def recommend_in(msg: pb.RecommendRequest) -> RecommendIn:
 
 def _metadata_key(context: grpc.ServicerContext) -> str | None:
     """The idempotency-key metadata, checked as the request's idempotency_key field is (None if absent)."""
-    key = dict(context.invocation_metadata()).get(IDEMPOTENCY_METADATA)
+    key = _text_metadata(context).get(IDEMPOTENCY_METADATA)
     if key is None:
         return None
     try:
@@ -221,9 +228,13 @@ class _EventLoop:
         self._thread = threading.Thread(target=self.loop.run_forever, name="grinfer-grpc-loop", daemon=True)
         self._thread.start()
 
-    def run(self, coro: Coroutine, context: grpc.ServicerContext):
+    def run(self, coro: Coroutine[object, object, T], context: grpc.ServicerContext) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        context.add_callback(future.cancel)  # the call ended (e.g. the client cancelled): stop waiting
+
+        def stop_waiting() -> None:  # the call ended (e.g. the client cancelled)
+            future.cancel()
+
+        context.add_callback(stop_waiting)
         return future.result()
 
     def close(self) -> None:
@@ -237,7 +248,7 @@ class _EventLoop:
             self.loop.close()
 
 
-def _with_call_deadline(req: BaseModel, context: grpc.ServicerContext) -> BaseModel:
+def _with_call_deadline(req: Deadlined, context: grpc.ServicerContext) -> Deadlined:
     """Without deadline_ms, the call's own gRPC deadline (if any) becomes the engine's deadline."""
     remaining = context.time_remaining()
     if req.deadline_ms is not None or remaining is None:
@@ -266,7 +277,7 @@ class GuardedServicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {request.type_name} message")
         return call
 
-    def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], object]):
+    def _call(self, method: str, context: grpc.ServicerContext, work: Callable[[], T]) -> T:
         """Run one RPC: time it, map its error to a status (context.abort raises)."""
         endpoint = f"grpc:{method}"
         start = time.perf_counter()
@@ -293,7 +304,7 @@ class RecommenderServicer(GuardedServicer, pb_grpc.RecommenderServicer):
     def _require_key(self, context: grpc.ServicerContext) -> None:
         if self.api_key is None:
             return
-        metadata = dict(context.invocation_metadata())
+        metadata = _text_metadata(context)
         if not key_accepted(self.api_key, metadata.get("x-api-key"), metadata.get("authorization")):
             raise FieldError(KEY_FIELD, KEY_MESSAGE, status=401)
 
@@ -305,7 +316,7 @@ class RecommenderServicer(GuardedServicer, pb_grpc.RecommenderServicer):
         """Name this replica in the trailing metadata; the x-user-id metadata (the balancer's hash key), when
         sent, must be the request's user (INVALID_ARGUMENT naming `user` otherwise)."""
         context.set_trailing_metadata(((REPLICA_METADATA, self.service.settings.replica),))
-        check_user_header(dict(context.invocation_metadata()).get(USER_METADATA), user)
+        check_user_header(_text_metadata(context).get(USER_METADATA), user)
 
     def Rank(self, request: pb.RankRequest, context: grpc.ServicerContext) -> pb.RankResponse:
         def work():
@@ -365,7 +376,7 @@ class GrpcServer(grpc.Server):
         self._server.add_generic_rpc_handlers(generic_rpc_handlers)
 
     def add_registered_method_handlers(self, service_name, method_handlers):
-        self._server.add_registered_method_handlers(service_name, method_handlers)
+        self._server.add_registered_method_handlers(service_name, method_handlers)  # pyright: ignore[reportAttributeAccessIssue] (newer than grpc's stubs)
 
     def add_insecure_port(self, address: str) -> int:
         return self._server.add_insecure_port(address)

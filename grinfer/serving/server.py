@@ -15,6 +15,8 @@ from grinfer.config import EngineConfig, ServerConfig
 from grinfer.data.types import ItemCatalog
 from grinfer.engine import Engine
 from grinfer.model.checkpoint import load_checkpoint, read_checkpoint_meta
+from grinfer.model.hstu import HSTURetrieval
+from grinfer.model.mtgr import MTGR
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.engine_link import EngineHost
 from grinfer.serving.fleet import join_fleet
@@ -23,7 +25,8 @@ from grinfer.serving.service import RecommenderService, ServiceSettings
 from grinfer.serving.startup import Preparation, StartupGate
 from grinfer.serving.warmup import warm_up
 from grinfer.serving.workers import Workers, shared_port_socket
-from grinfer.storage import open_cache, open_store
+from grinfer.storage import Store, open_cache, open_store
+from grinfer.storage.base import FeatureCache
 
 log = logging.getLogger("grinfer.serve")
 RANKING_DIR, RETRIEVAL_DIR = "ranking", "retrieval"
@@ -40,8 +43,8 @@ class Server:
 
     state: AppState
     engine: Engine
-    store: object
-    cache: object
+    store: Store
+    cache: FeatureCache
     leave_fleet: Callable[[], None] = lambda: None  # stops the roll announcements' listener (fleet.py)
 
     def close(self) -> None:
@@ -89,8 +92,10 @@ def resolve_catalog(store, data_spec: str | None, num_items: int) -> ItemCatalog
     return catalog
 
 
-def _open(setting: str, opener, url: str):
+def _open(setting: str, opener, url: str | None):
     """open_store / open_cache with any failure (unreachable server, bad URL) as one StartupError line."""
+    if url is None:
+        raise StartupError(f"{setting}: unset (ServerConfig.with_store_for fills in the default)")
     try:
         return opener(url)
     except Exception as exc:
@@ -102,9 +107,12 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     """Load models, open storage, start the engine; returns the assembled server (not yet listening)."""
     ranking_dir, retrieval_dir = model_dirs(model_path)
     ranker = load_checkpoint(ranking_dir, map_location="cpu")
-    if ranker.cfg.kind != "mtgr":
+    if not isinstance(ranker, MTGR):
         raise StartupError(f"model: {ranking_dir} is a {ranker.cfg.kind} model; ranking needs an mtgr checkpoint")
     retriever = load_checkpoint(retrieval_dir, map_location="cpu") if retrieval_dir else None
+    if retriever is not None and not isinstance(retriever, HSTURetrieval):
+        raise StartupError(f"model: {retrieval_dir} is a {retriever.cfg.kind} model; retrieval needs an hstu "
+                           "checkpoint")
     store = _open("store", open_store, cfg.store)
     cache = _open("cache", open_cache, cfg.cache)
     data_spec = read_checkpoint_meta(ranking_dir).get("training", {}).get("data")

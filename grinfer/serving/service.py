@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,7 +129,7 @@ class RecommenderService:
                 return record, False
         return await asyncio.to_thread(self.user_record, user)
 
-    def context(self, record: UserRecord, extra: list[Event] = ()) -> UserContext:
+    def context(self, record: UserRecord, extra: Sequence[Event] = ()) -> UserContext:
         """S = the last max_static static events; R = the last max_realtime real-time (+ extra) events."""
         static = record.static[-self.settings.max_static:] if self.settings.max_static else []
         realtime = (list(record.realtime) + list(extra))[-self.settings.max_realtime:]
@@ -174,6 +174,7 @@ class RecommenderService:
         ctx = self.context(record)
         if not self.engine.has_retriever and self.catalog.num_items > MAX_CATALOGUE_RANK:
             raise Unavailable("no retrieval model is loaded and the catalogue is too large to rank whole")
+        assert req.retrieve is not None  # RecommendIn's validator fills in the default
         candidates = await self.engine.retrieve(ctx, req.retrieve)  # on the engine's thread, batched
         phases.mark("retrieve")
         if len(candidates) == 0:

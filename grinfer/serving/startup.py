@@ -13,7 +13,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 RETRY_AFTER_S = 2
@@ -106,7 +106,7 @@ class StartupGate:
 
 
 async def _respond(send, status: int, body: dict | bytes, content_type: str = "application/json",
-                   headers: list[tuple[bytes, bytes]] = ()) -> None:
+                   headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(data)).encode()),

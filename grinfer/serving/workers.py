@@ -84,12 +84,16 @@ def worker_main(cfg_fields: dict, engine_socket: str, index: int) -> None:
     from grinfer.storage import open_cache, open_store
 
     cfg = ServerConfig.model_validate(cfg_fields)
+    if cfg.store is None:
+        raise ValueError("store: a worker gets the engine process's resolved store URL, got none")
     logging.basicConfig(level=cfg.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
     store, cache = open_store(cfg.store), open_cache(cfg.cache)
     engine = EngineClient(Path(engine_socket))
     try:
         catalog = store.load_catalog()
+        if catalog is None:
+            raise ValueError("store: no item catalogue (the engine process imports one before starting workers)")
         state = front_state(cfg, engine, catalog, store, cache, user_ttl_s=0.0 if cache.in_process else None,
                             process=f"worker-{index}")
         server = uvicorn.Server(uvicorn.Config(create_app(state), log_level=cfg.log_level,

@@ -68,6 +68,8 @@ def plan_attention(
         raise ValueError(f"normalizer: expected 'visible' or 'max_len', got {normalizer!r}")
     plan = AttentionPlan(q_offsets, k_offsets, lq, lk, scale.float(), qi, ki)
     if bias_reach is not None:
+        if q_ts is None or k_ts is None or num_time_buckets is None:
+            raise ValueError("q_ts, k_ts, num_time_buckets: the relative bias needs the timestamps and bucket count")
         ctx_len = ((kg != GROUP_C) & k_valid).sum(1, keepdim=True)  # [B, 1]
         qpos_b = torch.where(qg == GROUP_C, ctx_len, qpos)
         kpos_b = torch.where(kg == GROUP_C, ctx_len, kpos)

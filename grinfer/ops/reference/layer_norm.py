@@ -21,6 +21,8 @@ def _affine_rows(weight: torch.Tensor, bias: torch.Tensor,
     """fp32 weight and bias rows ([d], or [T, d] per token group) broadcasting against [T, d]."""
     if weight.shape[0] == 1:
         return weight[0].float(), bias[0].float()
+    if group is None:
+        raise ValueError(f"group: expected token group ids (weight has {weight.shape[0]} rows), got None")
     return weight.float().index_select(0, group), bias.float().index_select(0, group)
 
 
