@@ -29,44 +29,46 @@ class ModelConfig(BaseModel):
 
     name: str = "custom"
     kind: Literal["mtgr", "hstu"] = "mtgr"  # mtgr: ranking with U/S/R/C tokens; hstu: causal retrieval
-    num_layers: int = Field(2, ge=1)
-    d_model: int = Field(64, ge=8)
-    num_heads: int = Field(2, ge=1)
-    max_seq_len: int = Field(256, ge=8)  # the constant normaliser and the relative-position range
+    num_layers: int = Field(default=2, ge=1)
+    d_model: int = Field(default=64, ge=8)
+    num_heads: int = Field(default=2, ge=1)
+    max_seq_len: int = Field(default=256, ge=8)  # the constant normaliser and the relative-position range
     mask: MaskMode = "dynamic"  # "causal" = the plain causal mask (MTGR ablation, HSTU retrieval)
     group_ln: bool = True  # one LayerNorm per token group (U/S/R/C) instead of one for all
     normalizer: Normalizer = "visible"  # divide attention by visible-key count or by max_seq_len
     rel_bias: bool = False  # learned relative position + time-bucket attention bias
-    num_time_buckets: int = Field(64, ge=2)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    num_time_buckets: int = Field(default=64, ge=2)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     # vocabularies (set from the dataset when a model is created for it)
-    num_items: int = Field(4000, ge=1)
-    num_genres: int = Field(18, ge=1)
-    num_year_buckets: int = Field(19, ge=1)
-    num_actions: int = Field(6, ge=1)  # 0 = none (candidates), 1..5 = ratings
+    num_items: int = Field(default=4000, ge=1)
+    num_genres: int = Field(default=18, ge=1)
+    num_year_buckets: int = Field(default=19, ge=1)
+    num_actions: int = Field(default=6, ge=1)  # 0 = none (candidates), 1..5 = ratings
     profile_cardinalities: tuple[int, ...] = (3, 8, 22, 101)
-    num_cross_features: int = Field(4, ge=0)
-    item_emb_dim: int = Field(32, ge=4)
-    side_emb_dim: int = Field(8, ge=2)
+    num_cross_features: int = Field(default=4, ge=0)
+    item_emb_dim: int = Field(default=32, ge=4)
+    side_emb_dim: int = Field(default=8, ge=2)
     tasks: tuple[str, ...] = ("ctr", "ctcvr")
     # retrieval (hstu) training
-    temperature: float = Field(0.05, gt=0.0)
+    temperature: float = Field(default=0.05, gt=0.0)
     # conventions; the defaults are grinfer's own, `grinfer import-checkpoint` sets those of Meta's
     # generative-recommenders (its research HSTU) so that its checkpoints compute the same outputs
-    attn_alpha: float | None = Field(None, gt=0.0)  # q.k scale; None = 1/sqrt(qk_dim); generative-recommenders: 1
+    # q.k scale; None = 1/sqrt(qk_dim); generative-recommenders: 1
+    attn_alpha: float | None = Field(default=None, gt=0.0)
     ln_affine: bool = True  # LayerNorms with a learned scale and shift (generative-recommenders: none)
-    ln_eps: float = Field(1e-5, gt=0.0)  # generative-recommenders: 1e-6
+    ln_eps: float = Field(default=1e-5, gt=0.0)  # generative-recommenders: 1e-6
     uvqk_bias: bool = True  # bias on the U/V/Q/K projection (generative-recommenders: none)
-    qk_dim: int | None = Field(None, ge=1)  # per-head Q/K width (their dqk); None = d_model / num_heads
-    v_dim: int | None = Field(None, ge=1)  # per-head U/V width (their dv); None = d_model / num_heads
-    rel_pos_reach: int | None = Field(None, ge=1)  # relative positions clamped to +-reach: a 2 * reach + 1 table;
+    qk_dim: int | None = Field(default=None, ge=1)  # per-head Q/K width (their dqk); None = d_model / num_heads
+    v_dim: int | None = Field(default=None, ge=1)  # per-head U/V width (their dv); None = d_model / num_heads
+    # relative positions clamped to +-reach: a 2 * reach + 1 table;
+    rel_pos_reach: int | None = Field(default=None, ge=1)
     #   None = max_seq_len; generative-recommenders: max_seq_len - 1 (its 2N - 1 table)
     time_bias_from: Literal["query", "next"] = "query"  # time-bias dt = ts[query] - ts[key], or "next":
     #   ts[query + 1] - ts[key], the next event's timestamp (generative-recommenders)
     layer_dropout: Literal["around_out", "before_out"] = "around_out"  # dropout before and after W_o, or only
     #   before it (generative-recommenders)
     output_norm: Literal["l2", "layer_norm"] = "l2"  # retrieval output embedding: L2 or LayerNorm (no affine)
-    norm_eps: float = Field(1e-12, gt=0.0)  # epsilon of the output (and item) normalisation; theirs: 1e-6
+    norm_eps: float = Field(default=1e-12, gt=0.0)  # epsilon of the output (and item) normalisation; theirs: 1e-6
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -151,24 +153,24 @@ class EngineConfig(BaseModel):
     backend: Literal["eager", "compiled", "fused"] = "eager"
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    block_size: int = Field(32, ge=1)  # tokens per KV-cache block
+    block_size: int = Field(default=32, ge=1)  # tokens per KV-cache block
     # device tier capacity: a byte count, or (on CUDA, when kv_cache_bytes is 0) a fraction of free memory
-    kv_cache_bytes: int = Field(256 << 20, ge=0)
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=0.95)
-    host_cache_bytes: int = Field(0, ge=0)  # 0 disables the host tier
+    kv_cache_bytes: int = Field(default=256 << 20, ge=0)
+    gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=0.95)
+    host_cache_bytes: int = Field(default=0, ge=0)  # 0 disables the host tier
     # the disk tier: memory-mapped files under disk_cache_dir/<model fingerprint>, kept across restarts
-    disk_cache_bytes: int = Field(0, ge=0)  # 0 disables it
+    disk_cache_bytes: int = Field(default=0, ge=0)  # 0 disables it
     disk_cache_dir: str | None = None
     # steps in flight: 1 = plan, run, wait (the synchronous reference); 2 = plan step N+1 while N runs
-    pipeline_depth: int = Field(2, ge=1, le=2)
-    max_batch_tokens: int = Field(8192, ge=16)  # tokens computed per step (context + candidates)
-    max_batch_requests: int = Field(64, ge=1)
-    max_queue: int = Field(1024, ge=1)  # waiting requests beyond this are rejected (overload)
-    max_realtime: int = Field(100, ge=0)  # R events per request (older ones must be rolled into S)
+    pipeline_depth: int = Field(default=2, ge=1, le=2)
+    max_batch_tokens: int = Field(default=8192, ge=16)  # tokens computed per step (context + candidates)
+    max_batch_requests: int = Field(default=64, ge=1)
+    max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this are rejected (overload)
+    max_realtime: int = Field(default=100, ge=0)  # R events per request (older ones must be rolled into S)
     cuda_graphs: bool = True  # fused backend on CUDA: replay the layer stack from a CUDA graph per shape bucket
     # a new bucket's graph is captured once the engine has had no work for this long (a request that arrives
     # during a capture waits for it, so captures wait for a lull instead of filling every gap between steps)
-    capture_idle_s: float = Field(0.25, ge=0.0)
+    capture_idle_s: float = Field(default=0.25, ge=0.0)
 
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -198,36 +200,43 @@ class ServerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    home: str | None = Field(None, description=f"root of every default path (demo models, stores) [{DEFAULT_HOME}]")
-    host: str = Field("127.0.0.1", description="bind address of REST and gRPC")
-    port: int = Field(8000, ge=0, le=65535, description="REST port")
-    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port, 0 = no gRPC server")
-    grpc_reuse_port: bool = Field(False, description="let several servers share the gRPC port (SO_REUSEPORT)")
-    model: str | None = Field(None, description="checkpoint dir (a --task both output or a ranking checkpoint); "
+    home: str | None = Field(default=None,
+                             description=f"root of every default path (demo models, stores) [{DEFAULT_HOME}]")
+    host: str = Field(default="127.0.0.1", description="bind address of REST and gRPC")
+    port: int = Field(default=8000, ge=0, le=65535, description="REST port")
+    grpc_port: int = Field(default=50051, ge=0, le=65535, description="gRPC port, 0 = no gRPC server")
+    grpc_reuse_port: bool = Field(default=False, description="let several servers share the gRPC port (SO_REUSEPORT)")
+    model: str | None = Field(default=None,
+                              description="checkpoint dir (a --task both output or a ranking checkpoint); "
                                                 "unset: the demo models, trained on first start")
-    store: str | None = Field(None, description="sqlite:///PATH.db, a file path or postgresql://...; unset: "
+    store: str | None = Field(default=None, description="sqlite:///PATH.db, a file path or postgresql://...; unset: "
                                                 "GRINFER_HOME/stores/<the model's training dataset>.db")
-    cache: str = Field("memory://", description="memory://[?max_entries=N] or redis://HOST:PORT/DB")
-    api_key: str | None = Field(None, description="require this key (X-API-Key) on write and admin calls")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto")
-    backend: Literal["eager", "compiled", "fused"] = Field("eager", description="eager, compiled or fused (CUDA)")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body in bytes")
-    max_queue: int = Field(256, ge=1, description="waiting requests beyond this are rejected (429)")
-    max_batch_tokens: int = Field(16384, ge=16, description="tokens computed per engine step")
-    kv_cache_mb: int = Field(256, ge=1, description="device KV-cache size in MiB")
-    kv_host_mb: int = Field(0, ge=0, description="host-memory tier of the KV cache in MiB (0: none)")
-    kv_disk_mb: int = Field(0, ge=0, description="disk tier of the KV cache in MiB, files under GRINFER_HOME/kv, "
+    cache: str = Field(default="memory://", description="memory://[?max_entries=N] or redis://HOST:PORT/DB")
+    api_key: str | None = Field(default=None, description="require this key (X-API-Key) on write and admin calls")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto")
+    backend: Literal["eager", "compiled", "fused"] = Field(default="eager",
+                                                           description="eager, compiled or fused (CUDA)")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest request body in bytes")
+    max_queue: int = Field(default=256, ge=1, description="waiting requests beyond this are rejected (429)")
+    max_batch_tokens: int = Field(default=16384, ge=16, description="tokens computed per engine step")
+    kv_cache_mb: int = Field(default=256, ge=1, description="device KV-cache size in MiB")
+    kv_host_mb: int = Field(default=0, ge=0, description="host-memory tier of the KV cache in MiB (0: none)")
+    kv_disk_mb: int = Field(default=0,
+                            ge=0, description="disk tier of the KV cache in MiB, files under GRINFER_HOME/kv, "
                                                  "kept across restarts (0: none)")
-    pipeline_depth: int = Field(2, ge=1, le=2, description="engine steps in flight (1: synchronous)")
-    user_ttl_s: float = Field(30.0, ge=0, description="seconds a user record stays in the feature cache (0: none)")
-    workers: int = Field(0, ge=0, le=64, description="front-end worker processes beside the engine's own, on the "
+    pipeline_depth: int = Field(default=2, ge=1, le=2, description="engine steps in flight (1: synchronous)")
+    user_ttl_s: float = Field(default=30.0,
+                              ge=0, description="seconds a user record stays in the feature cache (0: none)")
+    workers: int = Field(default=0,
+                         ge=0, le=64, description="front-end worker processes beside the engine's own, on the "
                                                      "same port (HTTP, validation, store reads); 0 = one process")
-    log_level: LogLevel = Field("info", description=", ".join(get_args(LogLevel)))
-    latency_target_ms: int = Field(500, ge=0, le=600_000,
+    log_level: LogLevel = Field(default="info", description=", ".join(get_args(LogLevel)))
+    latency_target_ms: int = Field(default=500, ge=0, le=600_000,
                                    description="admission: requests in flight are kept under the measured rate x "
                                                "this; past it a request gets 429 at once (0 = admit all)")
-    access_log: bool = Field(False, description="log one line per HTTP request (costs CPU at high request rates)")
-    replica: str | None = Field(None, max_length=128, pattern=r"^[\x21-\x7e]+$",
+    access_log: bool = Field(default=False,
+                             description="log one line per HTTP request (costs CPU at high request rates)")
+    replica: str | None = Field(default=None, max_length=128, pattern=r"^[\x21-\x7e]+$",
                                 description="this replica's name in X-Grinfer-Replica (unset: hostname:port)")
 
     @field_validator("store")

@@ -22,7 +22,7 @@ IDEMPOTENCY_KEY_RULES = {"min_length": 1, "max_length": 128, "pattern": r"^[!-~]
                          "description": "Client id of this batch (1-128 printable ASCII, no spaces; or the "
                                         "Idempotency-Key header): a retry with the same key appends nothing and "
                                         "gets the first answer; the same key with other events is refused (422)."}
-DEADLINE_MS = Field(None, ge=1, le=600_000,
+DEADLINE_MS = Field(default=None, ge=1, le=600_000,
                     description="Answer within this many ms of arrival or fail (504 / DEADLINE_EXCEEDED); checked "
                                 "before each engine step and when the scores are ready. Default: no deadline.")
 
@@ -37,8 +37,8 @@ class EventIn(_Model):
     """A behaviour event: item (catalogue id), unix seconds (default: now), action (rating 1..5)."""
 
     item: int = Field(ge=0, le=MAX_ITEM_ID, description="Catalogue item id.")
-    ts: int | None = Field(None, ge=0, le=MAX_TS, description="Unix seconds (default: now).")
-    action: int = Field(4, ge=1, le=5, description="Rating 1..5.")
+    ts: int | None = Field(default=None, ge=0, le=MAX_TS, description="Unix seconds (default: now).")
+    action: int = Field(default=4, ge=1, le=5, description="Rating 1..5.")
 
 
 class Candidate(_Model):
@@ -56,10 +56,10 @@ class RankIn(_Model):
 class RecommendIn(_Model):
     user: str = USER_ID
     # retrieve comes before k so that k's check can see it
-    retrieve: int | None = Field(None, ge=1, le=MAX_CANDIDATES,
+    retrieve: int | None = Field(default=None, ge=1, le=MAX_CANDIDATES,
                                  description="Retrieval candidates ranked by MTGR, >= k "
                                              f"(default: max({DEFAULT_RETRIEVE}, k)).")
-    k: int = Field(10, ge=1, le=MAX_K, description="Items returned (at most retrieve).")
+    k: int = Field(default=10, ge=1, le=MAX_K, description="Items returned (at most retrieve).")
     deadline_ms: int | None = DEADLINE_MS
 
     @field_validator("k")
@@ -81,7 +81,7 @@ class RecommendIn(_Model):
 class EventsIn(_Model):
     user: str = USER_ID
     events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS)
-    idempotency_key: str | None = Field(None, **IDEMPOTENCY_KEY_RULES)
+    idempotency_key: str | None = Field(default=None, **IDEMPOTENCY_KEY_RULES)
 
 
 class RollIn(_Model):
@@ -119,8 +119,8 @@ class RollOut(BaseModel):
 class UsersQuery(BaseModel):
     """A page of user ids (query parameters, so not strict: they arrive as text)."""
 
-    limit: int = Field(50, ge=1, le=MAX_USERS_PAGE)
-    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    limit: int = Field(default=50, ge=1, le=MAX_USERS_PAGE)
+    offset: int = Field(default=0, ge=0, le=MAX_OFFSET)
 
 
 class UsersOut(BaseModel):
