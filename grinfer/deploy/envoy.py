@@ -2,8 +2,9 @@
 
 Routes: rank and recommend may be retried on another replica when the connection failed
 (`retry_on: connect-failure`), nothing else is retried. With gRPC, a second listener routes HTTP/2 to
-the replicas' gRPC ports (a cluster speaking HTTP/2 upstream) with the same hash and the REST port's
-/readyz as its health check (a replica's readiness speaks for both of its ports). The admin interface
+the replicas' gRPC ports (a cluster speaking HTTP/2 upstream) on the same ring (replicas are placed by
+a hash key of their own, not their address, so a user's REST and gRPC calls meet on one replica) with
+the REST port's /readyz as its health check (a replica's readiness speaks for both of its ports). The admin interface
 (`--admin`) serves Envoy's own stats and /clusters.
 """
 
@@ -47,8 +48,10 @@ def _listener(name: str, at: Address, routes: list[dict], grpc: bool) -> dict:
 
 
 def _cluster(name: str, servers: tuple[Address, ...], checks: tuple[Address, ...], plan: Plan, http2: bool) -> dict:
-    endpoints = [{"endpoint": {"address": _socket(a), "health_check_config": {"port_value": c.port}}}
-                 for a, c in zip(servers, checks)]
+    # the ring places replica i by its hash key "r<i>", not its address: the REST and gRPC rings agree
+    endpoints = [{"endpoint": {"address": _socket(a), "health_check_config": {"port_value": c.port}},
+                  "metadata": {"filter_metadata": {"envoy.lb": {"hash_key": f"r{i}"}}}}
+                 for i, (a, c) in enumerate(zip(servers, checks))]
     cluster = {"name": name, "type": "STATIC", "connect_timeout": "2s",
                "lb_policy": "RING_HASH" if plan.affine else "ROUND_ROBIN",
                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},

@@ -5,7 +5,9 @@ Open-source nginx checks upstreams passively (a failed connection takes a replic
 `fail_timeout`); active /readyz checks are NGINX Plus's, so use HAProxy or Envoy where a draining
 replica must leave the ring before it refuses. POSTs are never re-sent once they reached a replica
 (nginx's rule for non-idempotent methods), so a retry happens only on a failed connection, and only
-for rank and recommend; event writes and rolls are never retried.
+for rank and recommend; event writes and rolls are never retried. nginx places servers on its ring by
+their address, so the gRPC ring (other ports) differs from the REST one: a user's gRPC calls stick to
+one replica, but not necessarily to the one its REST calls go to (HAProxy and Envoy align the two).
 """
 
 from __future__ import annotations

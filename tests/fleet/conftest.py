@@ -1,0 +1,46 @@
+"""The fleet the tests share: three `grinfer serve` replicas started at once (so the first start's
+migrations and import race for real) on a fresh PostgreSQL database and a Redis prefix of their own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from fleet_util import Balancer, Database, RedisPrefix, Replica
+
+NUM_REPLICAS = 3
+
+
+@dataclass
+class Fleet:
+    db: Database
+    replicas: list[Replica]
+    users: list[str]
+    workdir: Path
+
+    def replica(self, name: str) -> Replica:
+        return next(r for r in self.replicas if r.name == name)
+
+    def balancer(self, kind: str, policy: str = "hash") -> Balancer:
+        return Balancer(kind, self.replicas, self.workdir, policy)
+
+
+@pytest.fixture(scope="package")
+def fleet(served_checkpoint, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("fleet")
+    db, prefix = Database(), RedisPrefix()
+    replicas = [Replica(f"r{i}", served_checkpoint, db.url, prefix.url, workdir) for i in range(NUM_REPLICAS)]
+    try:
+        for r in replicas:  # all at once on the empty database: migrations and the first import race
+            r.start()
+        for r in replicas:
+            r.wait_ready()
+        users = [str(u) for u in httpx.get(f"{replicas[0].url}/v1/users", params={"limit": 1000}).json()["users"]]
+        yield Fleet(db, replicas, users, workdir)
+    finally:
+        for r in replicas:
+            r.stop()
+        db.close()
+        prefix.close()
