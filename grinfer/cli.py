@@ -399,11 +399,16 @@ from grinfer.deploy.cli import deploy_app  # noqa: E402
 
 app.add_typer(deploy_app, name="deploy")
 
+from grinfer.export.cli import aoti_command, onnx_command, verify_command  # noqa: E402
 from grinfer.triton_repo.cli import triton_repo  # noqa: E402
 
-export_app = typer.Typer(help="Export a model for other runtimes (Triton Inference Server).", no_args_is_help=True)
+export_app = typer.Typer(help="Export a model for other runtimes (ONNX, AOTInductor, Triton Inference Server).",
+                         no_args_is_help=True)
 app.add_typer(export_app, name="export")
 export_app.command("triton-repo")(triton_repo)
+export_app.command("onnx")(onnx_command)
+export_app.command("aoti")(aoti_command)
+export_app.command("verify")(verify_command)
 
 
 def demo_model_dir(home: Path) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from grinfer.config import EngineConfig
 from grinfer.export.artifacts import Artifact, Limits, artifacts
 from grinfer.export.dims import used_axes
 from grinfer.export.golden import TOLERANCE, Mismatch, golden_path, max_errors, read_golden, write_golden
@@ -22,7 +23,7 @@ from grinfer.export.runtime import ExportedModel
 from grinfer.export.support import ExportError, check_exportable
 
 FORMATS = {"onnx": ".onnx", "aoti": ".pt2"}
-DEFAULT_BLOCK_SIZE = 32  # EngineConfig.block_size's default
+DEFAULT_BLOCK_SIZE = EngineConfig.model_fields["block_size"].default
 
 
 @dataclass
