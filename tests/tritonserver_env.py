@@ -4,8 +4,8 @@
 `tritonclient` speaks HTTP and gRPC to it. Neither may go into the project's .venv: tritonclient 2.73
 needs protobuf < 7, grinfer's committed gRPC stubs need protobuf >= 7.35. So the environment is built
 once (under GRINFER_TRITON_ENV, default ~/.cache/grinfer/tritonserver-env-<key of the package list>)
-with the CPU torch, numpy < 2 (the Python backend stub needs it) and what grinfer's Python-backend
-models import; grinfer itself comes from this checkout through PYTHONPATH.
+by scripts/triton_env.sh (what the README tells users to run): the CPU torch, numpy < 2 (the Python
+backend stub needs it) and what grinfer's Python-backend models import; grinfer comes from this checkout.
 
     env = triton_env()                  # built on first use (about a minute), then at once; tests: triton_env_or_skip()
     out = env.run_client(SCRIPT, {...})  # a Python client script in that environment, JSON in / out
@@ -19,10 +19,8 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -31,14 +29,7 @@ from pathlib import Path
 from grinfer.serving.background import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_VERSION = "2.13.0"
-PACKAGES = (
-    "nvidia-pytriton==0.7.0",
-    "tritonclient[http,grpc]==2.73.0",
-    "numpy>=1.26,<2",
-    "safetensors>=0.4,<1",
-    "pydantic>=2.6,<3",
-)
+SCRIPT = ROOT / "scripts" / "triton_env.sh"  # builds the environment (what the README tells users to run)
 BUILD_TIMEOUT_S = 1200
 
 
@@ -48,11 +39,11 @@ class TritonEnvUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class TritonEnv:
-    """The environment's interpreter, the `tritonserver` binary, its backends and the variables to run them."""
+    """The environment's interpreter, its `tritonserver` (a wrapper that gives the Python backend) and the
+    variables to run them with."""
 
     python: Path
     tritonserver: Path
-    backend_dir: Path
     env: dict
 
     def run_client(self, script: str, payload: object = None, timeout: float = 120.0) -> object:
@@ -65,8 +56,8 @@ class TritonEnv:
 
 
 def env_dir() -> Path:
-    """Where the environment lives: keyed by the package list, the torch version and this interpreter."""
-    key = hashlib.sha256(repr((PACKAGES, TORCH_VERSION, sys.version_info[:2])).encode()).hexdigest()[:12]
+    """Where the environment lives: keyed by the build script (its package list) and this interpreter's version."""
+    key = hashlib.sha256(SCRIPT.read_bytes() + repr(sys.version_info[:2]).encode()).hexdigest()[:12]
     default = Path.home() / ".cache" / "grinfer" / f"tritonserver-env-{key}"
     return Path(os.environ.get("GRINFER_TRITON_ENV", default))
 
@@ -77,8 +68,7 @@ def triton_env() -> TritonEnv:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "complete").is_file():
-            _build(path)
+        _build(path)  # returns at once when the script's stamp says the environment is complete
     return _describe(path)
 
 
@@ -97,64 +87,25 @@ def _base_python() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
-def _torch_spec() -> list[str]:
-    """pip arguments for the CPU torch: a local wheel folder's (TORCH_WHEELS, default /opt/wheels), else the
-    PyTorch CPU index (PyPI's default build is the multi-GB CUDA one)."""
-    wheels = Path(os.environ.get("TORCH_WHEELS", "/opt/wheels"))
-    local = sorted(wheels.glob(f"torch-{TORCH_VERSION}+cpu-*.whl"))
-    if local:
-        return [str(local[-1])]
-    return [f"torch=={TORCH_VERSION}", "--extra-index-url", "https://download.pytorch.org/whl/cpu"]
-
-
 def _build(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
     try:
-        subprocess.run([_base_python(), "-m", "venv", str(path)], check=True, capture_output=True, text=True)
-        pip = [str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run([*pip, *_torch_spec(), *PACKAGES], check=True, capture_output=True, text=True,
-                       timeout=BUILD_TIMEOUT_S)
+        subprocess.run(["bash", str(SCRIPT), str(path)], check=True, capture_output=True, text=True,
+                       timeout=BUILD_TIMEOUT_S, env={**os.environ, "PYTHON": _base_python()})
     except subprocess.CalledProcessError as exc:
-        shutil.rmtree(path, ignore_errors=True)
         tail = (exc.stderr or exc.stdout or "").strip().splitlines()[-3:]
-        raise TritonEnvUnavailable(f"cannot build the Triton environment at {path}: {' | '.join(tail)}") from None
+        raise TritonEnvUnavailable(f"cannot build the Triton environment at {path} ({SCRIPT.name}): "
+                                   f"{' | '.join(tail)}") from None
     except subprocess.TimeoutExpired:
-        shutil.rmtree(path, ignore_errors=True)
         raise TritonEnvUnavailable(f"building the Triton environment took over {BUILD_TIMEOUT_S} s") from None
-    _install_server(path)
-    (path / "complete").write_text(json.dumps({"packages": PACKAGES, "torch": TORCH_VERSION}) + "\n")
-
-
-def _site_packages(path: Path) -> Path:
-    return path / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
-
-
-def _install_server(path: Path) -> None:
-    """A copy of the wheel's server tree with this Python version's backend stub in backends/python (as
-    pytriton itself prepares it before a start)."""
-    dist = _site_packages(path) / "pytriton" / "tritonserver"
-    stub = dist / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}" / \
-        "triton_python_backend_stub"
-    if not stub.is_file():
-        raise TritonEnvUnavailable(f"nvidia-pytriton has no Python backend stub for Python "
-                                   f"{sys.version_info[0]}.{sys.version_info[1]}")
-    server = path / "tritonserver"
-    shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
-    shutil.copy(stub, server / "backends" / "python" / "triton_python_backend_stub")
 
 
 def _describe(path: Path) -> TritonEnv:
-    libs = [str(_site_packages(path) / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR")]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update({
-        "LD_LIBRARY_PATH": ":".join([*libs, *filter(None, [os.environ.get("LD_LIBRARY_PATH")])]),
-        "PATH": f"{path / 'bin'}:{os.environ.get('PATH', '')}",  # the Python backend finds this interpreter first
-        "PYTHONPATH": str(ROOT),  # grinfer from this checkout, for the Python-backend models
+        "PYTHONPATH": str(ROOT),  # grinfer from this checkout (the cached environment may have been built by another)
         "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
     })
-    server = path / "tritonserver"
-    return TritonEnv(python=path / "bin" / "python", tritonserver=server / "bin" / "tritonserver",
-                     backend_dir=server / "backends", env=env)
+    return TritonEnv(python=path / "bin" / "python", tritonserver=path / "bin" / "tritonserver", env=env)
 
 
 class TritonServer:
@@ -177,8 +128,6 @@ class TritonServer:
 
     def __enter__(self) -> TritonServer:
         args = [str(self.env.tritonserver), "--model-repository", str(self.repository),
-                "--backend-directory", str(self.env.backend_dir),
-                "--cache-directory", str(self.env.backend_dir.parent / "caches"),
                 "--http-address", "127.0.0.1", "--http-port", str(self.http_port),
                 "--grpc-address", "127.0.0.1", "--grpc-port", str(self.grpc_port),
                 "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
