@@ -91,7 +91,7 @@ class Replica:
     """`grinfer serve` as a child process named `name` (X-Grinfer-Replica), REST and gRPC on fixed ports."""
 
     def __init__(self, name: str, model: Path, store: str, cache: str, home: Path) -> None:
-        self.name, self.model, self.store, self.cache, self.home = name, model, store, cache, home
+        self.name, self.model, self.store, self.cache, self.home = name, model, store, cache, home  # URLs
         self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home / f"{name}.log"
