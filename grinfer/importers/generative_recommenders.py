@@ -85,7 +85,7 @@ def settings_from_gin(gin: dict[str, object]) -> dict[str, object]:
         raise CheckpointImportError(f"--gin: hstu_encoder.normalization = {gin['hstu_encoder.normalization']!r} is "
                                     f"not supported (grinfer computes the pointwise {GIN_NORMALIZATIONS[0]!r})")
     out = {name: gin[key] for key, name in GIN_SETTINGS.items() if key in gin}
-    norm = gin.get("train_fn.user_embedding_norm", "l2_norm")
+    norm = str(gin.get("train_fn.user_embedding_norm", "l2_norm"))
     if norm not in OUTPUT_NORMS:
         raise CheckpointImportError(f"--gin: train_fn.user_embedding_norm = {norm!r}; expected one of "
                                     f"{', '.join(OUTPUT_NORMS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -10,9 +11,13 @@ from grinfer.importers import FORMATS, CheckpointImportError
 from grinfer.importers import generative_recommenders as gr
 from grinfer.importers.gin import read_gin
 
+if TYPE_CHECKING:
+    from grinfer.model.hstu import HSTURetrieval
+    from grinfer.model.mtgr import MTGR
+
 
 def convert_generative_recommenders(state: dict[str, torch.Tensor], settings: dict[str, object], name: str,
-                                    raw_ids=None, data_spec: str | None = None) -> torch.nn.Module:
+                                    raw_ids=None, data_spec: str | None = None) -> MTGR | HSTURetrieval:
     """Their state dict + settings -> a loaded HSTURetrieval; items remapped to a catalogue's order when
     `raw_ids` (dense id -> raw id) is given."""
     from grinfer.model import build_model

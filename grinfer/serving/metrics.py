@@ -9,6 +9,8 @@ dashboard in deploy/grafana/ queries these names (tests/serving/test_prometheus_
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
+from typing import Any
 
 import prometheus_client
 from prometheus_client import (
@@ -122,7 +124,7 @@ class Metrics:
             self.registry.register(self.dependencies)
 
     @staticmethod
-    def route_label(scope: dict) -> str:
+    def route_label(scope: MutableMapping[str, Any]) -> str:
         """The endpoint label of an HTTP request: its route's path template ("/v1/users/{user}", "/docs").
 
         Call it after the app has handled the request (the router has then put the route in the

@@ -9,6 +9,8 @@ closes it with `send` once the response went out and the metrics observe each ph
 from __future__ import annotations
 
 import time
+from collections.abc import MutableMapping
+from typing import Any
 
 
 class Phases:
@@ -26,7 +28,7 @@ class Phases:
         self.last = now
 
 
-def phases_of(scope: dict) -> Phases:
+def phases_of(scope: MutableMapping[str, Any]) -> Phases:
     """The request's Phases (a detached one when the front did not start any, e.g. in-process callers)."""
     phases = scope.get("state", {}).get("phases")
     return phases if phases is not None else Phases()

@@ -197,7 +197,7 @@ class PostgresStore:
                 "CREATE TABLE IF NOT EXISTS schema_version "
                 "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
             )
-            current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
+            current = _one(conn.execute("SELECT coalesce(max(version), 0) FROM schema_version"))[0]
             if current > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"database schema version {current} is newer than this grinfer supports ({SCHEMA_VERSION})"
@@ -205,7 +205,7 @@ class PostgresStore:
             for version, statements in MIGRATIONS:
                 if version > current:
                     for statement in statements:
-                        conn.execute(statement)
+                        conn.execute(statement)  # pyright: ignore[reportArgumentType, reportCallIssue] (our own SQL)
                     conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
 
     @contextmanager
@@ -232,7 +232,7 @@ class PostgresStore:
 
     def schema_version(self) -> int:
         with self._conn() as conn:
-            return conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+            return _one(conn.execute("SELECT max(version) FROM schema_version"))[0]
 
     # -- UserStore ---------------------------------------------------------------------------
 
@@ -285,7 +285,7 @@ class PostgresStore:
                        WITH ORDINALITY AS x(i, t, a, n) ORDER BY n""",
                 (uid, items, ts, actions),
             )
-        return conn.execute("SELECT count(*) FROM events WHERE uid = %s AND seq > %s", (uid, rolled_upto)).fetchone()[0]
+        return _one(conn.execute("SELECT count(*) FROM events WHERE uid = %s AND seq > %s", (uid, rolled_upto)))[0]
 
     @staticmethod
     def _lock_user(conn: psycopg.Connection, user: str) -> tuple[int, int]:
@@ -296,8 +296,8 @@ class PostgresStore:
                 "INSERT INTO users (id) VALUES (%s) ON CONFLICT (id) DO NOTHING RETURNING uid, rolled_upto", (user,)
             ).fetchone()
             if row is None:  # created by a concurrent transaction since our first look
-                row = conn.execute(_LOCK_USER, (user,)).fetchone()
-        return row
+                row = _one(conn.execute(_LOCK_USER, (user,)))
+        return row[0], row[1]
 
     def roll_history(self, user: str) -> Roll:
         with self._conn() as conn, conn.transaction():
@@ -308,9 +308,9 @@ class PostgresStore:
                 raise KeyError(user)
             uid, version, rolled_upto = row
             # A new statement after the lock: its snapshot holds every append committed before the roll.
-            count, last = conn.execute(
+            count, last = _one(conn.execute(
                 "SELECT count(*), max(seq) FROM events WHERE uid = %s AND seq > %s", (uid, rolled_upto)
-            ).fetchone()
+            ))
             if count == 0:
                 return Roll(version, 0)
             conn.execute(
@@ -320,7 +320,7 @@ class PostgresStore:
 
     def count_users(self) -> int:
         with self._conn() as conn:
-            return conn.execute("SELECT count(*) FROM users").fetchone()[0]
+            return _one(conn.execute("SELECT count(*) FROM users"))[0]
 
     def list_users(self, limit: int = 100, offset: int = 0) -> list[str]:
         check_page(limit, offset)
@@ -432,3 +432,11 @@ def _int_param(params: dict[str, str], key: str, default: int) -> int:
         return int(params[key])
     except ValueError:
         raise ValueError(f"store URL parameter {key} must be an integer, got {params[key]!r}") from None
+
+
+def _one(cursor: psycopg.Cursor) -> tuple:
+    """The single row of a query that always returns one (an aggregate, a locked existing row)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise RuntimeError("PostgreSQL: a query that always returns a row returned none")
+    return row

@@ -35,6 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from itertools import chain
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -140,7 +141,7 @@ class RedisFeatureCache:
         self._hits = self._misses = self._round_trips = 0
         self._round_trip(self._client.ping)  # fail at start, with redis-py's message, if unreachable
 
-    def _round_trip(self, fn, *args, **kwargs):
+    def _round_trip(self, fn, *args, **kwargs) -> Any:  # the sync client: values, not awaitables
         with self._lock:
             self._round_trips += 1
         return fn(*args, **kwargs)
@@ -208,7 +209,8 @@ class RedisFeatureCache:
         """Many records in one pipelined round trip, all with the same TTL, each tagged with the write epoch
         this thread saw when it missed the user (so a record read before another replica's write stays unused;
         a record put without a miss first is tagged with the current epoch)."""
-        seen, keys, args = self._seen_epochs(), [], [self._px(ttl_s)]
+        seen, keys = self._seen_epochs(), []
+        args: list[int | bytes] = [self._px(ttl_s)]
         for record in records:
             keys += (self._user_key(record.user), self._epoch_key(record.user))
             args += (seen.pop(record.user, b""), encode_user(record))

@@ -222,7 +222,9 @@ class SQLiteStore:
     def _user_for_write(c: sqlite3.Connection, user: str) -> tuple[int, int]:
         row = c.execute("SELECT uid, rolled_upto FROM users WHERE id = ?", (user,)).fetchone()
         if row is None:
-            return c.execute("INSERT INTO users (id) VALUES (?)", (user,)).lastrowid, 0
+            uid = c.execute("INSERT INTO users (id) VALUES (?)", (user,)).lastrowid
+            assert uid is not None  # an INSERT sets it
+            return uid, 0
         return row
 
     def roll_history(self, user: str) -> Roll:

@@ -194,17 +194,17 @@ def _hstu_attention_fwd(
         n_us = tl.load(k_counts + 2 * b)
         n_ctx = tl.load(k_counts + 2 * b + 1)
         is_c = m_valid & (qg == _C)
-        has_c = tl.max(is_c.to(tl.int32), axis=0) > 0
+        has_c = tl.max(is_c.to(tl.int32), axis=0) > 0  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
         max_r_pos = tl.max(tl.where(m_valid & (qg == _R), qp, -1), axis=0)
-        hi = tl.where(has_c, n_ctx, tl.maximum(n_us, tl.minimum(n_ctx, max_r_pos + 1)))
+        hi = tl.where(has_c, n_ctx, tl.maximum(n_us, tl.minimum(n_ctx, max_r_pos + 1)))  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
         # the band: the candidate queries' own keys, as if the candidates were the keys' consecutive suffix
         last_pos = tl.load(k_pos + k_start + lk - 1, mask=lk > 0, other=0).to(tl.int32)
         self_n = lk - 1 - (last_pos - qp)
         band_lo = tl.maximum(tl.min(tl.where(is_c, self_n, _LIM_ALL), axis=0), 0)
-        band_hi = tl.minimum(tl.max(tl.where(is_c, self_n, -1), axis=0) + 1, lk)
+        band_hi = tl.minimum(tl.max(tl.where(is_c, self_n, -1), axis=0) + 1, lk)  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
     else:
         lim = qp
-        hi = tl.max(tl.where(m_valid, qp, -1), axis=0) + 1
+        hi = tl.max(tl.where(m_valid, qp, -1), axis=0) + 1  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
         band_lo = lk
         band_hi = 0
     hi = tl.minimum(hi, lk)
@@ -235,7 +235,7 @@ def _hstu_attention_fwd(
         if DYNAMIC:
             seen |= (cpos >= min_pos) & (cpos <= max_pos)
         outside = (start_n < band_lo) | (start_n >= band_end)
-        if outside & (tl.max(seen.to(tl.int32), axis=0) > 0):
+        if outside & (tl.max(seen.to(tl.int32), axis=0) > 0):  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
             acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, k_group, k_pos,
                              stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
                              COUNT, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE)
@@ -315,7 +315,7 @@ def key_counts(k_group: torch.Tensor, k_offsets: torch.Tensor) -> torch.Tensor:
     Depends only on the key layout: compute it once per step and pass it to every layer's call."""
     counts = torch.empty((len(k_offsets) - 1, 2), dtype=torch.int32, device=k_group.device)
     if len(counts):
-        _key_counts_kernel[(len(counts),)](k_offsets, k_group, counts, BLOCK=1024)
+        _key_counts_kernel[(len(counts),)](k_offsets, k_group, counts, BLOCK=1024)  # pyright: ignore[reportArgumentType] (Triton's jit typing)
     return counts
 
 
@@ -432,6 +432,6 @@ def launch_hstu_attention(  # noqa: C901 (argument checks, then one launch)
         FAST_SILU=bool(fast_silu) and not interpreted(),  # inline PTX does not run in the interpreter
         PAGED=block_table is not None, PAGE=page_size if block_table is not None else 1,
         LAYOUT_COUNT=layout_counts, COUNT=normalizer == "visible" and not layout_counts,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,  # pyright: ignore[reportCallIssue] (Triton's jit typing)
     )
     return out, compiled

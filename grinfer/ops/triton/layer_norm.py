@@ -99,7 +99,7 @@ def _silu_scatter_kv_fwd(
     slot = tl.load(Slots + rows, mask=row_ok, other=-1).to(tl.int64)
     cache_mask = (row_ok & (slot >= 0))[:, None] & col_ok[None, :]
     h_rows = H + rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
-    for j in tl.static_range(4):  # the u, v, q, k column blocks
+    for j in tl.static_range(4):  # pyright: ignore[reportGeneralTypeIssues] (Triton's jit typing); u, v, q, k blocks
         ptrs = h_rows + j * D
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         s = round_to(x / (1.0 + tl.exp(-x)), H.dtype.element_ty, ROUND_H).to(tl.float32)  # SiLU as stored in h
