@@ -108,7 +108,8 @@ class ModelConfig(BaseModel):
     def vocab_mismatch(self, num_items: int, num_genres: int, num_year_buckets: int,
                        profile_cardinalities: tuple[int, ...] | None = None) -> str | None:
         """Why a catalogue (and, given, profile fields) of these sizes cannot be scored by this model, or None."""
-        sizes = [("items", num_items, self.num_items), ("genres", num_genres, self.num_genres)]
+        sizes: list[tuple[str, object, object]] = [("items", num_items, self.num_items),
+                                                   ("genres", num_genres, self.num_genres)]
         if profile_cardinalities is not None:
             sizes.append(("profile cardinalities", tuple(profile_cardinalities), self.profile_cardinalities))
         for what, data, model in sizes:
