@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 .venv/bin/ruff check grinfer tests
+.venv/bin/pyright  # basic mode over grinfer ([tool.pyright] in pyproject.toml); node comes from a wheel
 .venv/bin/python -m pytest "$@"

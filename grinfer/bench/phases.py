@@ -73,7 +73,7 @@ def measure(requests: int, clients: int, candidates: int, backend: str, device: 
     with tempfile.TemporaryDirectory() as tmp:
         store, cache = open_store(f"sqlite:///{Path(tmp) / 'bench.db'}"), open_cache("memory://")
         import_dataset(ds, store, progress=False)
-        engine = Engine(model, ds.catalog, EngineConfig(backend=backend, device=device)).start()
+        engine = Engine(model, ds.catalog, EngineConfig.model_validate({"backend": backend, "device": device})).start()
         metrics = Metrics(engine, backend)
         engine.on_step = metrics.on_step
         service = RecommenderService(engine, ds.catalog, store, cache)
