@@ -18,10 +18,13 @@ def triton_repo(
                                                    "'{\"ctr\": 1, \"ctcvr\": 2}'.")] = "{}",
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests Triton's batcher hands gr_model at once.")] = 8,
     kv_cache_mb: Annotated[int, typer.Option(min=1, help="gr_model's KV-cache size in MiB.")] = 256,
+    onnx: Annotated[bool, typer.Option(help="Also gr_model_onnx: the uncached ranking graph as an onnxruntime_onnx "
+                                            "model (for servers with Triton's ONNX Runtime backend).")] = False,
 ) -> None:
     """Write a Triton model repository: preprocess_py -> embedding_service -> gr_model (grinfer's engine with
     its KV cache) -> interaction_python, chained by ensemble_model."""
     from grinfer.config import ServerConfig
+    from grinfer.export.support import ExportError
     from grinfer.model.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta
     from grinfer.serving.server import StartupError, model_dirs, resolve_catalog
     from grinfer.storage import open_store
@@ -50,8 +53,9 @@ def triton_repo(
             catalog = resolve_catalog(opened, data_spec, ranker.cfg.num_items)
         finally:
             opened.close()
-        settings = RepoSettings(kv_cache_mb=kv_cache_mb, max_batch_size=max_batch_size, task_weights=weights)
-        names = write_repository(ranking_dir, catalog, out, settings, ranker.cfg)
-    except (StartupError, CheckpointError, FileExistsError, ValueError) as exc:
+        settings = RepoSettings(kv_cache_mb=kv_cache_mb, max_batch_size=max_batch_size, task_weights=weights,
+                                onnx=onnx)
+        names = write_repository(ranking_dir, catalog, out, settings, ranker.cfg, progress=True)
+    except (StartupError, CheckpointError, FileExistsError, ExportError, ValueError) as exc:
         raise fail(str(exc)) from None
     typer.echo(f"wrote {out}: {', '.join(names)} (serve: tritonserver --model-repository {out})")

@@ -5,6 +5,7 @@
     gr_model            grinfer's Engine: paged per-user KV cache, batching  (Python backend, checkpoint/)
     interaction_python  probabilities -> fused score -> top-k                (Python backend)
     ensemble_model      the four chained: what clients call
+    gr_model_onnx       (with onnx) the uncached ranking graph, for Triton's ONNX Runtime backend
 
 Paths are `parameters` relative to the version folder, so the repository can be moved or copied whole.
 """
@@ -38,6 +39,7 @@ class RepoSettings:
     max_batch_size: int = 8  # requests the dynamic batcher hands gr_model at once
     batching_delay_us: int = 500
     task_weights: dict[str, float] | None = None
+    onnx: bool = False  # also gr_model_onnx, the uncached graph for Triton's ONNX Runtime backend
 
 
 def _vec(name: str, dtype: str = "INT64", **kw) -> Tensor:
@@ -120,7 +122,7 @@ def configs(model_cfg, settings: RepoSettings) -> dict[str, str]:
 
 
 def write_repository(ranking_dir: Path, catalog: ItemCatalog, out: Path, settings: RepoSettings = RepoSettings(),
-                     model_cfg=None) -> list[str]:
+                     model_cfg=None, progress: bool = False) -> list[str]:
     """Write the repository for the ranking checkpoint `ranking_dir` to `out` (which must be absent or empty);
     returns the model names."""
     model_cfg = model_cfg or load_checkpoint(ranking_dir).cfg
@@ -137,4 +139,12 @@ def write_repository(ranking_dir: Path, catalog: ItemCatalog, out: Path, setting
                 f"\n\nfrom grinfer.triton_repo.{MODULES[name]} import TritonPythonModel  # noqa: F401\n")
     shutil.copytree(ranking_dir, out / GR_MODEL / "1" / "checkpoint")
     save_catalog(catalog, out / EMBEDDING / "1" / "catalog.npz")
-    return list(texts)
+    names = list(texts)
+    if settings.onnx:
+        from grinfer.export.artifacts import Limits
+        from grinfer.schema import MAX_CANDIDATES
+        from grinfer.triton_repo.onnx_model import write_onnx_model
+
+        limits = Limits(static=settings.max_static, realtime=settings.max_realtime, candidates=MAX_CANDIDATES)
+        names.append(write_onnx_model(ranking_dir, out, limits, progress))
+    return names

@@ -123,3 +123,42 @@ def test_export_command_errors_are_one_line(served_checkpoint, tmp_path, weights
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_onnx_model_config_is_the_graphs_and_it_ranks_as_grinfer(served_checkpoint, tmp_path):
+    """--onnx: gr_model_onnx's config names the graph's tensors; on a request featurized from the raw tensors
+    the graph gives the uncached model's probabilities (no server here has the ONNX Runtime backend)."""
+    import onnxruntime as ort
+    import torch
+    from conftest import SERVED_SPEC
+
+    from grinfer.data import load_dataset
+    from grinfer.export.inputs import ranking_inputs
+    from grinfer.features.featurizer import Featurizer, RankRequest, UserContext
+    from grinfer.model.checkpoint import load_checkpoint
+    from grinfer.triton_repo.writer import RepoSettings
+
+    ds = load_dataset(SERVED_SPEC)
+    out = tmp_path / "repo"
+    assert "gr_model_onnx" in write_repository(served_checkpoint, ds.catalog, out, RepoSettings(onnx=True))
+    config = (out / "gr_model_onnx" / "config.pbtxt").read_text()
+    session = ort.InferenceSession(str(out / "gr_model_onnx" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    for value in [*session.get_inputs(), *session.get_outputs()]:
+        assert f'name: "{value.name}"' in config
+    assert 'platform: "onnxruntime_onnx"' in config
+
+    user, raw = ds.users[0], ds.catalog.raw_ids
+    ctx = preprocess(raw_tensors(raw[user.items], user.timestamps, user.ratings, len(user.items) - 3,
+                                 candidates=raw[[5, 9, 2, 30]], profile=user.profile), list(ds.profile_cardinalities),
+                     1000, 100, now=int(user.timestamps[-1]) + 60)
+    lookup = IdLookup(ds.catalog)
+    context = UserContext(ctx.profile, lookup.rows("EVENT_ITEMS", ctx.items), ctx.timestamps, ctx.actions,
+                          ctx.num_static)
+    model = load_checkpoint(served_checkpoint)
+    batch = Featurizer(ds.catalog, model.cfg.num_time_buckets).rank_batch(
+        [RankRequest(context, lookup.rows("CANDIDATE_ITEMS", ctx.candidates), ctx.request_ts)])
+    feed = {k: v.numpy() for k, v in ranking_inputs(batch).items()}
+    (probs,) = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
+    with torch.no_grad():
+        want = torch.sigmoid(model(batch)).numpy()
+    np.testing.assert_allclose(probs[0], want, rtol=0, atol=1e-5)
