@@ -36,7 +36,9 @@ KV_COUNTERS = {"hits": "Context lookups served whole from the KV cache",
                "misses": "Context lookups with nothing cached",
                "evictions": "KV cache entries evicted from the device pool",
                "host_hits": "KV cache entries restored from the host tier",
-               "host_evictions": "KV cache entries dropped from the host tier"}
+               "host_evictions": "KV cache entries pushed out of the host tier (to the disk tier, if any)",
+               "disk_hits": "KV cache entries restored from the disk tier",
+               "disk_evictions": "KV cache entries dropped from the disk tier"}
 
 
 class EngineCollector:
@@ -56,6 +58,8 @@ class EngineCollector:
         yield GaugeMetricFamily("grinfer_kv_cache_users", "Users with K/V on the device", kv["users"])
         yield GaugeMetricFamily("grinfer_kv_cache_host_bytes", "Bytes of K/V held in the host tier",
                                 kv["host_bytes_used"])
+        yield GaugeMetricFamily("grinfer_kv_cache_disk_bytes", "Bytes of K/V held in the disk tier",
+                                kv["disk_bytes_used"])
         memory = GaugeMetricFamily("grinfer_device_memory_bytes",
                                    "Device memory the engine holds (CUDA: allocated; CPU: weights + KV pool)",
                                    labels=["device"])
