@@ -250,7 +250,7 @@ async def _closed_loops(send: Send, workload: Workload, clients: int, requests: 
             body = workload.body()
             t0 = time.perf_counter()
             outcome, answered = await send(body)
-            if outcome == "200":
+            if outcome == "200" and answered is not None:  # a 200 always names its replica and cache status
                 latencies.append(1e3 * (time.perf_counter() - t0))
                 served[answered] += 1
             statuses[outcome] += 1
