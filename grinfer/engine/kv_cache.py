@@ -114,7 +114,8 @@ class KVCache:
                "host_hits": s.tier_hits.get("host", 0), "disk_hits": s.tier_hits.get("disk", 0),
                "hit_ratio": (s.hits + s.partial_hits) / lookups if lookups else 0.0,
                "occupancy": m.occupancy(), "users": len(m.entries), "blocks": m.num_blocks,
-               "block_size": m.block_size, "host_users": 0, "host_bytes_used": 0, "host_evictions": 0}
+               "block_size": m.block_size, "host_users": 0, "host_bytes_used": 0, "host_evictions": 0,
+               "disk_users": 0, "disk_bytes_used": 0, "disk_evictions": 0, "disk_restores": 0}
         for tier in self._chain():
             out.update(tier.snapshot())
         return out

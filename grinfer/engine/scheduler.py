@@ -24,7 +24,7 @@ from grinfer.engine.signature import CacheLookup, ContextSignature
 _keys = iter(range(1 << 62))
 
 
-@dataclass
+@dataclass(eq=False)  # identity: removing one from a queue must not compare their arrays
 class RequestState:
     """A request's progress through the engine (its tensors live in the runner, keyed by `key`)."""
 

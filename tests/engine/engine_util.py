@@ -83,8 +83,11 @@ def kv_bytes(model: MTGR, tokens: int) -> int:
     return tokens * KVPool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, torch.float32)
 
 
+CORE_DEFAULTS: dict = {}  # settings every make_core gets unless given (a test module may parametrize them)
+
+
 def make_core(model: MTGR, catalog: ItemCatalog, **config) -> EngineCore:
-    config.setdefault("kv_cache_bytes", 4 << 20)
+    config = {"kv_cache_bytes": 4 << 20, **CORE_DEFAULTS, **config}
     return EngineCore(model, catalog, EngineConfig(**config))
 
 

@@ -2,14 +2,16 @@
 
 Every engine result below is compared, candidate by candidate, with the full model run on the same
 request with nothing cached, across cold, warm, repeated, shortened, diverging and re-versioned
-contexts, eviction and refill (with and without the host tier), layer-chunked contexts,
-candidate micro-batches and ragged mixed batches.
+contexts, eviction and refill (device only, host tier, disk tier, host then disk), layer-chunked
+contexts, candidate micro-batches and ragged mixed batches — each with the synchronous engine
+(pipeline_depth 1) and the pipelined one (2).
 """
 
 from __future__ import annotations
 
 import itertools
 
+import engine_util
 import numpy as np
 import pytest
 from engine_util import (
@@ -34,6 +36,13 @@ from hypothesis import strategies as st
 from grinfer.features import UserContext
 
 BLOCK_SIZES = [1, 3, 32]  # 3 and 32 leave partial blocks for most lengths below; 1 never does
+
+
+@pytest.fixture(autouse=True, params=[1, 2], ids=["sync", "pipelined"])
+def pipeline_depth(request, monkeypatch):
+    """Every test of this module runs with the synchronous engine and the pipelined one."""
+    monkeypatch.setitem(engine_util.CORE_DEFAULTS, "pipeline_depth", request.param)
+    return request.param
 
 
 def cold_users(make_request, shapes, seed=0, prefix="u"):
@@ -260,16 +269,28 @@ ROUND_USERS = 5
 SHAPE = (12, 2, 4)  # 4 U + 12 S + 2 R = 18 context tokens: 5 blocks of 4; 20 after 2 new events, still 5
 
 
-def tiny_pool_core(model, catalog, host: bool, **config):
-    """A device pool of 11 blocks of 4 tokens: two users' contexts fit, a third does not."""
-    return make_core(model, catalog, block_size=4, kv_cache_bytes=kv_bytes(model, 11 * 4),
-                     host_cache_bytes=kv_bytes(model, 100 * 20) if host else 0, **config)
+TIERS = ["device-only", "host", "disk", "host+disk"]
 
 
-@pytest.mark.parametrize("host", [False, True], ids=["device-only", "host-tier"])
-def test_eviction_then_refill(model, catalog, featurizer, make_request, host):
+def tiny_pool_core(model, catalog, tiers: str, tmp_path=None, **config):
+    """A device pool of 11 blocks of 4 tokens: two users' contexts fit, a third does not. Lower tiers hold
+    100 users; with both, the host tier holds one and hands older ones down to the disk."""
+    if "host" in tiers:
+        config["host_cache_bytes"] = kv_bytes(model, (18 if "disk" in tiers else 100 * 20))
+    if "disk" in tiers:
+        config.update(disk_cache_bytes=kv_bytes(model, 100 * 20), disk_cache_dir=str(tmp_path))
+    return make_core(model, catalog, block_size=4, kv_cache_bytes=kv_bytes(model, 11 * 4), **config)
+
+
+def tier_users(stats: dict) -> int:
+    return stats.get("host_users", 0) + stats.get("disk_users", 0)
+
+
+@pytest.mark.parametrize("tiers", TIERS)
+def test_eviction_then_refill(model, catalog, featurizer, make_request, tiers, tmp_path):
     rng = np.random.default_rng(7)
-    core = tiny_pool_core(model, catalog, host)
+    core = tiny_pool_core(model, catalog, tiers, tmp_path)
+    lower = tiers != "device-only"
     assert core.cache.num_blocks == 11
     first = cold_users(make_request, [SHAPE] * ROUND_USERS, seed=80)
     for req in first:  # one user at a time, so every user past the second evicts the least recent one
@@ -278,31 +299,39 @@ def test_eviction_then_refill(model, catalog, featurizer, make_request, host):
         assert_scores(model, featurizer, req, res)
     stats = core.stats()["kv_cache"]
     assert stats["evictions"] == ROUND_USERS - 2 and stats["users"] == 2
-    if host:
-        assert stats["host_users"] == ROUND_USERS - 2 and stats["host_bytes_used"] == kv_bytes(model, 3 * 18)
+    if lower:
+        assert tier_users(stats) == ROUND_USERS - 2
+    if tiers == "host":
+        assert stats["host_bytes_used"] == kv_bytes(model, 3 * 18)
+    sources = []
     for old in first:  # every user comes back with 2 new events, after the others pushed it out
         req = with_context(old, append_events(old.context, rng, 2))
         state = core.add(req)
         res = run(core)[req.request_id]
-        if host:
-            assert state.lookup.source == "host"
+        sources.append(state.lookup.source)
+        if lower:
+            assert state.lookup.source in tiers
             assert (res.cache, res.cached_tokens, res.computed_tokens) == ("partial", context_tokens(old), 2)
         else:
             assert (res.cache, res.computed_tokens) == ("miss", context_tokens(req))
         assert_scores(model, featurizer, req, res)
+    if tiers == "host+disk":
+        assert {"host", "disk"} <= set(sources), sources
     stats = core.stats()["kv_cache"]
     assert stats["evictions"] == 2 * ROUND_USERS - 2
-    assert stats["host_hits"] == (ROUND_USERS if host else 0)
-    assert stats["partial_hits"] == (ROUND_USERS if host else 0)
+    assert stats["host_hits"] + stats["disk_hits"] == (ROUND_USERS if lower else 0)
+    assert stats["partial_hits"] == (ROUND_USERS if lower else 0)
     assert_unpinned(core)
+    core.close()
 
 
-@pytest.mark.parametrize("host", [False, True], ids=["device-only", "host-tier"])
+@pytest.mark.parametrize("tiers", TIERS)
 @pytest.mark.parametrize("max_batch_tokens", [16, 4096])
-def test_many_users_at_once_through_a_tiny_pool(model, catalog, featurizer, make_request, host, max_batch_tokens):
+def test_many_users_at_once_through_a_tiny_pool(model, catalog, featurizer, make_request, tiers, max_batch_tokens,
+                                                tmp_path):
     """More users admitted together than the pool holds: they wait for room, and every score is right."""
     rng = np.random.default_rng(8)
-    core = tiny_pool_core(model, catalog, host, max_batch_tokens=max_batch_tokens)
+    core = tiny_pool_core(model, catalog, tiers, tmp_path, max_batch_tokens=max_batch_tokens)
     first = cold_users(make_request, [SHAPE] * ROUND_USERS, seed=90)
     for batch in (first, [with_context(r, append_events(r.context, rng, 2)) for r in first]):
         results = run(core, batch)
@@ -311,20 +340,22 @@ def test_many_users_at_once_through_a_tiny_pool(model, catalog, featurizer, make
             assert_scores(model, featurizer, req, results[req.request_id])
         assert_unpinned(core)
     assert core.stats()["kv_cache"]["evictions"] >= ROUND_USERS
+    core.close()
 
 
 def test_cache_lookups_are_counted_once_per_request(model, catalog, make_request):
-    core = tiny_pool_core(model, catalog, host=False)
+    core = tiny_pool_core(model, catalog, "device-only")
     run(core, cold_users(make_request, [SHAPE] * 4, seed=90))
     stats = core.stats()["kv_cache"]
     assert stats["hits"] + stats["partial_hits"] + stats["misses"] == 4
 
 
-def test_host_copies_survive_a_restore_that_must_wait(model, catalog, featurizer, make_request):
-    core = tiny_pool_core(model, catalog, host=True)
+@pytest.mark.parametrize("tiers", TIERS[1:])
+def test_tier_copies_survive_a_restore_that_must_wait(model, catalog, featurizer, make_request, tiers, tmp_path):
+    core = tiny_pool_core(model, catalog, tiers, tmp_path)
     first = cold_users(make_request, [SHAPE] * ROUND_USERS, seed=140)
-    run(core, first)  # two users stay on the device, three go to the host tier
-    assert len(core.cache.manager.entries) + len(core.cache.tiers[0].entries) == ROUND_USERS
+    run(core, first)  # two users stay on the device, three go to the tiers
+    assert core.stats()["kv_cache"]["users"] + tier_users(core.stats()["kv_cache"]) == ROUND_USERS
     again = [with_context(r, r.context) for r in first]  # all at once: some restores must wait for room
     results = run(core, again)
     for req in again:

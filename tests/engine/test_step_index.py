@@ -1,0 +1,92 @@
+"""Unit tests of a step's indices (engine/step.py) against a per-item, per-token Python reference, on
+random ragged work items, with and without scratch pages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from grinfer.engine.kv_pool import KVPool
+from grinfer.engine.request import RankRequest
+from grinfer.engine.runner import _Embedded
+from grinfer.engine.scheduler import RequestState, WorkItem
+from grinfer.engine.signature import ContextSignature
+from grinfer.features import UserContext
+
+
+def random_items(rng: np.random.Generator, pool: KVPool, n: int):
+    """n work items over disjoint random pages, and their sequences' embeddings (metadata = row ids)."""
+    pages = list(rng.permutation(pool.num_blocks))
+    items, embedded = [], []
+    for i in range(n):
+        static, ctx_len, cands = int(rng.integers(0, 6)), int(rng.integers(1, 14)), int(rng.integers(0, 6))
+        static = min(static, ctx_len)
+        ctx_end = ctx_len
+        ctx_start = int(rng.integers(0, ctx_end + 1))
+        cand_start = int(rng.integers(0, cands + 1))
+        cand_end = int(rng.integers(cand_start, cands + 1))
+        need = -(-ctx_len // pool.block_size)
+        blocks = [int(pages.pop()) for _ in range(need)]
+        realtime = np.zeros((ctx_len - static, 3), np.int64)
+        request = RankRequest(f"u{i}", 0, UserContext(np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                                      np.zeros(0, np.int64), np.zeros(0, np.int64), 0),
+                              np.arange(cands), 0)
+        state = RequestState(request, ContextSignature(f"u{i}", 0, static, realtime))
+        items.append(WorkItem(state, ctx_start, ctx_end, cand_start, cand_end, blocks))
+        seq = ctx_len + cands
+        base = 1000 * (i + 1)
+        rows = torch.arange(base, base + seq)
+        embedded.append(_Embedded(torch.zeros(seq, 1), rows, rows + 1, rows + 2))
+    return items, embedded
+
+
+def reference(items, pool: KVPool):
+    """Per-token lists: query rows, key rows, written slots and each query's slot."""
+    page, q_rows, k_rows, write_slots, q_slots, base = pool.block_size, [], [], [], [], 0
+    scratch = list(pool.scratch)
+    for it in items:
+        ctx_len = it.state.context_len
+        slot = lambda p, pages: pages[p // page] * page + p % page
+        n_cand = it.cand_end - it.cand_start
+        pages = list(it.blocks[:-(-it.ctx_end // page)])
+        if len(pool.scratch):  # candidates continue after the context, on scratch pages past its own
+            while len(pages) * page < it.ctx_end + n_cand:
+                pages.append(scratch.pop(0))
+        for p in range(it.ctx_start, it.ctx_end):
+            q_rows.append(base + p)
+            write_slots.append(slot(p, pages))
+            q_slots.append(slot(p, pages))
+        for j in range(n_cand):
+            q_rows.append(base + ctx_len + it.cand_start + j)
+            q_slots.append(slot(it.ctx_end + j, pages) if len(pool.scratch) else -1)
+        k_rows += list(range(base, base + it.ctx_end)) + [base + ctx_len + it.cand_start + j for j in range(n_cand)]
+        base += ctx_len + len(it.state.request.candidates)
+    return q_rows, k_rows, write_slots, q_slots
+
+
+@pytest.mark.parametrize("scratch", [0, 40])
+@pytest.mark.parametrize("seed", range(6))
+def test_step_indices_match_a_token_by_token_reference(seed, scratch):
+    from grinfer.engine.step import build_step_index
+
+    rng = np.random.default_rng(seed)
+    pool = KVPool(1, 1, 2, block_size=int(rng.choice([1, 3, 4])), num_blocks=80, dtype=torch.float32,
+                  device="cpu", scratch_blocks=scratch)
+    items, embedded = random_items(rng, pool, int(rng.integers(1, 6)))
+    idx = build_step_index(items, embedded, pool, torch.device("cpu"))
+    q_rows, k_rows, write_slots, q_slots = reference(items, pool)
+    assert idx.q_rows.tolist() == q_rows
+    assert idx.write_slots.tolist() == write_slots
+    assert idx.q_slots.tolist() == q_slots
+    rows = torch.cat([e.group for e in embedded])  # metadata = global row ids: it must select the same rows
+    assert idx.q_meta.group.tolist() == rows[q_rows].tolist() and idx.q_meta.pos.tolist() == (rows[q_rows] + 1).tolist()
+    assert idx.k_meta.group.tolist() == rows[k_rows].tolist()
+    n_q = [it.tokens for it in items]
+    assert idx.q_meta.offsets.tolist() == np.r_[0, np.cumsum(n_q)].tolist() and idx.max_len_q == max(n_q)
+    assert idx.k_counts.tolist() == [[min(it.state.signature.static_tokens, it.ctx_end), it.ctx_end] for it in items]
+    if not scratch:  # the dense-key gather: context rows from the pool slots, candidates from the new tokens
+        page = pool.block_size
+        ctx = [it.blocks[p // page] * page + p % page for it in items for p in range(it.ctx_end)]
+        assert idx.ctx_slots.tolist() == ctx
+        assert len(idx.ctx_dest) + len(idx.cand_dest) == len(k_rows)
