@@ -112,10 +112,11 @@ def evaluate_ranking(model: MTGR, ds: Dataset, featurizer: Featurizer, device: s
         chunk = requests[i:i + batch_size]
         batch = featurizer.rank_batch(chunk)
         scores.append(torch.sigmoid(model(batch.to(device))).float().cpu().numpy())
+        assert batch.labels is not None  # evaluation requests carry their labels
         labels.append(batch.labels.numpy())
         groups.append(np.repeat(np.arange(i, i + len(chunk)), [len(r.candidates) for r in chunk]))
     s, y, g = np.concatenate(scores), np.concatenate(labels), np.concatenate(groups)
-    out = {t: {"auc": auc(y[:, j], s[:, j]), "gauc": gauc(y[:, j], s[:, j], g)}
-           for j, t in enumerate(model.cfg.tasks)}
+    out: dict[str, object] = {t: {"auc": auc(y[:, j], s[:, j]), "gauc": gauc(y[:, j], s[:, j], g)}
+                              for j, t in enumerate(model.cfg.tasks)}
     out["candidates"] = len(s)
     return out

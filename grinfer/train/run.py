@@ -14,6 +14,8 @@ from grinfer.data.types import Dataset
 from grinfer.features.featurizer import NUM_CROSS_FEATURES, Featurizer
 from grinfer.model import build_model
 from grinfer.model.checkpoint import read_checkpoint_meta, save_checkpoint
+from grinfer.model.hstu import HSTURetrieval
+from grinfer.model.mtgr import MTGR
 from grinfer.train.loop import TrainSettings
 from grinfer.train.plots import plot_history
 from grinfer.train.ranking import evaluate_ranking, train_ranking
@@ -39,7 +41,7 @@ def train_model(cfg: ModelConfig, ds: Dataset, data_spec: str, settings: TrainSe
     cfg = config_for(cfg, ds)
     model = build_model(cfg).to(settings.device)
     start = time.perf_counter()
-    if cfg.kind == "hstu":
+    if isinstance(model, HSTURetrieval):
         fitted = train_retrieval(model, ds, settings, validate=validate)
     else:
         fitted = train_ranking(model, ds, Featurizer(ds.catalog, cfg.num_time_buckets), settings, validate=validate)
@@ -56,10 +58,10 @@ def train_model(cfg: ModelConfig, ds: Dataset, data_spec: str, settings: TrainSe
     return record
 
 
-def evaluate(model: torch.nn.Module, ds: Dataset, device: str) -> dict:
+def evaluate(model: MTGR | HSTURetrieval, ds: Dataset, device: str) -> dict:
     """The evaluation section for one model: {"retrieval": {...}} or {"ranking": {...}}."""
     model = model.to(device)
-    if model.cfg.kind == "hstu":
+    if isinstance(model, HSTURetrieval):
         return {"retrieval": evaluate_retrieval(model, ds, "test", device)}
     return {"ranking": evaluate_ranking(model, ds, Featurizer(ds.catalog, model.cfg.num_time_buckets), device)}
 
