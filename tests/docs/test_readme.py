@@ -33,6 +33,8 @@ NOT_RUN = {
     "scripts/serve.sh": "the set-up plus `exec grinfer serve`, whose command is run here; a fresh set-up takes minutes",
     "scripts/test.sh": "the whole suite (this test is part of it); CI runs it through .ci/run",
     "TORCH_SPEC": "installs a CUDA build of torch: needs PyTorch's index over the network and a GPU",
+    "scripts/triton_env.sh": "builds the Triton environment over PyPI; tests/triton builds it with this script",
+    "~/triton-env/bin/tritonserver": "needs that environment; tests/triton starts it on an exported repository",
 }
 KEY = "readme-key"
 READY_TIMEOUT_S = 240
