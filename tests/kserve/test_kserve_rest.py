@@ -151,3 +151,11 @@ def test_unknown_model_metadata_and_bad_binary_header(live):
     assert r.status_code == 400 and r.json()["field"] == "inference-header-content-length"
     r = live.http.post("/v2/models/grinfer_rank/infer", content=b"{not json")
     assert r.status_code == 400 and "error" in r.json()
+
+
+def test_a_user_header_naming_another_user_is_refused(live):
+    body = _rank_body(live.user(), items_of(live, 1, 2))
+    r = live.http.post("/v2/models/grinfer_rank/infer", json=body, headers={"X-User-Id": "someone-else"})
+    assert r.status_code == 400 and r.json()["field"] == "inputs.user_id", r.text
+    ok = live.http.post("/v2/models/grinfer_rank/infer", json=body, headers={"X-User-Id": live.user()})
+    assert ok.status_code == 200 and ok.headers["x-grinfer-cache"] in ("hit", "partial", "miss")

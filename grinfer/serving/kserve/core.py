@@ -9,7 +9,7 @@ from grinfer.serving.kserve.models import MODELS, VERSION, Model
 from grinfer.serving.kserve.tensors import Tensor
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases
-from grinfer.serving.service import FieldError, RecommenderService, Unavailable
+from grinfer.serving.service import FieldError, RecommenderService, Unavailable, check_user_header
 
 EXTENSIONS = ["binary_tensor_data", "parameters", "model_repository"]
 
@@ -67,8 +67,11 @@ class KServe:
         return [m for m in models if m["state"] == "READY"] if ready_only else models
 
     async def infer(self, name: str, version: str, request: InferRequest, phases: Phases | None = None,
-                    draining: bool = False) -> InferResponse:
-        """Run one request through the service (as /v1/rank or /v1/recommend); outputs as asked for."""
+                    draining: bool = False, user_header: str | None = None) -> InferResponse:
+        """Run one request through the service (as /v1/rank or /v1/recommend); outputs as asked for.
+
+        `user_header`: the X-User-Id header (gRPC: x-user-id metadata) a balancer routed by; it must name
+        the request's user."""
         model = self.model(name, version)
         if draining:
             raise Unavailable("server is shutting down")
@@ -76,6 +79,7 @@ class KServe:
         wanted = self._wanted(model, request.outputs)
         call = model.request(inputs, request.parameters)
         try:
+            check_user_header(user_header, call.user)
             out = await model.call(self.service, call, phases)
         except FieldError as exc:
             if exc.status != 422:

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import grpc
 
-from grinfer.serving.grpc_server import GuardedServicer, _EventLoop, lenient_handler
+from grinfer.serving.grpc_server import (
+    REPLICA_METADATA,
+    USER_METADATA,
+    GuardedServicer,
+    _EventLoop,
+    _text_metadata,
+    lenient_handler,
+)
 from grinfer.serving.kserve.core import InferRequest, InferResponse, KServe
 from grinfer.serving.kserve.tensors import element_count, from_list, from_raw, to_raw
 from grinfer.serving.metrics import Metrics
@@ -108,8 +115,10 @@ class KServeServicer(GuardedServicer, pb_grpc.GRPCInferenceServiceServicer):
         def work():
             self.api.model(request.model_name, request.model_version)
             decoded = infer_request(request)
-            return infer_response(self.loop.run(self.api.infer(request.model_name, request.model_version, decoded),
-                                                context))
+            context.set_trailing_metadata(((REPLICA_METADATA, self.api.service.settings.replica),))
+            header = _text_metadata(context).get(USER_METADATA)
+            return infer_response(self.loop.run(self.api.infer(request.model_name, request.model_version, decoded,
+                                                               user_header=header), context))
         return self._call("ModelInfer", context, work)
 
     def RepositoryIndex(self, request, context):

@@ -146,7 +146,8 @@ def kserve_router(state) -> APIRouter:
         api.model(name, version)  # an unknown model is a 404 before the body is looked at
         decoded, binary = decode(await request.body(), request.headers.get(HEADER_LENGTH))
         phases.mark("parse")
-        response = encode(await api.infer(name, version, decoded, phases, state.draining), binary)
+        answer = await api.infer(name, version, decoded, phases, state.draining, request.headers.get("x-user-id"))
+        response = encode(answer, binary)
         phases.mark("encode")
         return response
 
