@@ -10,7 +10,7 @@ from dataclasses import fields
 
 from grinfer.train.loop import TrainSettings
 
-RETRIEVAL_RECIPE = {"epochs": 200, "patience": 20, "lr": 1e-3, "batch_size": 128, "num_negatives": 128}
+RETRIEVAL_RECIPE = {"epochs": 300, "patience": 40, "lr": 1e-3, "batch_size": 128, "num_negatives": 128}
 RANKING_RECIPE = {"epochs": 12, "patience": 2, "lr": 3e-4, "batch_size": 128, "warmup_steps": 200,
                   "decay": "cosine"}
 RECIPES: dict[str, dict] = {"hstu-ml1m": RETRIEVAL_RECIPE}
