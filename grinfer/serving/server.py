@@ -113,6 +113,10 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     if retriever is not None and not isinstance(retriever, HSTURetrieval):
         raise StartupError(f"model: {retrieval_dir} is a {retriever.cfg.kind} model; retrieval needs an hstu "
                            "checkpoint")
+    if retriever is not None and retriever.cfg.num_items != ranker.cfg.num_items:
+        raise StartupError(f"model: {retrieval_dir} scores {retriever.cfg.num_items} items but {ranking_dir} "
+                           f"{ranker.cfg.num_items}; retrieval needs the ranking model's catalogue (an imported "
+                           "checkpoint: grinfer import-checkpoint --data <the ranking model's dataset>)")
     store = _open("store", open_store, cfg.store)
     cache = _open("cache", open_cache, cfg.cache)
     data_spec = read_checkpoint_meta(ranking_dir).get("training", {}).get("data")
