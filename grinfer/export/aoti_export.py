@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -14,5 +15,7 @@ def export_aoti(artifact: Artifact, ranges: dict, metadata: dict[str, str], path
     """torch.export the artifact with its dynamic axes and compile it into the package at `path`."""
     program = torch.export.export(artifact.module, artifact.args(artifact.example),
                                   dynamic_shapes=dynamic_shapes(artifact, ranges), strict=False)
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                             inductor_configs={"aot_inductor.metadata": metadata})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, inside torch
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                 inductor_configs={"aot_inductor.metadata": metadata})

@@ -47,7 +47,7 @@ def test_graphs_are_standard_onnx_with_named_dynamic_axes(onnx_exports, part):
     for value in proto.graph.input:
         dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
         assert [a for a in inputs[value.name] if a] == [d for d in dims if isinstance(d, str)], value.name
-        assert set(d for d in dims if isinstance(d, str)) <= set(axes)
+        assert {d for d in dims if isinstance(d, str)} <= set(axes)
 
 
 def test_onnx_runtime_ranking_equals_eager_on_unseen_ragged_batches(model_dir, onnx_exports):

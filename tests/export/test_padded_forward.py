@@ -15,8 +15,9 @@ from grinfer.export.step_sample import step_sample
 from grinfer.model import build_model
 
 SIZES = [(7, 0, 4), (0, 3, 1), (4, 1, 6), (1, 5, 2), (0, 0, 3)]  # (S, R, candidates): no S, no R, no events
-SETTINGS = [dict(mask=m, normalizer=n, rel_bias=b, group_ln=g)
-            for m in ("dynamic", "causal") for n in ("visible", "max_len") for b in (False, True) for g in (True, False)]
+SETTINGS = [{"mask": m, "normalizer": n, "rel_bias": b, "group_ln": g}
+            for m in ("dynamic", "causal") for n in ("visible", "max_len") for b in (False, True)
+            for g in (True, False)]
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
