@@ -10,6 +10,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from grinfer.bench import protocol_sweep
 from grinfer.bench.load import run_load
 from grinfer.bench.protocols import triton_contexts, triton_inputs
 from grinfer.cli import app
@@ -68,3 +69,16 @@ def test_triton_contexts_carry_the_users_whole_context(live):
                                                                             "candidates": [{"item": 7}]})}
     assert tensors["CANDIDATE_ITEMS"]["data"] == [7] and tensors["USER_ID"]["data"] == [live.user()]
     assert live.http.get(f"/v1/users/{live.user()}", params={"recent": 0}).status_code == 422
+
+
+def test_protocol_sweep_prints_the_table_and_writes_json_and_png(live, tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    assert protocol_sweep.main(["--server", live.url, "--grpc-target", f"127.0.0.1:{live.grpc.port}", "--rounds",
+                                "2", "--requests", "4", "--clients", "1,2", "--candidates", "3",
+                                "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert all(p in table for p in ("rest", "grpc", "kserve-http", "kserve-grpc")) and "triton" not in table
+    report = json.loads(out.read_text())
+    assert len(report["summary"]) == 8 and all(r["rounds"] == 2 and r["failed"] == 0 for r in report["summary"])
+    assert len(report["rounds"]["kserve-http"]) == 2 and out.with_suffix(".png").stat().st_size > 0
+    assert protocol_sweep.main(["--server", "http://10.0.0.1:8000", "--out", str(out)]) == 2

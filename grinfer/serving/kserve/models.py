@@ -15,7 +15,7 @@ answer carries parameters `cache`, `history_version`, `cold_start` and `tasks` (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 from pydantic import BaseModel, ValidationError
@@ -80,13 +80,13 @@ class Model:
                 raise FieldError(f"inputs.{spec.name}", f"missing: {self.name} needs it", status=400)
         return named
 
-    def request(self, inputs: dict[str, Tensor], parameters: dict) -> BaseModel:
+    def request(self, inputs: dict[str, Tensor], parameters: dict) -> RankIn | RecommendIn:
         """The schema request the tensors describe (validated by the schema's rules)."""
         body = self.body(inputs)
         if "deadline_ms" in parameters:
             body["deadline_ms"] = parameters["deadline_ms"]
         try:
-            return self.schema.model_validate(body)
+            return cast(RankIn | RecommendIn, self.schema.model_validate(body))
         except ValidationError as exc:
             first = exc.errors()[0]
             raise FieldError(self.tensor_field(field_path(first["loc"])), first["msg"], status=400) from None
@@ -104,7 +104,8 @@ class Model:
     def answer(self, out: RankOut, inputs: dict[str, Tensor], tasks: list[str]) -> list[Tensor]:
         raise NotImplementedError
 
-    async def call(self, service: RecommenderService, request: BaseModel, phases: Phases | None) -> RankOut:
+    async def call(self, service: RecommenderService, request: RankIn | RecommendIn,
+                   phases: Phases | None) -> RankOut:
         raise NotImplementedError
 
 
@@ -164,8 +165,9 @@ class RankModel(Model):
         return {"user": user_of(inputs["user_id"]), "candidates": [{"item": c} for c in ints(inputs, "candidates")],
                 "events": events}
 
-    async def call(self, service: RecommenderService, request: BaseModel, phases: Phases | None) -> RankOut:
-        return await service.rank(request, phases)
+    async def call(self, service: RecommenderService, request: RankIn | RecommendIn,
+                   phases: Phases | None) -> RankOut:
+        return await service.rank(cast(RankIn, request), phases)
 
     def answer(self, out: RankOut, inputs: dict[str, Tensor], tasks: list[str]) -> list[Tensor]:
         by_item = {i.item: i for i in out.items}
@@ -192,8 +194,9 @@ class RecommendModel(Model):
     def body(self, inputs: dict[str, Tensor]) -> dict:
         return {"user": user_of(inputs["user_id"]), **scalar(inputs, "k"), **scalar(inputs, "retrieve")}
 
-    async def call(self, service: RecommenderService, request: BaseModel, phases: Phases | None) -> RankOut:
-        return await service.recommend(request, phases)
+    async def call(self, service: RecommenderService, request: RankIn | RecommendIn,
+                   phases: Phases | None) -> RankOut:
+        return await service.recommend(cast(RecommendIn, request), phases)
 
     def answer(self, out: RankOut, inputs: dict[str, Tensor], tasks: list[str]) -> list[Tensor]:
         probabilities = np.asarray([[i.probabilities[t] for t in tasks] for i in out.items], np.float32)
