@@ -1,4 +1,5 @@
-"""`grinfer deploy nginx|haproxy|envoy`: write a balancer configuration for N replicas."""
+"""`grinfer deploy nginx|haproxy|envoy|k8s`: write a balancer configuration for N replicas, or Kubernetes
+manifests."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ DEFAULT_LISTEN = {"nginx": "0.0.0.0:8080", "haproxy": "0.0.0.0:8080", "envoy": "
 
 deploy_app = typer.Typer(help="Balancer configurations for a fleet of replicas (consistent hash on X-User-Id).",
                          no_args_is_help=True, rich_markup_mode=None)
+
+
+def _emit(text: str, out: Path | None) -> None:
+    """The text on standard output, or written to `out` (parents created)."""
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    typer.echo(f"wrote {out}", err=True)
 
 
 def _command(balancer: str):
@@ -36,12 +47,7 @@ def _command(balancer: str):
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        if out is None:
-            typer.echo(text, nl=False)
-            return
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        typer.echo(f"wrote {out}", err=True)
+        _emit(text, out)
 
     write.__doc__ = f"Write a {balancer} configuration hashing X-User-Id over the replicas."
     return write
@@ -49,3 +55,28 @@ def _command(balancer: str):
 
 for _name in RENDERERS:
     deploy_app.command(_name)(_command(_name))
+
+
+@deploy_app.command("k8s")
+def k8s_manifests(
+    variant: Annotated[str, typer.Option(help="cpu, or gpu (the CUDA image, nvidia.com/gpu: 1 per replica).")] = "cpu",
+    count: Annotated[int, typer.Option(help="Replicas in the StatefulSet.")] = 3,
+    image: Annotated[str, typer.Option(help="The grinfer image (deploy/Dockerfile or deploy/Dockerfile.cuda).")]
+    = "grinfer:latest",
+    cache: Annotated[str, typer.Option(help="The replicas' shared Redis (GRINFER_CACHE).")] = "redis://redis:6379/0",
+    host: Annotated[str, typer.Option(help="The Ingresses' host name.")] = "grinfer.example.com",
+    service_monitor: Annotated[bool, typer.Option(help="Add a Prometheus Operator ServiceMonitor.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write here instead of standard output.")] = None,
+) -> None:
+    """Write Kubernetes manifests: StatefulSet, Services, ingress-nginx hashing X-User-Id, PodDisruptionBudget."""
+    try:
+        from grinfer.deploy.k8s import Cluster, render
+    except ImportError as exc:
+        typer.echo(f"error: {exc.name} is missing: pip install 'grinfer[deploy]'", err=True)
+        sys.exit(2)
+    try:
+        text = render(Cluster(variant, count, image, cache, host, service_monitor))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    _emit(text, out)

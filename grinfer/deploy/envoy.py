@@ -10,6 +10,7 @@ the REST port's /readyz as its health check (a replica's readiness speaks for bo
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 from grinfer.deploy.plan import READY_PATH, RETRYABLE_PATHS, USER_HEADER, Address, Plan
@@ -18,6 +19,14 @@ CHECK_INTERVAL = "0.5s"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def _socket(a: Address) -> dict:
@@ -52,7 +61,8 @@ def _cluster(name: str, servers: tuple[Address, ...], checks: tuple[Address, ...
     endpoints = [{"endpoint": {"address": _socket(a), "health_check_config": {"port_value": c.port}},
                   "metadata": {"filter_metadata": {"envoy.lb": {"hash_key": f"r{i}"}}}}
                  for i, (a, c) in enumerate(zip(servers, checks))]
-    cluster = {"name": name, "type": "STATIC", "connect_timeout": "2s",
+    named = any(not _is_ip(a.host) for a in servers)  # host names (Compose services) are resolved by DNS
+    cluster = {"name": name, "type": "STRICT_DNS" if named else "STATIC", "connect_timeout": "2s",
                "lb_policy": "RING_HASH" if plan.affine else "ROUND_ROBIN",
                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
                "health_checks": [{"timeout": "1s", "interval": CHECK_INTERVAL, "unhealthy_threshold": 2,

@@ -2,12 +2,13 @@
 
 Run it with `nginx -p DIR -c nginx.conf -g 'daemon off;'`: every path in it is relative to DIR.
 Open-source nginx checks upstreams passively (a failed connection takes a replica out for
-`fail_timeout`); active /readyz checks are NGINX Plus's, so use HAProxy or Envoy where a draining
-replica must leave the ring before it refuses. POSTs are never re-sent once they reached a replica
-(nginx's rule for non-idempotent methods), so a retry happens only on a failed connection, and only
-for rank and recommend; event writes and rolls are never retried. nginx places servers on its ring by
-their address, so the gRPC ring (other ports) differs from the REST one: a user's gRPC calls stick to
-one replica, but not necessarily to the one its REST calls go to (HAProxy and Envoy align the two).
+`fail_timeout`, and so does a 503 from a replica that is starting or draining); active /readyz
+checks are NGINX Plus's. So that no user sees what passive checks miss, rank and recommend
+(read-only) are re-sent to the next replica on a failed or dropped connection and on a 503; event
+writes, rolls and everything else are never retried (HAProxy and Envoy, with active checks, retry
+only failed connections). nginx places servers on its ring by their address, so the gRPC ring
+(other ports) differs from the REST one: a user's gRPC calls stick to one replica, but not
+necessarily to the one its REST calls go to (HAProxy and Envoy align the two).
 """
 
 from __future__ import annotations
@@ -54,11 +55,11 @@ events {{
 
 http {{
   access_log off;
-  client_body_temp_path tmp/body;
-  proxy_temp_path tmp/proxy;
-  fastcgi_temp_path tmp/fastcgi;
-  uwsgi_temp_path tmp/uwsgi;
-  scgi_temp_path tmp/scgi;
+  client_body_temp_path body_temp;
+  proxy_temp_path proxy_temp;
+  fastcgi_temp_path fastcgi_temp;
+  uwsgi_temp_path uwsgi_temp;
+  scgi_temp_path scgi_temp;
   client_max_body_size 2m;
   proxy_connect_timeout 2s;
   proxy_read_timeout 60s;
@@ -68,7 +69,8 @@ http {{
     listen {plan.listen};
 
     location ~ ^/v1/({retryable})$ {{
-{proxy}      proxy_next_upstream error timeout;
+{proxy}      # read-only: re-sent on a failed or dropped connection, or a 503 (a starting or draining replica)
+      proxy_next_upstream error http_503 non_idempotent;
       proxy_next_upstream_tries 2;
     }}
 

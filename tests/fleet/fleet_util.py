@@ -27,6 +27,7 @@ POSTGRES = os.environ.get("GRINFER_TEST_POSTGRES_URL", "postgresql://postgres@12
 REDIS = os.environ.get("GRINFER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 BALANCERS = ("nginx", "haproxy", "envoy")
 RENDER = {"nginx": nginx.render, "haproxy": haproxy.render, "envoy": envoy.render}
+CONFIG_NAME = {"nginx": "nginx.conf", "haproxy": "haproxy.cfg", "envoy": "envoy.yaml"}  # envoy reads by extension
 
 
 def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, on_timeout: Callable[[], str] = str):
@@ -158,21 +159,19 @@ class Balancer:
     def __init__(self, kind: str, replicas: list[Replica], workdir: Path, policy: str = "hash") -> None:
         self.kind, self.replicas, self.policy = kind, replicas, policy
         self.dir = workdir / f"{kind}-{policy}"
-        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.port, self.grpc_port, self.admin_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         plan = make_plan(",".join(r.address for r in replicas), f"127.0.0.1:{self.port}",
                          ",".join(r.grpc_address for r in replicas), f"127.0.0.1:{self.grpc_port}", policy,
                          f"127.0.0.1:{self.admin_port}" if kind != "nginx" else None)
-        name = {"nginx": "nginx.conf", "haproxy": "haproxy.cfg", "envoy": "envoy.yaml"}[kind]
-        self.config = self.dir / name
+        self.config = self.dir / CONFIG_NAME[kind]
         self.config.write_text(RENDER[kind](plan))
         self.log_path = self.dir / "balancer.log"
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
         if self.kind == "nginx":
-            os.chmod(self.dir / "tmp", 0o777)  # nginx's workers drop root: they write request bodies here
             return [binary("nginx"), "-p", str(self.dir), "-c", str(self.config), "-g", "daemon off;"]
         if self.kind == "haproxy":
             return [binary("haproxy"), "-db", "-f", str(self.config)]

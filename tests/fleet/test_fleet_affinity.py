@@ -28,8 +28,8 @@ def balancer(request, fleet):
 
 @pytest.fixture(scope="module")
 def candidates(fleet) -> list[int]:
-    recent = httpx.get(f"{fleet.replicas[0].url}/v1/users/{fleet.users[0]}", timeout=10).json()["recent"]
-    return sorted({e["item"] for e in recent})[:8]
+    with httpx.Client(base_url=fleet.replicas[0].url, timeout=10) as client:
+        return sorted({e["item"] for u in fleet.users for e in client.get(f"/v1/users/{u}").json()["recent"]})[:8]
 
 
 def reset_contexts(fleet) -> None:
