@@ -40,8 +40,8 @@ def _container(c: Cluster) -> dict:
     gpu = c.variant == "gpu"
     resources = {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"memory": "8Gi"}}
     if gpu:
-        resources["requests"]["nvidia.com/gpu"] = 1
-        resources["limits"]["nvidia.com/gpu"] = 1
+        resources["requests"]["nvidia.com/gpu"] = "1"
+        resources["limits"]["nvidia.com/gpu"] = "1"
     env = [{"name": "GRINFER_REPLICA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
            {"name": "GRINFER_HOST", "value": "0.0.0.0"},
            {"name": "GRINFER_DEVICE", "value": "cuda" if gpu else "cpu"},
