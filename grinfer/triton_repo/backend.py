@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
+import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports]  (inside Triton only)
 
 from grinfer.triton_repo.requests import BadInput
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 
@@ -47,8 +47,8 @@ def triton_repo(
         if unknown:
             raise fail(f"--task-weights: unknown task(s) {unknown}; the model's tasks are {list(ranker.cfg.tasks)}")
         data_spec = read_checkpoint_meta(ranking_dir).get("training", {}).get("data")
-        url = ServerConfig(store=store).with_store_for(data_spec, model).store
-        opened = open_store(url)
+        url = ServerConfig(store=store).with_store_for(data_spec, model).store  # filled in when unset
+        opened = open_store(cast(str, url))
         try:
             catalog = resolve_catalog(opened, data_spec, ranker.cfg.num_items)
         finally:

@@ -12,13 +12,14 @@ import concurrent.futures
 
 import numpy as np
 import torch
-import triton_python_backend_utils as pb_utils
+import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingImports]  (inside Triton only)
 
 from grinfer.config import EngineConfig
 from grinfer.engine import Engine
 from grinfer.engine.request import EngineError, RankRequest
 from grinfer.features.featurizer import UserContext
 from grinfer.model.checkpoint import load_checkpoint
+from grinfer.model.mtgr import MTGR
 from grinfer.triton_repo.backend import ModelArgs, failure, read, tensor
 from grinfer.triton_repo.catalog_file import load_catalog
 from grinfer.triton_repo.requests import BadInput, vector
@@ -34,11 +35,14 @@ class TritonPythonModel:
         config = ModelArgs(args)
         device = f"cuda:{config.device_id}" if config.instance_kind == "GPU" else "cpu"
         model = load_checkpoint(config.path("checkpoint"), map_location="cpu")
-        engine_cfg = EngineConfig(
-            backend=config.param("backend", "eager"), device=device,
-            dtype="bfloat16" if device.startswith("cuda") else "float32",
-            kv_cache_bytes=int(config.param("kv_cache_mb")) << 20, max_queue=int(config.param("max_queue")),
-            max_batch_tokens=int(config.param("max_batch_tokens")), max_realtime=int(config.param("max_realtime")))
+        if not isinstance(model, MTGR):
+            raise ValueError(f"parameter 'checkpoint': {config.path('checkpoint')} is not an mtgr ranking model")
+        engine_cfg = EngineConfig.model_validate({  # validated: a bad parameter is a load error naming it
+            "backend": config.param("backend", "eager"), "device": device,
+            "dtype": "bfloat16" if device.startswith("cuda") else "float32",
+            "kv_cache_bytes": int(config.param("kv_cache_mb")) << 20, "max_queue": int(config.param("max_queue")),
+            "max_batch_tokens": int(config.param("max_batch_tokens")),
+            "max_realtime": int(config.param("max_realtime"))})
         self.timeout_s = float(config.param("timeout_s", "60"))
         self.engine = Engine(model, load_catalog(config.path("catalog")), engine_cfg).start()
         # the family is kept beside its metrics: a Metric of a collected MetricFamily cannot be incremented

@@ -33,7 +33,7 @@ def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], *, back
                  ensemble_steps: list[tuple[str, dict[str, str], dict[str, str]]] | None = None) -> str:
     """The text of one model's config.pbtxt; ensemble steps are (model, {its input: tensor}, {its output: tensor})."""
     lines = [f"name: {_quote(name)}"]
-    lines.append(f"backend: {_quote(backend)}" if backend else f"platform: {_quote(platform)}")
+    lines.append(f"backend: {_quote(backend)}" if backend else f"platform: {_quote(platform or 'ensemble')}")
     lines.append(f"max_batch_size: {max_batch_size}")
     lines.append("input [\n" + ",\n".join(t.render() for t in inputs) + "\n]")
     lines.append("output [\n" + ",\n".join(t.render() for t in outputs) + "\n]")

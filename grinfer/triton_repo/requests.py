@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from grinfer.data.types import ItemCatalog
 from grinfer.schema import MAX_CANDIDATES, MAX_K, MAX_TS
@@ -38,7 +39,7 @@ class Context:
     top_k: int
 
 
-def vector(name: str, value: np.ndarray | None, dtype=np.int64) -> np.ndarray:
+def vector(name: str, value: np.ndarray | None, dtype: DTypeLike | None = np.int64) -> np.ndarray:
     """A request tensor as a flat array (its batch dimension of 1 dropped)."""
     if value is None:
         raise BadInput(f"{name}: missing")
