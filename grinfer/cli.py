@@ -207,6 +207,9 @@ def bench(
     max_batch_tokens: Annotated[int | None, typer.Option(help="Engine token budget (default: a whole batch).")]
     = None,
     host_cache_gb: Annotated[float, typer.Option(help="Host-tier KV cache size in GB (0 = off).")] = 0.0,
+    pipeline_depth: Annotated[list[int] | None, typer.Option(metavar="<int>", min=1, max=2,
+                                                      help="Engine steps in flight, repeatable to compare: 1 "
+                                                           "(synchronous) or 2 (pipelined, the default).")] = None,
     cuda_graphs: Annotated[bool, typer.Option(help="fused on CUDA: replay the layer stack from CUDA graphs.")]
     = True,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results JSON (and a PNG beside it).")]
@@ -275,7 +278,8 @@ def bench(
     overrides = {"host_cache_bytes": int(host_cache_gb * 1e9), "cuda_graphs": cuda_graphs}
     if max_batch_tokens is not None:
         overrides["max_batch_tokens"] = max_batch_tokens
-    rows = [run_workload(w, kind, dev, iters, warmup, seed, overrides) for w in shapes for kind in kinds]
+    rows = [run_workload(w, kind, dev, iters, warmup, seed, {**overrides, "pipeline_depth": depth})
+            for w in shapes for kind in kinds for depth in (pipeline_depth or [2])]
     typer.echo(write_report(rows, ceiling, dev, json_out))
 
 

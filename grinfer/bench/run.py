@@ -86,8 +86,10 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
         core.run_until_done()
 
     latencies, batch_seconds, last_batch = [], [], []
-    steps_before = core.steps
+    steps_before, phases_before, timed_steps = core.steps, core.phase_seconds(), core.steps
     for i in tqdm(range(warmup + iters), desc=f"{w.name} {backend}", leave=False):
+        if i == warmup:
+            phases_before, timed_steps = core.phase_seconds(), core.steps
         if w.warm:
             reqs = make_requests(w, users, rng, base_events=base)
         else:  # fresh users every batch: nothing cached
@@ -104,6 +106,9 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
             latencies.extend(res.total_seconds for _, res in done)
         last_batch = list(zip(reqs, sorted((res for _, res in done), key=lambda r: r.request_id)))
 
+    timed_steps = max(core.steps - timed_steps, 1)
+    phase_ms = {k: 1e3 * (v - phases_before[k]) / timed_steps for k, v in core.phase_seconds().items()}
+    core.close()
     diffs, fp32_errs = [], []
     reference = build_model(cfg).to(dev).eval()
     reference.load_state_dict(model.state_dict())  # fp32 twin of the engine's (maybe bf16) weights
@@ -115,11 +120,14 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     flops = request_flops(cfg, w.profile_tokens, w.static, w.realtime, w.candidates,
                           computed_realtime=w.new_events, context_cached=w.warm)
     per_batch = float(np.median(batch_seconds))
+    steps_per_batch = (core.steps - steps_before) / (warmup + iters)
     stats = core.stats()["kv_cache"]
     per_token = core.pool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype])
     context_tokens = w.profile_tokens + w.static + w.realtime
     return {
         "workload": w.name, "backend": backend + ("/nograph" if backend == "fused" and not config.cuda_graphs else ""),
+        "pipeline_depth": config.pipeline_depth, "step_ms": 1e3 * per_batch / max(steps_per_batch, 1e-9),
+        "phase_ms_per_step": phase_ms,
         "cuda_graphs": config.cuda_graphs, "device": device, "dtype": config.dtype, "batch": w.batch,
         "shape": {"profile": w.profile_tokens, "static": w.static, "realtime": w.realtime,
                   "candidates": w.candidates, "new_events": w.new_events, "preset": w.preset},
@@ -132,23 +140,38 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
         "kv_bytes_per_context": per_token * context_tokens,
         "host_capacity_users": config.host_cache_bytes // (per_token * context_tokens),
         "max_abs_diff_vs_uncached": max(diffs), "max_abs_err_vs_fp32": max(fp32_errs),
-        "steps_per_batch": (core.steps - steps_before) / (warmup + iters),
+        "steps_per_batch": steps_per_batch,
     }
 
 
 def format_table(rows: list[dict], ceiling: float) -> str:
     """A fixed-width table of the headline numbers."""
-    cols = [("workload", "{:<9}"), ("backend", "{:<14}"), ("batch", "{:>5}"), ("p50_ms", "{:>9.2f}"),
+    cols = [("workload", "{:<9}"), ("backend", "{:<14}"), ("pipeline_depth", "{:>5}"), ("batch", "{:>5}"),
+            ("step_ms", "{:>8.2f}"), ("p50_ms", "{:>9.2f}"),
             ("p99_ms", "{:>9.2f}"), ("ms_per_request", "{:>9.3f}"), ("requests_per_s", "{:>9.1f}"),
             ("candidates_per_s", "{:>11.0f}"), ("achieved_tflops", "{:>8.3g}"), ("peak_memory_gb", "{:>7.2f}"),
             ("kv_hit_ratio", "{:>6.2f}"), ("max_abs_diff_vs_uncached", "{:>9.2e}"), ("max_abs_err_vs_fp32", "{:>9.2e}")]
-    heads = ["workload", "backend", "B", "p50 ms", "p99 ms", "ms/req", "req/s", "cand/s", "TFLOP/s", "mem GB",
-             "hit", "diff", "err fp32"]
+    heads = ["workload", "backend", "depth", "B", "step ms", "p50 ms", "p99 ms", "ms/req", "req/s", "cand/s",
+             "TFLOP/s", "mem GB", "hit", "diff", "err fp32"]
     widths = [len(f.format(rows[0][c])) if rows else 8 for c, f in cols]
     lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths))]
     for r in rows:
         lines.append("  ".join(f.format(r[c]) for c, f in cols))
     lines.append(f"matmul ceiling (measured): {ceiling:.3g} TFLOP/s; achieved = counted FLOPs / median batch time")
+    lines.append("")
+    lines.append(phase_table(rows))
+    return "\n".join(lines)
+
+
+def phase_table(rows: list[dict]) -> str:
+    """Host milliseconds per engine step by phase (launch = queueing the device work, and the work itself
+    where the calling thread is the device; wait = blocked on the device)."""
+    phases = list(rows[0]["phase_ms_per_step"]) if rows else []
+    lines = ["host ms per step: " + "  ".join(f"{p:>9}" for p in ["workload", "backend", "depth", "B", *phases])]
+    for r in rows:
+        cells = [r["workload"], r["backend"], str(r["pipeline_depth"]), str(r["batch"]),
+                 *(f"{r['phase_ms_per_step'][p]:.3f}" for p in phases)]
+        lines.append("                  " + "  ".join(f"{c:>9}" for c in cells))
     return "\n".join(lines)
 
 

@@ -91,6 +91,7 @@ class EngineCore:
         self.inflight: deque[tuple[StepPlan, StepOutput, float]] = deque()
         self.steps = 0
         self.last_step: dict = {}
+        self.host_seconds = {"schedule": 0.0, "wait": 0.0, "result": 0.0}  # host time per phase, summed
 
     def prepare(self, request: RankRequest) -> RequestState:
         """Validate a request and build its state, touching nothing shared (raises ContextTooLarge / ValueError)."""
@@ -116,7 +117,9 @@ class EngineCore:
     def step(self) -> Finished:
         """Plan and launch one step, then wait for the oldest step in flight once `pipeline_depth` are (or
         when there is nothing new to launch); returns the requests that finished or failed."""
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
+        self.host_seconds["schedule"] += time.perf_counter() - t0
         out: Finished = []
         for state, error in plan.failed:  # expired with nothing in flight: their entries stay cached
             self.runner.forget(state)
@@ -134,11 +137,14 @@ class EngineCore:
 
     def _complete(self, plan: StepPlan, output: StepOutput, start: float) -> Finished:
         """Wait for a launched step, commit it and resolve the requests it finished."""
+        t0 = time.perf_counter()
         try:
             output.wait()
             error = None
         except Exception as exc:
             error = exc
+        t1 = time.perf_counter()
+        self.host_seconds["wait"] += t1 - t0
         if error is None:
             self.runner.complete(plan, output)
             self.steps += 1
@@ -152,6 +158,7 @@ class EngineCore:
                 out.append((state, state.error))
             else:
                 out.append((state, self.scheduler.expired(state, now) or self._result(state, now)))
+        self.host_seconds["result"] += time.perf_counter() - t1
         return out
 
     def _result(self, state: RequestState, now: float) -> RankResult:
@@ -188,7 +195,14 @@ class EngineCore:
         """Plain stats: queue, running, KV cache, last step."""
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "steps": self.steps, "kv_cache": self.cache.snapshot(), "last_step": self.last_step,
-                "pipeline_depth": self.config.pipeline_depth}
+                "pipeline_depth": self.config.pipeline_depth, "phase_seconds": self.phase_seconds()}
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Host seconds spent per phase of the steps so far: schedule, featurize, indices, launch (queueing the
+        device work; all of it where the device is the calling thread), wait (for the device), result."""
+        r, c = self.runner.host_seconds, self.host_seconds
+        return {"schedule": c["schedule"], "featurize": r["featurize"], "indices": r["indices"],
+                "launch": r["launch"], "wait": c["wait"], "result": c["result"]}
 
 
 def _raiser(exc: Exception):

@@ -14,6 +14,7 @@ part in order, so the host prepares step N+1 while step N computes. `StepOutput.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class ModelRunner:
         self.backend, self.pool, self.featurizer, self.device = backend, pool, featurizer, device
         self.dtype = next(backend.model.parameters()).dtype
         self.table: dict[int, _RequestTensors] = {}
+        self.host_seconds = {"featurize": 0.0, "indices": 0.0, "launch": 0.0}  # host time per part, summed
         # CPU kernels run on the calling thread: a worker thread plays the role of the CUDA stream
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="grinfer-device") \
             if pipelined and device.type == "cpu" else None
@@ -87,11 +89,16 @@ class ModelRunner:
         counts = [it.cand_end - it.cand_start for it in plan.items]
         if not items:
             return StepOutput(counts)
+        t0 = time.perf_counter()
         with record_function("grinfer.embed"):
             self._embed([it.state for it in items if self._tensors(it.state).embedded is None])
         embedded = [self.table[it.state.key].embedded for it in items]
+        t1 = time.perf_counter()
         with record_function("grinfer.index"):
             idx = build_step_index(items, embedded, self.pool, self.device)
+        t2 = time.perf_counter()
+        self.host_seconds["featurize"] += t1 - t0
+        self.host_seconds["indices"] += t2 - t1
         first, last = plan.layers
         chunked = self.table[items[0].state.key]
 
@@ -106,13 +113,16 @@ class ModelRunner:
             return self._to_host(self.backend.head(x[idx.cand_src]).float())
 
         if self._worker is not None:
-            return StepOutput(counts, done=self._worker.submit(run).result)
-        logits = run()
-        if logits is None or self.device.type != "cuda":
-            return StepOutput(counts, logits)
-        event = torch.cuda.Event()
-        event.record()
-        return StepOutput(counts, logits, event.synchronize)
+            output = StepOutput(counts, done=self._worker.submit(run).result)
+        else:
+            logits = run()
+            output = StepOutput(counts, logits)
+            if logits is not None and self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+                output.done = event.synchronize
+        self.host_seconds["launch"] += time.perf_counter() - t2
+        return output
 
     def complete(self, plan: StepPlan, output: StepOutput) -> None:
         """File a finished step's logits under their requests."""
