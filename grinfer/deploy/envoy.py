@@ -84,7 +84,7 @@ def render(plan: Plan) -> str:
     listeners = [_listener("rest", plan.listen, [*retried, {"match": {"prefix": "/"},
                                                             "route": _route("grinfer", plan, retry=False)}], False)]
     clusters = [_cluster("grinfer", plan.replicas, plan.replicas, plan, http2=False)]
-    if plan.grpc:
+    if plan.grpc and plan.grpc_listen is not None:
         listeners.append(_listener("grpc", plan.grpc_listen, [{"match": {"prefix": "/"},
                                                                "route": _route("grinfer_grpc", plan, False)}], True))
         clusters.append(_cluster("grinfer_grpc", plan.grpc_replicas, plan.replicas, plan, http2=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 from grinfer.engine import Engine
 from grinfer.engine.kv_cache import CacheHandle, KVCache
@@ -19,12 +20,23 @@ from grinfer.serving.service import RecommenderService
 log = logging.getLogger("grinfer.fleet")
 
 
+@runtime_checkable
+class RollAnnouncer(Protocol):
+    """A shared cache that carries roll announcements between replicas (RedisFeatureCache)."""
+
+    errors: tuple[type[BaseException], ...]
+
+    def publish_roll(self, user: str, history_version: int) -> None: ...
+
+    def subscribe_rolls(self, on_roll: Callable[[str, int], None]) -> Callable[[], None]: ...
+
+
 def drop_stale_kv(cache: KVCache, user: str, version: int) -> bool:
     """Free `user`'s device K/V of history versions before `version`; call on the engine's thread. An entry
     a running request pins is left alone (it finishes on it; the version check voids it later), and so are
     copies in the host/disk tiers (the user's next lookup drops them). Uses only the scheduler-facing
     `release`; the entry table is the cache's own or, after the engine refactor, its block manager's."""
-    book = getattr(cache, "manager", cache)
+    book: Any = getattr(cache, "manager", cache)
     entry = book.entries.get(user)
     if entry is None or entry.signature.version >= version or entry.pins:
         return False
@@ -47,7 +59,7 @@ def join_fleet(service: RecommenderService, engine: Engine) -> Callable[[], None
     """Wire roll announcements for this replica; returns the function that stops listening."""
     forget = forget_rolled(engine)
     cache = service.cache
-    if not hasattr(cache, "subscribe_rolls"):
+    if not isinstance(cache, RollAnnouncer):
         service.on_roll = forget
         return lambda: None
     stop = cache.subscribe_rolls(forget)
