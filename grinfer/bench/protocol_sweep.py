@@ -82,9 +82,11 @@ def plot(rows: list[dict], path: Path) -> None:
             latency.plot(clients, [r["p50_ms"] for r in mine], "o-", label=protocol)
         rate.set_ylabel("OK answers / s (median of rounds)")
         latency.set_ylabel("p50 latency ms (median of rounds)")
+        levels = sorted({r["clients"] for r in rows})
         for ax in (rate, latency):
             ax.set_xlabel("concurrent clients")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(levels, [str(c) for c in levels])
             ax.legend(fontsize=8)
 
 
