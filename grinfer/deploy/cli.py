@@ -80,3 +80,41 @@ def k8s_manifests(
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     _emit(text, out)
+
+
+@deploy_app.command("bench")
+def bench(
+    direct: Annotated[str, typer.Option(help="One replica's URL (loopback), e.g. http://127.0.0.1:8001.")],
+    via: Annotated[list[str], typer.Option(metavar="NAME=URL", help="A balancer in front of the fleet "
+                                                                    "(repeatable), e.g. nginx=http://127.0.0.1:8080.")]
+    = [],  # noqa: B006
+    users: Annotated[int, typer.Option(help="Users in the replayed trace.")] = 40,
+    repeats: Annotated[int, typer.Option(help="Requests per user in the trace.")] = 5,
+    clients: Annotated[int, typer.Option(help="Concurrent closed loops.")] = 4,
+    seed: int = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+) -> None:
+    """Latency each balancer adds over a direct replica (p50/p99) and the fleet's KV hit ratio on one trace."""
+    import httpx
+
+    from grinfer.deploy.bench import format_table, run_bench, write_json
+
+    targets = {}
+    for spec in via:
+        name, sep, url = spec.partition("=")
+        if not sep or not name or not url:
+            typer.echo(f"error: --via: expected NAME=URL, got {spec!r}", err=True)
+            sys.exit(2)
+        targets[name] = url
+    try:
+        results = run_bench(direct, targets, users, repeats, clients, seed)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: --direct/--via: {exc}", err=True)
+        sys.exit(2)
+    typer.echo(format_table(results))
+    if json_out is not None:
+        write_json(results, json_out, {"users": users, "repeats": repeats, "clients": clients, "seed": seed})
+        typer.echo(f"wrote {json_out}")
