@@ -38,6 +38,13 @@ stub="$dist/python_backend_stubs/$version/triton_python_backend_stub"
 mkdir -p "$dir/tritonserver"
 cp -r "$dist/bin" "$dist/backends" "$dist/caches" "$dir/tritonserver/"
 cp "$stub" "$dir/tritonserver/backends/python/"
+missing=$(LD_LIBRARY_PATH="$site/nvidia_pytriton.libs:$libdir" ldd "$dir/tritonserver/backends/python/$(basename "$stub")" \
+  | grep "not found" || true)
+if [ -n "$missing" ]; then
+  echo "the Python backend stub cannot load its libraries: $(echo $missing | tr -s ' ') (it needs libpython$version.so:" \
+       "a Python built with --enable-shared, e.g. Debian's libpython$version package)" >&2
+  exit 1
+fi
 
 # bin/tritonserver: the wheel's libraries and this interpreter's libpython found, its backends given
 cat > "$dir/bin/tritonserver" <<EOF

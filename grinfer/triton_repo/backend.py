@@ -52,10 +52,11 @@ def tensor(name: str, value: np.ndarray, batched: bool = False):
     return pb_utils.Tensor(name, value[None] if batched else value)
 
 
-def failure(exc: Exception):
-    """The error response of one request: bad input is INVALID_ARG, anything else INTERNAL."""
-    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, BadInput) else pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
+def failure(exc: Exception, code: str | None = None):
+    """The error response of one request with Triton's error code `code` (a TritonError attribute name);
+    by default bad input is INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT), anything else INTERNAL."""
+    code = code or ("INVALID_ARG" if isinstance(exc, BadInput) else "INTERNAL")
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), getattr(pb_utils.TritonError, code)))
 
 
 def respond(requests, handle) -> list:

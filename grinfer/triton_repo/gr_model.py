@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils  # pyright: ignore[reportMissingI
 
 from grinfer.config import EngineConfig
 from grinfer.engine import Engine
-from grinfer.engine.request import EngineError, RankRequest
+from grinfer.engine.request import ContextTooLarge, EngineError, Overloaded, RankRequest
 from grinfer.features.featurizer import UserContext
 from grinfer.model.checkpoint import load_checkpoint
 from grinfer.model.mtgr import MTGR
@@ -72,11 +72,11 @@ class TritonPythonModel:
 
     def _response(self, future: concurrent.futures.Future | Exception):
         if isinstance(future, Exception):
-            return failure(BadInput(str(future)) if isinstance(future, ValueError) else future)
+            return self._failure(future)
         try:
             result = future.result(self.timeout_s)
         except (EngineError, concurrent.futures.TimeoutError) as exc:
-            return failure(exc)
+            return self._failure(exc)
         self.cache_counters[result.cache].increment(1)
         probs = result.probabilities.to(torch.float32).numpy()
         return pb_utils.InferenceResponse(output_tensors=[
@@ -84,6 +84,13 @@ class TritonPythonModel:
             tensor("CACHE", np.array([[result.cache.encode()]], np.object_)),
             tensor("CACHED_TOKENS", np.array([[result.cached_tokens]], np.int64)),
             tensor("COMPUTED_TOKENS", np.array([[result.computed_tokens]], np.int64))])
+
+    @staticmethod
+    def _failure(exc: Exception):
+        """Bad input or a context the cache can never hold: INVALID_ARG; a full queue: UNAVAILABLE (retry)."""
+        if isinstance(exc, ValueError | ContextTooLarge):
+            return failure(BadInput(str(exc)))
+        return failure(exc, "UNAVAILABLE" if isinstance(exc, Overloaded) else None)
 
     def finalize(self) -> None:
         self.engine.shutdown(drain=False)

@@ -148,6 +148,8 @@ BAD = [
     ("PROFILE", lambda r: r["PROFILE"][1].__setitem__(0, 10_000), "PROFILE[0]: 10000 is outside"),
     ("NUM_STATIC", lambda r: r["NUM_STATIC"][1].__setitem__(0, 10_000), "NUM_STATIC: 10000 is outside"),
     ("missing", lambda r: r.pop("CANDIDATE_ITEMS"), "CANDIDATE_ITEMS: missing"),
+    ("dtype", lambda r: r.__setitem__("EVENT_ACTIONS", ["FP32", r["EVENT_ACTIONS"][1]]),
+     "EVENT_ACTIONS"),  # Triton's own check: the data type is not the config's
 ]
 
 
