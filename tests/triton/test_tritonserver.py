@@ -186,3 +186,19 @@ def test_health_and_model_statistics(env, server, grinfer_side, protocol):
     assert success(after) == success(before) + 1
     ensemble = call(env, server, protocol, "stats", model="ensemble_model")["model_stats"][0]
     assert ensemble["name"] == "ensemble_model" and success(ensemble) >= 1
+
+
+def test_concurrent_users_share_engine_batches(env, server, grinfer_side):
+    """8 client threads at once: Triton's batcher hands gr_model's one instance several requests per
+    execution (batch_stats); afterwards each user's context is a cache hit and its answer ranks its own
+    candidates."""
+    users = grinfer_side.store.list_users(8, 8)
+    requests = [triton_request(grinfer_side, u, candidates_for(grinfer_side, 20 + i)) for i, u in enumerate(users)]
+    call(env, server, "grpc", "load", model="ensemble_model", requests=requests, clients=8, rounds=4)
+    stats = call(env, server, "http", "stats", model="gr_model")["model_stats"][0]
+    sizes = {int(b["batch_size"]) for b in stats["batch_stats"]}
+    assert max(sizes) > 1, stats["batch_stats"]
+    again = call(env, server, "http", "infer", model="ensemble_model", requests=requests)
+    for request, answer in zip(requests, again):
+        assert answer["outputs"]["CACHE"] == ["hit"]
+        assert sorted(answer["outputs"]["ITEMS"]) == sorted(request["CANDIDATE_ITEMS"][1])
