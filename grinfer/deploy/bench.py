@@ -1,12 +1,13 @@
 """`grinfer deploy bench`: what a balancer costs and what affinity is worth, measured side by side.
 
 The same replayed trace goes straight to one replica and through each balancer given: `users` users,
-each with a fixed rank request (its own few real-time events and candidates) sent `repeats` times, in a
-shuffled order, by `clients` closed loops. Per target: p50/p99 latency, the latency added over the direct
-run, and the share of answers whose context came from a KV cache (X-Grinfer-Cache) across whichever
-replicas answered (X-Grinfer-Replica): one replica's hit ratio, the fleet's with affinity, the fleet's
-without. Every target gets user ids of its own, so each starts with nothing cached; the bench's users are
-not in the store (cold-start users), so it writes nothing. Loopback only, like `grinfer bench --server`.
+each with a fixed rank request (its own few real-time events and candidates) sent `repeats` times in a
+shuffled order by `clients` closed loops, the targets taking turns round by round. Per target: p50/p99
+latency, the latency added over the direct run, and the share of answers whose context came from a KV
+cache (X-Grinfer-Cache) across whichever replicas answered (X-Grinfer-Replica): one replica's hit
+ratio, the fleet's with affinity, the fleet's without. Every target gets user ids of its own, so each
+starts with nothing cached; the bench's users are not in the store (cold-start users), so it writes
+nothing. Loopback only, like `grinfer bench --server`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import random
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -53,38 +54,46 @@ def trace(users: int, repeats: int, items: list[int], seed: int) -> list[tuple[i
     return [(u, bodies[u]) for u in order]
 
 
-async def replay(name: str, url: str, requests: list[tuple[int, dict]], clients: int,
-                 timeout_s: float = 60.0) -> TargetResult:
-    """Send the trace through `url` with `clients` closed loops, under user ids of this run's own."""
-    run = uuid.uuid4().hex[:8]
-    latencies, cached, answered, errors = [], 0, 0, 0
-    served: dict[int, set[str]] = {}
+@dataclass
+class _Tally:
+    """What one target's answers add up to over the rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    cached: int = 0
+    errors: int = 0
+    served: dict[int, set[str]] = field(default_factory=dict)
+
+    def result(self, name: str, url: str, requests: int) -> TargetResult:
+        self.latencies.sort()
+        answered = len(self.latencies)
+        names = set().union(*self.served.values()) if self.served else set()
+        return TargetResult(name, url, requests, self.errors, percentile(self.latencies, 50),
+                            percentile(self.latencies, 99), self.cached / answered if answered else None, len(names),
+                            sum(map(len, self.served.values())) / len(self.served) if self.served else 0.0)
+
+
+async def replay(client: httpx.AsyncClient, prefix: str, requests: list[tuple[int, dict]], clients: int,
+                 tally: _Tally) -> None:
+    """Send requests through `client` with `clients` closed loops, as users `prefix`-N; count into `tally`."""
     queue = list(reversed(requests))
-    async with httpx.AsyncClient(base_url=loopback_url(url), timeout=timeout_s, trust_env=False) as client:
-        async def loop() -> None:
-            nonlocal cached, answered, errors
-            while queue:
-                user, body = queue.pop()
-                uid = f"bench-{run}-{user}"
-                start = time.perf_counter()
-                try:
-                    r = await client.post("/v1/rank", json={"user": uid, **body}, headers={"X-User-Id": uid})
-                except httpx.HTTPError:
-                    errors += 1
-                    continue
-                if r.status_code != 200:
-                    errors += 1
-                    continue
-                latencies.append(1e3 * (time.perf_counter() - start))
-                answered += 1
-                cached += r.headers.get("x-grinfer-cache") in ("hit", "partial")
-                served.setdefault(user, set()).add(r.headers.get("x-grinfer-replica", "?"))
-        await asyncio.gather(*(loop() for _ in range(clients)))
-    latencies.sort()
-    names = set().union(*served.values()) if served else set()
-    return TargetResult(name, url, len(requests), errors, percentile(latencies, 50), percentile(latencies, 99),
-                        cached / answered if answered else None, len(names),
-                        sum(map(len, served.values())) / len(served) if served else 0.0)
+
+    async def loop() -> None:
+        while queue:
+            user, body = queue.pop()
+            uid = f"{prefix}-{user}"
+            start = time.perf_counter()
+            try:
+                r = await client.post("/v1/rank", json={"user": uid, **body}, headers={"X-User-Id": uid})
+            except httpx.HTTPError:
+                tally.errors += 1
+                continue
+            if r.status_code != 200:
+                tally.errors += 1
+                continue
+            tally.latencies.append(1e3 * (time.perf_counter() - start))
+            tally.cached += r.headers.get("x-grinfer-cache") in ("hit", "partial")
+            tally.served.setdefault(user, set()).add(r.headers.get("x-grinfer-replica", "?"))
+    await asyncio.gather(*(loop() for _ in range(clients)))
 
 
 async def _catalogue_items(url: str) -> list[int]:
@@ -100,16 +109,31 @@ async def _catalogue_items(url: str) -> list[int]:
 
 
 def run_bench(direct: str, via: dict[str, str], users: int = 40, repeats: int = 5, clients: int = 4,
-              seed: int = 0) -> list[TargetResult]:
-    """The direct run first, then each balancer; `added_*` are each balancer's latency over the direct run."""
+              seed: int = 0, rounds: int = 4) -> list[TargetResult]:
+    """The targets in turn, round after round (each round a share of the users, all their requests), so that
+    a slow spell of a shared machine hits every target alike; `added_*` are each balancer's latency over the
+    direct run's."""
     if not 1 <= users * repeats <= MAX_TRACE:
         raise ValueError(f"--users x --repeats must be 1..{MAX_TRACE}, got {users * repeats}")
-    if clients < 1:
-        raise ValueError(f"--clients must be >= 1, got {clients}")
+    if clients < 1 or not 1 <= rounds <= users:
+        raise ValueError(f"--clients must be >= 1 and --rounds 1..--users, got {clients} and {rounds}")
+    targets = {"direct": direct, **via}
+    run = uuid.uuid4().hex[:8]
 
     async def go() -> list[TargetResult]:
         requests = trace(users, repeats, await _catalogue_items(direct), seed)
-        return [await replay(name, url, requests, clients) for name, url in {"direct": direct, **via}.items()]
+        tallies = {name: _Tally() for name in targets}
+        clients_of = {name: httpx.AsyncClient(base_url=loopback_url(url), timeout=60.0, trust_env=False)
+                      for name, url in targets.items()}
+        try:
+            for k in range(rounds):
+                share = [(u, body) for u, body in requests if u % rounds == k]
+                for name in targets:  # user ids of each target's own: every target starts with nothing cached
+                    await replay(clients_of[name], f"bench-{run}-{name}", share, clients, tallies[name])
+        finally:
+            for client in clients_of.values():
+                await client.aclose()
+        return [tallies[name].result(name, url, len(requests)) for name, url in targets.items()]
 
     results = asyncio.run(go())
     base = results[0]

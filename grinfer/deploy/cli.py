@@ -91,6 +91,7 @@ def bench(
     users: Annotated[int, typer.Option(help="Users in the replayed trace.")] = 40,
     repeats: Annotated[int, typer.Option(help="Requests per user in the trace.")] = 5,
     clients: Annotated[int, typer.Option(help="Concurrent closed loops.")] = 4,
+    rounds: Annotated[int, typer.Option(help="Turns the targets take (each a share of the users).")] = 4,
     seed: int = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
 ) -> None:
@@ -107,7 +108,7 @@ def bench(
             sys.exit(2)
         targets[name] = url
     try:
-        results = run_bench(direct, targets, users, repeats, clients, seed)
+        results = run_bench(direct, targets, users, repeats, clients, seed, rounds)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -116,5 +117,6 @@ def bench(
         sys.exit(2)
     typer.echo(format_table(results))
     if json_out is not None:
-        write_json(results, json_out, {"users": users, "repeats": repeats, "clients": clients, "seed": seed})
+        write_json(results, json_out, {"users": users, "repeats": repeats, "clients": clients, "rounds": rounds,
+                                        "seed": seed})
         typer.echo(f"wrote {json_out}")
