@@ -9,7 +9,9 @@
 #   DIR/bin/python client.py                             # tritonclient
 #
 # PYTHON picks the interpreter (default python3); TORCH_WHEELS a folder of local torch wheels (default
-# /opt/wheels), else PyTorch's CPU index is used. A stamp keyed on this script makes a repeated call a no-op.
+# /opt/wheels), else PyTorch's CPU index is used; TORCH_SPEC (pip arguments) installs another build, e.g.
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" scripts/triton_env.sh DIR
+# for `grinfer export triton-repo --device cuda:N`. A stamp keyed on this script makes a repeated call a no-op.
 set -euo pipefail
 dir=$(realpath -m "${1:?usage: scripts/triton_env.sh DIR}")
 cd "$(dirname "$0")/.."
@@ -18,8 +20,9 @@ key=$(sha256sum scripts/triton_env.sh | cut -c1-16)
 
 TORCH_VERSION=2.13.0
 wheel=$(compgen -G "${TORCH_WHEELS:-/opt/wheels}/torch-$TORCH_VERSION+cpu-*.whl" | tail -1 || true)
-if [ -n "$wheel" ]; then torch=("$wheel"); else
-  torch=("torch==$TORCH_VERSION" --extra-index-url https://download.pytorch.org/whl/cpu); fi
+if [ -n "${TORCH_SPEC:-}" ]; then read -ra torch <<< "$TORCH_SPEC"  # pip arguments, e.g. a CUDA build
+elif [ -n "$wheel" ]; then torch=("$wheel")
+else torch=("torch==$TORCH_VERSION" --extra-index-url https://download.pytorch.org/whl/cpu); fi
 
 rm -rf "$dir"
 "${PYTHON:-python3}" -m venv "$dir"

@@ -18,6 +18,10 @@ def triton_repo(
                                                    "'{\"ctr\": 1, \"ctcvr\": 2}'.")] = "{}",
     max_batch_size: Annotated[int, typer.Option(min=1, help="Requests Triton's batcher hands gr_model at once.")] = 8,
     kv_cache_mb: Annotated[int, typer.Option(min=1, help="gr_model's KV-cache size in MiB.")] = 256,
+    device: Annotated[str, typer.Option(help="Where gr_model's one instance runs: cpu (float32) or cuda:N "
+                                             "(that GPU, bfloat16).")] = "cpu",
+    backend: Annotated[str, typer.Option(help="gr_model's engine backend: eager, compiled or fused (CUDA).")]
+    = "eager",
     onnx: Annotated[bool, typer.Option(help="Also gr_model_onnx: the uncached ranking graph as an onnxruntime_onnx "
                                             "model (for servers with Triton's ONNX Runtime backend).")] = False,
 ) -> None:
@@ -40,6 +44,13 @@ def triton_repo(
             raise ValueError
     except ValueError:
         raise fail(f"--task-weights: expected a JSON object of task -> number, got {task_weights!r}") from None
+    gpu = None
+    if device != "cpu":
+        if not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise fail(f"--device: expected cpu or cuda:N (one GPU: the user's cache lives on it), got {device!r}")
+        gpu = int(device[5:])
+    if backend not in ("eager", "compiled", "fused"):
+        raise fail(f"--backend: expected eager, compiled or fused, got {backend!r}")
     try:
         ranking_dir, _ = model_dirs(model)
         ranker = load_checkpoint(ranking_dir)
@@ -54,7 +65,7 @@ def triton_repo(
         finally:
             opened.close()
         settings = RepoSettings(kv_cache_mb=kv_cache_mb, max_batch_size=max_batch_size, task_weights=weights,
-                                onnx=onnx)
+                                onnx=onnx, gpu=gpu, backend=backend)
         names = write_repository(ranking_dir, catalog, out, settings, ranker.cfg, progress=True)
     except (StartupError, CheckpointError, FileExistsError, ExportError, ValueError) as exc:
         raise fail(str(exc)) from None

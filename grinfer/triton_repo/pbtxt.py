@@ -29,15 +29,18 @@ def _quote(value: str) -> str:
 
 def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], *, backend: str | None = None,
                  platform: str | None = None, max_batch_size: int = 0, parameters: dict[str, str] | None = None,
-                 instances: int | None = None, batching_delay_us: int | None = None,
+                 instances: int | None = None, gpu: int | None = None, batching_delay_us: int | None = None,
                  ensemble_steps: list[tuple[str, dict[str, str], dict[str, str]]] | None = None) -> str:
-    """The text of one model's config.pbtxt; ensemble steps are (model, {its input: tensor}, {its output: tensor})."""
+    """The text of one model's config.pbtxt; ensemble steps are (model, {its input: tensor}, {its output: tensor});
+    `gpu` puts the instances on that GPU, else they run on the CPU."""
     lines = [f"name: {_quote(name)}"]
     lines.append(f"backend: {_quote(backend)}" if backend else f"platform: {_quote(platform or 'ensemble')}")
     lines.append(f"max_batch_size: {max_batch_size}")
     lines.append("input [\n" + ",\n".join(t.render() for t in inputs) + "\n]")
     lines.append("output [\n" + ",\n".join(t.render() for t in outputs) + "\n]")
-    if instances is not None:
+    if instances is not None and gpu is not None:  # pinned to one GPU (not one instance on every GPU)
+        lines.append(f"instance_group [ {{ kind: KIND_GPU count: {instances} gpus: [ {gpu} ] }} ]")
+    elif instances is not None:
         lines.append(f"instance_group [ {{ kind: KIND_CPU count: {instances} }} ]")
     if batching_delay_us is not None:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {batching_delay_us} }}")

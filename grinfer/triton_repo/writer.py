@@ -40,6 +40,8 @@ class RepoSettings:
     batching_delay_us: int = 500
     task_weights: dict[str, float] | None = None
     onnx: bool = False  # also gr_model_onnx, the uncached graph for Triton's ONNX Runtime backend
+    gpu: int | None = None  # gr_model's one instance on this GPU (bf16), else on the CPU (fp32)
+    backend: str = "eager"  # the engine's backend (eager, compiled, fused on CUDA)
 
 
 def _vec(name: str, dtype: str = "INT64", **kw) -> Tensor:
@@ -84,7 +86,7 @@ def configs(model_cfg, settings: RepoSettings) -> dict[str, str]:
     gr_out = [Tensor("PROBABILITIES", "FP32", (-1, tasks)), _one("CACHE", "BYTES"), _one("CACHED_TOKENS"),
               _one("COMPUTED_TOKENS")]
     ranked = [_vec("ITEMS"), _vec("SCORES", "FP32"), Tensor("TASK_PROBABILITIES", "FP32", (-1, tasks))]
-    engine = {"checkpoint": "checkpoint", "catalog": f"../../{EMBEDDING}/1/catalog.npz", "backend": "eager",
+    engine = {"checkpoint": "checkpoint", "catalog": f"../../{EMBEDDING}/1/catalog.npz", "backend": settings.backend,
               "kv_cache_mb": str(settings.kv_cache_mb), "max_batch_tokens": str(settings.max_batch_tokens),
               "max_queue": str(settings.max_queue), "max_realtime": str(settings.max_realtime)}
     own = {n: n for n in ("USER_ID", "PROFILE", "EVENT_ITEMS", "EVENT_TIMESTAMPS", "EVENT_ACTIONS",
@@ -109,7 +111,8 @@ def configs(model_cfg, settings: RepoSettings) -> dict[str, str]:
                                 [_row("CONTEXT_IDS"), _row("CANDIDATE_IDS")], backend="python", instances=1,
                                 parameters={"catalog": "catalog.npz"}),
         GR_MODEL: model_config(GR_MODEL, gr_in, gr_out, backend="python", max_batch_size=settings.max_batch_size,
-                               instances=1, batching_delay_us=settings.batching_delay_us, parameters=engine),
+                               instances=1, gpu=settings.gpu, batching_delay_us=settings.batching_delay_us,
+                               parameters=engine),
         INTERACTION: model_config(INTERACTION, [Tensor("PROBABILITIES", "FP32", (1, -1, tasks)), _row("CANDIDATES"),
                                                 _cell("TOP_K")], ranked, backend="python", instances=1,
                                   parameters={"tasks": json.dumps(list(model_cfg.tasks)),

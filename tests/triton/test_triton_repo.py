@@ -14,7 +14,7 @@ from grinfer.serving.service import RecommenderService, ServiceSettings
 from grinfer.storage.base import Event, UserRecord
 from grinfer.triton_repo.catalog_file import load_catalog, save_catalog
 from grinfer.triton_repo.requests import BadInput, IdLookup, preprocess
-from grinfer.triton_repo.writer import MODULES, write_repository
+from grinfer.triton_repo.writer import GR_MODEL, MODULES, RepoSettings, configs, write_repository
 
 CARDINALITIES = [3, 8, 22, 101]
 
@@ -111,14 +111,22 @@ def test_repository_layout(served_checkpoint, tmp_path):
         write_repository(served_checkpoint, load_dataset(SERVED_SPEC).catalog, out)
 
 
-@pytest.mark.parametrize("weights, message", [
-    ("[1, 2]", "--task-weights: expected a JSON object of task -> number"),
-    ('{"ctr": "high"}', "--task-weights: expected a JSON object of task -> number"),
-    ('{"clicks": 1}', "--task-weights: unknown task(s) ['clicks']"),
+def test_gpu_repository_pins_gr_model_to_one_gpu(mtgr_cfg):
+    text = configs(mtgr_cfg, RepoSettings(gpu=1, backend="fused"))[GR_MODEL]
+    assert "instance_group [ { kind: KIND_GPU count: 1 gpus: [ 1 ] } ]" in text
+    assert 'key: "backend" value: { string_value: "fused" }' in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--task-weights", "[1, 2]"], "--task-weights: expected a JSON object of task -> number"),
+    (["--task-weights", '{"ctr": "high"}'], "--task-weights: expected a JSON object of task -> number"),
+    (["--task-weights", '{"clicks": 1}'], "--task-weights: unknown task(s) ['clicks']"),
+    (["--device", "gpu"], "--device: expected cpu or cuda:N"),
+    (["--backend", "tensorrt"], "--backend: expected eager, compiled or fused"),
 ])
-def test_export_command_errors_are_one_line(served_checkpoint, tmp_path, weights, message):
+def test_export_command_errors_are_one_line(served_checkpoint, tmp_path, flags, message):
     result = CliRunner().invoke(app, ["export", "triton-repo", "--model", str(served_checkpoint), "--out",
-                                      str(tmp_path / "r"), "--task-weights", weights])
+                                      str(tmp_path / "r"), *flags])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.output
@@ -136,7 +144,6 @@ def test_onnx_model_config_is_the_graphs_and_it_ranks_as_grinfer(served_checkpoi
     from grinfer.export.inputs import ranking_inputs
     from grinfer.features.featurizer import Featurizer, RankRequest, UserContext
     from grinfer.model.checkpoint import load_checkpoint
-    from grinfer.triton_repo.writer import RepoSettings
 
     ds = load_dataset(SERVED_SPEC)
     out = tmp_path / "repo"
