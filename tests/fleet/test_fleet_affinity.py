@@ -3,27 +3,20 @@ fleet's KV hit ratio on a replayed trace matches one replica's, and round-robin'
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 
 import grpc
 import httpx
 import pytest
-from fleet_util import BALANCERS
 
 from grinfer.serving.proto import grinfer_pb2 as pb
 from grinfer.serving.proto import grinfer_pb2_grpc as pb_grpc
 
 REPEATS = 4  # each user's request appears this many times in the trace
 TS = iter(range(2_100_000_000, 2_200_000_000))  # event times, later than the dataset's
-
-
-@pytest.fixture(scope="module", params=BALANCERS)
-def balancer(request, fleet):
-    b = fleet.balancer(request.param)
-    try:
-        yield b.start()
-    finally:
-        b.stop()
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +104,18 @@ def test_grpc_passes_through_with_the_same_affinity(fleet, balancer, candidates)
             stub.Rank(request(fleet.users[0]), metadata=(("x-user-id", fleet.users[1]),), timeout=30)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert refused.value.details().startswith("user:")
+
+
+def test_the_fleet_bench_measures_the_balancer_against_a_direct_replica(fleet, balancer, tmp_path):
+    out = tmp_path / "fleet.json"
+    done = subprocess.run([sys.executable, "-m", "grinfer.cli", "deploy", "bench", "--direct", fleet.replicas[0].url,
+                           "--via", f"{balancer.kind}={balancer.url}", "--users", "6", "--repeats", "3",
+                           "--clients", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].split()[:3] == ["target", "requests", "errors"]
+    direct, through = json.loads(out.read_text())["targets"]
+    assert direct["name"] == "direct" and through["name"] == balancer.kind
+    for target in (direct, through):
+        assert target["requests"] == 18 and target["errors"] == 0 and target["replicas_per_user"] == 1.0
+        assert target["hit_ratio"] == pytest.approx(2 / 3)  # each user: a miss, then two hits
+    assert direct["replicas"] == 1 and through["added_p50_ms"] == pytest.approx(through["p50_ms"] - direct["p50_ms"])

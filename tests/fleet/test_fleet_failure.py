@@ -11,8 +11,6 @@ import uuid
 from dataclasses import dataclass
 
 import httpx
-import pytest
-from fleet_util import BALANCERS
 
 CLIENTS = 4
 BEFORE_KILL_S, AFTER_KILL_S = 2.0, 4.0
@@ -102,15 +100,6 @@ def known_items(fleet) -> list[int]:
         items = sorted({e["item"] for u in fleet.users for e in client.get(f"/v1/users/{u}").json()["recent"]})
     assert len(items) >= 4
     return items
-
-
-@pytest.fixture(scope="module", params=BALANCERS)
-def balancer(request, fleet):
-    b = fleet.balancer(request.param)
-    try:
-        yield b.start()
-    finally:
-        b.stop()
 
 
 def test_kill_9_moves_users_counts_in_flight_errors_and_loses_no_ack(fleet, balancer):
