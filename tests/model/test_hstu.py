@@ -233,3 +233,24 @@ def test_sampled_softmax_loss_decreases_with_adam():
         scores[:, 0] = -math.inf
         hit = (scores.argmax(-1) == batch.targets).float().mean().item()
     assert hit > 0.6, hit
+
+
+def test_grinfers_own_conventions_by_default():
+    """The convention options default to the layout every earlier checkpoint has (and the forward it computed)."""
+    model = new_model()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("layers.0.")}
+    d, n = model.cfg.d_model, model.cfg.max_seq_len
+    assert shapes == {"layers.0.norm_in.weight": (1, d), "layers.0.norm_in.bias": (1, d),
+                      "layers.0.uvqk.weight": (4 * d, d), "layers.0.uvqk.bias": (4 * d,),
+                      "layers.0.norm_attn.weight": (1, d), "layers.0.norm_attn.bias": (1, d),
+                      "layers.0.out.weight": (d, d), "layers.0.out.bias": (d,),
+                      "layers.0.rel_bias.pos_table": (2 * n + 1,),
+                      "layers.0.rel_bias.time_table": (model.cfg.num_time_buckets,)}
+    batch = retrieval_batch([(np.array([3, 9, 4]), np.array([0, 100, 5000]))], False)
+    with torch.no_grad():
+        mine = model.encode(batch)
+        # a query's time bias uses its own timestamp; the next event's only with time_bias_from="next"
+        nxt = build_model(model.cfg.replace(time_bias_from="next")).eval()
+        nxt.load_state_dict(model.state_dict())
+        assert not torch.allclose(nxt.encode(batch), mine)
+        assert torch.allclose(model.encode(batch, torch.tensor([10**6])), mine)  # next_ts ignored by default
