@@ -164,6 +164,10 @@ class EngineConfig(BaseModel):
     disk_cache_dir: str | None = None
     # steps in flight: 1 = plan, run, wait (the synchronous reference); 2 = plan step N+1 while N runs
     pipeline_depth: int = Field(default=2, ge=1, le=2)
+    # a step that fails (raises, non-finite outputs, past step_timeout_s) re-runs on the next backend:
+    # the primary, then eager, then baseline (the uncached model); False: the step's requests fail
+    fallback: bool = True
+    step_timeout_s: float = Field(default=0.0, ge=0.0)  # 0: no timeout (CPU pipelined steps only)
     max_batch_tokens: int = Field(default=8192, ge=16)  # tokens computed per step (context + candidates)
     max_batch_requests: int = Field(default=64, ge=1)
     max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this are rejected (overload)

@@ -9,6 +9,7 @@ time (scheduler.py), so planning never waits for a result.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import deque
 from pathlib import Path
@@ -17,7 +18,8 @@ import torch
 
 from grinfer.config import EngineConfig
 from grinfer.data.types import ItemCatalog
-from grinfer.engine.backends import make_backend
+from grinfer.engine.backends import Backend, make_backend
+from grinfer.engine.backends.baseline import BaselineScorer
 from grinfer.engine.block_manager import BlockManager
 from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.kv_pool import KVPool
@@ -25,10 +27,13 @@ from grinfer.engine.request import ContextTooLarge, EngineError, RankRequest, Ra
 from grinfer.engine.runner import ModelRunner, StepOutput
 from grinfer.engine.scheduler import RequestState, Scheduler, StepPlan
 from grinfer.engine.signature import context_signature
+from grinfer.engine.strategy import BASELINE, BackendChain, StepTimeout, reason_of
 from grinfer.engine.tiers import DiskTier, HostTier, Tier
 from grinfer.features.device import DeviceFeaturizer
+from grinfer.features.featurizer import Featurizer
 from grinfer.model.mtgr import MTGR
 
+log = logging.getLogger("grinfer.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Finished = list[tuple[RequestState, RankResult | EngineError | Exception]]
 
@@ -85,8 +90,15 @@ class EngineCore:
                            dtype, self.device, scratch_blocks=scratch if backend.keys_in_pool else 0)
         self.cache = KVCache(manager, self.pool, make_tiers(config, model_fingerprint(self.model, dtype)))
         self.scheduler = Scheduler(config, self.cache, cfg.num_layers)
-        self.runner = ModelRunner(backend, self.pool, DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device),
-                                  self.device, pipelined=config.pipeline_depth > 1)
+        names, backends = [backend.name], [backend]
+        if config.fallback and backend.name != "eager":
+            names.append("eager")
+            backends.append(Backend(self.model, config))
+        self.chain = BackendChain([*names, BASELINE])
+        backends.append(BaselineScorer(self.model, Featurizer(catalog, cfg.num_time_buckets), self.device))
+        self.runner = ModelRunner(backends, self.pool, DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device),
+                                  self.device, pipelined=config.pipeline_depth > 1,
+                                  step_timeout_s=config.step_timeout_s)
         self.num_profile_tokens = len(cfg.profile_cardinalities)
         self.inflight: deque[tuple[StepPlan, StepOutput, float]] = deque()
         self.steps = 0
@@ -126,23 +138,35 @@ class EngineCore:
             out.append((state, error))
         if plan.items:
             start = time.perf_counter()
-            try:
-                output = self.runner.launch(plan)
-            except Exception as exc:  # a failing batch fails its requests, never the engine
-                output = StepOutput([], done=_raiser(exc))
-            self.inflight.append((plan, output, start))
+            self.inflight.append((plan, self._launch(plan, self.chain.first()), start))
         while self.inflight and (len(self.inflight) >= self.config.pipeline_depth or not plan.items):
             out.extend(self._complete(*self.inflight.popleft()))
         return out
 
-    def _complete(self, plan: StepPlan, output: StepOutput, start: float) -> Finished:
-        """Wait for a launched step, commit it and resolve the requests it finished."""
-        t0 = time.perf_counter()
+    def _launch(self, plan: StepPlan, level: int, inline: bool = False) -> StepOutput:
         try:
-            output.wait()
-            error = None
-        except Exception as exc:
-            error = exc
+            return self.runner.launch(plan, level, inline)
+        except Exception as exc:  # a failing batch fails (or falls back), never the engine
+            return StepOutput([], level, done=_raiser(exc))
+
+    def _complete(self, plan: StepPlan, output: StepOutput, start: float) -> Finished:
+        """Wait for a launched step (re-running it down the backend chain if it failed), commit it and
+        resolve the requests it finished."""
+        t0 = time.perf_counter()
+        error = _wait(output)
+        fell_back = False
+        while error is not None and self._may_fall_back(output, error):
+            if isinstance(error, StepTimeout):
+                self.runner.abandon_worker()  # the hung step's thread is left behind
+            level = self.chain.failed(output.level, reason_of(error))
+            log.warning("step of %d requests failed on %s (%s: %s); re-running it on %s", len(plan.items),
+                        self.chain.names[output.level], type(error).__name__, error, self.chain.names[level])
+            output = self._launch(plan, level, inline=True)
+            error, fell_back = _wait(output), True
+        if error is None:
+            self.chain.succeeded(output.level)
+        if fell_back:  # later steps in flight may have read this one's K/V: run them again, in order
+            self._relaunch_inflight()
         t1 = time.perf_counter()
         self.host_seconds["wait"] += t1 - t0
         if error is None:
@@ -160,6 +184,16 @@ class EngineCore:
                 out.append((state, self.scheduler.expired(state, now) or self._result(state, now)))
         self.host_seconds["result"] += time.perf_counter() - t1
         return out
+
+    def _may_fall_back(self, output: StepOutput, error: Exception) -> bool:
+        return self.config.fallback and not isinstance(error, EngineError) and output.level < len(self.chain.names) - 1
+
+    def _relaunch_inflight(self) -> None:
+        relaunched = deque()
+        for plan, output, start in self.inflight:
+            _wait(output)  # its result is discarded
+            relaunched.append((plan, self._launch(plan, self.chain.first(), inline=True), start))
+        self.inflight = relaunched
 
     def _result(self, state: RequestState, now: float) -> RankResult:
         probs = torch.sigmoid(self.runner.pop_logits(state, len(self.model.cfg.tasks)))
@@ -195,7 +229,8 @@ class EngineCore:
         """Plain stats: queue, running, KV cache, last step."""
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "steps": self.steps, "kv_cache": self.cache.snapshot(), "last_step": self.last_step,
-                "pipeline_depth": self.config.pipeline_depth, "phase_seconds": self.phase_seconds()}
+                "pipeline_depth": self.config.pipeline_depth, "phase_seconds": self.phase_seconds(),
+                "strategy": self.chain.stats()}
 
     def phase_seconds(self) -> dict[str, float]:
         """Host seconds spent per phase of the steps so far: schedule, featurize, indices, launch (queueing the
@@ -205,7 +240,15 @@ class EngineCore:
                 "launch": r["launch"], "wait": c["wait"], "result": c["result"]}
 
 
+def _wait(output: StepOutput) -> Exception | None:
+    try:
+        output.wait()
+    except Exception as exc:
+        return exc
+    return None
+
+
 def _raiser(exc: Exception):
-    def done():
+    def done(*_):
         raise exc
     return done

@@ -17,15 +17,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import record_function
 
-from grinfer.engine.backends import Backend
 from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.scheduler import RequestState, StepPlan
 from grinfer.engine.step import build_step_index
+from grinfer.engine.strategy import NonFiniteOutput, StepTimeout
 from grinfer.features.device import DeviceFeaturizer
 from grinfer.features.featurizer import RankRequest as FeatureRequest
 
@@ -43,52 +44,74 @@ class _RequestTensors:
     """The runner's state of one request."""
 
     embedded: _Embedded | None = None
-    layer_state: torch.Tensor | None = None  # hidden states of a layer-chunked context's pending tokens
+    # a layer-chunked context's hidden states by the layer they enter (kept so a failed chunk can re-run)
+    layer_states: dict[int, torch.Tensor] = field(default_factory=dict)
     logits: list[torch.Tensor] = field(default_factory=list)  # [n, tasks] float32 host, per step
 
 
 @dataclass
 class StepOutput:
-    """A launched step: `wait()` blocks until it is done and raises what its device part raised."""
+    """A launched step on chain backend `level`: `wait()` blocks until it is done and raises what its device
+    part raised (NonFiniteOutput for NaN or infinity, StepTimeout past the timeout)."""
 
     counts: list[int]  # candidates scored per work item, in plan order
+    level: int = 0
     logits: torch.Tensor | None = None  # [sum(counts), tasks] float32 on the host once done
-    done: Callable[[], object] | None = None
+    done: Callable[..., object] | None = None
+    finite: torch.Tensor | None = None  # a device/host bool: whether the step's outputs are all finite
+    timeout_s: float | None = None
 
     def wait(self) -> None:
         if self.done is not None:
             done, self.done = self.done, None
-            result = done()
-            if isinstance(result, torch.Tensor):
-                self.logits = result
+            try:
+                result = done(self.timeout_s) if self.timeout_s else done()
+            except FutureTimeout:
+                raise StepTimeout(f"step did not finish within {self.timeout_s:g} s") from None
+            if isinstance(result, tuple):
+                self.logits, self.finite = result
+        if self.finite is not None and not bool(self.finite):
+            raise NonFiniteOutput("the step's outputs hold NaN or infinity")
 
 
 class ModelRunner:
-    """Runs StepPlans with a backend over the KV pool; keeps each request's tensors until it finishes."""
+    """Runs StepPlans over the KV pool with the chain's backends (`backends[i]` for chain level i, the last
+    being the uncached baseline); keeps each request's tensors until it finishes."""
 
-    def __init__(self, backend: Backend, pool: KVPool, featurizer: DeviceFeaturizer, device: torch.device,
-                 pipelined: bool = False):
-        self.backend, self.pool, self.featurizer, self.device = backend, pool, featurizer, device
-        self.dtype = next(backend.model.parameters()).dtype
+    def __init__(self, backends: list, pool: KVPool, featurizer: DeviceFeaturizer, device: torch.device,
+                 pipelined: bool = False, step_timeout_s: float = 0.0):
+        self.backends, self.pool, self.featurizer, self.device = backends, pool, featurizer, device
+        self.backend = backends[0]  # the primary (warm-up and stats address it)
+        self.baseline = backends[-1]
+        self.dtype = next(self.backend.model.parameters()).dtype
+        self.step_timeout_s = step_timeout_s
         self.table: dict[int, _RequestTensors] = {}
         self.host_seconds = {"featurize": 0.0, "indices": 0.0, "launch": 0.0}  # host time per part, summed
         # CPU kernels run on the calling thread: a worker thread plays the role of the CUDA stream
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="grinfer-device") \
-            if pipelined and device.type == "cpu" else None
+        self.pipelined = pipelined and device.type == "cpu"
+        self._worker = self._new_worker()
 
-    def execute(self, plan: StepPlan) -> StepOutput:
+    def _new_worker(self) -> ThreadPoolExecutor | None:
+        return ThreadPoolExecutor(1, thread_name_prefix="grinfer-device") if self.pipelined else None
+
+    def execute(self, plan: StepPlan, level: int = 0) -> StepOutput:
         """Run the plan to completion (the synchronous form of `launch`)."""
-        output = self.launch(plan)
+        output = self.launch(plan, level, inline=True)
         output.wait()
         return output
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan) -> StepOutput:
-        """Prepare the plan on the host (embed new requests, build indices) and queue its device work."""
-        items = [it for it in plan.items if it.tokens]
+    def launch(self, plan: StepPlan, level: int = 0, inline: bool = False) -> StepOutput:
+        """Prepare the plan on the host (embed new requests, build indices) and queue its device work on
+        chain backend `level` (requests already served by the baseline stay on it); `inline` runs the
+        device part on the calling thread even when pipelined (a re-run after a failure)."""
         counts = [it.cand_end - it.cand_start for it in plan.items]
+        if level == len(self.backends) - 1:
+            return self._launch_baseline(plan, counts, level)
+        items = [it for it in plan.items if it.tokens and not it.state.uncached]
         if not items:
-            return StepOutput(counts)
+            return self._launch_baseline(plan, counts, level) if any(it.state.uncached for it in plan.items) \
+                else StepOutput(counts, level)
         t0 = time.perf_counter()
         with record_function("grinfer.embed"):
             self._embed([it.state for it in items if self._tensors(it.state).embedded is None])
@@ -99,30 +122,52 @@ class ModelRunner:
         t2 = time.perf_counter()
         self.host_seconds["featurize"] += t1 - t0
         self.host_seconds["indices"] += t2 - t1
-        first, last = plan.layers
-        chunked = self.table[items[0].state.key]
-
-        @torch.inference_mode()
-        def run() -> torch.Tensor | None:
-            x = torch.cat([e.x for e in embedded])[idx.q_rows] if first == 0 else chunked.layer_state
-            x = self.backend.run_layers(x, idx, self.pool, first, last)
-            if last < len(self.backend.model.layers):
-                chunked.layer_state = x
-                return None
-            chunked.layer_state = None
-            return self._to_host(self.backend.head(x[idx.cand_src]).float())
-
-        if self._worker is not None:
-            output = StepOutput(counts, done=self._worker.submit(run).result)
+        run = self._device_part(plan, items, embedded, idx, self.backends[level])
+        output = StepOutput(counts, level, timeout_s=self.step_timeout_s or None)
+        if self._worker is not None and not inline:
+            output.done = self._worker.submit(run).result
         else:
-            logits = run()
-            output = StepOutput(counts, logits)
-            if logits is not None and self.device.type == "cuda":
+            output.logits, output.finite = run()
+            if self.device.type == "cuda":
                 event = torch.cuda.Event()
                 event.record()
-                output.done = event.synchronize
+                output.done = lambda *_: event.synchronize()
         self.host_seconds["launch"] += time.perf_counter() - t2
         return output
+
+    def _device_part(self, plan: StepPlan, items, embedded, idx, backend):
+        """The step's device work as a function: (host logits or None, all-finite flag)."""
+        first, last = plan.layers
+        chunked = self.table[items[0].state.key]
+        baseline_items = [it for it in plan.items if it.state.uncached and it.cand_end > it.cand_start]
+
+        @torch.inference_mode()
+        def run():
+            x = torch.cat([e.x for e in embedded])[idx.q_rows] if first == 0 else chunked.layer_states[first]
+            x = backend.run_layers(x, idx, self.pool, first, last)
+            if last < len(backend.model.layers):
+                chunked.layer_states[last] = x
+                return None, self._to_host(torch.isfinite(x).all())
+            logits = backend.head(x[idx.cand_src]).float()
+            finite = torch.isfinite(logits).all()
+            if baseline_items:  # requests a failed step moved to the baseline, beside this step's
+                logits = _merge(plan.items, logits, self.baseline.logits(baseline_items))
+            return self._to_host(logits), self._to_host(finite)
+
+        return run
+
+    def _launch_baseline(self, plan: StepPlan, counts: list[int], level: int) -> StepOutput:
+        """Every item of the plan scored uncached (its requests lose their cache entries)."""
+        for it in plan.items:
+            it.state.uncached = True
+        logits = self.baseline.logits(plan.items)
+        return StepOutput(counts, level, logits, finite=torch.isfinite(logits).all())
+
+    def abandon_worker(self) -> None:
+        """Leave a hung worker thread behind (its step timed out) and start a fresh one."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker = self._new_worker()
 
     def complete(self, plan: StepPlan, output: StepOutput) -> None:
         """File a finished step's logits under their requests."""
@@ -158,6 +203,7 @@ class ModelRunner:
         host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
         return host.copy_(logits, non_blocking=True)
 
+
     def _embed(self, states: list[RequestState]) -> None:
         """Embed the full sequences of newly started requests, in one batch."""
         if not states:
@@ -172,3 +218,15 @@ class ModelRunner:
             hi = lo + n  # the sequence lengths are known on the host: no device sync
             self._tensors(state).embedded = _Embedded(x[lo:hi], meta.group[lo:hi], meta.pos[lo:hi], meta.ts[lo:hi])
             lo = hi
+
+
+def _merge(items, cached: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """One logits tensor in plan order from the cached items' rows and the baseline-served items' rows."""
+    rows, offsets = [], [0, 0]
+    for it in items:
+        n = it.cand_end - it.cand_start
+        if n:
+            k = int(it.state.uncached)
+            rows.append((baseline if k else cached)[offsets[k]:offsets[k] + n].to(cached.device, cached.dtype))
+            offsets[k] += n
+    return torch.cat(rows)

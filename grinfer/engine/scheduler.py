@@ -39,6 +39,7 @@ class RequestState:
     candidates_done: int = 0
     inflight: int = 0  # steps holding this request that have not been updated yet
     error: Exception | None = None  # set when it failed or expired with steps still in flight
+    uncached: bool = False  # a failed step moved it to the baseline: its cache entry is not to be trusted
     started: float | None = None
     steps: int = 0
     key: int = field(default_factory=lambda: next(_keys))
@@ -229,12 +230,14 @@ class Scheduler:
                 state.error = state.error or error
             elif full:
                 state.context_done = item.ctx_end
-                self.cache.commit(state.handle, item.ctx_end)
+                if not state.uncached:
+                    self.cache.commit(state.handle, item.ctx_end)
                 state.candidates_done = item.cand_end
             if state.inflight == 0 and (state.error is not None or state.finished):
                 done.append(state)
         for state in done:
-            self.finish(state, ok=state.error is None or isinstance(state.error, EngineError))
+            ok = (state.error is None or isinstance(state.error, EngineError)) and not state.uncached
+            self.finish(state, ok=ok)
         return done
 
     def finish(self, state: RequestState, ok: bool = True) -> None:

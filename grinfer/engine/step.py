@@ -28,10 +28,10 @@ class StepIndex:
     k_meta: TokenMeta
     write_src: torch.Tensor  # rows of the new-token tensor that are context tokens
     write_slots: torch.Tensor  # their cache slots
-    # the gather of a dense key tensor (None when the backend reads every key from the pool):
-    ctx_dest: torch.Tensor | None  # rows of the key tensor filled from the cache
-    ctx_slots: torch.Tensor | None
-    cand_dest: torch.Tensor | None  # rows of the key tensor filled with the step's candidate K/V
+    # the gather of a dense key tensor (backends that do not read every key from the pool):
+    ctx_dest: torch.Tensor  # rows of the key tensor filled from the cache
+    ctx_slots: torch.Tensor
+    cand_dest: torch.Tensor  # rows of the key tensor filled with the step's candidate K/V
     cand_src: torch.Tensor  # rows of the new-token tensor that are candidates
     q_slots: torch.Tensor  # [Tq] cache slot of each query row (candidates: scratch, or -1 without)
     block_table: torch.Tensor  # [B, max_blocks] each sequence's pages: its context's, then its candidates'
@@ -56,8 +56,8 @@ def build_step_index(items, embedded: list, pool: KVPool, device: torch.device) 
 
     With scratch pages in the pool (backends that read every key from the pool), each sequence's
     candidates get slots after its context (the free tail of its last page, then scratch pages) and its
-    block table covers them, and no dense-key gather indices are built; without, candidates have slot -1,
-    the tables cover the context only and the gather indices are built."""
+    block table covers them; without, candidates have slot -1 and the tables cover the context only. The
+    dense-key gather indices are always built."""
     page = pool.block_size
     ctx_start, ctx_end, cand_start, cand_end, ctx_len, n_seq, n_static = np.array(
         [(it.ctx_start, it.ctx_end, it.cand_start, it.cand_end, it.state.context_len,
@@ -86,12 +86,12 @@ def build_step_index(items, embedded: list, pool: KVPool, device: torch.device) 
     write_slots = slots(ctx_start, n_new)
     q_slots = np.full(int(n_q.sum()), -1, np.int64)
     q_slots[write_src] = write_slots
-    gather = {}
     if len(pool.scratch):
         q_slots[cand_src] = slots(ctx_end, n_cand)
-    else:
-        gather = {"ctx_dest": _ranges(k_off, ctx_end), "ctx_slots": slots(np.zeros_like(ctx_end), ctx_end),
-                  "cand_dest": _ranges(k_off + ctx_end, n_cand)}
+    # the dense-key gather, for backends that do not read the candidates' K/V from the pool (and for any
+    # backend a failed step falls back to)
+    gather = {"ctx_dest": _ranges(k_off, ctx_end), "ctx_slots": slots(np.zeros_like(ctx_end), ctx_end),
+              "cand_dest": _ranges(k_off + ctx_end, n_cand)}
     cand_rows = base + ctx_len + cand_start
     parts = {
         "q": _ranges(np.stack([base + ctx_start, cand_rows], 1).ravel(), np.stack([n_new, n_cand], 1).ravel()),
@@ -107,5 +107,5 @@ def build_step_index(items, embedded: list, pool: KVPool, device: torch.device) 
         return TokenMeta(offsets_of(lengths), group[rows], pos[rows], ts[rows])
 
     return StepIndex(t["q"], meta(t["q"], t["q_len"]), meta(t["k"], t["k_len"]), t["write_src"], t["write_slots"],
-                     t.get("ctx_dest"), t.get("ctx_slots"), t.get("cand_dest"), t["cand_src"], t["q_slots"],
+                     t["ctx_dest"], t["ctx_slots"], t["cand_dest"], t["cand_src"], t["q_slots"],
                      t["table"].view(table.shape), t["counts"].view(-1, 2), int(n_q.max(initial=0)))

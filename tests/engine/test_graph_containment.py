@@ -147,14 +147,14 @@ def test_capture_off_the_request_path_happens_when_the_engine_is_idle(model, cat
 
 
 def test_failing_steps_make_the_engine_unhealthy_and_a_success_heals_it(model, catalog, make_request):
-    engine = Engine(model, catalog, make_core(model, catalog).config)
+    engine = Engine(model, catalog, make_core(model, catalog, fallback=False).config)  # failures reach callers
     real = engine.core.runner.launch
     broken = {"on": True}
 
-    def launch(plan):
+    def launch(plan, *args):
         if broken["on"]:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(plan)
+        return real(plan, *args)
 
     engine.core.runner.launch = launch
     rng = np.random.default_rng(0)

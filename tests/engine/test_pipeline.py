@@ -99,8 +99,8 @@ def test_the_pipeline_plans_the_next_step_before_waiting_for_the_last(model, cat
     launched, waited = [], []
     launch = core.runner.launch
 
-    def recording_launch(plan):
-        output = launch(plan)
+    def recording_launch(plan, *args):
+        output = launch(plan, *args)
         launched.append(len(waited))
         wait = output.wait
 

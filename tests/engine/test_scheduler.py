@@ -136,8 +136,8 @@ def test_a_request_whose_deadline_passes_during_its_last_step_fails_and_keeps_it
     req = engine_request("slow", make_request(6, 2, 3, seed=30), deadline=time.monotonic() + 600.0)
     launch = core.runner.launch
 
-    def slow_step(plan):
-        output = launch(plan)
+    def slow_step(plan, *args):
+        output = launch(plan, *args)
         output.wait()
         req.deadline = time.monotonic() - 0.01  # the step took longer than the request had left
         return output

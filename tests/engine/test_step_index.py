@@ -85,8 +85,8 @@ def test_step_indices_match_a_token_by_token_reference(seed, scratch):
     n_q = [it.tokens for it in items]
     assert idx.q_meta.offsets.tolist() == np.r_[0, np.cumsum(n_q)].tolist() and idx.max_len_q == max(n_q)
     assert idx.k_counts.tolist() == [[min(it.state.signature.static_tokens, it.ctx_end), it.ctx_end] for it in items]
-    if not scratch:  # the dense-key gather: context rows from the pool slots, candidates from the new tokens
-        page = pool.block_size
-        ctx = [it.blocks[p // page] * page + p % page for it in items for p in range(it.ctx_end)]
-        assert idx.ctx_slots.tolist() == ctx
-        assert len(idx.ctx_dest) + len(idx.cand_dest) == len(k_rows)
+    # the dense-key gather (always built): context rows from the pool slots, candidates from the new tokens
+    page = pool.block_size
+    ctx = [it.blocks[p // page] * page + p % page for it in items for p in range(it.ctx_end)]
+    assert idx.ctx_slots.tolist() == ctx
+    assert len(idx.ctx_dest) + len(idx.cand_dest) == len(k_rows)
