@@ -121,13 +121,13 @@ def train(
             "retrieval": [(preset_name or "hstu-ml1m", out)],
             "both": [(retrieval_preset, out / RETRIEVAL_DIR), (preset_name or "mtgr-small", out / RANKING_DIR)]}[task]
     configs = _model_configs(jobs, set_)
+    if decay not in (None, "none", "cosine"):
+        raise _fail(f"--decay must be none or cosine, got {decay!r}")
     try:
         ds = load_dataset(data)
         dev = resolve_device(device)
     except (ValueError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
-    if decay not in (None, "none", "cosine"):
-        raise _fail(f"--decay must be none or cosine, got {decay!r}")
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
              "num_negatives": negatives, "patience": patience, "warmup_steps": warmup_steps, "decay": decay,
              "group_lr_scale": group_lr_scale, "seed": seed, "device": dev}

@@ -127,3 +127,20 @@ def test_train_model_saves_the_best_epoch_and_names_it(tmp_path, task, capsys):
     assert again == pytest.approx(max(values), abs=1e-6)
     err = capsys.readouterr().err
     assert "s per epoch of training, so at most" in err and "epoch 1 took" in err
+
+
+def test_flagless_cli_train_runs_the_presets_recipe(tmp_path):
+    from typer.testing import CliRunner
+
+    from grinfer.cli import app
+
+    out = tmp_path / "hstu"
+    result = CliRunner().invoke(app, ["train", "--task", "retrieval", "--preset", "hstu-ml1m", "--set",
+                                      "max_seq_len=16", "--data", "synthetic:users=30,items=40,events=12,seed=5",
+                                      "--epochs", "2", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "up to 2 epochs (patience 40)" in result.output and "saved)" in result.output
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["settings"]["patience"] == RETRIEVAL_RECIPE["patience"] and saved["settings"]["lr"] == 1e-3
+    bad = CliRunner().invoke(app, ["train", "--decay", "linear", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--decay must be none or cosine" in bad.output
