@@ -77,12 +77,14 @@ def param_groups(model: torch.nn.Module, settings: TrainSettings) -> list[dict]:
 
 
 def lr_factor(step: int, settings: TrainSettings, total_steps: int) -> float:
-    """Learning-rate multiple at a step: linear warm-up, then constant or cosine down to MIN_LR_RATIO."""
-    warm = min(1.0, (step + 1) / settings.warmup_steps) if settings.warmup_steps else 1.0
+    """Learning-rate multiple at a step: linear warm-up (at most a fifth of the budget, so that a small dataset
+    is not trained at a fraction of the rate), then constant or cosine down to MIN_LR_RATIO."""
+    warmup = min(settings.warmup_steps, max(total_steps // 5, 1))
+    warm = min(1.0, (step + 1) / warmup) if settings.warmup_steps else 1.0
     if settings.decay == "none":
         return warm
-    span = max(total_steps - settings.warmup_steps, 1)
-    progress = min(max(step - settings.warmup_steps, 0) / span, 1.0)
+    span = max(total_steps - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
     return warm * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

@@ -13,7 +13,9 @@ from grinfer.train.loop import TrainSettings
 RETRIEVAL_RECIPE = {"epochs": 300, "patience": 40, "lr": 1e-3, "batch_size": 128, "num_negatives": 128}
 RANKING_RECIPE = {"epochs": 12, "patience": 2, "lr": 3e-4, "batch_size": 128, "warmup_steps": 200,
                   "decay": "cosine"}
-RECIPES: dict[str, dict] = {"hstu-ml1m": RETRIEVAL_RECIPE}
+# the test/demo-sized preset keeps the earlier flag defaults (lr 1e-3, 10 epochs), now with early stopping
+TINY_RECIPE = {"epochs": 10, "patience": 3, "lr": 1e-3, "batch_size": 128}
+RECIPES: dict[str, dict] = {"hstu-ml1m": RETRIEVAL_RECIPE, "mtgr-tiny": TINY_RECIPE}
 
 
 def recipe(preset_name: str, kind: str) -> dict:

@@ -58,6 +58,8 @@ def test_learning_rate_warm_up_then_cosine_decay():
     assert lr_factor(9, s, total) == pytest.approx(1.0)
     assert lr_factor(60, s, total) == pytest.approx(MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5)  # half-way
     assert lr_factor(110, s, total) == pytest.approx(MIN_LR_RATIO)
+    short = TrainSettings(lr=1.0, warmup_steps=200, decay="cosine")  # 30 steps in all: warm-up capped at 6
+    assert [lr_factor(i, short, 30) for i in (0, 5)] == [pytest.approx(1 / 6), 1.0]
     flat = TrainSettings(lr=1.0)
     assert [lr_factor(i, flat, total) for i in (0, 50, 109)] == [1.0, 1.0, 1.0]
 
@@ -77,6 +79,7 @@ def test_per_preset_defaults_and_explicit_flags_win():
     s = settings_for("hstu-ml1m", "hstu")
     assert (s.epochs, s.patience, s.lr) == (RETRIEVAL_RECIPE["epochs"], RETRIEVAL_RECIPE["patience"],
                                             RETRIEVAL_RECIPE["lr"])
+    assert settings_for("mtgr-tiny", "mtgr").lr == 1e-3
     r = settings_for("mtgr-small", "mtgr", lr=None, epochs=3)
     assert r.epochs == 3 and r.lr == RANKING_RECIPE["lr"] and r.decay == RANKING_RECIPE["decay"]
     with pytest.raises(ValueError, match="bogus: not a training setting"):
