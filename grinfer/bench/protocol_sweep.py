@@ -5,7 +5,9 @@ interleaved rounds (round r runs the protocols in turn, odd rounds in reverse or
 shared machine disturbs each protocol alike; per protocol and client count it reports the median over
 rounds of p50, p99 and OK answers per second (and the range of the latter). Before the rounds one
 warm-up pass per cache (grinfer's, and the Triton server's when --triton-url is given) fills the KV caches,
-so every protocol is measured warm. Prints a table; writes JSON and a PNG beside it.
+so every protocol is measured warm. With --server-pid / --triton-pid it also reports the CPU milliseconds
+each OK answer cost the servers (and the load generator): on a busy shared machine a steadier measure than
+latency. Prints the tables; writes JSON and a PNG beside it.
 """
 
 from __future__ import annotations
@@ -18,24 +20,50 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from grinfer.bench.cpu import own_cpu_s, process_tree_cpu_s
 from grinfer.bench.figure import panels
 from grinfer.bench.load import LevelResult, parse_clients, run_load
 from grinfer.bench.protocols import PROTOCOLS
 
 
-def sweep(server: str, protocols: list[str], clients: list[int], rounds: int, requests: int,
-          candidates: int, **targets) -> dict[str, list[list[LevelResult]]]:
-    """{protocol: [per round: one LevelResult per client count]} after the warm-up passes."""
+def sweep(server: str, protocols: list[str], clients: list[int], rounds: int, requests: int, candidates: int,
+          pids: dict[str, int] | None = None, **targets) -> tuple[dict[str, list[list[LevelResult]]], list[dict]]:
+    """{protocol: [per round: one LevelResult per client count]} after the warm-up passes, and per protocol
+    and round the CPU milliseconds per OK answer of the load generator and of each process in `pids`."""
     kwargs = {"endpoint": "rank", "candidates": candidates, "duration_s": 120.0, **targets}
     for protocol in ("rest", "triton") if targets.get("triton_url") else ("rest",):
         run_load(server, [max(clients)], requests=3 * requests, protocol=protocol, **kwargs)
     out: dict[str, list[list[LevelResult]]] = {p: [] for p in protocols}
+    cpu: list[dict] = []
+    watched = {"load generator": own_cpu_s, **{name: (lambda pid=pid: process_tree_cpu_s(pid))
+                                              for name, pid in (pids or {}).items()}}
     for r in range(rounds):
         for protocol in protocols if r % 2 == 0 else protocols[::-1]:
+            before = {name: read() for name, read in watched.items()}
             out[protocol].append(run_load(server, clients, requests=requests, protocol=protocol, **kwargs))
+            ok = sum(lv.ok for lv in out[protocol][-1])
+            cpu.append({"protocol": protocol, "round": r + 1, "ok": ok, **{
+                f"{name} cpu ms/req": 1e3 * (read() - before[name]) / max(ok, 1) for name, read in watched.items()}})
             print(f"round {r + 1}/{rounds} {protocol}: " + ", ".join(
                 f"{lv.clients}c {lv.ok_per_s:.0f}/s" for lv in out[protocol][-1]), file=sys.stderr, flush=True)
-    return out
+    return out, cpu
+
+
+def cpu_summary(cpu: list[dict]) -> list[dict]:
+    """Per protocol: the median over rounds of each CPU ms/req column."""
+    rows = []
+    for protocol in dict.fromkeys(c["protocol"] for c in cpu):
+        mine = [c for c in cpu if c["protocol"] == protocol]
+        columns = [k for k in mine[0] if k.endswith("cpu ms/req")]
+        rows.append({"protocol": protocol, **{k: statistics.median(c[k] for c in mine) for k in columns}})
+    return rows
+
+
+def format_cpu(rows: list[dict]) -> str:
+    columns = [k for k in rows[0] if k != "protocol"]
+    lines = [f"{'protocol':<12} " + " ".join(f"{c:>26}" for c in columns)]
+    lines += [f"{r['protocol']:<12} " + " ".join(f"{r[c]:>26.2f}" for c in columns) for r in rows]
+    return "\n".join(lines)
 
 
 def summary(runs: dict[str, list[list[LevelResult]]]) -> list[dict]:
@@ -100,27 +128,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=300, help="requests per level and round")
     parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--server-pid", type=int, help="the grinfer server's process id: its CPU per request")
+    parser.add_argument("--triton-pid", type=int, help="the v2 server's process id (its children count too)")
     parser.add_argument("--out", type=Path, default=Path("protocol_sweep.json"))
     args = parser.parse_args(argv)
     protocols = [p for p in PROTOCOLS if p != "triton" or args.triton_url]
     load = {"before": os.getloadavg()}  # a shared machine: how busy it was says how far to trust the numbers
     try:
-        runs = sweep(args.server, protocols, parse_clients([args.clients]), max(1, args.rounds), args.requests,
-                     args.candidates, grpc_target=args.grpc_target, triton_url=args.triton_url,
-                     triton_model=args.triton_model)
+        pids = {name: pid for name, pid in (("grinfer", args.server_pid), ("triton", args.triton_pid)) if pid}
+        for pid in pids.values():
+            process_tree_cpu_s(pid)  # ValueError now, not after the warm-up
+        runs, cpu = sweep(args.server, protocols, parse_clients([args.clients]), max(1, args.rounds), args.requests,
+                          args.candidates, pids, grpc_target=args.grpc_target, triton_url=args.triton_url,
+                          triton_model=args.triton_model)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     load["after"] = os.getloadavg()
-    rows = summary(runs)
+    rows, cpu_rows = summary(runs), cpu_summary(cpu)
     print(format_rows(rows))
+    print("\nCPU per OK answer, all levels of a round together (median of rounds):")
+    print(format_cpu(cpu_rows))
     print("load average (1/5/15 min) before: {:.1f} {:.1f} {:.1f}, after: {:.1f} {:.1f} {:.1f}".format(
         *load["before"], *load["after"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     levels = {p: [[{k: v for k, v in asdict(lv).items() if k != "latencies_ms"} for lv in r] for r in rounds]
               for p, rounds in runs.items()}
-    args.out.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "load_average": load,
-                                    "summary": rows, "rounds": levels}, indent=2) + "\n")
+    report = {"settings": {k: str(v) for k, v in vars(args).items()}, "load_average": load, "summary": rows,
+              "cpu": cpu_rows, "cpu_rounds": cpu, "rounds": levels}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, args.out.with_suffix(".png"))
     print(f"wrote {args.out}, {args.out.with_suffix('.png')}")
     return 0

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+import time
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
 from grinfer.bench import protocol_sweep
+from grinfer.bench.cpu import process_tree_cpu_s
 from grinfer.bench.load import run_load
 from grinfer.bench.protocols import triton_contexts, triton_inputs
 from grinfer.cli import app
@@ -75,10 +80,25 @@ def test_protocol_sweep_prints_the_table_and_writes_json_and_png(live, tmp_path,
     out = tmp_path / "sweep.json"
     assert protocol_sweep.main(["--server", live.url, "--grpc-target", f"127.0.0.1:{live.grpc.port}", "--rounds",
                                 "2", "--requests", "4", "--clients", "1,2", "--candidates", "3",
-                                "--out", str(out)]) == 0
+                                "--server-pid", str(os.getpid()), "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert all(p in table for p in ("rest", "grpc", "kserve-http", "kserve-grpc")) and "triton" not in table
     report = json.loads(out.read_text())
     assert len(report["summary"]) == 8 and all(r["rounds"] == 2 and r["failed"] == 0 for r in report["summary"])
     assert len(report["rounds"]["kserve-http"]) == 2 and out.with_suffix(".png").stat().st_size > 0
+    assert [r["protocol"] for r in report["cpu"]] == ["rest", "grpc", "kserve-http", "kserve-grpc"]
+    assert all(r["grinfer cpu ms/req"] > 0 and r["load generator cpu ms/req"] > 0 for r in report["cpu"])
     assert protocol_sweep.main(["--server", "http://10.0.0.1:8000", "--out", str(out)]) == 2
+
+
+def test_process_tree_cpu_counts_live_children():
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        start = process_tree_cpu_s(os.getpid())
+        time.sleep(1.0)
+        assert process_tree_cpu_s(os.getpid()) - start > 0.2  # the child's busy loop counts
+    finally:
+        child.kill()
+        child.wait()
+    with pytest.raises(ValueError, match="no process"):
+        process_tree_cpu_s(2**22 + 1)
