@@ -144,6 +144,39 @@ class UserOut(BaseModel):
     recent: list[EventOut]
 
 
+class BackendProbe(BaseModel):
+    backend: str
+    healthy: bool
+    probe_ms: float | None = None  # median time of the probe's representative batch
+    max_error: float | None = None  # vs eager: absolute (float32) or relative (bf16)
+    ready_s: float | None = None
+    error: str | None = None
+
+
+class ChainBackend(BaseModel):
+    backend: str
+    healthy: bool  # its circuit breaker is closed
+    opened: int  # times its breaker opened
+
+
+class Fallback(BaseModel):
+    from_: str = Field(alias="from")
+    to: str
+    reason: str  # exception, non_finite or timeout
+    count: int
+
+    model_config = {"populate_by_name": True, "serialize_by_alias": True}
+
+
+class BackendsOut(BaseModel):
+    configured: str  # the --backend setting (auto, eager, compiled, fused)
+    primary: str  # the backend steps run on first
+    active: str  # the first backend whose breaker lets a step run now
+    chain: list[ChainBackend]  # fallback order, ending with baseline (the uncached model)
+    fallbacks: list[Fallback]
+    probes: list[BackendProbe]  # auto's start-up probes (empty otherwise)
+
+
 class ErrorOut(BaseModel):
     error: str  # "field: message" when a field is known
     field: str | None = None

@@ -44,6 +44,7 @@ class Engine:
         self._failures_in_row = 0
         self._last_failure = ""
         self.failures = 0  # failed device turns so far
+        self.probes: list[dict] = []  # `--backend auto`'s probe table (engine/probe.py), when it chose
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
@@ -155,6 +156,7 @@ class Engine:
     def stats(self) -> dict:
         """The core's plain stats (read without stopping the loop: numbers may be one step apart)."""
         return {**self.core.stats(), "failures": self.failures, "backend": self.core.runner.backend.stats(),
+                "probes": self.probes,
                 "device": str(self.core.device), "device_bytes": self.core.device_bytes()}
 
     # ---- loop -------------------------------------------------------------------------------

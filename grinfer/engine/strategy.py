@@ -93,8 +93,8 @@ class BackendChain:
         return to
 
     def stats(self) -> dict:
-        """{"active": first healthy backend, "backends": [{name, healthy, opened}], "fallbacks": [...]}."""
-        return {"active": self.names[self.first()],
+        """{"primary", "active": first healthy backend, "backends": [{name, healthy, opened}], "fallbacks": [...]}."""
+        return {"primary": self.names[0], "active": self.names[self.first()],
                 "backends": [{"backend": n, "healthy": self.breakers[n].healthy, "opened": self.breakers[n].opened}
                              for n in self.names],
                 "fallbacks": [{"from": f, "to": t, "reason": r, "count": c} for (f, t, r), c in self.fallbacks.items()]}

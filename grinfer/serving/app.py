@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from grinfer.schema import (
     IDEMPOTENCY_KEY_RULES,
     USER_ID_RULES,
+    BackendsOut,
     ErrorOut,
     EventsIn,
     EventsOut,
@@ -75,6 +76,7 @@ class AppState:
     retry_after_s: int = 1
     draining: bool = False
     process: str = "engine"  # which process answers (X-Grinfer-Process): "engine", or "worker-N" with --workers
+    backend_setting: str = "eager"  # the configured --backend (auto resolves to the engine's primary)
 
     @property
     def replica(self) -> bytes:
@@ -187,6 +189,14 @@ def create_app(state: AppState) -> FastAPI:  # noqa: C901 (one nested function p
         """Fold real-time events into the static history (bumps the history version; nothing to fold: no change)."""
         check_user_header(x_user_id, body.user)
         return await asyncio.to_thread(service.roll_history, body)
+
+    @app.get("/v1/admin/backends", response_model=BackendsOut)
+    async def backends() -> BackendsOut:
+        """The backend chain: which backend serves, each one's health, fallbacks so far, auto's probe table."""
+        stats = await asyncio.to_thread(service.engine.stats)
+        strategy = stats["strategy"]
+        return BackendsOut(configured=state.backend_setting, primary=strategy["primary"], active=strategy["active"],
+                           chain=strategy["backends"], fallbacks=strategy["fallbacks"], probes=stats["probes"])
 
     @app.get("/healthz")
     async def healthz() -> dict:

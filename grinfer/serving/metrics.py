@@ -67,6 +67,7 @@ class EngineCollector:
         yield memory
         yield CounterMetricFamily("grinfer_engine_failures", "Engine steps or retrieval batches that failed",
                                   stats["failures"])
+        yield from backend_metrics(stats)
         graphs = stats["backend"]
         if graphs:  # backends with CUDA graphs
             yield GaugeMetricFamily("grinfer_cuda_graphs", "CUDA graphs held (one per shape bucket)", graphs["graphs"])
@@ -77,6 +78,31 @@ class EngineCollector:
                                       graphs["capture_failures"])
             yield CounterMetricFamily("grinfer_eager_steps", "Fused steps run without a graph (bucket pending or "
                                       "failed)", graphs["eager_steps"])
+
+
+def backend_metrics(stats: dict):
+    """The strategy's metrics: each backend's probe (auto) and health, the active one, fallbacks."""
+    strategy, probes = stats.get("strategy"), {p["backend"]: p for p in stats.get("probes", [])}
+    if not strategy:
+        return
+    info = GaugeMetricFamily("grinfer_backend_info", "1 per backend of the chain (and every probed one): healthy "
+                             "(its breaker closed) and its probe time in ms (auto)", labels=["backend", "healthy",
+                                                                                             "probe_ms"])
+    chain = {b["backend"]: b["healthy"] for b in strategy["backends"]}
+    for name in dict.fromkeys([*probes, *chain]):
+        healthy = chain.get(name, probes.get(name, {}).get("healthy", False))
+        ms = probes.get(name, {}).get("probe_ms")
+        info.add_metric([name, str(bool(healthy)).lower(), "" if ms is None else f"{ms:.2f}"], 1.0)
+    yield info
+    active = GaugeMetricFamily("grinfer_backend_active", "1 for the backend steps run on now", labels=["backend"])
+    for name in chain:
+        active.add_metric([name], float(name == strategy["active"]))
+    yield active
+    fallbacks = CounterMetricFamily("grinfer_backend_fallbacks", "Steps re-run on the next backend, by why",
+                                    labels=["from", "to", "reason"])
+    for f in strategy["fallbacks"]:
+        fallbacks.add_metric([f["from"], f["to"], f["reason"]], f["count"])
+    yield fallbacks
 
 
 class DependencyCollector:

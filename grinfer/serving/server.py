@@ -123,7 +123,7 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     catalog = resolve_catalog(store, data_spec, ranker.cfg.num_items)
     store.register_model(ranker.cfg.name, str(model_path.resolve()), {"ranking": str(ranking_dir),
                                                                        "retrieval": str(retrieval_dir or "")})
-    engine_cfg = EngineConfig(backend=cfg.backend, device=device,
+    engine_cfg = EngineConfig(backend="eager" if cfg.backend == "auto" else cfg.backend, device=device,
                               dtype="bfloat16" if device.startswith("cuda") else "float32",
                               kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
                               disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
@@ -131,13 +131,29 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
                               max_batch_tokens=cfg.max_batch_tokens)
     log.info("%s; torch %s", cfg.describe(device, {"ranking": ranking_dir, "retrieval": retrieval_dir}),
              torch.__version__)
+    probes = []
+    if cfg.backend == "auto":
+        engine_cfg, probes = choose_backend(ranker, catalog, engine_cfg)
     engine = Engine(ranker, catalog, engine_cfg, retriever=retriever)
+    engine.probes = [p.as_dict() for p in probes]
     # with workers, no process may keep user records that another process's events have made stale
     state = front_state(cfg, engine, catalog, store, cache, user_ttl_s=0.0 if cfg.workers and cache.in_process
                         else None)
     engine.on_step = state.metrics.on_step
     engine.start()
     return Server(state, engine, store, cache, join_fleet(state.service, engine))
+
+
+def choose_backend(ranker, catalog: ItemCatalog, engine_cfg: EngineConfig):
+    """`--backend auto`: probe the device's backends; the config with the fastest healthy one, and the probes."""
+    from grinfer.engine.probe import available_backends, choose, format_probes, probe_backends
+
+    names = available_backends(torch.device(engine_cfg.device))
+    log.info("backend auto: probing %s", ", ".join(names))
+    probes = probe_backends(ranker, catalog, engine_cfg, names)
+    chosen = choose(probes)
+    log.info("backend auto chose %s:\n%s", chosen.backend, format_probes(probes, chosen.backend))
+    return engine_cfg.model_copy(update={"backend": chosen.backend}), probes
 
 
 def front_state(cfg: ServerConfig, engine, catalog: ItemCatalog, store, cache, user_ttl_s: float | None = None,
@@ -147,8 +163,9 @@ def front_state(cfg: ServerConfig, engine, catalog: ItemCatalog, store, cache, u
     target = cfg.latency_target_ms / 1e3 if cfg.latency_target_ms else None
     settings = ServiceSettings(user_ttl_s=ttl, latency_target_s=target, replica=cfg.replica_name)
     service = RecommenderService(engine, catalog, store, cache, settings, model_name=engine.model_config.name)
-    return AppState(service, Metrics(engine, cfg.backend), api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
-                    process=process)
+    backend = engine.stats()["strategy"]["primary"] if cfg.backend == "auto" else cfg.backend
+    return AppState(service, Metrics(engine, backend), api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
+                    process=process, backend_setting=cfg.backend)
 
 
 def run(cfg: ServerConfig, model_path: Path, device: str, train_models: TrainModels | None = None) -> None:

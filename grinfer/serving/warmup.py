@@ -16,19 +16,11 @@ from collections.abc import Callable
 import numpy as np
 
 from grinfer.engine import Engine, RankRequest
-from grinfer.features.featurizer import UserContext
+from grinfer.engine.probe import synthetic_context
 
 log = logging.getLogger("grinfer.serve")
 BATCHES = (1, 4, 16, 64)
 CANDIDATES = (100, 200)  # a /rank of the demo's size, and /recommend's default retrieve
-
-
-def _context(rng: np.random.Generator, num_items: int, num_profile: int, num_static: int,
-             num_realtime: int) -> UserContext:
-    n = num_static + num_realtime
-    stamps = 978_300_000 + np.cumsum(rng.integers(0, 5000, size=n))
-    return UserContext(np.zeros(num_profile, np.int64), rng.integers(1, num_items + 1, size=n).astype(np.int64),
-                       stamps.astype(np.int64), rng.integers(1, 6, size=n).astype(np.int64), num_static)
 
 
 def warm_up(engine: Engine, progress: Callable[[float], None] = lambda f: None, max_batch: int = 64,
@@ -47,7 +39,7 @@ def warm_up(engine: Engine, progress: Callable[[float], None] = lambda f: None, 
     rounds = [(s, r, b, c, warm) for s, r, sizes in shapes for b in sizes for c in candidates for warm in (False, True)]
     sent = 0
     for i, (n_static, n_realtime, batch, num_candidates, warm) in enumerate(rounds):
-        contexts = [_context(np.random.default_rng((seed, n_static, n_realtime, batch, num_candidates, u)),
+        contexts = [synthetic_context(np.random.default_rng((seed, n_static, n_realtime, batch, num_candidates, u)),
                              num_items, num_profile, n_static, n_realtime) for u in range(batch)]
         futures = [engine.submit_retrieval(ctx, num_candidates) for ctx in contexts] if not warm else []
         for f in futures:

@@ -1,0 +1,153 @@
+"""`--backend auto`: build every backend the device offers, check each against `eager` on a probe batch,
+time each on a representative batch, and serve with the fastest healthy one.
+
+The probe batch is synthetic (random events over the catalogue, the demo's sizes): every backend gets the
+same cold requests, so the comparison is of the layer stack alone (the KV cache helps them equally).
+Tolerances: float32 1e-5 absolute on probabilities; bf16 / fp16 1e-2 relative.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from grinfer.config import EngineConfig
+from grinfer.data.types import ItemCatalog
+from grinfer.engine.core import EngineCore
+from grinfer.engine.request import RankRequest
+from grinfer.features.featurizer import UserContext
+from grinfer.model.mtgr import MTGR
+
+log = logging.getLogger("grinfer.engine")
+PROBE_KV_BYTES = 64 << 20
+
+
+@dataclass
+class Probe:
+    """One backend's probe: whether it matches eager, how far, how fast, how long it took to get ready."""
+
+    backend: str
+    healthy: bool
+    probe_ms: float | None = None  # median time of the representative batch
+    max_error: float | None = None  # vs eager: absolute (float32) or relative (bf16 / fp16)
+    ready_s: float | None = None  # build + first (compiling) run
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """The backends that can run on `device` here (eager first)."""
+    names = ["eager"]
+    if _has_cpp_compiler() or device.type == "cuda":
+        names.append("compiled")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        names.append("fused")
+    return names
+
+
+def synthetic_context(rng: np.random.Generator, num_items: int, num_profile: int, num_static: int,
+                      num_realtime: int) -> UserContext:
+    """A random context: `num_static` + `num_realtime` time-ordered events over the catalogue."""
+    n = num_static + num_realtime
+    stamps = 978_300_000 + np.cumsum(rng.integers(0, 5000, size=n))
+    return UserContext(np.zeros(num_profile, np.int64), rng.integers(1, num_items + 1, size=n).astype(np.int64),
+                       stamps.astype(np.int64), rng.integers(1, 6, size=n).astype(np.int64), num_static)
+
+
+def probe_requests(num_items: int, num_profile: int, batch: int = 8, num_static: int = 60, num_realtime: int = 5,
+                   candidates: int = 100, seed: int = 0, tag: str = "") -> list[RankRequest]:
+    rng = np.random.default_rng(seed)
+    cands = min(candidates, num_items)
+    return [RankRequest(f"__probe{tag}-{u}", 0,
+                        synthetic_context(rng, num_items, num_profile, num_static, num_realtime),
+                        rng.choice(np.arange(1, num_items + 1), cands, replace=False), 1_000_000_000)
+            for u in range(batch)]
+
+
+def probe_backends(model: MTGR, catalog: ItemCatalog, config: EngineConfig, names: list[str],
+                   repeats: int = 5) -> list[Probe]:
+    """Probe each backend in `names` (eager is always probed first: it is the reference)."""
+    names = ["eager", *[n for n in names if n != "eager"]]
+    num_profile = len(model.cfg.profile_cardinalities)
+    check = probe_requests(catalog.num_items, num_profile, tag="check")
+    reference, probes = None, []
+    for name in names:
+        start = time.perf_counter()
+        try:
+            core = EngineCore(model, catalog, config.model_copy(update={
+                "backend": name, "kv_cache_bytes": PROBE_KV_BYTES, "host_cache_bytes": 0, "disk_cache_bytes": 0,
+                "pipeline_depth": 1, "fallback": False}))
+            got = _scores(core, check)
+            ready_s = time.perf_counter() - start
+            if reference is None:
+                reference = got
+            error = _error(got, reference, config.dtype)
+            tolerance = 1e-5 if config.dtype == "float32" else 1e-2
+            if not np.isfinite(error) or error > tolerance:
+                raise ValueError(f"disagrees with eager by {error:.3g} (tolerance {tolerance:g})")
+            seconds = []
+            for r in range(repeats):
+                batch = probe_requests(catalog.num_items, num_profile, seed=r + 1, tag=f"{name}{r}")
+                t0 = time.perf_counter()
+                _scores(core, batch)
+                seconds.append(time.perf_counter() - t0)
+            probes.append(Probe(name, True, 1e3 * float(np.median(seconds)), error, ready_s))
+            core.close()
+        except Exception as exc:  # a backend that cannot run here is reported, never fatal
+            probes.append(Probe(name, False, ready_s=time.perf_counter() - start,
+                                error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"))
+            if name == "eager":
+                raise
+    return probes
+
+
+def choose(probes: list[Probe]) -> Probe:
+    """The fastest healthy probe."""
+    return min((p for p in probes if p.healthy), key=lambda p: p.probe_ms)
+
+
+def format_probes(probes: list[Probe], chosen: str) -> str:
+    """The probe table for the log."""
+    lines = [f"{'backend':<10} {'healthy':>7} {'probe ms':>9} {'max err':>9} {'ready s':>8}  note"]
+    for p in probes:
+        ms = f"{p.probe_ms:9.2f}" if p.probe_ms is not None else f"{'-':>9}"
+        err = f"{p.max_error:9.2e}" if p.max_error is not None else f"{'-':>9}"
+        note = "serving" if p.backend == chosen else (p.error or "")
+        lines.append(f"{p.backend:<10} {str(p.healthy).lower():>7} {ms} {err} {p.ready_s or 0:8.1f}  {note}")
+    return "\n".join(lines)
+
+
+def _scores(core: EngineCore, requests: list[RankRequest]) -> list[torch.Tensor]:
+    states = [core.add(RankRequest(r.user, r.history_version, r.context, r.candidates, r.request_ts))
+              for r in requests]
+    results = {id(s): res for s, res in core.run_until_done()}
+    out = []
+    for s in states:
+        res = results[id(s)]
+        if isinstance(res, BaseException):
+            raise res
+        out.append(res.probabilities)
+    return out
+
+
+def _error(got: list[torch.Tensor], reference: list[torch.Tensor], dtype: str) -> float:
+    if dtype == "float32":
+        return max(float((g - r).abs().max()) for g, r in zip(got, reference))
+    return max(float(((g - r).abs() / r.abs().clamp_min(1e-3)).max()) for g, r in zip(got, reference))
+
+
+def _has_cpp_compiler() -> bool:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return True
+    except Exception:
+        return False

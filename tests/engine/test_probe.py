@@ -1,0 +1,52 @@
+"""`--backend auto`'s probe (engine/probe.py): every backend is checked against eager and timed; one that
+cannot run or disagrees is reported unhealthy with the reason and never chosen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from grinfer.config import EngineConfig
+from grinfer.engine.backends import BACKENDS, Backend
+from grinfer.engine.probe import Probe, available_backends, choose, format_probes, probe_backends
+
+
+class Skewed(Backend):
+    """Eager with its logits shifted: it runs, but disagrees."""
+
+    name = "skewed"
+
+    def head(self, x):
+        return super().head(x) + 0.1
+
+
+def test_the_probe_checks_times_and_reports_each_backend(model, catalog, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "skewed", Skewed)
+    config = EngineConfig()
+    probes = {p.backend: p for p in probe_backends(model, catalog, config, ["eager", "fused", "skewed"], repeats=2)}
+    assert list(probes) == ["eager", "fused", "skewed"]
+    eager = probes["eager"]
+    assert eager.healthy and eager.max_error == 0.0 and eager.probe_ms > 0 and eager.ready_s > 0
+    assert not probes["fused"].healthy and "CUDA device" in probes["fused"].error  # cannot run on the CPU
+    assert not probes["skewed"].healthy and "disagrees with eager" in probes["skewed"].error
+    assert choose(list(probes.values())).backend == "eager"
+    table = format_probes(list(probes.values()), "eager")
+    assert "serving" in table.splitlines()[1] and "disagrees with eager" in table
+
+
+def test_the_fastest_healthy_backend_is_chosen():
+    probes = [Probe("eager", True, 9.0), Probe("compiled", True, 3.0), Probe("fused", False, error="x")]
+    assert choose(probes).backend == "compiled"
+
+
+def test_available_backends_on_the_cpu():
+    names = available_backends(torch.device("cpu"))
+    assert names[0] == "eager" and "fused" not in names
+
+
+def test_auto_is_the_served_default():
+    from grinfer.config import ServerConfig
+
+    assert ServerConfig().backend == "auto"
+    with pytest.raises(ValueError):
+        ServerConfig(backend="nope")
