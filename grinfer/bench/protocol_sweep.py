@@ -1,7 +1,7 @@
 """Protocol sweep (`python -m grinfer.bench.protocol_sweep --server URL --grpc-target HOST:PORT ...`).
 
 The same closed-loop rank load (`grinfer bench --server --protocol P`) through every protocol, in
-interleaved rounds (round r runs the protocols in turn, odd rounds in reverse order), so that a noisy,
+interleaved rounds (each round runs every protocol once, in a new seeded random order), so that a noisy,
 shared machine disturbs each protocol alike; per protocol and client count it reports the median over
 rounds of p50, p99 and OK answers per second (and the range of the latter). Before the rounds one
 warm-up pass per cache (grinfer's, and the Triton server's when --triton-url is given) fills the KV caches,
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 from dataclasses import asdict
@@ -38,7 +39,9 @@ def sweep(server: str, protocols: list[str], clients: list[int], rounds: int, re
     watched = {"load generator": own_cpu_s, **{name: (lambda pid=pid: process_tree_cpu_s(pid))
                                               for name, pid in (pids or {}).items()}}
     for r in range(rounds):
-        for protocol in protocols if r % 2 == 0 else protocols[::-1]:
+        order = list(protocols)
+        random.Random(r).shuffle(order)  # a new order each round: no protocol always follows the same one
+        for protocol in order:
             before = {name: read() for name, read in watched.items()}
             out[protocol].append(run_load(server, clients, requests=requests, protocol=protocol, **kwargs))
             ok = sum(lv.ok for lv in out[protocol][-1])
@@ -52,7 +55,7 @@ def sweep(server: str, protocols: list[str], clients: list[int], rounds: int, re
 def cpu_summary(cpu: list[dict]) -> list[dict]:
     """Per protocol: the median over rounds of each CPU ms/req column."""
     rows = []
-    for protocol in dict.fromkeys(c["protocol"] for c in cpu):
+    for protocol in sorted({c["protocol"] for c in cpu}, key=PROTOCOLS.index):
         mine = [c for c in cpu if c["protocol"] == protocol]
         columns = [k for k in mine[0] if k.endswith("cpu ms/req")]
         rows.append({"protocol": protocol, **{k: statistics.median(c[k] for c in mine) for k in columns}})
