@@ -36,7 +36,8 @@ def served(tmp_path_factory):
     port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRINFER_")}
     env.update(GRINFER_HOME=str(home), HOME=str(root / "user"), GRINFER_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve", "--backend", "eager", "--model", str(model), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve",
+                             "--backend", "eager", "--model", str(model), "--port",
                              str(port), "--grpc-port", str(grpc_port), "--device", "cpu"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -75,6 +76,7 @@ def test_a_trained_model_serves_on_its_own_store_under_grinfer_home(served):
 def test_a_second_server_on_the_same_ports_stops_with_one_line(served, flag):
     ports = {"--port": served["port"], "--grpc-port": served["grpc_port"]}
     ports = {f: p if f == flag else free_port() for f, p in ports.items()}
-    proc = grinfer("serve", "--backend", "eager", "--model", str(served["model"]), *(str(x) for kv in ports.items() for x in kv),
+    proc = grinfer("serve",
+                   "--backend", "eager", "--model", str(served["model"]), *(str(x) for kv in ports.items() for x in kv),
                    home=served["home"], timeout=60)
     assert f"{flag} {ports[flag]}: 127.0.0.1:{ports[flag]}: address already in use" in one_error_line(proc)

@@ -124,7 +124,8 @@ class Replica:
                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "grinfer.cli", "serve", "--backend", "eager", "--model", str(self.model), "--store", self.store,
+                [sys.executable, "-m", "grinfer.cli", "serve",
+                 "--backend", "eager", "--model", str(self.model), "--store", self.store,
                  "--cache", self.cache, "--port", str(self.port), "--grpc-port", str(self.grpc_port),
                  "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env)
         return self

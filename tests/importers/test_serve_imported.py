@@ -60,7 +60,8 @@ def test_an_imported_checkpoint_retrieves_for_the_server(imported):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRINFER_")}
     env.update(GRINFER_HOME=str(root / "home"), GRINFER_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve", "--backend", "eager", "--model", str(imported["model"]),
+    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve",
+                             "--backend", "eager", "--model", str(imported["model"]),
                              "--port", str(port), "--grpc-port", "0", "--device", "cpu"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -112,6 +113,6 @@ def test_serve_refuses_a_retriever_over_another_catalogue(imported, tmp_path):
                    home=tmp_path / "home")  # no --data: the table keeps its rows, 5 more than the catalogue
     assert proc.returncode == 0, proc.stderr
     port = free_port()
-    proc = grinfer("serve", "--backend", "eager", "--model", str(model), "--port", str(port), "--grpc-port", "0", "--device", "cpu",
-                   home=tmp_path / "home", timeout=120)
+    proc = grinfer("serve", "--backend", "eager", "--model", str(model), "--port", str(port), "--grpc-port", "0",
+                   "--device", "cpu", home=tmp_path / "home", timeout=120)
     assert "scores" in proc.stderr and "items but" in proc.stderr and "--data" in proc.stderr, proc.stderr

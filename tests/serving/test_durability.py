@@ -48,7 +48,8 @@ class ServerProcess:
         self.log_path = log_path
         self.log = open(log_path, "wb")  # closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "grinfer.cli", "serve", "--backend", "eager", "--model", str(model), "--store", store_url,
+            [sys.executable, "-m", "grinfer.cli", "serve",
+             "--backend", "eager", "--model", str(model), "--store", store_url,
              "--port", str(self.port), "--grpc-port", "0", "--device", "cpu"],
             stdout=self.log, stderr=subprocess.STDOUT,
             env={k: v for k, v in os.environ.items() if not k.startswith("GRINFER_")})  # flags only

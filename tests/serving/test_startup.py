@@ -68,7 +68,8 @@ def test_port_answers_while_preparing_and_opens_when_ready(served_checkpoint, tm
 
 def test_a_preparation_that_fails_exits_with_one_line(tmp_path):
     port = free_port()
-    proc = subprocess.run([sys.executable, "-m", "grinfer.cli", "serve", "--backend", "eager", "--model", str(tmp_path / "none"),
+    proc = subprocess.run([sys.executable, "-m", "grinfer.cli", "serve",
+                           "--backend", "eager", "--model", str(tmp_path / "none"),
                            "--port", str(port), "--grpc-port", "0", "--store", f"sqlite:///{tmp_path / 's.db'}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -78,7 +79,8 @@ def test_a_preparation_that_fails_exits_with_one_line(tmp_path):
 
 
 def test_an_unreachable_store_is_one_line_not_a_traceback(served_checkpoint, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "grinfer.cli", "serve", "--backend", "eager", "--model", str(served_checkpoint), "--port",
+    proc = subprocess.run([sys.executable, "-m", "grinfer.cli", "serve",
+                           "--backend", "eager", "--model", str(served_checkpoint), "--port",
                            str(free_port()), "--grpc-port", "0", "--store", "postgresql://nobody@127.0.0.1:1/x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

@@ -20,7 +20,8 @@ def test_workers_share_the_port_the_engine_and_what_users_did(served_checkpoint,
     port = free_port()
     env = {**os.environ, "GRINFER_HOME": str(tmp_path / "home")}
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve", "--backend", "eager", "--model", str(served_checkpoint),
+    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve",
+                             "--backend", "eager", "--model", str(served_checkpoint),
                              "--workers", "2", "--port", str(port), "--grpc-port", "0", "--store",
                              f"sqlite:///{tmp_path / 's.db'}", "--api-key", API_KEY], stdout=log, stderr=log, env=env)
     url = f"http://127.0.0.1:{port}"
