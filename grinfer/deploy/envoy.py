@@ -1,11 +1,12 @@
 """envoy.yaml for a fleet: a ring-hash cluster keyed on the `x-user-id` header, active /readyz checks.
 
-Routes: rank and recommend may be retried on another replica when the connection failed
-(`retry_on: connect-failure`), nothing else is retried. With gRPC, a second listener routes HTTP/2 to
-the replicas' gRPC ports (a cluster speaking HTTP/2 upstream) on the same ring (replicas are placed by
-a hash key of their own, not their address, so a user's REST and gRPC calls meet on one replica) with
-the REST port's /readyz as its health check (a replica's readiness speaks for both of its ports). The admin interface
-(`--admin`) serves Envoy's own stats and /clusters.
+Routes: rank and recommend may be retried on another replica when the connection failed before the
+request went out (`retry_on: connect-failure,reset-before-request`), nothing else is retried. With
+gRPC, a second listener routes HTTP/2 to the replicas' gRPC ports (a cluster speaking HTTP/2
+upstream) on the same ring (replicas are placed by a hash key of their own, not their address, so a
+user's REST and gRPC calls meet on one replica) with the REST port's /readyz as its health check (a
+replica's readiness speaks for both of its ports). The admin interface (`--admin`) serves Envoy's
+own stats and /clusters.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def _route(cluster: str, plan: Plan, retry: bool) -> dict:
     if plan.affine:
         route["hash_policy"] = [{"header": {"header_name": USER_HEADER.lower()}}]
     if retry:
-        route["retry_policy"] = {"retry_on": "connect-failure", "num_retries": 2,
+        # connect-failure: the replica is gone; reset-before-request: a pooled connection to it died before the
+        # request went out. Either way nothing reached a replica, so nothing can run twice.
+        route["retry_policy"] = {"retry_on": "connect-failure,reset-before-request", "num_retries": 2,
                                  "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
                                                            "typed_config": {"@type": "type.googleapis.com/envoy."
                                                                             "extensions.retry.host.previous_hosts.v3."
@@ -69,7 +72,9 @@ def _cluster(name: str, servers: tuple[Address, ...], checks: tuple[Address, ...
                                   "healthy_threshold": 2, "no_traffic_interval": CHECK_INTERVAL,
                                   # /readyz is HTTP/1.1 on the REST port, whatever the cluster speaks
                                   "http_health_check": {"path": READY_PATH, "codec_client_type": "HTTP1"}}],
-               "common_lb_config": {"healthy_panic_threshold": {"value": 0}}}
+               "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+               # Envoy's default allows 3 retries in flight per cluster: a replica's death retries all its users'
+               "circuit_breakers": {"thresholds": [{"max_retries": 1024}]}}
     if plan.affine:
         cluster["ring_hash_lb_config"] = {"minimum_ring_size": 1024}
     if http2:

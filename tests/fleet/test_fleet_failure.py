@@ -27,6 +27,7 @@ class Outcome:
     end: float
     status: int | str  # HTTP status, or the transport error's name
     replica: str | None = None
+    detail: str = ""  # the start of a failed answer's body (the balancer's own error text)
 
 
 class Load:
@@ -84,7 +85,8 @@ class Load:
         except httpx.TransportError as exc:
             outcome, r = Outcome(kind, user, start, time.monotonic(), type(exc).__name__), None
         else:
-            outcome = Outcome(kind, user, start, time.monotonic(), r.status_code, r.headers.get("x-grinfer-replica"))
+            outcome = Outcome(kind, user, start, time.monotonic(), r.status_code, r.headers.get("x-grinfer-replica"),
+                              r.text[:160] if r.status_code != 200 else "")
         with self.lock:
             self.outcomes.append(outcome)
         return r
@@ -133,7 +135,8 @@ def test_kill_9_moves_users_counts_in_flight_errors_and_loses_no_ack(fleet, bala
           f"({1e3 * (killed_at - kill_sent):.0f} ms from SIGKILL to reaped); failed: "
           f"{len(failed_ranks)} ranks, {len(failed_events)} events (never retried), "
           f"{sum(o.kind == 'event' for o in outcomes) - len(failed_events)} events acknowledged")
-    assert all(o in in_flight for o in failed_ranks), [o for o in failed_ranks if o not in in_flight]
+    assert all(o in in_flight for o in failed_ranks), [(round(o.start - killed_at, 3), o.status, o.detail)
+                                                       for o in failed_ranks if o not in in_flight]
     assert len(failed_ranks) <= CLIENTS
     # the outage after detection: the victim's users are served by the others, and no rank fails
     served = [o for o in outage if o.status == 200]
