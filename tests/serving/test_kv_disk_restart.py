@@ -17,8 +17,9 @@ USERS = 6
 def serve(model, tmp_path, name: str) -> ServedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRINFER_")}
     env["GRINFER_HOME"] = str(tmp_path / "home")
-    return ServedProcess(["--backend", "eager", "--model", str(model), "--store", f"sqlite:///{tmp_path / 'grinfer.db'}",
-                          "--device", "cpu", "--kv-disk-mb", "64"], tmp_path / f"{name}.log", env=env)
+    store = f"sqlite:///{tmp_path / 'grinfer.db'}"
+    return ServedProcess(["--backend", "eager", "--model", str(model), "--store", store, "--device", "cpu",
+                          "--kv-disk-mb", "64"], tmp_path / f"{name}.log", env=env)
 
 
 def rank_all(url: str, users: list[str], items: list[int]) -> dict[str, dict]:
