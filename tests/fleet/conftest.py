@@ -19,6 +19,7 @@ class Fleet:
     replicas: list[Replica]
     users: list[str]
     workdir: Path
+    at_start: dict[str, int]  # rows per table right after the concurrent starts, before any test wrote
 
     def replica(self, name: str) -> Replica:
         return next(r for r in self.replicas if r.name == name)
@@ -38,7 +39,8 @@ def fleet(served_checkpoint, tmp_path_factory):
         for r in replicas:
             r.wait_ready()
         users = [str(u) for u in httpx.get(f"{replicas[0].url}/v1/users", params={"limit": 1000}).json()["users"]]
-        yield Fleet(db, replicas, users, workdir)
+        at_start = {t: db.query(f"SELECT count(*) FROM {t}")[0][0] for t in ("users", "events", "items")}
+        yield Fleet(db, replicas, users, workdir, at_start)
     finally:
         for r in replicas:
             r.stop()

@@ -15,9 +15,9 @@ def test_concurrent_starts_migrate_and_import_once(fleet):
     assert versions and [n for _, n in versions] == [1] * len(versions)
     assert [v for v, _ in versions] == list(range(1, len(versions) + 1))
     ds = load_dataset(SERVED_SPEC)
-    assert fleet.db.query("SELECT count(*) FROM users")[0][0] == len(ds.users) == len(fleet.users)
-    assert fleet.db.query("SELECT count(*) FROM events")[0][0] == ds.num_events
-    assert fleet.db.query("SELECT count(*) FROM items")[0][0] == len(ds.catalog.raw_ids)  # with the padding row 0
+    assert fleet.at_start["users"] == len(ds.users) == len(fleet.users)
+    assert fleet.at_start["events"] == ds.num_events
+    assert fleet.at_start["items"] == len(ds.catalog.raw_ids)  # with the padding row 0
 
 
 def test_every_replica_names_itself(fleet):
