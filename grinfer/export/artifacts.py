@@ -23,7 +23,7 @@ from grinfer.export.forward import (
 )
 from grinfer.export.inputs import ranking_inputs, retrieval_inputs
 from grinfer.export.samples import random_catalog, ranking_batch, retrieval_sample
-from grinfer.export.step import STEP_INPUTS, CachedStep
+from grinfer.export.step import STEP_INPUTS, STEP_OUTPUTS, CachedStep
 from grinfer.export.step_sample import step_sample
 from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
@@ -130,8 +130,7 @@ def artifacts(model: nn.Module, with_step: bool, block_size: int, seed: int = 0)
     if with_step:
         out.append(Artifact(
             "step", CachedStep(model, block_size), STEP_AXES,
-            {"probabilities": ("batch", "candidates", None), "k_new": (None, "batch", "new_tokens", None, None),
-             "v_new": (None, "batch", "new_tokens", None, None)},
+            dict(zip(STEP_OUTPUTS, [("batch", "candidates", None), *[(None, "batch", "new_tokens", None, None)] * 2])),
             step_sample(model, example, STEP_EXAMPLE_CACHED, block_size, seed)[0],
             lambda: [step_sample(model, b, cached, block_size, seed + 1 + i)
                      for i, (b, cached) in enumerate(zip(check_batches(), STEP_CHECKS_CACHED))],

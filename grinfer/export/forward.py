@@ -25,9 +25,7 @@ EVENT_FIELDS = ("items", "genres", "years", "actions", "ts", "gaps")
 CANDIDATE_FIELDS = ("items", "genres", "years", "ts", "gaps", "cross")
 RANKING_INPUTS = ("profile", *(f"s_{f}" for f in EVENT_FIELDS), "s_len", *(f"r_{f}" for f in EVENT_FIELDS), "r_len",
                   *(f"c_{f}" for f in CANDIDATE_FIELDS), "c_len")
-RANKING_OUTPUTS = ("probabilities",)
 RETRIEVAL_INPUTS = ("items", "ts", "lengths")
-RETRIEVAL_OUTPUTS = ("user_embedding", "scores")
 
 
 def positions(like: torch.Tensor) -> torch.Tensor:
