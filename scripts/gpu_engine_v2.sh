@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Engine v2 on one GPU (device tool), in one call: (1) R1-cold / R1-warm, eager and fused, B = 8 and 32,
+# pipeline depth 1 and 2 (grinfer bench; each row's error against the uncached model is its correctness
+# check), (2) the real server, fused then auto, under closed-loop load (serve_sweep).
+# Each stage has its own time limit so the whole call stays inside the device tool's 10 minutes.
+# Usage: scripts/gpu_engine_v2.sh OUTDIR   (carry `.whl`, filled by scripts/gpu_wheels.sh)
+set -uo pipefail
+out=${1:?OUTDIR}
+mkdir -p "$out"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 GRINFER_HOME=${GRINFER_HOME:-$PWD/.grinfer-cache}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
+stage() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "$name: rc=$? in $((SECONDS - t0)) s" | tee -a "$out/stages.txt"
+  tr '\r' '\n' < "$out/$name.txt" | grep -v "it/s\]\|s/it\]\|?it/s" | tail -40
+}
+for w in R1-cold R1-warm; do
+  stage "bench-$w" 95 python3 -m grinfer.cli bench --workloads "$w" --backends eager,fused --batch 8 --batch 32 \
+    --pipeline-depth 1 --pipeline-depth 2 --iters "${ITERS:-6}" --device cuda --json "$out/bench-$w.json"
+done
+for b in fused auto; do
+  stage "serve-$b" "$([ "$b" = auto ] && echo 200 || echo 120)" python3 -m grinfer.bench.serve_sweep --device cuda \
+    --out "$out/sweep-$b" --backends "$b" --clients 1,8,64 --duration "${DURATION:-6}" --endpoints rank,recommend
+  (cd "$out/sweep-$b" 2>/dev/null && tar -czf "../servers-$b.tar.gz" server-*.log metrics-*.txt 2>/dev/null \
+    && rm -f server-*.log metrics-*.txt)
+done
+exit 0
