@@ -261,6 +261,7 @@ class GuardedServicer:
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
+        self.named: tuple[tuple[str, str], ...] = ()  # trailing metadata every answer carries (the replica)
         self.undecodable_log = RateLimitedLog(UNDECODABLE_LOG_INTERVAL_S)
 
     def guarded(self, method: str) -> Callable:
@@ -286,8 +287,8 @@ class GuardedServicer:
         except Exception as exc:
             abort = _classify(exc)
             self.metrics.error(endpoint, abort.kind)
-            if abort.field is not None:
-                context.set_trailing_metadata(((FIELD_METADATA, abort.field),))
+            if abort.field is not None:  # replaces the trailing metadata: the replica's name goes again
+                context.set_trailing_metadata(((FIELD_METADATA, abort.field), *self.named))
             context.abort(abort.code, abort.details)
         finally:
             self.metrics.observe(endpoint, time.perf_counter() - start)
@@ -300,6 +301,7 @@ class RecommenderServicer(GuardedServicer, pb_grpc.RecommenderServicer):
     def __init__(self, service: RecommenderService, metrics: Metrics, loop: _EventLoop, api_key: str | None = None):
         super().__init__(metrics)
         self.service, self.loop, self.api_key = service, loop, api_key
+        self.named = ((REPLICA_METADATA, service.settings.replica),)
 
     def _require_key(self, context: grpc.ServicerContext) -> None:
         if self.api_key is None:
@@ -315,7 +317,7 @@ class RecommenderServicer(GuardedServicer, pb_grpc.RecommenderServicer):
     def _served(self, context: grpc.ServicerContext, user: str) -> None:
         """Name this replica in the trailing metadata; the x-user-id metadata (the balancer's hash key), when
         sent, must be the request's user (INVALID_ARGUMENT naming `user` otherwise)."""
-        context.set_trailing_metadata(((REPLICA_METADATA, self.service.settings.replica),))
+        context.set_trailing_metadata(self.named)
         check_user_header(_text_metadata(context).get(USER_METADATA), user)
 
     def Rank(self, request: pb.RankRequest, context: grpc.ServicerContext) -> pb.RankResponse:
