@@ -110,7 +110,7 @@ def _retrieval_expected(model: HSTURetrieval, batch) -> dict[str, torch.Tensor]:
     return {"user_embedding": user, "scores": user @ model.item_table().T}
 
 
-def artifacts(model: nn.Module, with_step: bool, block_size: int, seed: int = 0) -> list[Artifact]:
+def artifacts(model: MTGR | HSTURetrieval, with_step: bool, block_size: int, seed: int = 0) -> list[Artifact]:
     """The graphs to export from a model: its uncached forward, and for MTGR with `with_step` the cached step."""
     cfg = model.cfg
     if isinstance(model, HSTURetrieval):

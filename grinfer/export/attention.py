@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from grinfer.config import ModelConfig
 from grinfer.model.layers import HSTULayer
@@ -63,7 +64,7 @@ def attend_padded(layer: HSTULayer, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """q [B, Lq, H, D], k and v [B, Lk, H, D] -> [B, Lq, H * D], in float32 (the layer's bias tables)."""
     qh, kh, vh = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     scores = torch.matmul(qh, kh.transpose(2, 3)) * (1.0 / math.sqrt(q.shape[-1]))
-    if layer.rel_bias is not None:
+    if layer.rel_bias is not None and plan.rel is not None and plan.bucket is not None:
         bias = F.embedding(plan.rel, layer.rel_bias.pos_table.float()[:, None]).squeeze(-1)
         bias = bias + F.embedding(plan.bucket, layer.rel_bias.time_table.float()[:, None]).squeeze(-1)
         scores = scores + bias[:, None]
@@ -71,8 +72,9 @@ def attend_padded(layer: HSTULayer, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1).to(q.dtype)
 
 
-def run_layer(layer: HSTULayer, x: torch.Tensor, tokens: PaddedTokens, plan: PaddedPlan) -> torch.Tensor:
+def run_layer(layer: HSTULayer | nn.Module, x: torch.Tensor, tokens: PaddedTokens, plan: PaddedPlan) -> torch.Tensor:
     """One HSTU layer over padded tokens x [B, L, d] whose keys are the tokens themselves."""
+    assert isinstance(layer, HSTULayer)
     b, n, d = x.shape
     flat, group = x.reshape(b * n, d), tokens.group.reshape(b * n)
     u, v, q, k = layer.project(flat, group)

@@ -30,6 +30,8 @@ from grinfer.export.onnx_runtime import OnnxModel
 from grinfer.export.samples import random_catalog, ranking_batch, retrieval_sample
 from grinfer.export.step import STEP_INPUTS, CachedStep
 from grinfer.export.step_sample import step_sample
+from grinfer.model.hstu import HSTURetrieval
+from grinfer.model.mtgr import MTGR
 
 USERS, STATIC, REALTIME, CANDIDATES, NEW_EVENTS = 8, 60, 20, 100, 2
 
@@ -56,6 +58,8 @@ def run(model_dir: Path, work: Path, iters: int, warmup: int, threads: int, bloc
                *export_checkpoint(ranking_dir, work / "demo.pt2", "aoti", block_size=block_size, progress=False)]
     paths = {(e.path.suffix, e.part): e.path for e in exports}
     ranker, retriever = load(ranking_dir), load(model_dir / "retrieval")
+    if not isinstance(ranker, MTGR) or not isinstance(retriever, HSTURetrieval):
+        raise SystemExit(f"{model_dir}: expected an MTGR checkpoint in ranking/ and an HSTU one in retrieval/")
     batch = ranking_batch(ranker.cfg, random_catalog(ranker.cfg), [(STATIC, REALTIME, CANDIDATES)] * USERS, seed=1)
     onnx_rank = OnnxModel(paths[".onnx", "ranking"], threads=threads)
     onnx_retrieval = OnnxModel(paths[".onnx", "retrieval"], threads=threads)
@@ -101,7 +105,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--model", type=Path, help="A ranking/ + retrieval/ directory (default: the demo models, "
                                                     "trained on first use)")
     parser.add_argument("--iters", type=int, default=50)

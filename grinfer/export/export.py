@@ -21,6 +21,8 @@ from grinfer.export.dims import used_axes
 from grinfer.export.golden import TOLERANCE, Mismatch, golden_path, max_errors, read_golden, write_golden
 from grinfer.export.runtime import ExportedModel
 from grinfer.export.support import ExportError, check_exportable
+from grinfer.model.hstu import HSTURetrieval
+from grinfer.model.mtgr import MTGR
 
 FORMATS = {"onnx": ".onnx", "aoti": ".pt2"}
 DEFAULT_BLOCK_SIZE = EngineConfig.model_fields["block_size"].default
@@ -62,7 +64,7 @@ def _writer(fmt: str):
     return export_aoti
 
 
-def _load_models(model_dir: Path) -> list[torch.nn.Module]:
+def _load_models(model_dir: Path) -> list[MTGR | HSTURetrieval]:
     from grinfer import load
     from grinfer.train.run import checkpoint_dirs
 
@@ -76,7 +78,7 @@ def _load_models(model_dir: Path) -> list[torch.nn.Module]:
     return models
 
 
-def _metadata(art: Artifact, model: torch.nn.Module, ranges: dict, fmt: str) -> dict[str, str]:
+def _metadata(art: Artifact, model: MTGR | HSTURetrieval, ranges: dict, fmt: str) -> dict[str, str]:
     axes = used_axes(art)
     return {"grinfer.part": art.part, "grinfer.format": fmt, "grinfer.inputs": json.dumps(art.inputs),
             "grinfer.outputs": json.dumps(art.outputs), "grinfer.axes": json.dumps({a: ranges[a] for a in axes}),

@@ -33,6 +33,11 @@ def positions(like: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(like[:1], dtype=torch.int64).cumsum(1) - 1
 
 
+def _item_side(model: MTGR, items: torch.Tensor, genres: torch.Tensor, years: torch.Tensor) -> list[torch.Tensor]:
+    """MTGR's item features (`MTGR._item_side`, which reads only these fields) of padded item tokens."""
+    return model._item_side(EventTokens(items, items, genres, years, items, items, items))
+
+
 class RankingForward(nn.Module):
     """MTGR's uncached forward over padded inputs (RANKING_INPUTS, in that order) -> probabilities."""
 
@@ -42,8 +47,7 @@ class RankingForward(nn.Module):
 
     def _events(self, proj: nn.Module, items, genres, years, actions, gaps, first: torch.Tensor) -> torch.Tensor:
         m = self.model
-        ev = EventTokens(None, items, genres, years, actions, None, gaps)
-        feats = torch.cat([*m._item_side(ev), m.action_emb(actions), m.gap_emb(gaps)], -1)
+        feats = torch.cat([*_item_side(m, items, genres, years), m.action_emb(actions), m.gap_emb(gaps)], -1)
         index = first[:, None] + positions(items)
         return proj(feats) + m.pos_emb(index.clamp(max=m.cfg.max_seq_len - 1))
 
@@ -56,7 +60,7 @@ class RankingForward(nn.Module):
         u_tok = m.user_mlp(u_emb + m.field_emb(fields))
         s_tok = self._events(m.history_mlp, s_items, s_genres, s_years, s_actions, s_gaps, torch.zeros_like(s_len))
         r_tok = self._events(m.realtime_mlp, r_items, r_genres, r_years, r_actions, r_gaps, s_len)
-        c_side = m._item_side(EventTokens(None, c_items, c_genres, c_years, None, None, None))
+        c_side = _item_side(m, c_items, c_genres, c_years)
         c_tok = m.candidate_mlp(torch.cat([*c_side, m.gap_emb(c_gaps), c_cross.to(c_side[1].dtype)], -1))
         x = torch.cat([u_tok, s_tok, r_tok, c_tok], 1)
 

@@ -26,7 +26,8 @@ def write_golden(path: Path, inputs: dict[str, torch.Tensor], outputs: dict[str,
     """Inputs as `input.NAME`, expected outputs as `output.NAME`, `meta` as JSON."""
     arrays = {f"input.{k}": v.detach().cpu().numpy() for k, v in inputs.items()}
     arrays.update({f"output.{k}": v.detach().cpu().numpy() for k, v in outputs.items()})
-    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)  # pyright: ignore[reportArgumentType]
     return path
 
 

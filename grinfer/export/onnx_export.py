@@ -33,6 +33,8 @@ def export_onnx(artifact: Artifact, ranges: dict, metadata: dict[str, str], path
             dynamic_shapes=dynamic_shapes(artifact, ranges), input_names=list(artifact.inputs),
             output_names=list(artifact.outputs), verbose=False)
     registry_log.setLevel(level)
+    if program is None:
+        raise ExportError(f"{artifact.part}: torch.onnx.export returned no program")
     proto = program.model_proto
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)

@@ -24,6 +24,7 @@ from torch import nn
 
 from grinfer.export.attention import PaddedTokens, attend_padded, plan_padded
 from grinfer.export.forward import positions
+from grinfer.model.layers import HSTULayer
 from grinfer.model.mtgr import MTGR
 from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 
@@ -80,6 +81,7 @@ class CachedStep(nn.Module):
         group, d = queries.group.reshape(-1), x.shape[2]
         k_out, v_out = [], []
         for i, layer in enumerate(m.layers):
+            assert isinstance(layer, HSTULayer)
             flat = x.reshape(-1, d)
             u, v, q, k = (t.reshape(b, n_new + n_cand, *t.shape[1:]) for t in layer.project(flat, group))
             k_out.append(torch.where(new_valid, k[:, :n_new], torch.zeros_like(k[:, :n_new])))

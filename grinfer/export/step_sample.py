@@ -7,16 +7,20 @@ import numpy as np
 import torch
 
 from grinfer.features.batch import MTGRBatch
+from grinfer.model.layers import HSTULayer, TokenMeta
 from grinfer.model.mtgr import MTGR
 
 
 @torch.no_grad()
-def context_kv(model: MTGR, batch: MTGRBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, object]:
+def context_kv(model: MTGR, batch: MTGRBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TokenMeta]:
     """Eager uncached pass: input embeddings x [T, d], every layer's K and V [layers, T, H, D], token meta."""
     x, meta = model.embed(batch)
-    plan = model.layers[0].plan(meta, meta)
+    first = model.layers[0]
+    assert isinstance(first, HSTULayer)
+    plan = first.plan(meta, meta)
     ks, vs, h = [], [], x
     for layer in model.layers:
+        assert isinstance(layer, HSTULayer)
         u, v, q, k = layer.project(h, meta.group)
         ks.append(k)
         vs.append(v)

@@ -36,10 +36,10 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def check_exportable(model: nn.Module) -> None:
     """Raise UnsupportedFeature naming the first thing in `model` the exporters cannot express."""
-    if type(model) not in (MTGR, HSTURetrieval):
+    if not isinstance(model, MTGR | HSTURetrieval) or type(model) not in (MTGR, HSTURetrieval):
         raise UnsupportedFeature(f"model class {type(model).__name__}: the exporters know MTGR and HSTURetrieval")
     defaults = ModelConfig()
-    for field in sorted(set(type(model.cfg).model_fields) - KNOWN_FIELDS):
+    for field in sorted(set(ModelConfig.model_fields) - KNOWN_FIELDS):
         if getattr(model.cfg, field) != getattr(defaults, field):
             raise UnsupportedFeature(f"model setting {field}={getattr(model.cfg, field)!r}: the exporters do not "
                                      f"implement it (only its default {getattr(defaults, field)!r})")
