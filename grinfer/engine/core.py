@@ -95,8 +95,8 @@ class EngineCore:
             names.append("eager")
             backends.append(Backend(self.model, config))
         self.chain = BackendChain([*names, BASELINE])
-        backends.append(BaselineScorer(self.model, Featurizer(catalog, cfg.num_time_buckets), self.device))
-        self.runner = ModelRunner(backends, self.pool, DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device),
+        baseline = BaselineScorer(self.model, Featurizer(catalog, cfg.num_time_buckets), self.device)
+        self.runner = ModelRunner([*backends, baseline], self.pool, DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device),
                                   self.device, pipelined=config.pipeline_depth > 1,
                                   step_timeout_s=config.step_timeout_s)
         self.num_profile_tokens = len(cfg.profile_cardinalities)
@@ -198,6 +198,7 @@ class EngineCore:
     def _result(self, state: RequestState, now: float) -> RankResult:
         probs = torch.sigmoid(self.runner.pop_logits(state, len(self.model.cfg.tasks)))
         req, lookup = state.request, state.lookup
+        assert lookup is not None and state.started is not None  # a finished request was started
         return RankResult(req.request_id, probs, lookup.status, lookup.cached_tokens,
                           lookup.compute_tokens, state.started - req.arrival, now - req.arrival, state.steps)
 

@@ -12,6 +12,7 @@ takes the entry from the tiers (host, then disk), allocates its pages and queues
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from grinfer.engine.block_manager import BlockManager, CacheStats, Entry
@@ -37,7 +38,7 @@ class CacheHandle:
 class KVCache:
     """Block manager + device pool + tiers (the first tier chains to the next: host -> disk)."""
 
-    def __init__(self, manager: BlockManager, pool: KVPool, tiers: list[Tier] = ()):
+    def __init__(self, manager: BlockManager, pool: KVPool, tiers: Sequence[Tier] = ()):
         self.manager, self.pool, self.tiers = manager, pool, list(tiers)
         self.block_size = manager.block_size
 

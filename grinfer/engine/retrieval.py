@@ -33,7 +33,7 @@ class BatchRetriever:
                 out[i] = retrieve_candidates(None, ctx, n, self.num_items)
             else:
                 batched.append(i)
-        if batched:
+        if batched and self.model is not None:
             window = self.model.cfg.max_seq_len
             seen = [np.unique(queries[i][0].items) for i in batched]
             batch = retrieval_batch([(queries[i][0].items[-window:], queries[i][0].timestamps[-window:])
@@ -47,4 +47,4 @@ class BatchRetriever:
             top = torch.topk(scores, max(counts)).indices.cpu().numpy()
             for row, (i, count) in enumerate(zip(batched, counts)):
                 out[i] = top[row, :count]
-        return out
+        return [o for o in out if o is not None]

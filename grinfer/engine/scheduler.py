@@ -230,7 +230,7 @@ class Scheduler:
                 state.error = state.error or error
             elif full:
                 state.context_done = item.ctx_end
-                if not state.uncached:
+                if not state.uncached and state.handle is not None:
                     self.cache.commit(state.handle, item.ctx_end)
                 state.candidates_done = item.cand_end
             if state.inflight == 0 and (state.error is not None or state.finished):

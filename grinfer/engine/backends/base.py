@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from grinfer.config import EngineConfig
 from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.step import StepIndex
 from grinfer.features.device import DeviceFeaturizer, RawBatch
-from grinfer.model.layers import TokenMeta
+from grinfer.model.layers import HSTULayer, TokenMeta
 from grinfer.model.mtgr import MTGR
 
 
@@ -28,21 +30,25 @@ class Backend:
         """Token embeddings and metadata of whole request sequences, from their raw events on the device."""
         return featurize_embed(self.model, featurizer, *raw.tensors(), *raw.sizes())
 
+    def layer(self, index: int) -> HSTULayer:
+        """The model's layer `index` (typed: nn.ModuleList's items are plain Modules)."""
+        return cast(HSTULayer, self.model.layers[index])
+
     def project(self, layer: int, x: torch.Tensor, group: torch.Tensor):
         """U, V, Q, K of the tokens being computed."""
-        return self.model.layers[layer].project(x, group)
+        return self.layer(layer).project(x, group)
 
     def plan(self, q_meta: TokenMeta, k_meta: TokenMeta):
         """The step's attention plan (mask, normaliser, bias indices), shared by all layers."""
-        return self.model.layers[0].plan(q_meta, k_meta)
+        return self.layer(0).plan(q_meta, k_meta)
 
     def attend(self, layer: int, q, k, v, plan) -> torch.Tensor:
         """Attention of the queries over their keys (cached context + new tokens)."""
-        return self.model.layers[layer].attend(q, k, v, plan)
+        return self.layer(layer).attend(q, k, v, plan)
 
     def finish(self, layer: int, x, attn, u, group) -> torch.Tensor:
         """Residual update of the layer."""
-        return self.model.layers[layer].finish(x, attn, u, group)
+        return self.layer(layer).finish(x, attn, u, group)
 
     def run_layers(self, x: torch.Tensor, idx: StepIndex, pool: KVPool, first: int, last: int) -> torch.Tensor:
         """Layers [first, last) over the step's new tokens x: each writes its new context K/V into the pool,

@@ -73,7 +73,7 @@ class FusedBackend(Backend):
         d, heads, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
         bias = None  # the previous layer's output bias, added into x (in place, on addmm's output) by the next norm
         for i in range(first, last):
-            layer = self.model.layers[i]
+            layer = self.layer(i)
             xn = norms.group_layer_norm(x, inp.q_group, layer.norm_in.weight, layer.norm_in.bias,
                                         layer.norm_in.eps, add=bias)
             h = torch.addmm(layer.uvqk.bias, xn, layer.uvqk.weight.t())

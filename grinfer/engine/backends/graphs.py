@@ -83,7 +83,7 @@ class _Graph:
     def __init__(self, key: tuple[int, ...], d_model: int, dtype: torch.dtype, device: torch.device):
         self.inputs = LayerInputs.empty(key, device)
         self.x = torch.zeros(key[0], d_model, dtype=dtype, device=device)
-        self.graph = None  # a torch.cuda.CUDAGraph, set only once its capture succeeded
+        self.graph: torch.cuda.CUDAGraph | None = None  # set only once its capture succeeded
         self.out: torch.Tensor | None = None
 
 
@@ -126,6 +126,7 @@ class GraphCache:
         self.graphs.move_to_end(key)
         g.inputs.load(inputs)
         g.x[:len(x)].copy_(x)
+        assert g.graph is not None and g.out is not None  # held graphs are captured ones
         g.graph.replay()
         return g.out[:len(x)].clone()  # the next replay overwrites the static output
 
