@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(args.rounds):
             for name in order if r % 2 == 0 else order[::-1]:
                 for level, result in zip(levels, run_load(servers[name].url, levels, endpoint=args.endpoint,
-                                                          duration_s=args.duration, requests=10 ** 6)):
+                                                          duration_s=args.duration, requests=100_000)):
                     runs.setdefault((name, level), []).append(result)
                     print(f"round {r + 1} {name:>8} {level:>3} clients: {result.ok_per_s:7.1f} ok/s, "
                           f"p99 {result.p99_ms or 0:7.1f} ms, errors {sum(result.errors.values())}, "

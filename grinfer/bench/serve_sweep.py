@@ -271,7 +271,8 @@ def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 def parse_sweep(argv: list[str] | None = None) -> Sweep:
     """The command line as a Sweep; argparse's exit code 2 with one message line on a bad value."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--backends", default="eager,compiled,fused", help="comma-separated [auto,eager,compiled,fused]")
+    parser.add_argument("--backends", default="eager,compiled,fused",
+                        help="comma-separated, of auto, eager, compiled, fused [eager,compiled,fused]")
     parser.add_argument("--clients", default="1,8,32,64", help="client counts, comma-separated [1,8,32,64]")
     parser.add_argument("--endpoints", default="rank,recommend", help="comma-separated [rank,recommend]")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level [10]")

@@ -96,9 +96,9 @@ class EngineCore:
             backends.append(Backend(self.model, config))
         self.chain = BackendChain([*names, BASELINE])
         baseline = BaselineScorer(self.model, Featurizer(catalog, cfg.num_time_buckets), self.device)
-        self.runner = ModelRunner([*backends, baseline], self.pool, DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device),
-                                  self.device, pipelined=config.pipeline_depth > 1,
-                                  step_timeout_s=config.step_timeout_s)
+        featurizer = DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device)
+        self.runner = ModelRunner([*backends, baseline], self.pool, featurizer, self.device,
+                                  pipelined=config.pipeline_depth > 1, step_timeout_s=config.step_timeout_s)
         self.num_profile_tokens = len(cfg.profile_cardinalities)
         self.inflight: deque[tuple[StepPlan, StepOutput, float]] = deque()
         self.steps = 0
