@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -92,11 +91,12 @@ def test_protocol_sweep_prints_the_table_and_writes_json_and_png(live, tmp_path,
 
 
 def test_process_tree_cpu_counts_live_children():
-    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    burn = "import time, sys\nwhile time.process_time() < 0.3: pass\nprint('burnt', flush=True)\ntime.sleep(60)"
+    start = process_tree_cpu_s(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE, text=True)
     try:
-        start = process_tree_cpu_s(os.getpid())
-        time.sleep(1.0)
-        assert process_tree_cpu_s(os.getpid()) - start > 0.2  # the child's busy loop counts
+        assert child.stdout.readline().strip() == "burnt"  # 0.3 s of the child's own CPU, and it lives on
+        assert process_tree_cpu_s(os.getpid()) - start >= 0.25  # /proc counts in clock ticks
     finally:
         child.kill()
         child.wait()
