@@ -239,12 +239,13 @@ class RedisFeatureCache:
                                       client_name=self._client_name, health_check_interval=10)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
 
+        failing = threading.Event()
+
         def handle(message) -> None:
+            failing.clear()  # hearing again: the next outage is logged again
             version, _, user = message["data"].decode().partition(" ")
             if version.lstrip("-").isdigit() and user:
                 on_roll(user, int(version))
-
-        failing = threading.Event()
 
         def outage(exc: BaseException, _pubsub, _thread) -> None:
             if not failing.is_set():
