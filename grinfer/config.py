@@ -151,7 +151,8 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: Literal["eager", "compiled", "fused"] = "eager"
+    backend: Literal["eager", "compiled", "fused", "onnx", "baseline"] = "eager"
+    onnx_path: str | None = None  # backend onnx: the exported ranking graph (grinfer export onnx)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     block_size: int = Field(default=32, ge=1)  # tokens per KV-cache block

@@ -20,6 +20,7 @@ from grinfer.config import EngineConfig
 from grinfer.data.types import ItemCatalog
 from grinfer.engine.backends import Backend, make_backend
 from grinfer.engine.backends.baseline import BaselineScorer
+from grinfer.engine.backends.onnx import OnnxScorer
 from grinfer.engine.block_manager import BlockManager
 from grinfer.engine.kv_cache import KVCache
 from grinfer.engine.kv_pool import KVPool
@@ -81,7 +82,8 @@ class EngineCore:
         dtype = DTYPES[config.dtype]
         self.model = model.to(self.device, dtype).eval()
         cfg = model.cfg
-        backend = make_backend(config.backend, self.model, config)
+        baseline = BaselineScorer(self.model, Featurizer(catalog, cfg.num_time_buckets), self.device)
+        backend = self._primary(config, baseline)
         per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype)
         # candidates of one step: at most max_batch_tokens, each item's starting on a page of their own
         scratch = -(-config.max_batch_tokens // config.block_size) + config.max_batch_requests
@@ -91,11 +93,12 @@ class EngineCore:
         self.cache = KVCache(manager, self.pool, make_tiers(config, model_fingerprint(self.model, dtype)))
         self.scheduler = Scheduler(config, self.cache, cfg.num_layers)
         names, backends = [backend.name], [backend]
-        if config.fallback and backend.name != "eager":
+        if config.fallback and backend.name not in ("eager", "baseline") and not getattr(backend, "uncached", False):
             names.append("eager")
             backends.append(Backend(self.model, config))
+        if backend is baseline:
+            names, backends = [], []
         self.chain = BackendChain([*names, BASELINE])
-        baseline = BaselineScorer(self.model, Featurizer(catalog, cfg.num_time_buckets), self.device)
         featurizer = DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device)
         self.runner = ModelRunner([*backends, baseline], self.pool, featurizer, self.device,
                                   pipelined=config.pipeline_depth > 1, step_timeout_s=config.step_timeout_s)
@@ -104,6 +107,16 @@ class EngineCore:
         self.steps = 0
         self.last_step: dict = {}
         self.host_seconds = {"schedule": 0.0, "wait": 0.0, "result": 0.0}  # host time per phase, summed
+
+    def _primary(self, config: EngineConfig, baseline: BaselineScorer):
+        """The backend steps run on first: a layer-stack backend, or an uncached scorer (baseline, onnx)."""
+        if config.backend == "baseline":
+            return baseline
+        if config.backend == "onnx":
+            if not config.onnx_path:
+                raise ValueError("backend: 'onnx' needs onnx_path, the exported ranking graph (grinfer export onnx)")
+            return OnnxScorer(self.model, baseline.featurizer, self.device, config.onnx_path)
+        return make_backend(config.backend, self.model, config)
 
     def prepare(self, request: RankRequest) -> RequestState:
         """Validate a request and build its state, touching nothing shared (raises ContextTooLarge / ValueError)."""

@@ -106,12 +106,12 @@ class ModelRunner:
         chain backend `level` (requests already served by the baseline stay on it); `inline` runs the
         device part on the calling thread even when pipelined (a re-run after a failure)."""
         counts = [it.cand_end - it.cand_start for it in plan.items]
-        if level == len(self.backends) - 1:
-            return self._launch_baseline(plan, counts, level)
+        if getattr(self.backends[level], "uncached", False):
+            return self._launch_uncached(plan, counts, level)
         items = [it for it in plan.items if it.tokens and not it.state.uncached]
         if not items:
-            return self._launch_baseline(plan, counts, level) if any(it.state.uncached for it in plan.items) \
-                else StepOutput(counts, level)
+            return self._launch_uncached(plan, counts, len(self.backends) - 1) \
+                if any(it.state.uncached for it in plan.items) else StepOutput(counts, level)
         t0 = time.perf_counter()
         with record_function("grinfer.embed"):
             self._embed([it.state for it in items if self._tensors(it.state).embedded is None])
@@ -156,11 +156,11 @@ class ModelRunner:
 
         return run
 
-    def _launch_baseline(self, plan: StepPlan, counts: list[int], level: int) -> StepOutput:
-        """Every item of the plan scored uncached (its requests lose their cache entries)."""
+    def _launch_uncached(self, plan: StepPlan, counts: list[int], level: int) -> StepOutput:
+        """Every item of the plan scored uncached by backend `level` (its requests keep no cache entry)."""
         for it in plan.items:
             it.state.uncached = True
-        logits = self.baseline.logits(plan.items)
+        logits = self.backends[level].logits(plan.items)
         return StepOutput(counts, level, logits, finite=torch.isfinite(logits).all())
 
     def abandon_worker(self) -> None:

@@ -17,6 +17,8 @@ from grinfer.model.mtgr import MTGR
 
 class BaselineScorer:
     name = "baseline"
+    uncached = True  # scores whole requests; the runner never hands it the paged pool
+    keys_in_pool = False
 
     def __init__(self, model: MTGR, featurizer: Featurizer, device: torch.device):
         self.model, self.featurizer, self.device = model, featurizer, device
@@ -28,5 +30,13 @@ class BaselineScorer:
                                    it.state.request.request_ts) for it in items if it.cand_end > it.cand_start]
         if not requests:
             return torch.zeros(0, len(self.model.cfg.tasks))
-        batch = self.featurizer.rank_batch(requests).to(self.device)
-        return self.model(batch).float().cpu()
+        return self._logits(self.featurizer.rank_batch(requests))
+
+    def _logits(self, batch) -> torch.Tensor:
+        return self.model(batch.to(self.device)).float().cpu()
+
+    def capture_pending(self) -> bool:
+        return False
+
+    def stats(self) -> dict:
+        return {}
