@@ -220,9 +220,10 @@ class ServerConfig(BaseModel):
     cache: str = Field(default="memory://", description="memory://[?max_entries=N] or redis://HOST:PORT/DB")
     api_key: str | None = Field(default=None, description="require this key (X-API-Key) on write and admin calls")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto")
-    backend: Literal["auto", "eager", "compiled", "fused"] = Field(
+    backend: Literal["auto", "eager", "compiled", "fused", "onnx", "baseline"] = Field(
         default="auto", description="auto (probe every backend the device offers, serve the fastest that agrees "
-                                    "with eager), eager, compiled or fused (CUDA)")
+                                    "with eager), eager, compiled, fused (CUDA), onnx (ONNX Runtime, uncached) "
+                                    "or baseline (the uncached model)")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest request body in bytes")
     max_queue: int = Field(default=256, ge=1, description="waiting requests beyond this are rejected (429)")
     max_batch_tokens: int = Field(default=16384, ge=16, description="tokens computed per engine step")

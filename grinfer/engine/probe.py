@@ -44,12 +44,14 @@ class Probe:
 
 
 def available_backends(device: torch.device) -> list[str]:
-    """The backends that can run on `device` here (eager first)."""
+    """The backends that can run on `device` here (eager first; onnx where onnxruntime is installed)."""
     names = ["eager"]
     if _has_cpp_compiler() or device.type == "cuda":
         names.append("compiled")
     if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         names.append("fused")
+    if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None:
+        names.append("onnx")
     return names
 
 

@@ -124,6 +124,7 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     store.register_model(ranker.cfg.name, str(model_path.resolve()), {"ranking": str(ranking_dir),
                                                                        "retrieval": str(retrieval_dir or "")})
     engine_cfg = EngineConfig(backend="eager" if cfg.backend == "auto" else cfg.backend, device=device,
+                              onnx_path=onnx_export(ranking_dir, cfg) if cfg.backend == "onnx" else None,
                               dtype="bfloat16" if device.startswith("cuda") else "float32",
                               kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
                               disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
@@ -133,7 +134,7 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
              torch.__version__)
     probes = []
     if cfg.backend == "auto":
-        engine_cfg, probes = choose_backend(ranker, catalog, engine_cfg)
+        engine_cfg, probes = choose_backend(ranker, catalog, engine_cfg, ranking_dir, cfg)
     engine = Engine(ranker, catalog, engine_cfg, retriever=retriever)
     engine.probes = [p.as_dict() for p in probes]
     # with workers, no process may keep user records that another process's events have made stale
@@ -144,11 +145,27 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     return Server(state, engine, store, cache, join_fleet(state.service, engine))
 
 
-def choose_backend(ranker, catalog: ItemCatalog, engine_cfg: EngineConfig):
+def onnx_export(ranking_dir: Path, cfg: ServerConfig) -> str:
+    """The ranking checkpoint's ONNX graph, exported (and checked) on first use and kept under
+    GRINFER_HOME/exports, keyed by the checkpoint's path and modification time."""
+    from grinfer.config import dataset_key
+    from grinfer.export.export import export_checkpoint
+
+    weights = max(p.stat().st_mtime_ns for p in ranking_dir.iterdir())
+    path = cfg.home_dir / "exports" / f"{dataset_key(str(ranking_dir))}-{weights}" / "ranking.onnx"
+    if not path.exists():
+        log.info("exporting %s to ONNX (%s) for the onnx backend", ranking_dir, path)
+        export_checkpoint(ranking_dir, path, "onnx", progress=False)
+    return str(path)
+
+
+def choose_backend(ranker, catalog: ItemCatalog, engine_cfg: EngineConfig, ranking_dir: Path, cfg: ServerConfig):
     """`--backend auto`: probe the device's backends; the config with the fastest healthy one, and the probes."""
     from grinfer.engine.probe import available_backends, choose, format_probes, probe_backends
 
     names = available_backends(torch.device(engine_cfg.device))
+    if "onnx" in names:
+        engine_cfg = engine_cfg.model_copy(update={"onnx_path": onnx_export(ranking_dir, cfg)})
     log.info("backend auto: probing %s", ", ".join(names))
     probes = probe_backends(ranker, catalog, engine_cfg, names)
     chosen = choose(probes)

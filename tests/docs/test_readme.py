@@ -71,6 +71,10 @@ class Walkthrough:
                        .replace("127.0.0.1:8000", f"127.0.0.1:{self.port}"))
         if out[:2] == ["grinfer", "train"] and "--epochs" not in out:
             out += ["--epochs", "1"]
+        if out[:2] == ["grinfer", "serve"] and "--backend" not in out:
+            # the default (auto) probes and compiles every backend at each start: minutes on 2 cores; its probe
+            # is tested in tests/engine/test_probe.py and tests/serving/test_backend_admin.py
+            out += ["--backend", "eager"]
         return out
 
     def run(self, words: list[str]) -> None:
