@@ -15,6 +15,7 @@ from grinfer.model import build_model
 from grinfer.model.checkpoint import save_checkpoint
 
 NUM_ITEMS = 60
+ONNX_MAX_BATCH, ONNX_MAX_CANDIDATES = 16, 300  # written into the graphs' axis ranges
 STEP_BLOCK_SIZE = 4  # small pages: the test contexts span several, shuffled over the pool
 
 
@@ -43,7 +44,8 @@ def run_cli(*args: str) -> tuple[int, str]:
 def onnx_exports(model_dir, tmp_path_factory) -> dict[str, Path]:
     """`grinfer export onnx` of both models: part -> .onnx file."""
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    code, output = run_cli("export", "onnx", "--model", str(model_dir), "--out", str(out), "--no-progress")
+    code, output = run_cli("export", "onnx", "--model", str(model_dir), "--out", str(out), "--no-progress",
+                           "--max-batch", str(ONNX_MAX_BATCH), "--max-candidates", str(ONNX_MAX_CANDIDATES))
     assert code == 0, output
     return {part: out.with_name(f"model.{part}.onnx") for part in ("ranking", "retrieval")}
 

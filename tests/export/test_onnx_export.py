@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli
+from conftest import ONNX_MAX_BATCH, ONNX_MAX_CANDIDATES, run_cli
 from onnx import numpy_helper
 
 from grinfer import load
@@ -44,6 +44,8 @@ def test_graphs_are_standard_onnx_with_named_dynamic_axes(onnx_exports, part):
     axes, inputs = json.loads(meta["grinfer.axes"]), json.loads(meta["grinfer.inputs"])
     assert meta["grinfer.part"] == part and "batch" in axes
     assert all(1 <= r["min"] <= r["opt"] <= r["max"] for r in axes.values())
+    assert axes["batch"]["max"] == ONNX_MAX_BATCH
+    assert part == "retrieval" or axes["candidates"]["max"] == ONNX_MAX_CANDIDATES
     for value in proto.graph.input:
         dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
         assert [a for a in inputs[value.name] if a] == [d for d in dims if isinstance(d, str)], value.name
