@@ -12,7 +12,7 @@ from grinfer.serving.service import FieldError
 
 @pytest.mark.parametrize("datatype", [d for d in DTYPES if d not in ("BYTES", "FP16")])
 def test_json_and_raw_agree_for_every_numeric_datatype(datatype):
-    values = [[0, 1, 1], [0, 1, 0]] if datatype == "BOOL" else [[1, 2, 3], [4, 5, 6]]
+    values = [[False, True, True], [False, True, False]] if datatype == "BOOL" else [[1, 2, 3], [4, 5, 6]]
     listed = from_list("t", datatype, [2, 3], values)
     raw = from_raw("t", datatype, [2, 3], to_raw(listed))
     assert listed.shape == raw.shape == [2, 3]
@@ -37,6 +37,10 @@ def test_fp16_is_raw_only_but_decodes():
     (lambda: from_list("c", "INT64", [2], [1, "x"]), "not INT64"),
     (lambda: from_list("c", "INT64", [1], [True]), "not INT64"),
     (lambda: from_list("c", "INT8", [1], [300]), "not INT8"),
+    (lambda: from_list("c", "INT64", [1], [1.5]), "not INT64 values (1.5)"),
+    (lambda: from_list("c", "FP32", [1], [1e39]), "not FP32"),
+    (lambda: from_list("c", "BOOL", [1], [1]), "not BOOL"),
+    (lambda: from_list("c", "INT64", [2**62, 2**62], []), "exceed the limit"),
     (lambda: from_list("c", "BYTES", [1], [5]), "not BYTES"),
     (lambda: from_list("c", "FLOAT", [1], [5]), "unknown datatype 'FLOAT'"),
     (lambda: from_list("c", "INT64", [-1], []), "non-negative integers"),
@@ -51,6 +55,14 @@ def test_bad_data_is_a_400_naming_the_tensor(call, message):
         call()
     assert info.value.status == 400 and info.value.field == "inputs.c"
     assert message in str(info.value)
+
+
+def test_deeply_nested_data_flatten_row_major():
+    nested: list = [5]
+    for _ in range(5000):  # deeper than Python's recursion limit
+        nested = [nested]
+    assert from_list("c", "INT64", [1], nested).data.tolist() == [5]
+    assert from_list("c", "INT64", [2, 2], [[1, 2], [3, 4]]).data.tolist() == [[1, 2], [3, 4]]
 
 
 def test_tensor_shape_follows_the_data():

@@ -107,11 +107,46 @@ def _false(message: str) -> JSONResponse:
     return JSONResponse(ErrorOut(error=message).model_dump(), status_code=400)
 
 
+ERRORS = {400: "Bad request: the field names the tensor, parameter or header (readiness probes: not ready)",
+          404: "Unknown model or version", 413: "Body over the size limit, or the user's context too long",
+          429: "Server saturated: retry after Retry-After seconds",
+          503: "Shutting down, engine or store unavailable: retry after Retry-After seconds",
+          504: "deadline_ms passed before the scores were ready"}
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
+_TENSOR = {"name": {"type": "string", "minLength": 1, "maxLength": 256}, "parameters": {"type": "object"}}
+INFER_SCHEMA = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"}, "parameters": {"type": "object"},
+    "inputs": {"type": "array", "minItems": 1, "maxItems": 64, "items": {
+        "type": "object", "required": ["name", "datatype", "shape"], "properties": {
+            **_TENSOR, "datatype": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+            "data": {"description": "the elements, flat or nested row-major (BYTES: strings)"}}}},
+    "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": _TENSOR}}}}
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": INFER_SCHEMA},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "binary tensor extension: Inference-Header-Content-Length bytes of "
+                                                "JSON, then the inputs' raw data"}}}}
+INFER_OK = {200: {"description": "The output tensors (binary extension: JSON, then raw data)",
+                  "content": {"application/json": {}, "application/octet-stream": {}}}}
+
+
+def _errors(*statuses: int) -> dict:
+    """OpenAPI responses for the error statuses a route can answer, each an ErrorOut body."""
+    return {status: {"model": ErrorOut, "description": ERRORS[status],
+                     **({"headers": RETRY_AFTER} if status in (429, 503) else {})} for status in statuses}
+
+
 def kserve_router(state) -> APIRouter:
     """The /v2 routes over the app's AppState (its service, metrics, draining flag)."""
     api = KServe(state.service, state.metrics)
     router = APIRouter(prefix="/v2", tags=["KServe v2"])
+    _health_routes(router, api, state)
+    _model_routes(router, api)
+    _infer_routes(router, api, state)
+    return router
 
+
+def _health_routes(router: APIRouter, api: KServe, state) -> None:
     @router.get("")
     async def server_metadata() -> dict:
         """Server name, version and protocol extensions."""
@@ -121,28 +156,56 @@ def kserve_router(state) -> APIRouter:
     async def live() -> dict:
         return {"live": True}
 
-    @router.get("/health/ready")
+    @router.get("/health/ready", responses=_errors(400))
     async def ready():
         problem = "server is shutting down" if state.draining else await asyncio.to_thread(api.unready)
         return {"ready": True} if problem is None else _false(problem)
 
-    @router.get("/models/{name}")
-    @router.get("/models/{name}/versions/{version}")
-    async def model_metadata(name: str, version: str = "") -> dict:
+
+
+def _model_routes(router: APIRouter, api: KServe) -> None:
+    model_errors = _errors(400, 404)
+
+    def ready_answer(name: str, version: str):
+        return {"name": name, "ready": True} if api.model_ready(name, version) else \
+            _false(f"model {name!r} is not ready")
+
+    @router.get("/models/{name}", responses=_errors(404))
+    async def model_metadata(name: str) -> dict:
         """A model's versions, platform and tensors (404 for an unknown model)."""
+        return api.model(name).metadata()
+
+    @router.get("/models/{name}/versions/{version}", responses=_errors(404))
+    async def model_version_metadata(name: str, version: str) -> dict:
         return api.model(name, version).metadata()
 
-    @router.get("/models/{name}/ready")
-    @router.get("/models/{name}/versions/{version}/ready")
-    async def model_ready(name: str, version: str = ""):
-        if api.model_ready(name, version):
-            return {"name": name, "ready": True}
-        return _false(f"model {name!r} is not ready")
+    @router.get("/models/{name}/ready", responses=model_errors)
+    async def model_ready(name: str):
+        return ready_answer(name, "")
 
-    @router.post("/models/{name}/infer")
-    @router.post("/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str = "") -> Response:
-        """Run the model on JSON (or binary) tensors, through the same service path as /v1/rank."""
+    @router.get("/models/{name}/versions/{version}/ready", responses=model_errors)
+    async def model_version_ready(name: str, version: str):
+        return ready_answer(name, version)
+
+    @router.post("/repository/index", responses=_errors(400), openapi_extra={"requestBody": {
+        "required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"ready": {"type": "boolean"}}}}}}})
+    async def repository_index(request: Request) -> list[dict]:
+        """Triton's repository extension: the models and their state (body {"ready": true}: ready ones only)."""
+        body = await request.body()
+        try:
+            query = json.loads(body) if body.strip() else {}
+            if not isinstance(query, dict) or not isinstance(query.get("ready", False), bool):
+                raise ValueError
+        except ValueError:
+            raise FieldError("body", "expected a JSON object such as {\"ready\": true}", status=400) from None
+        return api.index(query.get("ready", False))
+
+
+def _infer_routes(router: APIRouter, api: KServe, state) -> None:
+    infer_errors = {**INFER_OK, **_errors(400, 404, 413, 429, 503, 504)}
+
+    async def run(name: str, version: str, request: Request) -> Response:
         phases = phases_of(request.scope)
         api.model(name, version)  # an unknown model is a 404 before the body is looked at
         decoded, binary = decode(await request.body(), request.headers.get(HEADER_LENGTH))
@@ -152,14 +215,11 @@ def kserve_router(state) -> APIRouter:
         phases.mark("encode")
         return response
 
-    @router.post("/repository/index")
-    async def repository_index(request: Request) -> list[dict]:
-        """Triton's repository extension: the models and their state (body {"ready": true}: ready ones only)."""
-        body = await request.body()
-        try:
-            ready_only = bool(json.loads(body).get("ready", False)) if body.strip() else False
-        except (ValueError, AttributeError):
-            raise FieldError("body", "expected a JSON object such as {\"ready\": true}", status=400) from None
-        return api.index(ready_only)
+    @router.post("/models/{name}/infer", responses=infer_errors, openapi_extra=INFER_BODY)
+    async def infer(name: str, request: Request) -> Response:
+        """Run the model on JSON (or binary) tensors, through the same service path as /v1/rank."""
+        return await run(name, "", request)
 
-    return router
+    @router.post("/models/{name}/versions/{version}/infer", responses=infer_errors, openapi_extra=INFER_BODY)
+    async def infer_version(name: str, version: str, request: Request) -> Response:
+        return await run(name, version, request)

@@ -5,6 +5,7 @@ A bad tensor is a FieldError (400) naming it, e.g. "inputs.candidates: 3 values 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -44,43 +45,58 @@ def element_count(name: str, datatype: str, shape) -> int:
         raise _bad(name, f"unknown datatype {datatype!r} (one of {', '.join(DTYPES)})")
     if not isinstance(shape, list | tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise _bad(name, f"shape must be a list of non-negative integers, got {shape!r}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)  # Python ints: no overflow whatever the dimensions
     if count > MAX_ELEMENTS:
         raise _bad(name, f"{count} elements exceed the limit of {MAX_ELEMENTS}")
     return count
 
 
-def _flatten(values, out: list) -> None:
-    for value in values:
-        if isinstance(value, list):
-            _flatten(value, out)
-        else:
+def _flatten(values: list) -> list:
+    """The leaves of nested lists, row-major (iterative: any nesting depth)."""
+    out, stack = [], [iter(values)]
+    while stack:
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
             out.append(value)
+        else:
+            stack.pop()
+    return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+_VALID = {"BOOL": lambda v: isinstance(v, bool), "BYTES": lambda v: isinstance(v, str | bytes),
+          **dict.fromkeys(INTEGER, _is_int), **dict.fromkeys(("FP16", "FP32", "FP64"), _is_real)}
 
 
 def from_list(name: str, datatype: str, shape, values) -> Tensor:
     """A tensor from a list of values (JSON `data`, flat or nested row-major; BYTES elements as str or bytes)."""
     count = element_count(name, datatype, shape)
-    flat: list = []
-    _flatten(values if isinstance(values, list) else [values], flat)
+    flat = _flatten(values if isinstance(values, list) else [values])
     if len(flat) != count:
         raise _bad(name, f"{len(flat)} values for shape {list(shape)} ({count} expected)")
+    valid = _VALID[datatype]
+    wrong = next((v for v in flat if not valid(v)), None)
+    if wrong is not None:
+        raise _bad(name, f"data are not {datatype} values ({wrong!r})")
+    if datatype == "BYTES":
+        array = np.empty(count, object)
+        array[:] = [v.encode() if isinstance(v, str) else v for v in flat]
+        return Tensor(name, datatype, array.reshape(shape))
     try:
-        if datatype == "BYTES":
-            array = np.empty(count, object)
-            array[:] = [v.encode() if isinstance(v, str) else v if isinstance(v, bytes) else _not_string(v)
-                        for v in flat]
-        else:
-            if datatype != "BOOL" and any(isinstance(v, bool | str) for v in flat):
-                raise TypeError("booleans or strings in a numeric tensor")
+        with np.errstate(over="raise"):  # 1e39 as FP32 is an error, not inf
             array = np.asarray(flat, DTYPES[datatype]) if flat else np.empty(0, DTYPES[datatype])
-    except (TypeError, ValueError, OverflowError) as exc:
+    except (OverflowError, FloatingPointError) as exc:
         raise _bad(name, f"data are not {datatype} values ({exc})") from None
     return Tensor(name, datatype, array.reshape(shape))
-
-
-def _not_string(value):
-    raise TypeError(f"{value!r} is not a string")
 
 
 def from_raw(name: str, datatype: str, shape, raw: bytes) -> Tensor:
