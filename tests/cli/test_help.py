@@ -19,7 +19,7 @@ def help_text(*command: str) -> str:
 def test_serve_help_keeps_brackets_and_lists_every_setting_with_its_variable():
     text = help_text("serve")
     assert "([server] table)" in text and "[GRINFER_DEVICE, default auto]" in text
-    assert "[GRINFER_BACKEND, default eager]" in text
+    assert "[GRINFER_BACKEND, default auto]" in text
     for name in ServerConfig.model_fields:  # GRINFER_HOME, GRINFER_MAX_QUEUE, GRINFER_KV_CACHE_MB, ... too
         assert f"GRINFER_{name.upper()}=" in text, name
 
