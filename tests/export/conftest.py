@@ -6,22 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from export_util import NUM_ITEMS, ONNX_MAX_BATCH, ONNX_MAX_CANDIDATES, STEP_BLOCK_SIZE, ranking_config, run_cli
 from model_util import seeded_model
-from typer.testing import CliRunner
 
-from grinfer.cli import app
 from grinfer.config import preset
 from grinfer.model import build_model
 from grinfer.model.checkpoint import save_checkpoint
-
-NUM_ITEMS = 60
-ONNX_MAX_BATCH, ONNX_MAX_CANDIDATES = 16, 300  # written into the graphs' axis ranges
-STEP_BLOCK_SIZE = 4  # small pages: the test contexts span several, shuffled over the pool
-
-
-def ranking_config():
-    """mtgr-tiny with the relative bias on (randomised by seeded_model, so that it matters)."""
-    return preset("mtgr-tiny").replace(num_items=NUM_ITEMS, rel_bias=True)
 
 
 @pytest.fixture(scope="session")
@@ -32,12 +22,6 @@ def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(2)
     save_checkpoint(build_model(preset("hstu-ml1m").replace(num_items=NUM_ITEMS, max_seq_len=32)), root / "retrieval")
     return root
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    """(exit code, output) of `grinfer ARGS`."""
-    result = CliRunner().invoke(app, list(args))
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import torch
-from conftest import STEP_BLOCK_SIZE, run_cli
+from export_util import STEP_BLOCK_SIZE, run_cli
 
 from grinfer import load
 from grinfer.export.aoti_runtime import AotiModel, write_new_kv

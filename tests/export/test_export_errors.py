@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ranking_config, run_cli
+from export_util import ranking_config, run_cli
 from model_util import seeded_model
 
 from grinfer.export.support import UnsupportedFeature, check_exportable

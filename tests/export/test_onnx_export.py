@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import ONNX_MAX_BATCH, ONNX_MAX_CANDIDATES, run_cli
+from export_util import ONNX_MAX_BATCH, ONNX_MAX_CANDIDATES, run_cli
 from onnx import numpy_helper
 
 from grinfer import load
