@@ -194,7 +194,8 @@ def _print_metrics(result: dict) -> None:
 def bench(
     workloads: Annotated[str, typer.Option(help="Comma-separated: R1-cold, R1-warm, R2, CPU-demo.")] = "CPU-demo",
     backends: Annotated[str, typer.Option(help="Comma-separated backends to run side by side: eager, compiled, "
-                                               "fused (CUDA).")] = "eager",
+                                               "fused (CUDA), onnx, baseline, auto (probe, then the "
+                                               "chosen one).")] = "eager",
     batch: Annotated[list[int], typer.Option(metavar="<int>",
                                              help="Batch size(s) (repeatable); default: the workload's.")]
     = [],  # noqa: B006
@@ -265,9 +266,10 @@ def bench(
     names, kinds = [w for w in workloads.split(",") if w], [b for b in backends.split(",") if b]
     try:
         dev = resolve_device(device)
+        known = [*BACKENDS, "onnx", "baseline", "auto"]
         for kind in kinds:
-            if kind not in BACKENDS:
-                raise ValueError(f"--backends: unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
+            if kind not in known:
+                raise ValueError(f"--backends: unknown backend {kind!r}; choose from {', '.join(known)}")
         shapes = [workload(n, static=static, realtime=realtime, candidates=candidates, preset=preset_name,
                            batch=b) for n in names for b in (batch or [None])]
     except ValueError as exc:

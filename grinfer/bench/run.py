@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,10 +67,20 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     model = build_model(cfg)
     catalog = bench_catalog()
     tokens_per_request = w.profile_tokens + w.static + w.realtime + w.candidates
-    settings = {"backend": backend, "device": device, "dtype": w.dtype if dev.type == "cuda" else "float32",
+    settings = {"backend": "eager" if backend == "auto" else backend, "device": device,
+                "dtype": w.dtype if dev.type == "cuda" else "float32",
                 "max_batch_tokens": w.batch * tokens_per_request, "max_batch_requests": w.batch,
                 "kv_cache_bytes": 0 if dev.type == "cuda" else 1 << 30, **engine_overrides}
+    if backend in ("onnx", "auto") and importlib.util.find_spec("onnxruntime") is not None:
+        settings["onnx_path"] = export_onnx(model)
     config = EngineConfig(**settings)
+    label = backend
+    if backend == "auto":  # probe as the server does, then time the chosen one
+        from grinfer.engine.probe import available_backends, choose, probe_backends
+
+        chosen = choose(probe_backends(model, catalog, config, available_backends(dev)))
+        config = config.model_copy(update={"backend": chosen.backend})
+        label = f"auto:{chosen.backend}"
     if dev.type == "cuda":
         gc.collect()  # the previous run's engine (its KV pool, CUDA graphs) must be gone before this one sizes its pool
         torch.cuda.empty_cache()
@@ -125,7 +137,7 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     per_token = core.pool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype])
     context_tokens = w.profile_tokens + w.static + w.realtime
     return {
-        "workload": w.name, "backend": backend + ("/nograph" if backend == "fused" and not config.cuda_graphs else ""),
+        "workload": w.name, "backend": label + ("/nograph" if backend == "fused" and not config.cuda_graphs else ""),
         "pipeline_depth": config.pipeline_depth, "step_ms": 1e3 * per_batch / max(steps_per_batch, 1e-9),
         "phase_ms_per_step": phase_ms,
         "cuda_graphs": config.cuda_graphs, "device": device, "dtype": config.dtype, "batch": w.batch,
@@ -142,6 +154,17 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
         "max_abs_diff_vs_uncached": max(diffs), "max_abs_err_vs_fp32": max(fp32_errs),
         "steps_per_batch": steps_per_batch,
     }
+
+
+def export_onnx(model) -> str:
+    """The model's ranking graph exported to ONNX (checked against eager) in a temporary directory."""
+    from grinfer.export.export import export_checkpoint
+    from grinfer.model.checkpoint import save_checkpoint
+
+    root = Path(tempfile.mkdtemp(prefix="grinfer-bench-onnx-"))
+    save_checkpoint(model, root / "model")
+    (exported,) = export_checkpoint(root / "model", root / "ranking.onnx", "onnx", progress=False)
+    return str(exported.path)
 
 
 def format_table(rows: list[dict], ceiling: float) -> str:
