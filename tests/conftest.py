@@ -7,6 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from model_util import SERVED_SPEC  # re-exported for the fixtures below; import it from model_util
 
 from grinfer.config import ModelConfig, preset
 from grinfer.data.types import ItemCatalog
@@ -91,8 +92,6 @@ def make_request() -> RequestBuilder:
 
     return make
 
-
-SERVED_SPEC = "synthetic:users=20,items=60,events=15,seed=0"
 
 
 @pytest.fixture(scope="session")

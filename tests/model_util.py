@@ -1,4 +1,4 @@
-"""A model with seeded weights, shared by the model and engine tests."""
+"""A model with seeded weights, shared by the model and engine tests; the served dataset's spec."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import torch
 from grinfer.config import ModelConfig
 from grinfer.model import build_model
 from grinfer.model.mtgr import MTGR
+
+SERVED_SPEC = "synthetic:users=20,items=60,events=15,seed=0"  # what the tests that start servers serve
 
 
 def seeded_model(cfg: ModelConfig, seed: int = 0, randomize_bias: bool = True) -> MTGR:

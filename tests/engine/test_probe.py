@@ -11,6 +11,15 @@ from grinfer.engine.backends import BACKENDS, Backend
 from grinfer.engine.probe import Probe, available_backends, choose, format_probes, probe_backends
 
 
+class Unavailable(Backend):
+    """A backend that cannot be built here."""
+
+    name = "unavailable"
+
+    def __init__(self, model, config=None):
+        raise ValueError("backend: 'unavailable' runs on a device this machine does not have")
+
+
 class Skewed(Backend):
     """Eager with its logits shifted: it runs, but disagrees."""
 
@@ -22,12 +31,13 @@ class Skewed(Backend):
 
 def test_the_probe_checks_times_and_reports_each_backend(model, catalog, monkeypatch):
     monkeypatch.setitem(BACKENDS, "skewed", Skewed)
+    monkeypatch.setitem(BACKENDS, "unavailable", Unavailable)
     config = EngineConfig()
-    probes = {p.backend: p for p in probe_backends(model, catalog, config, ["eager", "fused", "skewed"], repeats=2)}
-    assert list(probes) == ["eager", "fused", "skewed"]
+    probes = {p.backend: p for p in probe_backends(model, catalog, config, ["eager", "unavailable", "skewed"], repeats=2)}
+    assert list(probes) == ["eager", "unavailable", "skewed"]
     eager = probes["eager"]
     assert eager.healthy and eager.max_error == 0.0 and eager.probe_ms > 0 and eager.ready_s > 0
-    assert not probes["fused"].healthy and "CUDA device" in probes["fused"].error  # cannot run on the CPU
+    assert not probes["unavailable"].healthy and "does not have" in probes["unavailable"].error
     assert not probes["skewed"].healthy and "disagrees with eager" in probes["skewed"].error
     assert choose(list(probes.values())).backend == "eager"
     table = format_probes(list(probes.values()), "eager")

@@ -89,7 +89,7 @@ def test_catalogue_file_round_trip(catalog, tmp_path):
 
 
 def test_repository_layout(served_checkpoint, tmp_path):
-    from conftest import SERVED_SPEC
+    from model_util import SERVED_SPEC
 
     from grinfer.data import load_dataset
 
@@ -138,7 +138,7 @@ def test_onnx_model_config_is_the_graphs_and_it_ranks_as_grinfer(served_checkpoi
     the graph gives the uncached model's probabilities (no server here has the ONNX Runtime backend)."""
     import onnxruntime as ort
     import torch
-    from conftest import SERVED_SPEC
+    from model_util import SERVED_SPEC
 
     from grinfer.data import load_dataset
     from grinfer.export.inputs import ranking_inputs
