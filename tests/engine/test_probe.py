@@ -33,7 +33,8 @@ def test_the_probe_checks_times_and_reports_each_backend(model, catalog, monkeyp
     monkeypatch.setitem(BACKENDS, "skewed", Skewed)
     monkeypatch.setitem(BACKENDS, "unavailable", Unavailable)
     config = EngineConfig()
-    probes = {p.backend: p for p in probe_backends(model, catalog, config, ["eager", "unavailable", "skewed"], repeats=2)}
+    names = ["eager", "unavailable", "skewed"]
+    probes = {p.backend: p for p in probe_backends(model, catalog, config, names, repeats=2)}
     assert list(probes) == ["eager", "unavailable", "skewed"]
     eager = probes["eager"]
     assert eager.healthy and eager.max_error == 0.0 and eager.probe_ms > 0 and eager.ready_s > 0

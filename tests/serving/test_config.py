@@ -27,7 +27,7 @@ def test_unset_flags_do_not_override(tmp_path):
 @pytest.mark.parametrize("env, flags, message", [
     ({"GRINFER_PORT": "abc"}, {}, "GRINFER_PORT=abc: input should be a valid integer"),
     ({"GRINFER_PORT": "70000"}, {}, "port accepts an integer >= 0 and <= 65535"),
-    ({"GRINFER_BACKEND": "fast"}, {}, "backend accepts one of 'eager', 'compiled', 'fused'"),
+    ({"GRINFER_BACKEND": "fast"}, {}, "backend accepts one of 'auto', 'eager', 'compiled', 'fused'"),
     ({"GRINFER_MAX_QUEUE": "zero"}, {}, "GRINFER_MAX_QUEUE=zero"),
     ({"GRINFER_LOG_LEVEL": "loud"}, {}, "log_level accepts one of 'critical'"),
     ({"GRINFER_DEVICE": "gpu"}, {}, "device accepts cpu, cuda, cuda:N or auto"),
