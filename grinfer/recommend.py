@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from grinfer.data.types import ItemCatalog
-from grinfer.features.featurizer import Featurizer, RankRequest, UserContext, retrieval_batch
+from grinfer.features.featurizer import FeatureRequest, Featurizer, UserContext, retrieval_batch
 from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
 
@@ -40,7 +40,7 @@ class Recommender:
     @torch.no_grad()
     def rank(self, context: UserContext, candidates: np.ndarray, request_ts: int) -> list[Recommendation]:
         """Score `candidates` for the user, best first."""
-        batch = self.featurizer.rank_batch([RankRequest(context, np.asarray(candidates), request_ts)])
+        batch = self.featurizer.rank_batch([FeatureRequest(context, np.asarray(candidates), request_ts)])
         probs = torch.sigmoid(self.ranker(batch.to(self.device)))
         fused = fused_score(probs, self.weights)
         order = torch.argsort(fused, descending=True).cpu().numpy()

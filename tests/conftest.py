@@ -11,7 +11,7 @@ from model_util import SERVED_SPEC  # re-exported for the fixtures below; import
 
 from grinfer.config import ModelConfig, preset
 from grinfer.data.types import ItemCatalog
-from grinfer.features import Featurizer, RankRequest, UserContext
+from grinfer.features import FeatureRequest, Featurizer, UserContext
 
 NUM_ITEMS = 40
 NUM_GENRES = 18
@@ -59,11 +59,11 @@ def featurizer(catalog: ItemCatalog, mtgr_cfg: ModelConfig) -> Featurizer:
     return Featurizer(catalog, mtgr_cfg.num_time_buckets)
 
 
-RequestBuilder = Callable[..., RankRequest]
+RequestBuilder = Callable[..., FeatureRequest]
 
 
 def build_request(rng: np.random.Generator, num_static: int, num_realtime: int, num_candidates: int,
-                  num_items: int = NUM_ITEMS, num_tasks: int = 2) -> RankRequest:
+                  num_items: int = NUM_ITEMS, num_tasks: int = 2) -> FeatureRequest:
     """A random request: time-ordered S then R events (some equal timestamps), distinct candidates."""
     n = num_static + num_realtime
     profile = np.array([rng.integers(1, c) for c in PROFILE_CARDINALITIES], np.int64)
@@ -79,15 +79,15 @@ def build_request(rng: np.random.Generator, num_static: int, num_realtime: int, 
     candidates = rng.choice(np.arange(1, num_items + 1), size=num_candidates, replace=False).astype(np.int64)
     last = int(timestamps[-1]) if n else START_TS
     labels = rng.integers(0, 2, size=(num_candidates, num_tasks)).astype(np.float32)
-    return RankRequest(context=context, candidates=candidates, request_ts=last + int(rng.integers(1, 10_000)),
+    return FeatureRequest(context=context, candidates=candidates, request_ts=last + int(rng.integers(1, 10_000)),
                        labels=labels)
 
 
 @pytest.fixture
 def make_request() -> RequestBuilder:
-    """`make_request(num_static, num_realtime, num_candidates, seed=0)` -> a random RankRequest."""
+    """`make_request(num_static, num_realtime, num_candidates, seed=0)` -> a random FeatureRequest."""
 
-    def make(num_static: int, num_realtime: int, num_candidates: int, seed: int = 0) -> RankRequest:
+    def make(num_static: int, num_realtime: int, num_candidates: int, seed: int = 0) -> FeatureRequest:
         return build_request(np.random.default_rng(seed), num_static, num_realtime, num_candidates)
 
     return make

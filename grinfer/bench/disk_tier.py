@@ -24,6 +24,7 @@ from grinfer.bench.workloads import bench_catalog, make_requests, workload
 from grinfer.config import EngineConfig
 from grinfer.engine import EngineCore
 from grinfer.model import build_model
+from grinfer.model.mtgr import MTGR
 
 
 def run_batches(core: EngineCore, requests, batch: int) -> list:
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     w = workload("CPU-demo")
     model, catalog = build_model(w.model_config()), bench_catalog()
+    assert isinstance(model, MTGR)
     rng = np.random.default_rng(0)
     users = [f"user{i}" for i in range(args.users)]
     first = make_requests(w, users, rng)

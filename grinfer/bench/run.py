@@ -18,8 +18,7 @@ from grinfer.bench.figure import panels
 from grinfer.bench.workloads import Workload, bench_catalog, make_requests, request_flops
 from grinfer.config import EngineConfig
 from grinfer.engine.core import DTYPES, EngineCore
-from grinfer.features.featurizer import Featurizer
-from grinfer.features.featurizer import RankRequest as FeatureRequest
+from grinfer.features.featurizer import FeatureRequest, Featurizer
 from grinfer.model import build_model
 from grinfer.model.mtgr import MTGR
 

@@ -28,7 +28,7 @@ from grinfer.engine.scheduler import RequestState, StepPlan
 from grinfer.engine.step import build_step_index
 from grinfer.engine.strategy import NonFiniteOutput, StepTimeout
 from grinfer.features.device import DeviceFeaturizer
-from grinfer.features.featurizer import RankRequest as FeatureRequest
+from grinfer.features.featurizer import FeatureRequest
 
 
 @dataclass

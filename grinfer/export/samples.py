@@ -7,7 +7,7 @@ import numpy as np
 
 from grinfer.config import ModelConfig
 from grinfer.data.types import ItemCatalog
-from grinfer.features import Featurizer, MTGRBatch, RankRequest, RetrievalBatch, UserContext, retrieval_batch
+from grinfer.features import FeatureRequest, Featurizer, MTGRBatch, RetrievalBatch, UserContext, retrieval_batch
 
 START_TS = 1_000_000_000
 GAPS_S = np.array([0, 3, 40, 900, 7_200, 90_000, 2_000_000])  # equal timestamps included
@@ -41,7 +41,7 @@ def ranking_batch(cfg: ModelConfig, catalog: ItemCatalog, sizes: list[tuple[int,
         ctx = UserContext(profile, items, stamps, rng.integers(1, 6, len(items)).astype(np.int64), num_static)
         last = int(stamps[-1]) if len(stamps) else START_TS
         candidates = rng.integers(1, cfg.num_items + 1, num_candidates).astype(np.int64)
-        requests.append(RankRequest(ctx, candidates, last + int(rng.integers(1, 5_000))))
+        requests.append(FeatureRequest(ctx, candidates, last + int(rng.integers(1, 5_000))))
     return Featurizer(catalog, cfg.num_time_buckets).rank_batch(requests)
 
 

@@ -4,8 +4,8 @@ from grinfer.features.batch import EventTokens, MTGRBatch, RetrievalBatch
 from grinfer.features.device import DeviceFeaturizer
 from grinfer.features.featurizer import (
            NUM_CROSS_FEATURES,
+           FeatureRequest,
            Featurizer,
-           RankRequest,
            UserContext,
            retrieval_batch,
 )
@@ -14,9 +14,9 @@ __all__ = [
            "NUM_CROSS_FEATURES",
            "DeviceFeaturizer",
            "EventTokens",
+           "FeatureRequest",
            "Featurizer",
            "MTGRBatch",
-           "RankRequest",
            "RetrievalBatch",
            "UserContext",
            "retrieval_batch",

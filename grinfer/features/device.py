@@ -9,7 +9,7 @@ import torch
 
 from grinfer.data.types import ItemCatalog
 from grinfer.features.batch import EventTokens, MTGRBatch
-from grinfer.features.featurizer import RankRequest
+from grinfer.features.featurizer import FeatureRequest
 from grinfer.ops.groups import time_bucket
 
 
@@ -75,11 +75,11 @@ class DeviceFeaturizer:
         self.num_rows = len(catalog.genres)  # item ids are < num_rows: per-user keys are user * num_rows + item
         self.num_time_buckets = num_time_buckets
 
-    def rank_batch(self, requests: list[RankRequest]) -> MTGRBatch:
+    def rank_batch(self, requests: list[FeatureRequest]) -> MTGRBatch:
         """One jagged ranking batch, built on the device."""
         return self.build(self.prepare(requests))
 
-    def prepare(self, requests: list[RankRequest]) -> RawBatch:
+    def prepare(self, requests: list[FeatureRequest]) -> RawBatch:
         """The host's share: sizes and run tables from the requests, every raw array uploaded at once."""
         if not requests:
             raise ValueError("rank_batch: no requests")
@@ -171,7 +171,7 @@ class DeviceFeaturizer:
             seen = torch.zeros_like(cand_keys, dtype=torch.bool)
         return torch.cat([affinity, same_era[:, None], seen[:, None].to(torch.float32)], 1)
 
-    def _labels(self, requests: list[RankRequest]) -> torch.Tensor | None:
+    def _labels(self, requests: list[FeatureRequest]) -> torch.Tensor | None:
         """[N_c, num_tasks] float32 when every request has labels, else None (as the numpy featurizer)."""
         labels = [np.asarray(r.labels, np.float32).reshape(len(r.candidates), -1)
                   for r in requests if r.labels is not None]

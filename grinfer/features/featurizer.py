@@ -37,7 +37,7 @@ class UserContext:
 
 
 @dataclass
-class RankRequest:
+class FeatureRequest:
     """Score `candidates` for a user context at time `request_ts` (labels only when training)."""
 
     context: UserContext
@@ -91,7 +91,7 @@ class Featurizer:
         out[:, 3] = np.isin(candidates, context.items)
         return out
 
-    def rank_batch(self, requests: list[RankRequest]) -> MTGRBatch:
+    def rank_batch(self, requests: list[FeatureRequest]) -> MTGRBatch:
         """One jagged ranking batch from a list of requests."""
         s_items, s_ts, s_act, s_prev = [], [], [], []
         r_items, r_ts, r_act, r_prev = [], [], [], []

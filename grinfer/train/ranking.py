@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from grinfer.data.splits import ranking_cut, task_labels
 from grinfer.data.types import Dataset, UserTimeline
-from grinfer.features.featurizer import Featurizer, RankRequest, UserContext
+from grinfer.features.featurizer import FeatureRequest, Featurizer, UserContext
 from grinfer.model.mtgr import MTGR
 from grinfer.train.loop import FitResult, TrainSettings, fit
 from grinfer.train.metrics import auc, gauc
@@ -33,11 +33,11 @@ class ContextLimits:
 
 
 def window_request(user: UserTimeline, start: int, end: int, tasks: tuple[str, ...],
-                   limits: ContextLimits) -> RankRequest:
+                   limits: ContextLimits) -> FeatureRequest:
     """Events [start:end) as labelled candidates, scored against the context of the events before them."""
     ctx = UserContext.from_timeline(user, start, max_static=limits.max_static,
                                     num_realtime=limits.num_realtime)
-    return RankRequest(ctx, user.items[start:end], int(user.timestamps[start]),
+    return FeatureRequest(ctx, user.items[start:end], int(user.timestamps[start]),
                        task_labels(user.ratings[start:end], tasks))
 
 
@@ -55,7 +55,7 @@ def window(user: UserTimeline, split: str) -> tuple[int, int]:
 
 
 def training_requests(ds: Dataset, tasks: tuple[str, ...], limits: ContextLimits,
-                      hold_out: bool = False) -> list[RankRequest]:
+                      hold_out: bool = False) -> list[FeatureRequest]:
     """Every training event once as a candidate: consecutive windows before each user's test cut (or, with
     `hold_out`, before the validation window)."""
     out = []
@@ -67,7 +67,7 @@ def training_requests(ds: Dataset, tasks: tuple[str, ...], limits: ContextLimits
 
 
 def evaluation_requests(ds: Dataset, tasks: tuple[str, ...], limits: ContextLimits,
-                        split: str = "test") -> list[RankRequest]:
+                        split: str = "test") -> list[FeatureRequest]:
     """One request per user: the split's window as candidates after the context before them."""
     spans = [(u, *window(u, split)) for u in ds.users]
     return [window_request(u, start, end, tasks, limits) for u, start, end in spans if start >= 1 and end > start]

@@ -15,8 +15,7 @@ from grinfer.data.types import ItemCatalog
 from grinfer.engine import EngineCore, RankRequest, RankResult
 from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.scheduler import StepPlan
-from grinfer.features import Featurizer, UserContext
-from grinfer.features import RankRequest as FeatureRequest
+from grinfer.features import FeatureRequest, Featurizer, UserContext
 from grinfer.model.mtgr import MTGR
 
 ATOL = 1e-5

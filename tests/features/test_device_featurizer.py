@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grinfer.bench.workloads import bench_catalog
-from grinfer.features import DeviceFeaturizer, EventTokens, Featurizer, MTGRBatch, RankRequest, UserContext
+from grinfer.features import DeviceFeaturizer, EventTokens, FeatureRequest, Featurizer, MTGRBatch, UserContext
 
 NUM_ITEMS = 60  # small, so that contexts repeat items and candidates are often already seen
 CATALOG = bench_catalog(NUM_ITEMS, seed=3)
@@ -15,7 +15,7 @@ TOKEN_FIELDS = ("offsets", "items", "genres", "years", "actions", "timestamps", 
 
 
 def make_request(rng: np.random.Generator, n: int, num_static: int, k: int, labels: bool = False,
-                 dtype=np.int64) -> RankRequest:
+                 dtype=np.int64) -> FeatureRequest:
     """Random context of n events (repeated items, equal timestamps) and k candidates (some repeated)."""
     stamps = 1_600_000_000 + np.cumsum(rng.choice([0, 0, 1, 7, 90, 3600, 86_400, 10**7], size=n))
     context = UserContext(rng.integers(1, 9, 4), rng.integers(1, NUM_ITEMS + 1, n).astype(dtype),
@@ -23,11 +23,11 @@ def make_request(rng: np.random.Generator, n: int, num_static: int, k: int, labe
     pool = np.r_[context.items, rng.integers(0, NUM_ITEMS + 1, k)]  # item 0 (unknown) included
     candidates = rng.choice(pool, size=k).astype(dtype) if len(pool) else np.zeros(0, dtype)
     request_ts = int(stamps[-1]) + int(rng.integers(0, 5000)) if n else 1_600_000_000
-    return RankRequest(context, candidates, request_ts,
+    return FeatureRequest(context, candidates, request_ts,
                        rng.random((k, 3)).astype(np.float32) if labels else None)
 
 
-def random_batch(rng: np.random.Generator, b: int, labels: bool = False) -> list[RankRequest]:
+def random_batch(rng: np.random.Generator, b: int, labels: bool = False) -> list[FeatureRequest]:
     out = []
     for _ in range(b):
         n = int(rng.choice([0, 1, 2, 5, 17, 40]))
@@ -57,7 +57,7 @@ def assert_batches_equal(got: MTGRBatch, want: MTGRBatch) -> None:
         assert got.labels.dtype == torch.float32 and torch.equal(got.labels, want.labels)
 
 
-def check(requests: list[RankRequest], num_time_buckets: int = 32) -> MTGRBatch:
+def check(requests: list[FeatureRequest], num_time_buckets: int = 32) -> MTGRBatch:
     want = Featurizer(CATALOG, num_time_buckets).rank_batch(requests)
     got = DeviceFeaturizer(CATALOG, num_time_buckets, "cpu").rank_batch(requests)
     assert_batches_equal(got, want)
@@ -112,7 +112,7 @@ def test_cross_features_of_a_known_user():
     """Hand-checked values, independent of the numpy twin."""
     ctx = UserContext(np.array([1, 2]), np.array([5, 5, 9]), np.array([10, 10, 20]), np.array([5, 4, 1]), 1)
     batch = DeviceFeaturizer(CATALOG, 16, "cpu").rank_batch(
-        [RankRequest(ctx, np.array([5, 11]), 100), RankRequest(ctx, np.array([9]), 100)])
+        [FeatureRequest(ctx, np.array([5, 11]), 100), FeatureRequest(ctx, np.array([9]), 100)])
     genres, years = CATALOG.genres.astype(np.float32), CATALOG.year_bucket
     g5, g9 = genres[5], genres[9]
     counts = 2 * g5 + g9

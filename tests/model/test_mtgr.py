@@ -8,19 +8,19 @@ import torch
 import torch.nn.functional as F
 from model_util import seeded_model
 
-from grinfer.features import Featurizer, RankRequest, UserContext
+from grinfer.features import FeatureRequest, Featurizer, UserContext
 from grinfer.model.mtgr import MTGR
 from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 
 ATOL = 1e-5
 
 
-def with_candidates(req: RankRequest, candidates) -> RankRequest:
-    return RankRequest(context=req.context, candidates=np.asarray(candidates, np.int64),
+def with_candidates(req: FeatureRequest, candidates) -> FeatureRequest:
+    return FeatureRequest(context=req.context, candidates=np.asarray(candidates, np.int64),
                        request_ts=req.request_ts)
 
 
-def score(model: MTGR, featurizer: Featurizer, requests: list[RankRequest]) -> torch.Tensor:
+def score(model: MTGR, featurizer: Featurizer, requests: list[FeatureRequest]) -> torch.Tensor:
     with torch.no_grad():
         return model(featurizer.rank_batch(requests))
 
@@ -116,7 +116,7 @@ def test_context_changes_scores(mtgr_cfg, featurizer, make_request):
     other = make_request(6, 3, 3, seed=21)
     base = score(model, featurizer, [req])
     assert (score(model, featurizer, [with_candidates(other, req.candidates)]) - base).abs().max() > 1e-4
-    shorter = RankRequest(
+    shorter = FeatureRequest(
         context=UserContext(req.context.profile, req.context.items[:-1], req.context.timestamps[:-1],
                                   req.context.ratings[:-1], req.context.num_static),
         candidates=req.candidates, request_ts=req.request_ts)
@@ -128,7 +128,7 @@ def test_context_states_unchanged_by_candidates_and_later_events(mtgr_cfg, featu
     model = seeded_model(mtgr_cfg.model_copy(update={"rel_bias": True}), seed=4)
     req = make_request(5, 3, 4, seed=22)
     ctx = req.context
-    fewer_events = RankRequest(
+    fewer_events = FeatureRequest(
         context=UserContext(ctx.profile, ctx.items[:-1], ctx.timestamps[:-1], ctx.ratings[:-1], ctx.num_static),
         candidates=np.zeros(0, np.int64), request_ts=req.request_ts)
 

@@ -16,8 +16,7 @@ import torch
 from grinfer.config import EngineConfig, preset
 from grinfer.data import generate_synthetic
 from grinfer.engine import Engine
-from grinfer.features import Featurizer
-from grinfer.features import RankRequest as FeatureRequest
+from grinfer.features import FeatureRequest, Featurizer
 from grinfer.model import build_model
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.background import BackgroundServer

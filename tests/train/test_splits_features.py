@@ -5,7 +5,7 @@ import torch
 from grinfer.data import generate_synthetic
 from grinfer.data.splits import ranking_cut, retrieval_eval_point, retrieval_train_items, task_labels
 from grinfer.data.types import UserTimeline
-from grinfer.features import Featurizer, RankRequest, UserContext, retrieval_batch
+from grinfer.features import FeatureRequest, Featurizer, UserContext, retrieval_batch
 from grinfer.train.ranking import ContextLimits, evaluation_requests, training_requests
 
 
@@ -63,7 +63,7 @@ def test_rank_batch_is_jagged_and_cross_features_are_right(catalog):
     ctx = UserContext(np.array([1, 1, 1, 1]), np.array([1, 2, 3]), np.array([0, 10, 20]), np.array([5, 1, 4]), 2)
     empty = UserContext(np.array([2, 2, 2, 2]), np.zeros(0, np.int64), np.zeros(0, np.int64),
                         np.zeros(0, np.int64), 0)
-    batch = fz.rank_batch([RankRequest(ctx, np.array([2, 9]), 30), RankRequest(empty, np.array([4]), 30)])
+    batch = fz.rank_batch([FeatureRequest(ctx, np.array([2, 9]), 30), FeatureRequest(empty, np.array([4]), 30)])
     assert batch.history.offsets.tolist() == [0, 2, 2]
     assert batch.realtime.offsets.tolist() == [0, 1, 1]
     assert batch.candidates.offsets.tolist() == [0, 2, 3]

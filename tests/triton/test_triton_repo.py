@@ -142,7 +142,7 @@ def test_onnx_model_config_is_the_graphs_and_it_ranks_as_grinfer(served_checkpoi
 
     from grinfer.data import load_dataset
     from grinfer.export.inputs import ranking_inputs
-    from grinfer.features.featurizer import Featurizer, RankRequest, UserContext
+    from grinfer.features.featurizer import FeatureRequest, Featurizer, UserContext
     from grinfer.model.checkpoint import load_checkpoint
 
     ds = load_dataset(SERVED_SPEC)
@@ -163,7 +163,7 @@ def test_onnx_model_config_is_the_graphs_and_it_ranks_as_grinfer(served_checkpoi
                           ctx.num_static)
     model = load_checkpoint(served_checkpoint)
     batch = Featurizer(ds.catalog, model.cfg.num_time_buckets).rank_batch(
-        [RankRequest(context, lookup.rows("CANDIDATE_ITEMS", ctx.candidates), ctx.request_ts)])
+        [FeatureRequest(context, lookup.rows("CANDIDATE_ITEMS", ctx.candidates), ctx.request_ts)])
     feed = {k: v.numpy() for k, v in ranking_inputs(batch).items()}
     (probs,) = session.run(None, {i.name: feed[i.name] for i in session.get_inputs()})
     with torch.no_grad():

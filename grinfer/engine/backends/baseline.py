@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from grinfer.features.featurizer import Featurizer
-from grinfer.features.featurizer import RankRequest as FeatureRequest
+from grinfer.features.featurizer import FeatureRequest, Featurizer
 from grinfer.model.mtgr import MTGR
 
 
