@@ -117,6 +117,11 @@ class Engine:
             self._wake.notify()
         return future
 
+    def forget_user(self, user: str, before_version: int) -> Future:
+        """Free the user's cached K/V of history versions before `before_version`, on the engine's thread
+        (a history roll made through another replica); the future resolves to whether a device entry went."""
+        return self.call(lambda: self.core.cache.drop_stale(user, before_version))
+
     async def rank(self, request: RankRequest) -> RankResult:
         """Score a request (awaitable; safe from many tasks at once)."""
         return await asyncio.wrap_future(self.submit(request))

@@ -88,6 +88,20 @@ class KVCache:
         if not keep and self.manager.get(handle.key) is handle.entry:
             self.manager.drop(handle.key)
 
+    def drop_stale(self, user: str, version: int) -> bool:
+        """Free the user's K/V of history versions before `version` (a roll elsewhere in the fleet): the
+        device entry unless a running request pins it (the version check voids it at the next lookup), and
+        any tier copies. Whether a device entry was freed."""
+        for tier in self._chain():
+            held = getattr(tier, "entries", getattr(tier, "files", {})).get(user)
+            if held is not None and held.signature.version < version:
+                tier.discard(user)
+        entry = self.manager.get(user)
+        if entry is None or entry.signature.version >= version or entry.pins:
+            return False
+        self.manager.drop(user)
+        return True
+
     def fits(self, tokens: int) -> bool:
         """Whether a context of `tokens` could ever fit the pool."""
         return self.manager.fits(tokens)

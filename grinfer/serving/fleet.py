@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from grinfer.engine import Engine
-from grinfer.engine.kv_cache import CacheHandle, KVCache
 from grinfer.serving.service import RecommenderService
 
 log = logging.getLogger("grinfer.fleet")
@@ -31,25 +30,11 @@ class RollAnnouncer(Protocol):
     def subscribe_rolls(self, on_roll: Callable[[str, int], None]) -> Callable[[], None]: ...
 
 
-def drop_stale_kv(cache: KVCache, user: str, version: int) -> bool:
-    """Free `user`'s device K/V of history versions before `version`; call on the engine's thread. An entry
-    a running request pins is left alone (it finishes on it; the version check voids it later), and so are
-    copies in the host/disk tiers (the user's next lookup drops them). Uses only the scheduler-facing
-    `release`; the entry table is the cache's own or, after the engine refactor, its block manager's."""
-    book: Any = getattr(cache, "manager", cache)
-    entry = book.entries.get(user)
-    if entry is None or entry.signature.version >= version or entry.pins:
-        return False
-    entry.pins += 1  # release() unpins, and with keep=False frees the entry's pages
-    cache.release(CacheHandle(user, entry), keep=False)
-    return True
-
-
 def forget_rolled(engine: Engine) -> Callable[[str, int], None]:
     """on_roll(user, version) that frees the user's older K/V on this replica's engine thread."""
     def on_roll(user: str, version: int) -> None:
         try:
-            engine.call(lambda: drop_stale_kv(engine.core.cache, user, version))
+            engine.forget_user(user, version)
         except Exception as exc:  # a full or stopped engine: the version check still voids the K/V
             log.debug("roll of %s not applied to the KV cache now: %s", user, exc)
     return on_roll
