@@ -165,6 +165,9 @@ class EngineConfig(BaseModel):
     disk_cache_dir: str | None = None
     # steps in flight: 1 = plan, run, wait (the synchronous reference); 2 = plan step N+1 while N runs
     pipeline_depth: int = Field(default=2, ge=1, le=2)
+    # on the CPU, run a pipelined step's device part on a worker thread (the CPU's "stream"). Off by default:
+    # with few cores the two threads' OpenMP teams contend, and a CPU-demo step took 2.5x longer on 2 cores
+    cpu_device_thread: bool = False
     # a step that fails (raises, non-finite outputs, past step_timeout_s) re-runs on the next backend:
     # the primary, then eager, then baseline (the uncached model); False: the step's requests fail
     fallback: bool = True

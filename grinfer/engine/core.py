@@ -101,7 +101,8 @@ class EngineCore:
         self.chain = BackendChain([*names, BASELINE])
         featurizer = DeviceFeaturizer(catalog, cfg.num_time_buckets, self.device)
         self.runner = ModelRunner([*backends, baseline], self.pool, featurizer, self.device,
-                                  pipelined=config.pipeline_depth > 1, step_timeout_s=config.step_timeout_s)
+                                  pipelined=config.pipeline_depth > 1 and config.cpu_device_thread,
+                                  step_timeout_s=config.step_timeout_s)
         self.num_profile_tokens = len(cfg.profile_cardinalities)
         self.inflight: deque[tuple[StepPlan, StepOutput, float]] = deque()
         self.steps = 0

@@ -87,7 +87,7 @@ class ModelRunner:
         self.step_timeout_s = step_timeout_s
         self.table: dict[int, _RequestTensors] = {}
         self.host_seconds = {"featurize": 0.0, "indices": 0.0, "launch": 0.0}  # host time per part, summed
-        # CPU kernels run on the calling thread: a worker thread plays the role of the CUDA stream
+        # CPU kernels run on the calling thread: a worker thread may play the role of the CUDA stream
         self.pipelined = pipelined and device.type == "cpu"
         self._worker = self._new_worker()
 

@@ -42,7 +42,8 @@ def test_every_backend_depth_and_tier(model, catalog, featurizer, make_request, 
     if tiers == "host+disk":  # the host tier holds one user, older ones go on to the disk
         config = {"host_cache_bytes": kv_bytes(model, 18), "disk_cache_bytes": kv_bytes(model, 400),
                   "disk_cache_dir": str(tmp_path)}
-    core = make_core(model, catalog, backend=backend, pipeline_depth=depth, block_size=4, max_batch_tokens=32,
+    core = make_core(model, catalog, backend=backend, pipeline_depth=depth, cpu_device_thread=depth > 1,
+                     block_size=4, max_batch_tokens=32,
                      kv_cache_bytes=kv_bytes(model, 11 * 4), **config)
     rng = np.random.default_rng(5)
     first = [engine_request(f"u{i}", make_request(12, 2, 2 + i, seed=300 + i)) for i in range(4)]

@@ -63,7 +63,7 @@ def fallbacks(core) -> dict:
 @pytest.mark.parametrize("fault", ["raise", "nan"])
 def test_failed_steps_are_rerun_on_the_next_backend(model, catalog, featurizer, make_request, fault, depth):
     faulty = Faulty(model, fault, on={1, 3})
-    core = faulty_core(model, catalog, faulty, pipeline_depth=depth)
+    core = faulty_core(model, catalog, faulty, pipeline_depth=depth, cpu_device_thread=depth > 1)
     reqs = requests(make_request, 8, seed=10)
     results = {}
     for req in reqs:  # one request a step: the faulty backend sees calls 0..7 in order
@@ -85,7 +85,7 @@ def test_a_pipelined_failure_reruns_the_steps_in_flight_after_it(model, catalog,
     """Step N fails while N+1 (same request: its next candidate micro-batch over N's context) is in flight:
     both are run again, in order, and the scores are right."""
     faulty = Faulty(model, "nan", on={0})
-    core = faulty_core(model, catalog, faulty, pipeline_depth=2, max_batch_tokens=16)
+    core = faulty_core(model, catalog, faulty, pipeline_depth=2, cpu_device_thread=True, max_batch_tokens=16)
     req = engine_request("big", make_request(6, 2, 40, seed=3))  # 12 context tokens + 40 candidates
     res = run(core, [req])[req.request_id]
     assert res.steps >= 3
@@ -95,7 +95,7 @@ def test_a_pipelined_failure_reruns_the_steps_in_flight_after_it(model, catalog,
 
 def test_a_hung_step_times_out_and_is_rerun(model, catalog, featurizer, make_request):
     faulty = Faulty(model, "hang", on={1}, hang_s=1.5)
-    core = faulty_core(model, catalog, faulty, pipeline_depth=2, step_timeout_s=0.3)
+    core = faulty_core(model, catalog, faulty, pipeline_depth=2, cpu_device_thread=True, step_timeout_s=0.3)
     reqs = requests(make_request, 3, seed=20)
     results = {}
     for req in reqs:

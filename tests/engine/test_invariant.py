@@ -42,6 +42,7 @@ BLOCK_SIZES = [1, 3, 32]  # 3 and 32 leave partial blocks for most lengths below
 def pipeline_depth(request, monkeypatch):
     """Every test of this module runs with the synchronous engine and the pipelined one."""
     monkeypatch.setitem(engine_util.CORE_DEFAULTS, "pipeline_depth", request.param)
+    monkeypatch.setitem(engine_util.CORE_DEFAULTS, "cpu_device_thread", request.param > 1)  # the threaded path
     return request.param
 
 

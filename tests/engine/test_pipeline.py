@@ -77,7 +77,8 @@ def test_pipelined_and_synchronous_engines_agree(model, catalog, featurizer, mak
             tier_config.update(disk_cache_bytes=kv_bytes(model, 2000),
                                disk_cache_dir=str(tmp_path_factory.mktemp(f"kv{depth}")))
         # a pool of about three users' contexts: evictions (and restores from the tier) happen
-        core = make_core(model, catalog, pipeline_depth=depth, max_batch_tokens=max_batch_tokens,
+        core = make_core(model, catalog, pipeline_depth=depth, cpu_device_thread=depth > 1,
+                         max_batch_tokens=max_batch_tokens,
                          block_size=block_size, kv_cache_bytes=kv_bytes(model, 120), **tier_config)
         results[depth] = replay(core, trace)
         assert_unpinned(core)
@@ -95,7 +96,7 @@ def test_pipelined_and_synchronous_engines_agree(model, catalog, featurizer, mak
 
 def test_the_pipeline_plans_the_next_step_before_waiting_for_the_last(model, catalog, make_request):
     """With depth 2, step N+1 is launched while step N is still in flight (on the CPU: the worker thread)."""
-    core = make_core(model, catalog, pipeline_depth=2, max_batch_tokens=16)
+    core = make_core(model, catalog, pipeline_depth=2, cpu_device_thread=True, max_batch_tokens=16)
     launched, waited = [], []
     launch = core.runner.launch
 

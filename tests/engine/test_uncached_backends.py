@@ -26,7 +26,8 @@ def onnx_path(model, tmp_path_factory):
 def test_uncached_backends_answer_like_the_model(model, catalog, featurizer, make_request, backend, depth,
                                                  request):
     config = {"onnx_path": request.getfixturevalue("onnx_path")} if backend == "onnx" else {}
-    core = make_core(model, catalog, backend=backend, pipeline_depth=depth, max_batch_tokens=32, **config)
+    core = make_core(model, catalog, backend=backend, pipeline_depth=depth, cpu_device_thread=depth > 1,
+                     max_batch_tokens=32, **config)
     assert core.chain.names == ([backend, "baseline"] if backend == "onnx" else ["baseline"])
     reqs = [engine_request(f"u{i}", make_request(4 + 3 * i, 2, 3 + 5 * i, seed=60 + i)) for i in range(4)]
     for requests in (reqs, [with_context(r, r.context) for r in reqs]):  # the second round finds nothing cached
