@@ -57,6 +57,25 @@ def uncached_probs(model: MTGR, featurizer: Featurizer, req, device) -> torch.Te
     return torch.sigmoid(model(batch).float()).cpu()
 
 
+def engine_config(w: Workload, backend: str, dev: torch.device, model, catalog, overrides: dict):
+    """The engine's settings for one row and the row's backend label; `auto` probes as the server does and
+    is labelled auto:CHOSEN, `onnx` (and auto) get the model's graph exported first."""
+    tokens_per_request = w.profile_tokens + w.static + w.realtime + w.candidates
+    settings = {"backend": "eager" if backend == "auto" else backend, "device": str(dev),
+                "dtype": w.dtype if dev.type == "cuda" else "float32",
+                "max_batch_tokens": w.batch * tokens_per_request, "max_batch_requests": w.batch,
+                "kv_cache_bytes": 0 if dev.type == "cuda" else 1 << 30, **overrides}
+    if backend in ("onnx", "auto") and importlib.util.find_spec("onnxruntime") is not None:
+        settings["onnx_path"] = export_onnx(model)
+    config = EngineConfig(**settings)
+    if backend != "auto":
+        return config, backend
+    from grinfer.engine.probe import available_backends, choose, probe_backends
+
+    chosen = choose(probe_backends(model, catalog, config, available_backends(dev)))
+    return config.model_copy(update={"backend": chosen.backend}), f"auto:{chosen.backend}"
+
+
 def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int, seed: int,
                  engine_overrides: dict, check: int = 2) -> dict:
     """Time `iters` batches of `w.batch` concurrent requests through one engine; returns one result row."""
@@ -65,21 +84,7 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     torch.manual_seed(seed)
     model = build_model(cfg)
     catalog = bench_catalog()
-    tokens_per_request = w.profile_tokens + w.static + w.realtime + w.candidates
-    settings = {"backend": "eager" if backend == "auto" else backend, "device": device,
-                "dtype": w.dtype if dev.type == "cuda" else "float32",
-                "max_batch_tokens": w.batch * tokens_per_request, "max_batch_requests": w.batch,
-                "kv_cache_bytes": 0 if dev.type == "cuda" else 1 << 30, **engine_overrides}
-    if backend in ("onnx", "auto") and importlib.util.find_spec("onnxruntime") is not None:
-        settings["onnx_path"] = export_onnx(model)
-    config = EngineConfig(**settings)
-    label = backend
-    if backend == "auto":  # probe as the server does, then time the chosen one
-        from grinfer.engine.probe import available_backends, choose, probe_backends
-
-        chosen = choose(probe_backends(model, catalog, config, available_backends(dev)))
-        config = config.model_copy(update={"backend": chosen.backend})
-        label = f"auto:{chosen.backend}"
+    config, label = engine_config(w, backend, dev, model, catalog, engine_overrides)
     if dev.type == "cuda":
         gc.collect()  # the previous run's engine (its KV pool, CUDA graphs) must be gone before this one sizes its pool
         torch.cuda.empty_cache()
@@ -100,6 +105,8 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     steps_before, phases_before, timed_steps = core.steps, core.phase_seconds(), core.steps
     for i in tqdm(range(warmup + iters), desc=f"{w.name} {backend}", leave=False):
         if i == warmup:
+            while core.runner.backend.capture_pending():  # the warm-up's CUDA-graph buckets, as the server's
+                pass                                       # idle-time captures would do before traffic
             phases_before, timed_steps = core.phase_seconds(), core.steps
         if w.warm:
             reqs = make_requests(w, users, rng, base_events=base)
