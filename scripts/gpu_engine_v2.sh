@@ -25,9 +25,10 @@ for w in R1-cold R1-warm; do
     --pipeline-depth 1 --pipeline-depth 2 --iters "${ITERS:-6}" --device cuda --json "$out/bench-$w.json"
 done
 for b in fused auto; do
-  stage "serve-$b" "$([ "$b" = auto ] && echo 200 || echo 120)" python3 -m grinfer.bench.serve_sweep --device cuda \
+  stage "serve-$b" "$([ "$b" = auto ] && echo 190 || echo 170)" python3 -m grinfer.bench.serve_sweep --device cuda \
     --out "$out/sweep-$b" --backends "$b" --clients 1,8,64 --duration "${DURATION:-6}" --endpoints rank,recommend
-  (cd "$out/sweep-$b" 2>/dev/null && tar -czf "../servers-$b.tar.gz" server-*.log metrics-*.txt 2>/dev/null \
-    && rm -f server-*.log metrics-*.txt)
 done
+# the device tool brings back only a few files: everything but the stage list goes into one archive
+(cd "$out" && tar -czf results.tar.gz --exclude=results.tar.gz --exclude=stages.txt --exclude=card.txt . \
+  && find . -mindepth 1 ! -name results.tar.gz ! -name stages.txt ! -name card.txt -delete)
 exit 0
