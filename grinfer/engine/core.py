@@ -93,7 +93,7 @@ class EngineCore:
         self.cache = KVCache(manager, self.pool, make_tiers(config, model_fingerprint(self.model, dtype)))
         self.scheduler = Scheduler(config, self.cache, cfg.num_layers)
         names, backends = [backend.name], [backend]
-        if config.fallback and backend.name not in ("eager", "baseline") and not getattr(backend, "uncached", False):
+        if config.fallback and backend.name != "eager" and not getattr(backend, "uncached", False):
             names.append("eager")
             backends.append(Backend(self.model, config))
         if backend is baseline:
@@ -227,11 +227,7 @@ class EngineCore:
         """Stop the runner's worker and move the cached K/V down to the tiers (a disk tier keeps them for
         the next start)."""
         self.runner.close()
-        self.cache.persist()
-        for tier in self.cache.tiers:
-            closer = getattr(tier, "close", None)
-            if closer is not None:
-                closer()
+        self.cache.close()
 
     def device_bytes(self) -> int:
         """Bytes held on the device: CUDA's allocator count, or on the CPU the weights and the KV pool."""

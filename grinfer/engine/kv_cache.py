@@ -36,7 +36,8 @@ class CacheHandle:
 
 
 class KVCache:
-    """Block manager + device pool + tiers (the first tier chains to the next: host -> disk)."""
+    """Block manager + device pool + tiers (the first tier chains to the next: host -> disk; a tier's stats,
+    flush and close cover the ones below it)."""
 
     def __init__(self, manager: BlockManager, pool: KVPool, tiers: Sequence[Tier] = ()):
         self.manager, self.pool, self.tiers = manager, pool, list(tiers)
@@ -92,10 +93,8 @@ class KVCache:
         """Free the user's K/V of history versions before `version` (a roll elsewhere in the fleet): the
         device entry unless a running request pins it (the version check voids it at the next lookup), and
         any tier copies. Whether a device entry was freed."""
-        for tier in self._chain():
-            held = getattr(tier, "entries", getattr(tier, "files", {})).get(user)
-            if held is not None and held.signature.version < version:
-                tier.discard(user)
+        for tier in self.tiers:
+            tier.discard_older(user, version)
         entry = self.manager.get(user)
         if entry is None or entry.signature.version >= version or entry.pins:
             return False
@@ -116,6 +115,12 @@ class KVCache:
         for tier in self.tiers:
             tier.flush()
 
+    def close(self) -> None:
+        """`persist`, then stop the tiers' writers."""
+        self.persist()
+        for tier in self.tiers:
+            tier.close()
+
     # ---- stats --------------------------------------------------------------------------------
     def reset_stats(self) -> None:
         """Start counting lookups afresh (after warm-up, so that only real traffic is counted)."""
@@ -131,19 +136,11 @@ class KVCache:
                "occupancy": m.occupancy(), "users": len(m.entries), "blocks": m.num_blocks,
                "block_size": m.block_size, "host_users": 0, "host_bytes_used": 0, "host_evictions": 0,
                "disk_users": 0, "disk_bytes_used": 0, "disk_evictions": 0, "disk_restores": 0}
-        for tier in self._chain():
+        for tier in self.tiers:
             out.update(tier.snapshot())
         return out
 
     # ---- internals -----------------------------------------------------------------------------
-    def _chain(self):
-        """Every tier, the first's lower ones included."""
-        seen, tier = [], self.tiers[0] if self.tiers else None
-        while tier is not None:
-            seen.append(tier)
-            tier = getattr(tier, "lower", None)
-        return seen
-
     def _make_room(self, entry: Entry, tokens: int) -> bool:
         while self.manager.shortfall(entry, tokens):
             victim = self.manager.victim()

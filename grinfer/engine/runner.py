@@ -8,8 +8,9 @@ step's candidates). Candidates' final states go through the heads.
 The runner owns every per-request tensor (embeddings, a layer-chunked context's hidden states, the logits
 so far) in a table keyed by request. `launch(plan)` prepares on the host and queues the device work
 without waiting for it: on CUDA the kernels are queued on the stream and the logits come back through a
-non-blocking copy into pinned memory with an event; on the CPU (pipelined) a worker thread runs the device
-part in order, so the host prepares step N+1 while step N computes. `StepOutput.wait()` joins the step.
+non-blocking copy into pinned memory with an event; on the CPU the device part runs inline, or, with
+EngineConfig.cpu_device_thread, on a worker thread in order while the host prepares step N+1.
+`StepOutput.wait()` joins the step.
 """
 
 from __future__ import annotations
@@ -93,12 +94,6 @@ class ModelRunner:
 
     def _new_worker(self) -> ThreadPoolExecutor | None:
         return ThreadPoolExecutor(1, thread_name_prefix="grinfer-device") if self.pipelined else None
-
-    def execute(self, plan: StepPlan, level: int = 0) -> StepOutput:
-        """Run the plan to completion (the synchronous form of `launch`)."""
-        output = self.launch(plan, level, inline=True)
-        output.wait()
-        return output
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan, level: int = 0, inline: bool = False) -> StepOutput:
@@ -202,7 +197,6 @@ class ModelRunner:
             return logits
         host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
         return host.copy_(logits, non_blocking=True)
-
 
     def _embed(self, states: list[RequestState]) -> None:
         """Embed the full sequences of newly started requests, in one batch."""

@@ -6,7 +6,10 @@
     take(key, version) -> Held | None              remove the user's entry at that history version from
                                                    the tier (an older version's copy is discarded)
     Held.wait() -> (k, v)                          block until the copy is whole, then its host tensors
+    discard_older(key, version)                    drop the user's copy if it is of an older history version
     flush()                                        wait for every copy in flight
+    close()                                        flush, then release what the tier runs (threads)
+    snapshot()                                     its stats (a tier with a lower one includes the lower's)
 
 An entry being copied is never read half-written: `take` hands out a Held whose `wait` joins the copy.
 """
@@ -54,6 +57,10 @@ class Tier(Protocol):
 
     def discard(self, key: str) -> None: ...
 
+    def discard_older(self, key: str, version: int) -> None: ...
+
     def flush(self) -> None: ...
+
+    def close(self) -> None: ...
 
     def snapshot(self) -> dict: ...

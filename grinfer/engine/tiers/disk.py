@@ -91,6 +91,11 @@ class DiskTier:
         if key in self.files:
             self._delete(key)
 
+    def discard_older(self, key: str, version: int) -> None:
+        entry = self.files.get(key)
+        if entry is not None and entry.signature.version < version:
+            self._delete(key)
+
     def flush(self) -> None:
         for entry in list(self.files.values()):
             if entry.written is not None:

@@ -55,14 +55,27 @@ class HostTier:
         if key in self.entries:
             self._remove(key)
 
+    def discard_older(self, key: str, version: int) -> None:
+        held = self.entries.get(key)
+        if held is not None and held.signature.version < version:
+            self._remove(key)
+        if self.lower is not None:
+            self.lower.discard_older(key, version)
+
     def flush(self) -> None:
         for held in self.entries.values():
             held.wait()
         if self.lower is not None:
             self.lower.flush()
 
+    def close(self) -> None:
+        self.flush()
+        if self.lower is not None:
+            self.lower.close()
+
     def snapshot(self) -> dict:
-        return {"host_users": len(self.entries), "host_bytes_used": self.used, "host_evictions": self.evictions}
+        own = {"host_users": len(self.entries), "host_bytes_used": self.used, "host_evictions": self.evictions}
+        return {**own, **self.lower.snapshot()} if self.lower is not None else own
 
     def _copy_to_host(self, k: torch.Tensor, v: torch.Tensor):
         """Pinned host copies of device K/V on a side stream (after the current stream's gather); the
