@@ -6,13 +6,8 @@
 # Usage: scripts/gpu_engine_v2.sh OUTDIR   (carry `.whl`, filled by scripts/gpu_wheels.sh)
 set -uo pipefail
 out=${1:?OUTDIR}
-mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 GRINFER_HOME=${GRINFER_HOME:-$PWD/.grinfer-cache}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
+source scripts/gpu_env.sh
+export GRINFER_HOME=${GRINFER_HOME:-$PWD/.grinfer-cache}
 stage() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS

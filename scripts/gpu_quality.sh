@@ -13,15 +13,9 @@
 # job is printed and summed in OUTDIR/times.txt.
 set -uo pipefail
 out=${1:?OUTDIR}; shift
-mkdir -p "$out"
 data=${DATA:-shared/data/ml-1m-subset}
 slice=${SLICE:-/tmp/ml-1m-users-2000-2999}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/card.txt"
+source scripts/gpu_env.sh
 rank_args=(--task ranking --preset "${RANK_PRESET:-mtgr-small}" --epochs "${RANK_EPOCHS:-3}" --lr "${RANK_LR:-3e-4}")
 train() {  # name, dataset, args...
   local name=$1 dir=$2 start=$SECONDS; shift 2

@@ -9,13 +9,8 @@
 # and its /metrics page before and after the load, packed: the device tool brings back only a few files).
 set -uo pipefail
 out=${1:?OUTDIR}; shift
-mkdir -p "$out"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 GRINFER_HOME=${GRINFER_HOME:-$PWD/.grinfer-cache}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/card.txt"
+source scripts/gpu_env.sh
+export GRINFER_HOME=${GRINFER_HOME:-$PWD/.grinfer-cache}
 python3 -c "import fastapi, grpc, pydantic, pynvml, uvicorn, grinfer.serving.server" \
   || { echo "gpu_serve: the server's packages do not import (run scripts/gpu_wheels.sh here and carry .whl)" >&2; exit 2; }
 python3 -m grinfer.bench.serve_sweep --device cuda --out "$out" --backends "${BACKENDS:-eager,compiled,fused}" \
