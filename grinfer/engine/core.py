@@ -58,11 +58,13 @@ def model_fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
     return h.hexdigest()[:16]
 
 
-def make_tiers(config: EngineConfig, fingerprint: str) -> list[Tier]:
-    """The lower tiers the config asks for, first to last: host memory, then disk."""
+def make_tiers(config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype) -> list[Tier]:
+    """The lower tiers the config asks for, first to last: host memory, then disk (its directory keyed by
+    the model's fingerprint, hashed only when there is a disk tier)."""
     disk = None
     if config.disk_cache_bytes and config.disk_cache_dir:
-        disk = DiskTier(Path(config.disk_cache_dir).expanduser() / fingerprint, config.disk_cache_bytes)
+        directory = Path(config.disk_cache_dir).expanduser() / model_fingerprint(model, dtype)
+        disk = DiskTier(directory, config.disk_cache_bytes)
     if config.host_cache_bytes:
         return [HostTier(config.host_cache_bytes, lower=disk)]
     return [disk] if disk is not None else []
@@ -90,7 +92,7 @@ class EngineCore:
         manager = BlockManager(cache_blocks(config, per_token, self.device), config.block_size)
         self.pool = KVPool(cfg.num_layers, cfg.num_heads, cfg.head_dim, config.block_size, manager.num_blocks,
                            dtype, self.device, scratch_blocks=scratch if backend.keys_in_pool else 0)
-        self.cache = KVCache(manager, self.pool, make_tiers(config, model_fingerprint(self.model, dtype)))
+        self.cache = KVCache(manager, self.pool, make_tiers(config, self.model, dtype))
         self.scheduler = Scheduler(config, self.cache, cfg.num_layers)
         names, backends = [backend.name], [backend]
         if config.fallback and backend.name != "eager" and not getattr(backend, "uncached", False):
