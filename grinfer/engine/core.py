@@ -18,7 +18,7 @@ import torch
 
 from grinfer.config import EngineConfig
 from grinfer.data.types import ItemCatalog
-from grinfer.engine.backends import Backend, make_backend
+from grinfer.engine.backends import EagerBackend, make_backend
 from grinfer.engine.backends.baseline import BaselineScorer
 from grinfer.engine.backends.onnx import OnnxScorer
 from grinfer.engine.block_manager import BlockManager
@@ -97,7 +97,7 @@ class EngineCore:
         names, backends = [backend.name], [backend]
         if config.fallback and backend.name != "eager" and not getattr(backend, "uncached", False):
             names.append("eager")
-            backends.append(Backend(self.model, config))
+            backends.append(EagerBackend(self.model, config))
         if backend is baseline:
             names, backends = [], []
         self.chain = BackendChain([*names, BASELINE])

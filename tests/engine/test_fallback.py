@@ -11,11 +11,11 @@ import pytest
 import torch
 from engine_util import append_events, assert_scores, assert_unpinned, engine_request, make_core, run, with_context
 
-from grinfer.engine.backends import Backend
+from grinfer.engine.backends import EagerBackend
 from grinfer.engine.strategy import BREAKER_COOLDOWN_S, BREAKER_FAILURES
 
 
-class Faulty(Backend):
+class Faulty(EagerBackend):
     """The eager layers, failing on the calls (0-based) in `on` (or on every call from `always_from`)."""
 
     def __init__(self, model, fault: str, on=(), always_from: int | None = None, hang_s: float = 1.0):

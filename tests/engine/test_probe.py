@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from grinfer.config import EngineConfig
-from grinfer.engine.backends import BACKENDS, Backend
+from grinfer.engine.backends import BACKENDS, EagerBackend
 from grinfer.engine.probe import Probe, available_backends, choose, format_probes, probe_backends
 
 
-class Unavailable(Backend):
+class Unavailable(EagerBackend):
     """A backend that cannot be built here."""
 
     name = "unavailable"
@@ -20,7 +20,7 @@ class Unavailable(Backend):
         raise ValueError("backend: 'unavailable' runs on a device this machine does not have")
 
 
-class Skewed(Backend):
+class Skewed(EagerBackend):
     """Eager with its logits shifted: it runs, but disagrees."""
 
     name = "skewed"

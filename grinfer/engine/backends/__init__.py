@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from grinfer.engine.backends.base import Backend
 from grinfer.engine.backends.compiled import CompiledBackend
+from grinfer.engine.backends.eager import EagerBackend
 from grinfer.engine.backends.fused import FusedBackend
 
-BACKENDS: dict[str, type[Backend]] = {"eager": Backend, "compiled": CompiledBackend, "fused": FusedBackend}
+BACKENDS: dict[str, type[Backend]] = {"eager": EagerBackend, "compiled": CompiledBackend, "fused": FusedBackend}
 
 
 def make_backend(name: str, model, config=None) -> Backend:
@@ -18,4 +19,4 @@ def make_backend(name: str, model, config=None) -> Backend:
         raise ValueError(f"backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}") from None
 
 
-__all__ = ["BACKENDS", "Backend", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "EagerBackend", "make_backend"]

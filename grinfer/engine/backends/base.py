@@ -1,8 +1,11 @@
-"""The backend interface, implemented by `eager`: the PyTorch reference forward, any device."""
+"""The backend interface: what the runner asks of a backend that runs MTGR's layer stack over the paged KV pool.
+
+`eager` (eager.py) implements it in PyTorch and is the reference every other backend is checked against;
+`compiled` and `fused` build on it. The uncached scorers (baseline.py, onnx.py) are not backends of this
+kind: they say `uncached = True` and score whole work items with `logits(items)`.
+"""
 
 from __future__ import annotations
-
-from typing import cast
 
 import torch
 
@@ -10,17 +13,14 @@ from grinfer.config import EngineConfig
 from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.step import StepIndex
 from grinfer.features.device import DeviceFeaturizer, RawBatch
-from grinfer.model.layers import HSTULayer, TokenMeta
+from grinfer.model.layers import TokenMeta
 from grinfer.model.mtgr import MTGR
 
 
 class Backend:
-    """Per-layer pieces of the MTGR forward; the runner owns batching and the paged KV cache.
+    """Runs a step's layers over the paged KV pool; the runner owns batching, the pool and the indices."""
 
-    Faster backends override these methods (and may read K/V straight from the paged cache).
-    """
-
-    name = "eager"
+    name = ""
     keys_in_pool = False  # whether attention reads the candidates' K/V from the cache (scratch pages) too
 
     def __init__(self, model: MTGR, config: EngineConfig | None = None):
@@ -28,64 +28,23 @@ class Backend:
 
     def featurize_embed(self, featurizer: DeviceFeaturizer, raw: RawBatch) -> tuple[torch.Tensor, TokenMeta]:
         """Token embeddings and metadata of whole request sequences, from their raw events on the device."""
-        return featurize_embed(self.model, featurizer, *raw.tensors(), *raw.sizes())
-
-    def layer(self, index: int) -> HSTULayer:
-        """The model's layer `index` (typed: nn.ModuleList's items are plain Modules)."""
-        return cast(HSTULayer, self.model.layers[index])
-
-    def project(self, layer: int, x: torch.Tensor, group: torch.Tensor):
-        """U, V, Q, K of the tokens being computed."""
-        return self.layer(layer).project(x, group)
-
-    def plan(self, q_meta: TokenMeta, k_meta: TokenMeta):
-        """The step's attention plan (mask, normaliser, bias indices), shared by all layers."""
-        return self.layer(0).plan(q_meta, k_meta)
-
-    def attend(self, layer: int, q, k, v, plan) -> torch.Tensor:
-        """Attention of the queries over their keys (cached context + new tokens)."""
-        return self.layer(layer).attend(q, k, v, plan)
-
-    def finish(self, layer: int, x, attn, u, group) -> torch.Tensor:
-        """Residual update of the layer."""
-        return self.layer(layer).finish(x, attn, u, group)
+        raise NotImplementedError
 
     def run_layers(self, x: torch.Tensor, idx: StepIndex, pool: KVPool, first: int, last: int) -> torch.Tensor:
         """Layers [first, last) over the step's new tokens x: each writes its new context K/V into the pool,
-        then the queries attend over their context K/V (gathered from the pool) plus the step's candidates."""
-        plan = self.plan(idx.q_meta, idx.k_meta)
-        for layer in range(first, last):
-            u, v, q, k = self.project(layer, x, idx.q_meta.group)
-            k_cache, v_cache = pool.k[layer], pool.v[layer]
-            k_cache[idx.write_slots] = k[idx.write_src].to(k_cache.dtype)
-            v_cache[idx.write_slots] = v[idx.write_src].to(v_cache.dtype)
-            attn = self.attend(layer, q, _keys(k, k_cache, idx), _keys(v, v_cache, idx), plan)
-            x = self.finish(layer, x, attn, u, idx.q_meta.group)
-        return x
+        then the queries attend over their context K/V plus the step's candidates; the new tokens' states."""
+        raise NotImplementedError
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Per-task logits of final candidate states."""
-        return self.model.head_logits(x)
+        raise NotImplementedError
 
-    def capture_pending(self) -> bool:
-        """Do one piece of deferred device work (a CUDA-graph capture) off the request path; whether there was
-        any. The engine calls it when idle and during warm-up."""
+    def capture_pending(self, min_steps: int = 1) -> bool:
+        """Do one piece of deferred device work (a CUDA-graph capture of a bucket at least `min_steps` steps
+        needed) off the request path; whether there was any. The engine calls it when idle, between steps
+        under load, and during warm-up."""
         return False
 
     def stats(self) -> dict:
         """Backend counters for metrics (e.g. CUDA graphs held, pending, failed)."""
         return {}
-
-
-def _keys(new: torch.Tensor, cached: torch.Tensor, idx: StepIndex) -> torch.Tensor:
-    """The step's key (or value) tensor: each sequence's context rows from the cache, then its candidates'."""
-    out = new.new_empty((len(idx.k_meta.group), *new.shape[1:]))
-    out[idx.ctx_dest] = cached[idx.ctx_slots].to(new.dtype)
-    out[idx.cand_dest] = new[idx.cand_src]
-    return out
-
-
-def featurize_embed(model: MTGR, featurizer: DeviceFeaturizer, *raw) -> tuple[torch.Tensor, TokenMeta]:
-    """model.embed(featurizer.build_from(*raw)): RawBatch's tensors and sizes as plain arguments, so that
-    torch.compile(dynamic=True) of this function keeps the sizes symbolic."""
-    return model.embed(featurizer.build_from(*raw))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from grinfer.config import EngineConfig
-from grinfer.engine.backends.base import Backend, featurize_embed
+from grinfer.engine.backends.eager import EagerBackend, featurize_embed
 from grinfer.model.mtgr import MTGR
 
 
@@ -32,7 +32,7 @@ def compile_featurize_embed(model: MTGR):
     return lambda featurizer, raw: compiled(model, featurizer, *raw.tensors(), *raw.sizes())
 
 
-class CompiledBackend(Backend):
+class CompiledBackend(EagerBackend):
     name = "compiled"
 
     def __init__(self, model: MTGR, config: EngineConfig | None = None):

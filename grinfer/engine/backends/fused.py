@@ -20,15 +20,15 @@ from __future__ import annotations
 import torch
 
 from grinfer.config import EngineConfig
-from grinfer.engine.backends.base import Backend
 from grinfer.engine.backends.compiled import compile_featurize_embed
+from grinfer.engine.backends.eager import EagerBackend
 from grinfer.engine.backends.graphs import GraphCache, LayerInputs
 from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.step import StepIndex
 from grinfer.model.mtgr import MTGR
 
 
-class FusedBackend(Backend):
+class FusedBackend(EagerBackend):
     name = "fused"
     keys_in_pool = True  # the step's candidates' K/V go to scratch pages of the cache
 
