@@ -24,7 +24,8 @@ the events committed before it.
 Schema (version 2) mirrors the SQLite store: ``users(uid, id, profile bigint[], history_version,
 rolled_upto)``, append-only ``events(seq identity, uid, item, ts, action)`` indexed on (uid, seq),
 ``items``, ``genre_names``, ``models`` (metadata jsonb) and ``schema_version``; version 2 adds
-``event_keys(uid, key, digest, appended, realtime_events)``, the idempotency keys of appends.
+``event_keys(uid, key, digest, appended, realtime_events)``, the idempotency keys of appends; version 3
+the model registry's tables (``registry_tables.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from grinfer.storage._common import (
     replay_append,
 )
 from grinfer.storage.base import Appended, Event, Roll, Unavailable, UserRecord
+from grinfer.storage.registry_tables import REGISTRY_TABLES
 from grinfer.storage.resilient import Breaker
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -105,6 +107,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (3, REGISTRY_TABLES),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -184,6 +187,14 @@ class PostgresStore:
         )
         self._pool.open(wait=True, timeout=connect_timeout_s)
         self._closed = False
+
+    placeholder = "%s"  # the parameter marker of this store's SQL (grinfer.registry writes one dialect for both)
+
+    @contextmanager
+    def transaction(self) -> Iterator[psycopg.Connection]:
+        """One transaction on a pooled connection for code outside this class (the model registry)."""
+        with self._conn() as conn, conn.transaction():
+            yield conn
 
     def _migrate(self, conn: psycopg.Connection) -> None:
         key = f"grinfer.storage.migrate:{self.schema or ''}"

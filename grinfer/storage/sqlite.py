@@ -12,7 +12,8 @@ Schema (version 2): ``users(uid, id, profile JSON, history_version, rolled_upto)
 year_bucket)``, ``genre_names(idx, name)``, ``models(id, name, path, metadata JSON,
 registered_at)`` and ``schema_version(version, applied_at)``. A user's S is its events with
 ``seq <= rolled_upto``; R is the rest. Events come back ordered by (ts, seq). Version 2 adds
-``event_keys(uid, key, digest, appended, realtime_events)``: the idempotency keys of appends.
+``event_keys(uid, key, digest, appended, realtime_events)``: the idempotency keys of appends. Version 3
+adds the model registry's tables (``registry_tables.py``: model versions, experiments and their arms).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from grinfer.storage._common import (
     replay_append,
 )
 from grinfer.storage.base import Appended, Event, Roll, UserRecord
+from grinfer.storage.registry_tables import REGISTRY_TABLES
 
 # Each migration is a list of statements run in one transaction; append, never edit.
 MIGRATIONS: list[tuple[int, list[str]]] = [
@@ -90,6 +92,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (3, REGISTRY_TABLES),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -154,6 +157,14 @@ class SQLiteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+
+    placeholder = "?"  # the parameter marker of this store's SQL (grinfer.registry writes one dialect for both)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction for code outside this class (the model registry): committed on normal exit."""
+        with self._write() as c:
+            yield c
 
     def _migrate(self) -> None:
         with self._write() as c:

@@ -17,6 +17,7 @@ from grinfer.data import generate_synthetic
 from grinfer.data.types import ItemCatalog
 from grinfer.storage import open_store
 from grinfer.storage.base import Event, Roll, UserRecord
+from grinfer.storage.sqlite import SCHEMA_VERSION  # PostgreSQL's migrations are numbered alike
 
 
 def ev(item: int, ts: int, action: int = 3) -> Event:
@@ -25,10 +26,10 @@ def ev(item: int, ts: int, action: int = 3) -> Event:
 
 def test_migrations_applied_and_reopen_keeps_data(store_url):
     with open_store(store_url) as s:
-        assert s.schema_version() == 2
+        assert s.schema_version() == SCHEMA_VERSION
         s.append_events("u", [ev(1, 10)])
     with open_store(store_url) as s:  # migrations are idempotent
-        assert s.schema_version() == 2
+        assert s.schema_version() == SCHEMA_VERSION
         assert s.get_user("u").realtime == [ev(1, 10)]
 
 
@@ -49,7 +50,7 @@ def test_concurrent_open_migrates_once(store_url):
     for t in threads:
         t.join()
     assert errors == []
-    assert [s.schema_version() for s in stores] == [2] * 4
+    assert [s.schema_version() for s in stores] == [SCHEMA_VERSION] * 4
     stores[0].put_profile("a", [1])
     assert stores[3].get_user("a").profile == [1]
     for s in stores:
