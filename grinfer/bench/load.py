@@ -106,6 +106,8 @@ class LevelResult:
     kv_hit_ratio: float | None = None  # (hits + partial_hits) / lookups during the level
     # OK answers by the replica that served them (X-Grinfer-Replica) and their context's cache status
     replicas: dict[str, dict[str, int]] = field(default_factory=dict)
+    rejected_p50_ms: float | None = None  # latency of the 429 answers
+    rejected_p99_ms: float | None = None
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
@@ -187,11 +189,12 @@ def kv_of_page(text: str) -> dict[str, float] | None:
 
 
 async def run_level(client: httpx.AsyncClient, workload: Workload, clients: int, requests: int,
-                    duration_s: float, send: Send | None = None) -> LevelResult:
-    """`clients` closed loops until `requests` have been sent or `duration_s` has passed (over REST, or `send`)."""
+                    duration_s: float, send: Send | None = None, backoff_s: float = 0.0) -> LevelResult:
+    """`clients` closed loops until `requests` have been sent or `duration_s` has passed (over REST, or `send`);
+    a loop that got a 429 waits `backoff_s` before its next request (0: at once, as wrk does)."""
     before = await kv_counts(client)
     outcome = await _closed_loops(send or rest_sender(client, workload.endpoint), workload, clients, requests,
-                                  duration_s)
+                                  duration_s, backoff_s)
     return _level(workload, clients, outcome, before, await kv_counts(client))
 
 
@@ -216,7 +219,7 @@ def run_level_spread(base_url: str, workload: Workload, clients: int, requests: 
         statuses.update(part[0])
         served.update(part[4])
     outcome = (statuses, [x for part in parts for x in part[1]], sum(p[2] for p in parts), max(p[3] for p in parts),
-               served)
+               served, [x for part in parts for x in part[5]])
     return _level(workload, clients, outcome, before, after)
 
 
@@ -232,13 +235,15 @@ def _loops_in_process(base_url: str, endpoint: str, users: list[str], items: lis
     return asyncio.run(go())
 
 
-async def _closed_loops(send: Send, workload: Workload, clients: int, requests: int,
-                        duration_s: float) -> tuple[Counter, list[float], int, float, Counter]:
-    """(outcomes by status, OK latencies in ms, requests sent, seconds, OK answers by (replica, cache status))
-    of `clients` closed loops; each request names its user in X-User-Id, the key user-affine balancers hash."""
+async def _closed_loops(send: Send, workload: Workload, clients: int, requests: int, duration_s: float,
+                        backoff_s: float = 0.0) -> tuple[Counter, list[float], int, float, Counter, list[float]]:
+    """(outcomes by status, OK latencies in ms, requests sent, seconds, OK answers by (replica, cache status),
+    429 latencies in ms) of `clients` closed loops; each request names its user in X-User-Id, the key
+    user-affine balancers hash. A loop waits `backoff_s` after a 429."""
     statuses: Counter[str] = Counter()
     served: Counter[tuple[str, str]] = Counter()  # OK answers by (X-Grinfer-Replica, X-Grinfer-Cache)
     latencies: list[float] = []
+    rejected: list[float] = []
     sent = 0
     start = time.perf_counter()
     deadline = start + duration_s
@@ -253,15 +258,20 @@ async def _closed_loops(send: Send, workload: Workload, clients: int, requests: 
             if outcome == "200" and answered is not None:  # a 200 always names its replica and cache status
                 latencies.append(1e3 * (time.perf_counter() - t0))
                 served[answered] += 1
+            elif outcome == "429":
+                rejected.append(1e3 * (time.perf_counter() - t0))
+                if backoff_s:
+                    await asyncio.sleep(min(backoff_s, max(0.0, deadline - time.perf_counter())))
             statuses[outcome] += 1
 
     await asyncio.gather(*(loop() for _ in range(clients)))
-    return statuses, latencies, sent, time.perf_counter() - start, served
+    return statuses, latencies, sent, time.perf_counter() - start, served, rejected
 
 
 def _level(workload: Workload, clients: int, outcome: tuple, before: dict | None, after: dict | None) -> LevelResult:
-    statuses, latencies, sent, seconds, served = outcome
+    statuses, latencies, sent, seconds, served, rejected_ms = outcome
     latencies.sort()
+    rejected_ms.sort()
     ok, rejected = statuses.pop("200", 0), statuses.pop("429", 0)
     delta = ratio = None
     if before is not None and after is not None:
@@ -272,7 +282,8 @@ def _level(workload: Workload, clients: int, outcome: tuple, before: dict | None
                        seconds=seconds, p50_ms=percentile(latencies, 50), p90_ms=percentile(latencies, 90),
                        p99_ms=percentile(latencies, 99), ok_per_s=ok / seconds, requests_per_s=sent / seconds,
                        candidates=workload.candidates if workload.endpoint == "rank" else None,
-                       kv_delta=delta, kv_hit_ratio=ratio, latencies_ms=latencies, replicas=by_replica(served))
+                       kv_delta=delta, kv_hit_ratio=ratio, latencies_ms=latencies, replicas=by_replica(served),
+                       rejected_p50_ms=percentile(rejected_ms, 50), rejected_p99_ms=percentile(rejected_ms, 99))
 
 
 async def run_load_async(server: str, clients: list[int], endpoint: str = "recommend", requests: int = 400,

@@ -1,10 +1,16 @@
 """Admission at the door: refuse a request before any work when the server is past what it can serve.
 
-Little's law: requests in flight = service rate x latency. To keep the admitted requests' latency near
-a target, admit while the requests in flight stay under `rate x target`, where the rate is measured
-(completions per second, smoothed); a request with a deadline shorter than the target uses its own.
-Refused requests cost nothing (no store read, no retrieval, no engine queue), so past saturation the
-server's goodput stays near its peak and a 429 answers in microseconds.
+Little's law: requests in flight = service rate x latency. To keep the admitted requests' latency under
+a budget (the latency target, or a request's shorter deadline), admit while the requests in flight stay
+under `rate x budget x headroom`: a request admitted behind that many waits about `headroom` of its
+budget, which leaves the rest for the variation around that mean (the p99). The rate is the server's
+measured capacity: completions per second over windows of `window_s`, smoothed. A window in which
+nothing was refused only shows what the clients asked for, so it may raise the estimate but never lower
+it; one in which the bound refused requests measures what the server serves at its bound.
+
+Refused requests cost nothing (no body parsed on REST when `saturated()` answers at the door, no store
+read, no retrieval, no engine queue), so past saturation the server's goodput stays near its peak and
+a 429 answers in well under a millisecond of server time.
 """
 
 from __future__ import annotations
@@ -20,13 +26,15 @@ from grinfer.engine.request import Overloaded
 class Admission:
     """Counts requests in flight and admits them up to the bound the measured service rate allows."""
 
-    def __init__(self, target_s: float | None = 0.5, floor: int = 64, ceiling: int = 4096, window_s: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
-        self.target_s, self.floor, self.ceiling, self.window_s, self.clock = target_s, floor, ceiling, window_s, clock
+    def __init__(self, target_s: float | None = 0.5, floor: int = 2, ceiling: int = 4096, window_s: float = 1.0,
+                 headroom: float = 0.5, clock: Callable[[], float] = time.monotonic):
+        self.target_s, self.floor, self.ceiling, self.window_s = target_s, floor, ceiling, window_s
+        self.headroom, self.clock = headroom, clock
         self.in_flight = 0
-        self.rate = 0.0  # completions per second, smoothed over windows of `window_s`
+        self.rate = 0.0  # the capacity estimate: completions per second, smoothed over windows of `window_s`
         self.refused = 0
         self._done_in_window = 0
+        self._refused_in_window = 0
         self._window_start = clock()
         self._lock = threading.Lock()
 
@@ -36,7 +44,13 @@ class Admission:
         if self.target_s is None:
             return None
         budget = self.target_s if deadline_s is None else min(self.target_s, deadline_s)
-        return max(self.floor, min(self.ceiling, int(self.rate * budget)))
+        return max(self.floor, min(self.ceiling, int(self.rate * budget * self.headroom)))
+
+    def saturated(self) -> bool:
+        """True when a request with the default budget would be refused now: the REST front's check at the
+        door, before the body is read (`admit` still decides, with the request's own deadline)."""
+        limit = self.bound()
+        return limit is not None and self.in_flight >= limit
 
     @contextmanager
     def admit(self, deadline_ms: int | None = None) -> Iterator[None]:
@@ -45,9 +59,8 @@ class Admission:
             self._roll()
             limit = self.bound(deadline_ms / 1e3 if deadline_ms else None)
             if limit is not None and self.in_flight >= limit:
-                self.refused += 1
-                raise Overloaded(f"server is saturated ({self.in_flight} requests in flight, about "
-                                 f"{self.rate:.0f} served a second); retry later")
+                self._count_refusal()
+                raise self.overloaded()
             self.in_flight += 1
         try:
             yield
@@ -57,6 +70,21 @@ class Admission:
                 self._done_in_window += 1
                 self._roll()
 
+    def refuse(self) -> Overloaded:
+        """Count a refusal made at the door (after `saturated()`) and return the error to answer."""
+        with self._lock:
+            self._roll()
+            self._count_refusal()
+        return self.overloaded()
+
+    def overloaded(self) -> Overloaded:
+        return Overloaded(f"server is saturated ({self.in_flight} requests in flight, about {self.rate:.0f} "
+                          f"served a second); retry later")
+
+    def _count_refusal(self) -> None:
+        self.refused += 1
+        self._refused_in_window += 1
+
     def _roll(self) -> None:
         """Close the rate window when it is over (exponential smoothing across windows)."""
         now = self.clock()
@@ -64,5 +92,8 @@ class Admission:
         if elapsed < self.window_s:
             return
         measured = self._done_in_window / elapsed
-        self.rate = measured if self.rate == 0.0 else 0.5 * self.rate + 0.5 * measured
-        self._done_in_window, self._window_start = 0, now
+        if self.rate == 0.0:
+            self.rate = measured
+        elif self._refused_in_window or measured > self.rate:  # a window without refusals cannot lower it
+            self.rate = 0.5 * self.rate + 0.5 * measured
+        self._done_in_window, self._refused_in_window, self._window_start = 0, 0, now

@@ -1,5 +1,6 @@
 """The REST front, as one pure-ASGI middleware: draining, the API key of the write routes (checked
-before the body is read, so keyless writes learn nothing about validation), body limits, latency
+before the body is read, so keyless writes learn nothing about validation), admission at the door
+(a saturated server answers rank, recommend and KServe inference 429 before the body is read), body limits, latency
 and phase metrics, and the `X-Grinfer-Process` / `X-Grinfer-Replica` headers naming the process and
 the replica that answered.
 
@@ -20,6 +21,7 @@ from grinfer.serving.phases import Phases
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
 KEYED_PATHS = frozenset({"/v1/events", "/v1/admin/roll-history"})  # the write routes: an API key is checked first
+ADMITTED_PATHS = frozenset({"/v1/rank", "/v1/recommend"})  # refused at the door (429) when the server is saturated
 
 
 class RequestFront:
@@ -42,6 +44,11 @@ class RequestFront:
         if state.api_key is not None and route_path in KEYED_PATHS and not _has_key(headers, state.api_key):
             await _reply(send, 401, f"{KEY_FIELD}: {KEY_MESSAGE}", KEY_FIELD, [(b"www-authenticate", b"Bearer")])
             state.metrics.error(route_path, "auth")
+            return
+        if scope["method"] == "POST" and _admitted(route_path) and state.service.admission.saturated():
+            # refused at the door: no body read or parsed, no store read (admission.py)
+            await _reply(send, 429, str(state.service.admission.refuse()), None, retry)
+            state.metrics.error(Metrics.route_label(scope), "overloaded")
             return
         if scope["method"] in _BODY_METHODS:
             if b"content-length" in headers and b"transfer-encoding" in headers:
@@ -76,6 +83,11 @@ class RequestFront:
         endpoint = Metrics.route_label(scope)
         state.metrics.observe(endpoint, time.perf_counter() - start)
         state.metrics.observe_phases(endpoint, phases.spans)
+
+
+def _admitted(path: str) -> bool:
+    """The routes that go through admission: /v1/rank, /v1/recommend and KServe v2 inference."""
+    return path in ADMITTED_PATHS or (path.startswith("/v2/models/") and path.endswith("/infer"))
 
 
 def _has_key(headers: dict[bytes, bytes], api_key: str) -> bool:

@@ -20,28 +20,53 @@ class Clock:
         return self.now
 
 
-def test_the_bound_is_the_measured_rate_times_the_target():
+def test_the_bound_is_the_measured_rate_times_the_target_times_the_headroom():
     clock = Clock()
-    gate = Admission(target_s=0.5, floor=2, ceiling=1000, window_s=1.0, clock=clock)
-    assert gate.bound() == 2  # no rate measured yet: the floor
+    gate = Admission(target_s=0.5, floor=2, ceiling=1000, window_s=1.0, headroom=0.5, clock=clock)
+    assert gate.bound() == 2 and not gate.saturated()  # no rate measured yet: the floor
     for _ in range(100):  # 100 requests served in one second
         with gate.admit():
             pass
     clock.now = 1.0
     with gate.admit():
         pass
-    assert gate.rate == pytest.approx(100, rel=0.02) and gate.bound() == 50
-    assert gate.bound(deadline_s=0.1) == 10  # a shorter deadline admits fewer
-    held = [gate.admit() for _ in range(50)]
+    assert gate.rate == pytest.approx(100, rel=0.02) and gate.bound() == 25
+    assert gate.bound(deadline_s=0.1) == 5  # a shorter deadline admits fewer
+    held = [gate.admit() for _ in range(25)]
     for h in held:
         h.__enter__()
+    assert gate.saturated()
     with pytest.raises(Overloaded, match="saturated"), gate.admit():
         pass
-    assert gate.refused == 1 and gate.in_flight == 50
+    assert gate.refused == 1 and gate.in_flight == 25
     for h in held:
         h.__exit__(None, None, None)
     assert gate.in_flight == 0
     assert Admission(target_s=None).bound() is None  # no target: everything is admitted
+
+
+def test_only_a_window_that_refused_requests_can_lower_the_rate():
+    clock = Clock()
+    gate = Admission(target_s=1.0, floor=1, window_s=1.0, headroom=1.0, clock=clock)
+
+    def serve(count: int) -> None:
+        for _ in range(count):
+            with gate.admit():
+                pass
+
+    serve(100)
+    clock.now = 1.0
+    serve(1)  # closes the first window: 100 a second
+    assert gate.rate == pytest.approx(100, rel=0.02)
+    serve(9)
+    gate.refuse()  # the bound refused a request in this window: what it served is the server's capacity
+    clock.now = 2.0
+    serve(1)
+    assert gate.rate == pytest.approx((100 + 10) / 2, rel=0.02)
+    for _ in range(5):  # quiet windows show what clients asked for, not capacity: the estimate stays
+        clock.now += 1.0
+        serve(1)
+    assert gate.rate == pytest.approx(55, rel=0.02)
 
 
 def test_past_saturation_only_200_and_429_and_refusals_do_no_work(tmp_path):
