@@ -180,6 +180,9 @@ class EngineConfig(BaseModel):
     # a new bucket's graph is captured once the engine has had no work for this long (a request that arrives
     # during a capture waits for it, so captures wait for a lull instead of filling every gap between steps)
     capture_idle_s: float = Field(default=0.25, ge=0.0)
+    # under load that never leaves such a lull, one bucket that at least 3 steps needed is captured between
+    # steps at most this often (a capture delays the queue by its few milliseconds); 0: only in lulls
+    capture_busy_s: float = Field(default=1.0, ge=0.0)
 
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]

@@ -33,6 +33,7 @@ from grinfer.bench.load import (
 )
 from grinfer.bench.nvml import GpuSampler, nvml_index
 from grinfer.bench.served import ServedProcess, ServerFailed
+from grinfer.bench.stack_profile import StackRecorder, summarize
 
 BACKENDS = ("auto", "eager", "compiled", "fused")
 START_ESTIMATE_S = 30  # a server start with trained models: load, engine warm-up, store open
@@ -55,6 +56,7 @@ class Sweep:
     load_processes: int = 1  # client processes the closed loops are spread over
     ready_timeout_s: float = 900.0
     sample_interval_s: float = 0.1
+    profile_clients: int | None = None  # py-spy the server during the levels of this client count
 
     @property
     def levels(self) -> int:
@@ -119,8 +121,10 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-async def load_backend(sweep: Sweep, backend: str, url: str, sampler: GpuSampler, done: list[int]) -> dict:
+async def load_backend(sweep: Sweep, backend: str, server: ServedProcess, sampler: GpuSampler,
+                       done: list[int]) -> dict:
     """Every endpoint × client level against one ready server; the backend's part of the report."""
+    url = server.url
     limits = httpx.Limits(max_connections=max(sweep.clients), max_keepalive_connections=max(sweep.clients))
     first_ms: dict[str, float | None] = {}
     rows: list[dict] = []
@@ -136,6 +140,9 @@ async def load_backend(sweep: Sweep, backend: str, url: str, sampler: GpuSampler
                 _progress(f"[{done[0]}/{sweep.levels}] {backend} /v1/{endpoint} {clients} clients, "
                           f"{sweep.duration_s:g} s ...")
                 before = metric_samples(await _metrics(client))
+                profile = sweep.out / f"profile-{backend}-{endpoint}-{clients}.txt"
+                recorder = StackRecorder(server.proc.pid, sweep.duration_s, profile.with_suffix(".raw")) \
+                    if clients == sweep.profile_clients else None
                 with sampler:
                     if sweep.load_processes > 1:
                         result = await asyncio.to_thread(run_level_spread, url, workload, clients, MAX_REQUESTS,
@@ -143,6 +150,10 @@ async def load_backend(sweep: Sweep, backend: str, url: str, sampler: GpuSampler
                     else:
                         result = await run_level(client, workload, clients, MAX_REQUESTS, sweep.duration_s)
                 deltas = counter_deltas(before, metric_samples(await _metrics(client)))
+                if recorder is not None:
+                    failed = await asyncio.to_thread(recorder.finish)
+                    profile.write_text(failed or summarize(recorder.path))
+                    _progress(f"    profile: {failed or profile}")
                 rows.append(level_row(backend, endpoint, result, sampler.stats(), deltas))
                 _progress("    " + format_row(rows[-1]))
         pages["after"] = await _metrics(client)
@@ -163,7 +174,7 @@ def run_backend(sweep: Sweep, backend: str, store_url: str, sampler: GpuSampler,
     try:
         report["ready_s"] = server.wait_ready(sweep.ready_timeout_s)
         _progress(f"ready after {report['ready_s']:.1f} s")
-        report.update(asyncio.run(load_backend(sweep, backend, server.url, sampler, done)))
+        report.update(asyncio.run(load_backend(sweep, backend, server, sampler, done)))
     except (ServerFailed, httpx.HTTPError, ValueError) as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
         _progress(f"{backend}: {report['error']}")
@@ -283,6 +294,9 @@ def parse_sweep(argv: list[str] | None = None) -> Sweep:
                         help="seconds to wait for /readyz per server start [900]")
     parser.add_argument("--load-processes", type=int, default=1,
                         help="client processes the load is spread over (one saturates near a few hundred req/s) [1]")
+    parser.add_argument("--profile-clients", type=int,
+                        help="sample the server's Python stacks with py-spy (if installed) during the levels of "
+                             "this client count; writes profile-*.txt beside the report")
     parser.add_argument("--out", type=Path, default=Path("runs/serve_sweep"), help="output dir [runs/serve_sweep]")
     args = parser.parse_args(argv)
     try:
@@ -298,7 +312,8 @@ def parse_sweep(argv: list[str] | None = None) -> Sweep:
         return Sweep(backends=_names(args.backends, BACKENDS, "--backends"), clients=parse_clients([args.clients]),
                      endpoints=_names(args.endpoints, ENDPOINTS, "--endpoints"), duration_s=args.duration,
                      device=args.device, out=args.out, model=args.model, candidates=args.candidates,
-                     ready_timeout_s=args.ready_timeout, load_processes=args.load_processes)
+                     ready_timeout_s=args.ready_timeout, load_processes=args.load_processes,
+                     profile_clients=args.profile_clients)
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -23,6 +24,7 @@ from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
 
 log = logging.getLogger("grinfer.engine")
+BUSY_CAPTURE_MIN_STEPS = 3  # a bucket captured under load must have been needed by this many steps
 UNHEALTHY_AFTER = 3  # consecutive failed device turns (steps or retrieval batches) that make the engine unready
 
 
@@ -41,6 +43,7 @@ class Engine:
         self._retrievals: list[tuple[UserContext, int, Future]] = []
         self._calls: list[tuple[Callable[[], object], Future]] = []
         self._idle_work = False  # whether the backend may have deferred work (captures) to do when idle
+        self._last_capture = time.monotonic()  # when deferred work last ran (busy captures are rate-limited)
         self._failures_in_row = 0
         self._last_failure = ""
         self.failures = 0  # failed device turns so far
@@ -198,6 +201,7 @@ class Engine:
             if self.core.has_work():
                 self._step()
                 self._idle_work = True
+                self._capture_while_busy()
         with self._lock:
             pending = (list(self._futures.values()) + [f for _, f in self._inbox]
                        + [item[-1] for item in self._retrievals + self._calls])
@@ -215,9 +219,17 @@ class Engine:
     def _has_work(self) -> bool:
         return bool(self._inbox or self._retrievals or self._calls) or self.core.has_work()
 
-    def _capture_pending(self) -> bool:
+    def _capture_while_busy(self) -> None:
+        """Under load without lulls, a bucket that steps keep needing is captured between steps, at most
+        once per EngineConfig.capture_busy_s."""
+        interval = self.core.config.capture_busy_s
+        if interval and time.monotonic() - self._last_capture >= interval:
+            self._capture_pending(min_steps=BUSY_CAPTURE_MIN_STEPS)
+
+    def _capture_pending(self, min_steps: int = 1) -> bool:
+        self._last_capture = time.monotonic()
         try:
-            return self.core.runner.backend.capture_pending()
+            return self.core.runner.backend.capture_pending(min_steps)
         except Exception:  # the backend contains capture failures; anything else must not stop the loop
             log.exception("deferred backend work failed")
             return False

@@ -72,8 +72,8 @@ def wait_until_captured(engine, graphs, timeout_s: float = 120.0) -> None:
     engine.call(lambda: None).result(timeout=60)
 
 
-def faulty_core(model, catalog, fail):
-    core = make_core(model, catalog, backend="fused", block_size=4, capture_idle_s=0.01)
+def faulty_core(model, catalog, fail, **config):
+    core = make_core(model, catalog, backend="fused", block_size=4, **{"capture_idle_s": 0.01, **config})
     backend = core.runner.backend
     backend.use_graphs = True
     layers = len(model.layers)
@@ -128,7 +128,7 @@ def test_an_engine_whose_captures_all_fail_keeps_serving_concurrent_requests(mod
 
 
 def test_capture_off_the_request_path_happens_when_the_engine_is_idle(model, catalog, featurizer, make_request):
-    core, graphs = faulty_core(model, catalog, fail=lambda key: False)
+    core, graphs = faulty_core(model, catalog, fail=lambda key: False, capture_busy_s=0.0)  # lulls only
     engine = Engine(model, catalog, core.config)
     engine.core = core
     graphs.busy = core.has_work  # a capture must never start while requests are admitted
@@ -185,9 +185,26 @@ def test_warm_up_leaves_no_bucket_pending(model, catalog):
     assert core.cache.snapshot()["misses"] == 0  # warm-up lookups are not counted as traffic
 
 
+def test_a_bucket_that_steps_keep_needing_is_captured_under_load_without_lulls(model, catalog, featurizer,
+                                                                                make_request):
+    """Load that never leaves a lull: the bucket that at least 3 steps needed is captured between steps (rate-
+    limited by capture_busy_s), the steps after it replay it, and scores stay the eager ones."""
+    core, graphs = faulty_core(model, catalog, fail=lambda key: False, capture_idle_s=30.0, capture_busy_s=0.001)
+    engine = Engine(model, catalog, core.config)
+    engine.core = core
+    graphs.busy = lambda: True  # every capture in this test happens between steps of a busy engine
+    reqs = [engine_request(f"b{i}", make_request(3, 1, 2, seed=150 + i)) for i in range(8)]  # one bucket
+    with engine:
+        results = [engine.rank_sync(q, timeout=60) for q in reqs]
+    assert graphs.recorded and graphs.captured_while_busy == len(graphs.recorded)
+    assert graphs.eager_steps < len(reqs)  # the later steps replayed the captured bucket
+    for q, result in zip(reqs, results):
+        assert_scores(model, featurizer, q, result, atol=ATOL)
+
+
 def test_captures_wait_for_a_lull_in_traffic(model, catalog, make_request):
     """Requests a little apart (a closed-loop client) never leave the engine idle long enough to capture."""
-    core, graphs = faulty_core(model, catalog, fail=lambda key: False)
+    core, graphs = faulty_core(model, catalog, fail=lambda key: False, capture_busy_s=0.0)
     engine = Engine(model, catalog, core.config.model_copy(update={"capture_idle_s": 5.0}))
     engine.core = core
     with engine:

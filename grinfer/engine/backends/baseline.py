@@ -34,7 +34,7 @@ class BaselineScorer:
     def _logits(self, batch) -> torch.Tensor:
         return self.model(batch.to(self.device)).float().cpu()
 
-    def capture_pending(self) -> bool:
+    def capture_pending(self, min_steps: int = 1) -> bool:
         return False
 
     def stats(self) -> dict:

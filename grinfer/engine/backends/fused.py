@@ -62,8 +62,8 @@ class FusedBackend(EagerBackend):
                                      x.dtype, x.device)
         return self.graphs(x, inputs)
 
-    def capture_pending(self) -> bool:
-        return self.graphs is not None and self.graphs.capture_pending()
+    def capture_pending(self, min_steps: int = 1) -> bool:
+        return self.graphs is not None and self.graphs.capture_pending(min_steps)
 
     def stats(self) -> dict:
         return self.graphs.stats() if self.graphs is not None else {}

@@ -8,7 +8,9 @@ rounded up to a bucket; the graph of that bucket reads padded static copies of t
     block tables    padding is never read (a sequence reads only the pages its keys span)
 
 so one graph serves every step whose shapes fall in its bucket. Query rows are rounded to 8 steps per
-power of two (at most 12.5% more GEMM rows), the rest to powers of two (they cost nothing).
+power of two (at most 12.5% more GEMM rows); the rest, which cost nothing when padded, to powers of two
+with floors (sequences 8, key rows 256), so the few query-row buckets a workload visits are nearly all
+the graphs it needs and warm-up captures them.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class LayerInputs:
 
     def key(self) -> tuple[int, ...]:
         """The bucket of these shapes: (query rows, sequences, key rows, table width, longest query sequence)."""
-        return (bucket(len(self.q_group)), pow2(len(self.q_offsets) - 1), bucket(len(self.k_group)),
+        return (bucket(len(self.q_group)), pow2(max(len(self.q_offsets) - 1, 8)), pow2(max(len(self.k_group), 256)),
                 pow2(self.block_table.shape[1]), pow2(self.max_len_q))
 
     @classmethod
@@ -98,11 +100,11 @@ class GraphCache:
     (the tests' check of the padding)."""
 
     def __init__(self, layers: Callable[[torch.Tensor, LayerInputs], torch.Tensor], d_model: int,
-                 dtype: torch.dtype, device: torch.device, max_graphs: int = 16, capture: bool = True):
+                 dtype: torch.dtype, device: torch.device, max_graphs: int = 64, capture: bool = True):
         self.layers, self.max_graphs, self.capture = layers, max_graphs, capture
         self.d_model, self.dtype, self.device = d_model, dtype, device
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.pending: dict[tuple, None] = {}  # buckets waiting for a capture, oldest first
+        self.pending: dict[tuple, int] = {}  # buckets waiting for a capture -> steps that needed them
         self.failed: set[tuple] = set()  # buckets whose capture failed: always eager
         self.failures = 0
         self.eager_steps = 0  # steps run without a graph (bucket pending or failed)
@@ -119,8 +121,8 @@ class GraphCache:
             g.x[:len(x)].copy_(x)
             return self.layers(g.x, g.inputs)[:len(x)]
         if g is None:
-            if key not in self.failed and len(self.pending) < self.max_graphs:
-                self.pending[key] = None
+            if key not in self.failed and (key in self.pending or len(self.pending) < self.max_graphs):
+                self.pending[key] = self.pending.get(key, 0) + 1
             self.eager_steps += 1
             return self.layers(x, inputs)
         self.graphs.move_to_end(key)
@@ -130,11 +132,12 @@ class GraphCache:
         g.graph.replay()
         return g.out[:len(x)].clone()  # the next replay overwrites the static output
 
-    def capture_pending(self) -> bool:
-        """Capture the oldest pending bucket (if any); returns whether one was pending."""
-        if not self.pending:
+    def capture_pending(self, min_steps: int = 1) -> bool:
+        """Capture the pending bucket that the most steps needed (the oldest of a tie), if at least
+        `min_steps` did; returns whether one was captured or failed."""
+        key = max(self.pending, key=self.pending.__getitem__, default=None)
+        if key is None or self.pending[key] < min_steps:
             return False
-        key = next(iter(self.pending))
         del self.pending[key]
         g = _Graph(key, self.d_model, self.dtype, self.device)
         try:
