@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from grinfer.data.types import ItemCatalog
 from grinfer.storage.base import Appended, Event, IdempotencyConflict, UserRecord
+
+log = logging.getLogger("grinfer.storage")
+PRUNE_BATCH = 5_000  # idempotency keys deleted per statement (each well inside a statement timeout)
 
 
 @dataclass(frozen=True)
@@ -102,3 +108,46 @@ def replay_append(key: str, digest: str, stored_digest: str, appended: int, real
     if digest != stored_digest:
         raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different batch of events")
     return Appended(appended, realtime_events, replayed=True)
+
+
+@dataclass(frozen=True)
+class KeyRetention:
+    """How long, and how many, idempotency keys a SQL store keeps. A retry more than `window_s` after its first
+    attempt is a new write; past `max_keys` the oldest keys go first. Pruning runs after a keyed append, at
+    most once every `interval_s`."""
+
+    window_s: float = 86_400.0
+    max_keys: int = 1_000_000
+    interval_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.window_s <= 0 or self.max_keys < 1 or self.interval_s < 0:
+            raise ValueError(f"idempotency key retention needs window_s > 0, max_keys >= 1 and interval_s >= 0, "
+                             f"got {self.window_s}, {self.max_keys} and {self.interval_s}")
+
+
+class KeyPruning:
+    """Calls a store's `prune` after keyed appends when `retention.interval_s` has passed since the last call.
+
+    Pruning is housekeeping: the append it follows is already committed, so a failed prune is logged and
+    retried at the next interval, never raised to the writer."""
+
+    def __init__(self, retention: KeyRetention, prune: Callable[[], int]) -> None:
+        self.retention, self._prune = retention, prune
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def after_append(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                return
+            self._next = now + self.retention.interval_s
+        try:
+            pruned = self._prune()
+        except Exception as exc:  # any store error: the write it follows has succeeded
+            log.warning("pruning idempotency keys failed (next try in %.0f s): %s", self.retention.interval_s, exc)
+            return
+        if pruned:
+            log.info("pruned %d idempotency keys (older than %.0f s or beyond the newest %d)", pruned,
+                     self.retention.window_s, self.retention.max_keys)

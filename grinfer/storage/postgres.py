@@ -25,7 +25,8 @@ Schema (version 2) mirrors the SQLite store: ``users(uid, id, profile bigint[], 
 rolled_upto)``, append-only ``events(seq identity, uid, item, ts, action)`` indexed on (uid, seq),
 ``items``, ``genre_names``, ``models`` (metadata jsonb) and ``schema_version``; version 2 adds
 ``event_keys(uid, key, digest, appended, realtime_events)``, the idempotency keys of appends; version 3
-the model registry's tables (``registry_tables.py``).
+the model registry's tables (``registry_tables.py``); version 4 indexes ``event_keys.created_at`` for
+pruning (``KeyRetention``: a retention window and a bound on the number of keys).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from grinfer.data.types import ItemCatalog
 from grinfer.storage._common import (
+    PRUNE_BATCH,
+    KeyPruning,
+    KeyRetention,
     build_record,
     catalog_from_rows,
     catalog_rows,
@@ -108,12 +112,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
     (3, REGISTRY_TABLES),
+    (4, ["CREATE INDEX event_keys_created_at ON event_keys (created_at)"]),  # keys are pruned oldest first
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _GRINFER_PARAMS = ("schema", "pool_min", "pool_max", "pool_timeout_ms", "statement_timeout_ms")
 # what a down, unreachable or restarting server raises (QueryCanceled, a statement timeout, is an OperationalError)
+# idempotency keys older than a cutoff or no newer than the boundary key (NULL: none), a batch at a time
+_PRUNE_KEYS = """DELETE FROM event_keys WHERE ctid IN
+    (SELECT ctid FROM event_keys WHERE created_at < %s OR created_at <= %s LIMIT %s)"""
 _OUTAGE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 _GET_USER = """
@@ -150,6 +158,7 @@ class PostgresStore:
         min_size: int | None = None,
         max_size: int | None = None,
         connect_timeout_s: float = 10.0,
+        key_retention: KeyRetention = KeyRetention(),
     ) -> None:
         conninfo, params = parse_postgres_url(url)
         schema = schema if schema is not None else params.get("schema")
@@ -167,6 +176,7 @@ class PostgresStore:
                              f"{pool_timeout_ms} and {statement_timeout_ms}")
         self._pool_timeout_s = pool_timeout_ms / 1000
         self._breaker = Breaker(f"store {self!r}", consequence=": answering 503 until it is back")
+        self.key_pruning = KeyPruning(key_retention, self.prune_idempotency_keys)
         options = dict(parse_qsl(urlsplit(conninfo).query)).get("options", "")
         options = " ".join(filter(None, [options, "-c synchronous_commit=on",
                                          f"-c statement_timeout={statement_timeout_ms}"]))
@@ -283,7 +293,24 @@ class PostgresStore:
                 "INSERT INTO event_keys (uid, key, digest, appended, realtime_events) VALUES (%s, %s, %s, %s, %s)",
                 (uid, key, digest, len(rows), count),
             )
-            return Appended(len(rows), count)
+        self.key_pruning.after_append()
+        return Appended(len(rows), count)
+
+    def prune_idempotency_keys(self, now: float | None = None) -> int:
+        """Delete the idempotency keys older than the retention window (at `now`, unix seconds; default the
+        database's clock) and those beyond the newest `max_keys`, a batch per statement; returns the count."""
+        retention = self.key_pruning.retention
+        with self._conn() as conn:
+            cutoff, boundary = _one(conn.execute(
+                "SELECT coalesce(to_timestamp(%s::float8), now()) - make_interval(secs => %s), (SELECT created_at "
+                "FROM event_keys ORDER BY created_at DESC LIMIT 1 OFFSET %s)",
+                (now, retention.window_s, retention.max_keys)))
+            deleted = 0
+            while True:
+                n = conn.execute(_PRUNE_KEYS, (cutoff, boundary, PRUNE_BATCH)).rowcount
+                deleted += n
+                if n < PRUNE_BATCH:
+                    return deleted
 
     @staticmethod
     def _append(conn: psycopg.Connection, uid: int, rolled_upto: int, rows: list[tuple[int, int, int]]) -> int:

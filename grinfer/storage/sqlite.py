@@ -14,6 +14,8 @@ registered_at)`` and ``schema_version(version, applied_at)``. A user's S is its 
 ``seq <= rolled_upto``; R is the rest. Events come back ordered by (ts, seq). Version 2 adds
 ``event_keys(uid, key, digest, appended, realtime_events)``: the idempotency keys of appends. Version 3
 adds the model registry's tables (``registry_tables.py``: model versions, experiments and their arms).
+Version 4 indexes ``event_keys.created_at``: keys past their retention window (or beyond the newest
+``KeyRetention.max_keys``) are pruned after keyed appends.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from pathlib import Path
 
 from grinfer.data.types import ItemCatalog
 from grinfer.storage._common import (
+    PRUNE_BATCH,
+    KeyPruning,
+    KeyRetention,
     build_record,
     catalog_from_rows,
     catalog_rows,
@@ -93,6 +98,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         ],
     ),
     (3, REGISTRY_TABLES),
+    (4, ["CREATE INDEX event_keys_created_at ON event_keys (created_at)"]),  # idempotency keys are pruned oldest first
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -102,11 +108,16 @@ FROM users u LEFT JOIN events e ON e.uid = u.uid
 WHERE u.id = ? ORDER BY e.ts, e.seq
 """
 
+# idempotency keys older than a cutoff or no newer than the boundary key (NULL: none), a batch at a time
+_PRUNE_KEYS = """DELETE FROM event_keys WHERE rowid IN
+    (SELECT rowid FROM event_keys WHERE created_at < ? OR created_at <= ? LIMIT ?)"""
+
 
 class SQLiteStore:
     """UserStore and Catalog on one SQLite file; safe to share between threads."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0,
+                 key_retention: KeyRetention = KeyRetention()) -> None:
         if str(path) == ":memory:" or str(path).startswith("file:"):
             raise ValueError("SQLiteStore needs a file path (per-thread connections cannot share :memory:)")
         self.path = Path(path).expanduser()
@@ -117,6 +128,7 @@ class SQLiteStore:
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
+        self.key_pruning = KeyPruning(key_retention, self.prune_idempotency_keys)
         conn = self._conn()
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
@@ -221,7 +233,23 @@ class SQLiteStore:
             count = self._append(c, uid, rolled_upto, rows)
             row = (uid, key, digest, len(rows), count, time.time())
             c.execute("INSERT INTO event_keys VALUES (?, ?, ?, ?, ?, ?)", row)
-            return Appended(len(rows), count)
+        self.key_pruning.after_append()
+        return Appended(len(rows), count)
+
+    def prune_idempotency_keys(self, now: float | None = None) -> int:
+        """Delete the idempotency keys older than the retention window (at `now`, unix seconds) and those
+        beyond the newest `max_keys`, in short transactions; returns how many were deleted."""
+        retention = self.key_pruning.retention
+        cutoff = (time.time() if now is None else now) - retention.window_s
+        boundary = self._conn().execute("SELECT created_at FROM event_keys ORDER BY created_at DESC LIMIT 1 OFFSET ?",
+                                        (retention.max_keys,)).fetchone()
+        deleted = 0
+        while True:
+            with self._write() as c:
+                n = c.execute(_PRUNE_KEYS, (cutoff, boundary and boundary[0], PRUNE_BATCH)).rowcount
+            deleted += n
+            if n < PRUNE_BATCH:
+                return deleted
 
     @staticmethod
     def _append(c: sqlite3.Connection, uid: int, rolled_upto: int, rows: list[tuple[int, int, int]]) -> int:

@@ -1,12 +1,14 @@
 """Idempotent appends: a retried write with the same key (Idempotency-Key header, idempotency_key
 field, gRPC idempotency-key metadata or field) appends once and gets the first answer back, durably
 (across a reopen, under concurrent retries), on SQLite and PostgreSQL (the shared test database,
-one schema per test)."""
+one schema per test); keys are pruned past their retention window and beyond their bound."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
 import uuid
 
 import grpc
@@ -19,6 +21,8 @@ from grinfer.serving.grpc_server import start_grpc_server
 from grinfer.serving.proto import grinfer_pb2 as pb
 from grinfer.serving.proto import grinfer_pb2_grpc as pb_grpc
 from grinfer.storage import open_store
+from grinfer.storage import sqlite as sqlite_store
+from grinfer.storage._common import KeyRetention
 from grinfer.storage.base import Appended, Event, IdempotencyConflict
 
 POSTGRES_URL = os.environ.get("GRINFER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -73,16 +77,45 @@ def test_concurrent_retries_append_once(store_url):
 
 
 def test_version_1_sqlite_store_is_migrated_keeping_its_data(tmp_path):
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    with open_store(url) as store:
-        store.append_events("u", EVENTS)
-        with store._write() as c:  # back to the version-1 schema, as an older grinfer left it
-            c.execute("DROP TABLE event_keys")
-            c.execute("DELETE FROM schema_version WHERE version = 2")
-        assert store.schema_version() == 1
-    with open_store(url) as store:
-        assert store.schema_version() == 2 and store.get_user("u").realtime == EVENTS
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:  # the version-1 schema and data, as an older grinfer left them
+        old.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+        for statement in sqlite_store.MIGRATIONS[0][1]:
+            old.execute(statement)
+        old.execute("INSERT INTO schema_version VALUES (1, 0)")
+        old.execute("INSERT INTO users (id, profile) VALUES ('u', '[]')")
+        old.executemany("INSERT INTO events (uid, item, ts, action) VALUES (1, ?, ?, ?)",
+                        [(e.item, e.ts, e.action) for e in EVENTS])
+    with open_store(f"sqlite:///{path}") as store:
+        assert store.schema_version() == sqlite_store.SCHEMA_VERSION and store.get_user("u").realtime == EVENTS
         assert store.append_events_once("u", EVENTS, "k", "d") == Appended(2, 4)
+
+
+def _keyed(store, key: str) -> Appended:
+    return store.append_events_once("u", EVENTS[:1], key, "d")
+
+
+def test_idempotency_keys_are_pruned_past_the_window_and_the_bound(store_url):
+    with open_store(store_url) as store:
+        store.key_pruning.retention = KeyRetention(window_s=100, max_keys=3, interval_s=0)  # prune after each
+        for i in range(5):
+            assert not _keyed(store, f"k{i}").replayed
+        assert _keyed(store, "k4").replayed and _keyed(store, "k2").replayed  # the newest three are kept
+        assert not _keyed(store, "k0").replayed  # pruned (beyond the bound): a retry is a new write
+        assert store.prune_idempotency_keys(now=time.time() + 10) == 0  # all within the window
+        assert store.prune_idempotency_keys(now=time.time() + 101) == 3  # all past it
+        assert not _keyed(store, "k4").replayed
+        assert len(store.get_user("u").realtime) == 7
+
+
+def test_pruning_waits_for_its_interval(store_url):
+    with open_store(store_url) as store:
+        store.key_pruning.retention = KeyRetention(window_s=100, max_keys=1, interval_s=3600)
+        for i in range(3):  # the first append prunes (nothing yet), the next ones are inside the interval
+            _keyed(store, f"k{i}")
+        assert _keyed(store, "k0").replayed
+        assert store.prune_idempotency_keys() == 2  # called directly: down to the bound
+        assert not _keyed(store, "k0").replayed
 
 
 @pytest.fixture
