@@ -314,6 +314,7 @@ def serve(
     grpc_port: Annotated[int | None, typer.Option(help=_setting_help("grpc_port"))] = None,
     api_key: _serve_flag("api_key") = None,
     device: _serve_flag("device") = None,
+    devices: _serve_flag("devices") = None,
     backend: _serve_flag("backend") = None,
     workers: Annotated[int | None, typer.Option(help=_setting_help("workers"))] = None,
     kv_disk_mb: Annotated[int | None, typer.Option(help=_setting_help("kv_disk_mb"))] = None,
@@ -328,8 +329,8 @@ def serve(
     # everything that can be checked is checked before the slow start-up work (and the torch import)
     try:
         cfg = load_server_config(config, model=model, store=store, cache=cache, host=host, port=port,
-                                 grpc_port=grpc_port, api_key=api_key, device=device, backend=backend,
-                                 workers=workers, kv_disk_mb=kv_disk_mb)
+                                 grpc_port=grpc_port, api_key=api_key, device=device, devices=devices,
+                                 backend=backend, workers=workers, kv_disk_mb=kv_disk_mb)
         ensure_port_free(cfg.host, cfg.port, "--port")
         if not cfg.grpc_reuse_port:
             ensure_port_free(cfg.host, cfg.grpc_port, "--grpc-port")

@@ -226,6 +226,8 @@ class ServerConfig(BaseModel):
     cache: str = Field(default="memory://", description="memory://[?max_entries=N] or redis://HOST:PORT/DB")
     api_key: str | None = Field(default=None, description="require this key (X-API-Key) on write and admin calls")
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto")
+    devices: str | None = Field(default=None, description="one engine per device in this server, users spread over "
+                                "them by a consistent hash: cuda:0,cuda:1 (cpu,cpu for tests); unset: --device")
     backend: Literal["auto", "eager", "compiled", "fused", "onnx", "baseline"] = Field(
         default="auto", description="auto (probe every backend the device offers, serve the fastest that agrees "
                                     "with eager), eager, compiled, fused (CUDA), onnx (ONNX Runtime, uncached) "
@@ -262,6 +264,25 @@ class ServerConfig(BaseModel):
             raise ValueError(f"unsupported store URL {url.split('://')[0]}://; use "
                              f"{', '.join(s + '://...' for s in STORE_SCHEMES)} or a file path")
         return url
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, devices: str | None) -> str | None:
+        if devices is None:
+            return None
+        names = [d.strip() for d in devices.split(",")]
+        if not all(re.fullmatch(r"cpu|cuda:\d+", d) for d in names):
+            raise ValueError(f"{devices!r}: a comma-separated list of cpu or cuda:N, such as cuda:0,cuda:1")
+        if len({d.split(":")[0] for d in names}) > 1:
+            raise ValueError(f"{devices!r}: every device must be of one type (all cuda:N, or all cpu)")
+        cuda = [d for d in names if d != "cpu"]
+        if len(set(cuda)) != len(cuda):
+            raise ValueError(f"{devices!r}: a GPU is named twice; one engine per GPU")
+        return ",".join(names)
+
+    def device_list(self, device: str) -> list[str]:
+        """The devices engines run on: `devices` when set, else the one resolved `device`."""
+        return self.devices.split(",") if self.devices else [device]
 
     @field_validator("cache")
     @classmethod

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from grinfer.engine import Engine
 from grinfer.engine.request import EngineError
+from grinfer.serving.engine_set import EngineSet
 
 log = logging.getLogger("grinfer.serve")
 
@@ -31,7 +32,7 @@ log = logging.getLogger("grinfer.serve")
 class EngineHost:
     """Serves an Engine to worker processes on a Unix socket (one thread per connection)."""
 
-    def __init__(self, engine: Engine, path: Path):
+    def __init__(self, engine: Engine | EngineSet, path: Path):
         self.engine, self.path = engine, path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)

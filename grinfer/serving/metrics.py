@@ -24,6 +24,7 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from starlette.routing import Match
 
 from grinfer.storage.resilient import health_of
@@ -42,67 +43,113 @@ KV_COUNTERS = {"hits": "Context lookups served whole from the KV cache",
 
 
 class EngineCollector:
-    """Reads the engine's plain stats at scrape time: queue, running, KV cache, device memory."""
+    """Reads the engine's plain stats at scrape time: queue, running, KV cache, device memory. An engine set
+    (several devices, serving/engine_set.py) gives one series per engine, labelled `engine` (its index) and
+    `device`, plus its ring: who is in it, who left and rejoined, and the requests re-hashed away from home."""
 
     def __init__(self, engine):
         self.engine = engine
 
     def collect(self):
         stats = self.engine.stats()
-        kv = stats["kv_cache"]
-        yield GaugeMetricFamily("grinfer_queue_depth", "Requests waiting in the engine queue", stats["waiting"])
-        yield GaugeMetricFamily("grinfer_running_requests", "Requests being computed", stats["running"])
-        for name, doc in KV_COUNTERS.items():
-            yield CounterMetricFamily(f"grinfer_kv_cache_{name}", doc, kv[name])
-        yield GaugeMetricFamily("grinfer_kv_cache_occupancy", "Fraction of KV blocks in use", kv["occupancy"])
-        yield GaugeMetricFamily("grinfer_kv_cache_users", "Users with K/V on the device", kv["users"])
-        yield GaugeMetricFamily("grinfer_kv_cache_host_bytes", "Bytes of K/V held in the host tier",
-                                kv["host_bytes_used"])
-        yield GaugeMetricFamily("grinfer_kv_cache_disk_bytes", "Bytes of K/V held in the disk tier",
-                                kv["disk_bytes_used"])
-        memory = GaugeMetricFamily("grinfer_device_memory_bytes",
-                                   "Device memory the engine holds (CUDA: allocated; CPU: weights + KV pool)",
-                                   labels=["device"])
-        memory.add_metric([stats["device"]], stats["device_bytes"])
-        yield memory
-        yield CounterMetricFamily("grinfer_engine_failures", "Engine steps or retrieval batches that failed",
-                                  stats["failures"])
-        yield from backend_metrics(stats)
-        graphs = stats["backend"]
-        if graphs:  # backends with CUDA graphs
-            yield GaugeMetricFamily("grinfer_cuda_graphs", "CUDA graphs held (one per shape bucket)", graphs["graphs"])
-            yield GaugeMetricFamily("grinfer_cuda_graphs_pending", "Shape buckets waiting for an idle-time capture",
-                                    graphs["pending"])
-            yield CounterMetricFamily("grinfer_cuda_graph_capture_failures",
-                                      "CUDA-graph captures that failed (their buckets run without graphs)",
-                                      graphs["capture_failures"])
-            yield CounterMetricFamily("grinfer_eager_steps", "Fused steps run without a graph (bucket pending or "
-                                      "failed)", graphs["eager_steps"])
+        engines = stats.get("engines")
+        if engines is None:
+            yield from engine_families([([], stats)], [])
+            return
+        members = [([str(e["engine"]), e["device"]], e) for e in engines]
+        yield from engine_families(members, ["engine", "device"])
+        yield from ring_families(members)
 
 
-def backend_metrics(stats: dict):
-    """The strategy's metrics: each backend's probe (auto) and health, the active one, fallbacks."""
-    strategy, probes = stats.get("strategy"), {p["backend"]: p for p in stats.get("probes", [])}
-    if not strategy:
-        return
+def _family(kind, name: str, doc: str, labels: list[str], members, value) -> Metric:
+    """One metric family with a sample per member ((label values, stats)), `value(stats)` its value."""
+    family = kind(name, doc, labels=labels)
+    for values, stats in members:
+        family.add_metric(values, value(stats))
+    return family
+
+
+def engine_families(members: list[tuple[list[str], dict]], labels: list[str]):
+    """The engine metrics of each member (label values, Engine.stats()), one family per metric."""
+    def gauge(name, doc, value):
+        return _family(GaugeMetricFamily, name, doc, labels, members, value)
+
+    def counter(name, doc, value):
+        return _family(CounterMetricFamily, name, doc, labels, members, value)
+
+    yield gauge("grinfer_queue_depth", "Requests waiting in the engine queue", lambda s: s["waiting"])
+    yield gauge("grinfer_running_requests", "Requests being computed", lambda s: s["running"])
+    for name, doc in KV_COUNTERS.items():
+        yield counter(f"grinfer_kv_cache_{name}", doc, lambda s, n=name: s["kv_cache"][n])
+    yield gauge("grinfer_kv_cache_occupancy", "Fraction of KV blocks in use", lambda s: s["kv_cache"]["occupancy"])
+    yield gauge("grinfer_kv_cache_users", "Users with K/V on the device", lambda s: s["kv_cache"]["users"])
+    yield gauge("grinfer_kv_cache_host_bytes", "Bytes of K/V held in the host tier",
+                lambda s: s["kv_cache"]["host_bytes_used"])
+    yield gauge("grinfer_kv_cache_disk_bytes", "Bytes of K/V held in the disk tier (one tier per host: every "
+                "engine of a set reports the same)", lambda s: s["kv_cache"]["disk_bytes_used"])
+    by_device = labels if "device" in labels else [*labels, "device"]
+    memory = GaugeMetricFamily("grinfer_device_memory_bytes",
+                               "Device memory the engine holds (CUDA: allocated; CPU: weights + KV pool)",
+                               labels=by_device)
+    for values, stats in members:
+        memory.add_metric(values if "device" in labels else [*values, stats["device"]], stats["device_bytes"])
+    yield memory
+    yield counter("grinfer_engine_failures", "Engine steps or retrieval batches that failed", lambda s: s["failures"])
+    yield from backend_metrics(members, labels)
+    graphs = [(values, stats["backend"]) for values, stats in members if stats["backend"]]
+    if graphs:  # backends with CUDA graphs
+        yield _family(GaugeMetricFamily, "grinfer_cuda_graphs", "CUDA graphs held (one per shape bucket)", labels,
+                      graphs, lambda g: g["graphs"])
+        yield _family(GaugeMetricFamily, "grinfer_cuda_graphs_pending", "Shape buckets waiting for an idle-time "
+                      "capture", labels, graphs, lambda g: g["pending"])
+        yield _family(CounterMetricFamily, "grinfer_cuda_graph_capture_failures", "CUDA-graph captures that failed "
+                      "(their buckets run without graphs)", labels, graphs, lambda g: g["capture_failures"])
+        yield _family(CounterMetricFamily, "grinfer_eager_steps", "Fused steps run without a graph (bucket pending "
+                      "or failed)", labels, graphs, lambda g: g["eager_steps"])
+
+
+def ring_families(members: list[tuple[list[str], dict]]):
+    """An engine set's ring, per engine: in it now, times it left and rejoined, requests dispatched to it, and
+    requests of its users served by another engine while it was out."""
+    labels = ["engine", "device"]
+    yield _family(GaugeMetricFamily, "grinfer_engine_in_ring", "1 while users are dispatched to this engine",
+                  labels, members, lambda s: float(s["in_ring"]))
+    yield _family(CounterMetricFamily, "grinfer_engine_ring_leaves", "Times the engine left the ring (its health "
+                  "failed)", labels, members, lambda s: s["left"])
+    yield _family(CounterMetricFamily, "grinfer_engine_ring_joins", "Times the engine rejoined the ring (healthy "
+                  "again)", labels, members, lambda s: s["joined"])
+    yield _family(CounterMetricFamily, "grinfer_engine_dispatched", "Rank requests dispatched to the engine",
+                  labels, members, lambda s: s["dispatched"])
+    yield _family(CounterMetricFamily, "grinfer_engine_rehashed", "Rank requests of the engine's users served by "
+                  "another engine while it was out of the ring", labels, members, lambda s: s["rehashed"])
+
+
+def backend_metrics(members: list[tuple[list[str], dict]], labels: list[str]):
+    """The strategy's metrics of each member: each backend's probe (auto) and health, the active one, fallbacks."""
     info = GaugeMetricFamily("grinfer_backend_info", "1 per backend of the chain (and every probed one): healthy "
-                             "(its breaker closed) and its probe time in ms (auto)", labels=["backend", "healthy",
-                                                                                             "probe_ms"])
-    chain = {b["backend"]: b["healthy"] for b in strategy["backends"]}
-    for name in dict.fromkeys([*probes, *chain]):
-        healthy = chain.get(name, probes.get(name, {}).get("healthy", False))
-        ms = probes.get(name, {}).get("probe_ms")
-        info.add_metric([name, str(bool(healthy)).lower(), "" if ms is None else f"{ms:.2f}"], 1.0)
-    yield info
-    active = GaugeMetricFamily("grinfer_backend_active", "1 for the backend steps run on now", labels=["backend"])
-    for name in chain:
-        active.add_metric([name], float(name == strategy["active"]))
-    yield active
+                             "(its breaker closed) and its probe time in ms (auto)",
+                             labels=[*labels, "backend", "healthy", "probe_ms"])
+    active = GaugeMetricFamily("grinfer_backend_active", "1 for the backend steps run on now",
+                               labels=[*labels, "backend"])
     fallbacks = CounterMetricFamily("grinfer_backend_fallbacks", "Steps re-run on the next backend, by why",
-                                    labels=["from", "to", "reason"])
-    for f in strategy["fallbacks"]:
-        fallbacks.add_metric([f["from"], f["to"], f["reason"]], f["count"])
-    yield fallbacks
+                                    labels=[*labels, "from", "to", "reason"])
+    found = False
+    for values, stats in members:
+        strategy, probes = stats.get("strategy"), {p["backend"]: p for p in stats.get("probes", [])}
+        if not strategy:
+            continue
+        found = True
+        chain = {b["backend"]: b["healthy"] for b in strategy["backends"]}
+        for name in dict.fromkeys([*probes, *chain]):
+            healthy = chain.get(name, probes.get(name, {}).get("healthy", False))
+            ms = probes.get(name, {}).get("probe_ms")
+            info.add_metric([*values, name, str(bool(healthy)).lower(), "" if ms is None else f"{ms:.2f}"], 1.0)
+        for name in chain:
+            active.add_metric([*values, name], float(name == strategy["active"]))
+        for f in strategy["fallbacks"]:
+            fallbacks.add_metric([*values, f["from"], f["to"], f["reason"]], f["count"])
+    if found:
+        yield from (info, active, fallbacks)
 
 
 class DependencyCollector:

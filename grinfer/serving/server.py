@@ -19,6 +19,7 @@ from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.engine_link import EngineHost
+from grinfer.serving.engine_set import EngineSet, build_engines, check_devices, members
 from grinfer.serving.fleet import join_fleet
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.service import RecommenderService, ServiceSettings
@@ -42,7 +43,7 @@ class Server:
     """Everything a running server holds; `close()` releases it in order."""
 
     state: AppState
-    engine: Engine
+    engine: Engine | EngineSet
     store: Store
     cache: FeatureCache
     leave_fleet: Callable[[], None] = lambda: None  # stops the roll announcements' listener (fleet.py)
@@ -123,20 +124,26 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     catalog = resolve_catalog(store, data_spec, ranker.cfg.num_items)
     store.register_model(ranker.cfg.name, str(model_path.resolve()), {"ranking": str(ranking_dir),
                                                                        "retrieval": str(retrieval_dir or "")})
-    engine_cfg = EngineConfig(backend="eager" if cfg.backend == "auto" else cfg.backend, device=device,
+    devices = cfg.device_list(device)  # one engine per device (engine_set.py)
+    try:
+        check_devices(devices)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    engine_cfg = EngineConfig(backend="eager" if cfg.backend == "auto" else cfg.backend, device=devices[0],
                               onnx_path=onnx_export(ranking_dir, cfg) if cfg.backend == "onnx" else None,
-                              dtype="bfloat16" if device.startswith("cuda") else "float32",
+                              dtype="bfloat16" if devices[0].startswith("cuda") else "float32",
                               kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
                               disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
                               pipeline_depth=cfg.pipeline_depth, max_queue=cfg.max_queue,
                               max_batch_tokens=cfg.max_batch_tokens)
-    log.info("%s; torch %s", cfg.describe(device, {"ranking": ranking_dir, "retrieval": retrieval_dir}),
+    log.info("%s; torch %s", cfg.describe(",".join(devices), {"ranking": ranking_dir, "retrieval": retrieval_dir}),
              torch.__version__)
     probes = []
     if cfg.backend == "auto":
         engine_cfg, probes = choose_backend(ranker, catalog, engine_cfg, ranking_dir, cfg)
-    engine = Engine(ranker, catalog, engine_cfg, retriever=retriever)
-    engine.probes = [p.as_dict() for p in probes]
+    engine = build_engines(ranker, catalog, engine_cfg, devices, retriever=retriever)
+    for member in members(engine):  # auto probes the first device; the others run the backend it chose
+        member.probes = [p.as_dict() for p in probes]
     # with workers, no process may keep user records that another process's events have made stale
     state = front_state(cfg, engine, catalog, store, cache, user_ttl_s=0.0 if cfg.workers and cache.in_process
                         else None)
@@ -247,7 +254,10 @@ class Launch:
             prep.update("loading models", 0.8)
             server = self.parts["server"] = build_server(cfg, self.model_path, self.device)
             prep.update("warming up", 0.85)
-            warm_up(server.engine, progress=lambda f: prep.update("warming up", 0.85 + 0.14 * f))
+            engines = members(server.engine)
+            for i, engine in enumerate(engines):
+                warm_up(engine, progress=lambda f, i=i: prep.update("warming up",
+                                                                    0.85 + 0.14 * (i + f) / len(engines)))
             if cfg.grpc_port:
                 from grinfer.serving.grpc_server import start_grpc_server
 
