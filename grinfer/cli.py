@@ -307,6 +307,7 @@ defaults:
 @app.command(epilog=SERVE_EPILOG)
 def serve(
     model: _serve_flag("model") = None,
+    model_name: _serve_flag("model_name") = None,
     store: _serve_flag("store") = None,
     cache: _serve_flag("cache") = None,
     host: _serve_flag("host") = None,
@@ -328,8 +329,8 @@ def serve(
 
     # everything that can be checked is checked before the slow start-up work (and the torch import)
     try:
-        cfg = load_server_config(config, model=model, store=store, cache=cache, host=host, port=port,
-                                 grpc_port=grpc_port, api_key=api_key, device=device, devices=devices,
+        cfg = load_server_config(config, model=model, model_name=model_name, store=store, cache=cache, host=host,
+                                 port=port, grpc_port=grpc_port, api_key=api_key, device=device, devices=devices,
                                  backend=backend, workers=workers, kv_disk_mb=kv_disk_mb)
         ensure_port_free(cfg.host, cfg.port, "--port")
         if not cfg.grpc_reuse_port:
@@ -342,13 +343,17 @@ def serve(
         from grinfer.serving.workers import metrics_dir_env
 
         os.environ.update(metrics_dir_env(cfg))
+    from grinfer.registry.plan import production_dir
     from grinfer.serving.server import StartupError, model_dirs, run
     from grinfer.train.loop import resolve_device
     from grinfer.train.run import DEMO_DATA, demo_models_ready, ensure_demo_models, training_data_spec
 
     try:
         dev = resolve_device(cfg.device)
-        if cfg.model:
+        if cfg.model_name:  # a registered model starts from its production version's (hash-checked) directory
+            model_path = production_dir(cfg.store, cfg.model_name)
+            data_spec = training_data_spec(model_dirs(model_path)[0])
+        elif cfg.model:
             model_path = Path(cfg.model).expanduser()
             data_spec = training_data_spec(model_dirs(model_path)[0])
         else:
@@ -358,7 +363,7 @@ def serve(
     cfg = cfg.with_store_for(data_spec, model_path)
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train = None
-    if not cfg.model:
+    if not cfg.model and not cfg.model_name:
         typer.echo(f"no --model: using the demo models in {model_path} (trained on first start)")
         if not demo_models_ready(model_path):
             demo = model_path
@@ -401,6 +406,10 @@ def import_movielens(
 from grinfer.importers.command import import_checkpoint_command  # noqa: E402
 
 app.command("import-checkpoint")(import_checkpoint_command)
+
+from grinfer.registry.cli import models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
 
 from grinfer.deploy.cli import deploy_app  # noqa: E402
 

@@ -159,6 +159,8 @@ class EngineConfig(BaseModel):
     # device tier capacity: a byte count, or (on CUDA, when kv_cache_bytes is 0) a fraction of free memory
     kv_cache_bytes: int = Field(default=256 << 20, ge=0)
     gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=0.95)
+    # the retrieval model's history K/V (engine/retrieval_cache.py), a pool of its own; 0: every window computed
+    retrieval_cache_bytes: int = Field(default=64 << 20, ge=0)
     host_cache_bytes: int = Field(default=0, ge=0)  # 0 disables the host tier
     # the disk tier: memory-mapped files under disk_cache_dir/<model fingerprint>, kept across restarts
     disk_cache_bytes: int = Field(default=0, ge=0)  # 0 disables it

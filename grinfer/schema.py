@@ -102,6 +102,8 @@ class RankOut(BaseModel):
     history_version: int
     cold_start: bool
     latency_ms: float
+    arm: str = ""  # the A/B arm that answered ("production" outside an experiment)
+    model_version: str = ""  # the model version that scored ("name:version" of the registry)
 
 
 class EventsOut(BaseModel):

@@ -17,7 +17,7 @@ from grinfer.config import EngineConfig
 from grinfer.data.types import ItemCatalog
 from grinfer.engine.core import EngineCore
 from grinfer.engine.request import EngineError, Overloaded, RankRequest, RankResult
-from grinfer.engine.retrieval import BatchRetriever
+from grinfer.engine.retrieval import BatchRetriever, RetrievalQuery
 from grinfer.engine.scheduler import RequestState
 from grinfer.features.featurizer import UserContext
 from grinfer.model.hstu import HSTURetrieval
@@ -34,13 +34,14 @@ class Engine:
     def __init__(self, model: MTGR, catalog: ItemCatalog, config: EngineConfig = EngineConfig(),
                  on_step: Callable[[dict], None] | None = None, retriever: HSTURetrieval | None = None):
         self.core = EngineCore(model, catalog, config)
-        self.retriever = BatchRetriever(retriever, catalog.num_items, self.core.device)
+        self.retriever = BatchRetriever(retriever, catalog.num_items, self.core.device, config.retrieval_cache_bytes,
+                                        config.block_size)
         self.on_step = on_step  # called (outside the lock) with each computing step's stats
         self._futures: dict[int, Future] = {}  # keyed by id(RequestState): callers' request ids may repeat
         # submit() only appends here under the lock; the loop thread admits and steps without holding it,
         # so callers (an event loop) never wait for a step to finish
         self._inbox: list[tuple[RequestState, Future]] = []
-        self._retrievals: list[tuple[UserContext, int, Future]] = []
+        self._retrievals: list[tuple[RetrievalQuery, Future]] = []
         self._calls: list[tuple[Callable[[], object], Future]] = []
         self._idle_work = False  # whether the backend may have deferred work (captures) to do when idle
         self._last_capture = time.monotonic()  # when deferred work last ran (busy captures are rate-limited)
@@ -94,13 +95,14 @@ class Engine:
             self._wake.notify()
         return future
 
-    def submit_retrieval(self, context: UserContext, n: int) -> Future:
-        """Queue a retrieval; the future resolves to the top-n unseen items (model ids, best first)."""
-        return self._queue("_retrievals", (context, n))
+    def submit_retrieval(self, context: UserContext, n: int, user: str | None = None, version: int = 0) -> Future:
+        """Queue a retrieval; the future resolves to the top-n unseen items (model ids, best first). With a
+        user, their history K/V are cached per history `version` and reused by their next retrieval."""
+        return self._queue("_retrievals", (RetrievalQuery(context, n, user, version),))
 
-    async def retrieve(self, context: UserContext, n: int):
+    async def retrieve(self, context: UserContext, n: int, user: str | None = None, version: int = 0):
         """Top-n unseen items for the context, computed on the engine's thread with the turn's other retrievals."""
-        return await asyncio.wrap_future(self.submit_retrieval(context, n))
+        return await asyncio.wrap_future(self.submit_retrieval(context, n, user, version))
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run `fn()` on the engine's thread between steps (device work that must not race a step)."""
@@ -122,8 +124,13 @@ class Engine:
 
     def forget_user(self, user: str, before_version: int) -> Future:
         """Free the user's cached K/V of history versions before `before_version`, on the engine's thread
-        (a history roll made through another replica); the future resolves to whether a device entry went."""
-        return self.call(lambda: self.core.cache.drop_stale(user, before_version))
+        (a history roll made through another replica): the ranking contexts' and the retrieval histories';
+        the future resolves to whether a ranking context's device entry went."""
+        def forget() -> bool:
+            self.retriever.forget(user, before_version)
+            return self.core.cache.drop_stale(user, before_version)
+
+        return self.call(forget)
 
     async def rank(self, request: RankRequest) -> RankResult:
         """Score a request (awaitable; safe from many tasks at once)."""
@@ -247,11 +254,11 @@ class Engine:
     def _run_retrievals(self) -> None:
         with self._lock:
             queries, self._retrievals = self._retrievals, []
-        queries = [q for q in queries if q[2].set_running_or_notify_cancel()]
+        queries = [q for q in queries if q[1].set_running_or_notify_cancel()]
         if not queries:
             return
         try:
-            results = self.retriever.top_n([(ctx, n) for ctx, n, _ in queries])
+            results = self.retriever.top_n([query for query, _ in queries])
         except Exception as exc:  # a failing batch fails its retrievals, never the engine
             self._turn(exc)
             for *_, future in queries:

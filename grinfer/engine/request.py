@@ -43,6 +43,7 @@ class RankRequest:
     deadline: float | None = None  # time.monotonic() seconds
     request_id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
+    arm: str | None = None  # the A/B arm an admin forced (serving/models.py); None: the user's assigned arm
 
 
 @dataclass
@@ -57,3 +58,5 @@ class RankResult:
     queue_seconds: float
     total_seconds: float
     steps: int
+    arm: str = ""  # the A/B arm and model version that answered (set by serving/models.py's ModelSet)
+    model_version: str = ""

@@ -50,8 +50,7 @@ class HSTURetrieval(nn.Module):
         gives the one after each sequence's last event (default: that event's own timestamp)."""
         cfg = self.cfg
         pos = positions_in_seq(batch.offsets, len(batch.items))
-        x = self.item_emb(batch.items) * math.sqrt(cfg.d_model)
-        x = self.input_dropout(x + self.pos_emb(pos.clamp(max=cfg.max_seq_len - 1)))
+        x = self.embed(batch.items, pos)
         keys = TokenMeta(batch.offsets, torch.full_like(batch.items, GROUP_S), pos, batch.timestamps)
         queries = keys
         if cfg.time_bias_from == "next":
@@ -59,9 +58,18 @@ class HSTURetrieval(nn.Module):
         plan = cast(HSTULayer, self.layers[0]).plan(queries, keys)
         for layer in self.layers:
             x = layer(x, keys, plan)
-        if cfg.output_norm == "layer_norm":
-            return F.layer_norm(x, x.shape[-1:], eps=cfg.norm_eps)
-        return F.normalize(x, dim=-1, eps=cfg.norm_eps)
+        return self.output(x)
+
+    def embed(self, items: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """[T, d] input embeddings of tokens: the item's (scaled) plus their position's in the window."""
+        x = self.item_emb(items) * math.sqrt(self.cfg.d_model)
+        return self.input_dropout(x + self.pos_emb(pos.clamp(max=self.cfg.max_seq_len - 1)))
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, d] normalised output embeddings of final hidden states (L2, or LayerNorm with cfg.output_norm)."""
+        if self.cfg.output_norm == "layer_norm":
+            return F.layer_norm(x, x.shape[-1:], eps=self.cfg.norm_eps)
+        return F.normalize(x, dim=-1, eps=self.cfg.norm_eps)
 
     def user_embedding(self, batch: RetrievalBatch, next_ts: torch.Tensor | None = None) -> torch.Tensor:
         """[B, d] the last position's embedding per sequence (sequences must be non-empty)."""

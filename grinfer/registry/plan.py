@@ -8,10 +8,11 @@ sampled fraction of the traffic in the background.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from grinfer.registry.assign import assign
 from grinfer.registry.records import Arm, ModelVersion, RegistryError
-from grinfer.registry.store import Registry
+from grinfer.registry.store import HashMismatch, Registry
 
 PRODUCTION_ARM = "production"
 
@@ -83,3 +84,22 @@ def plan_for(registry: Registry, model: str, now: float | None = None) -> Servin
                  for v in [production if a.version is None else registry.get(model, a.version)])
     shadow = None if experiment.shadow_version is None else registry.get(model, experiment.shadow_version)
     return ServingPlan(model, production, arms, experiment.name, shadow, experiment.shadow_fraction)
+
+
+def production_dir(store_url: str | None, model: str) -> Path:
+    """The directory of `model`'s production version in the registry at `store_url`, once its content hash
+    matched (what a server serving the registry's model starts from); RegistryError naming the setting."""
+    from grinfer.registry import open_registry
+
+    if store_url is None:
+        raise RegistryError("model_name", "serving a registered model needs --store (GRINFER_STORE), the store "
+                                          "that holds the registry")
+    registry = open_registry(store_url)
+    try:
+        version = plan_for(registry, model).production
+        registry.verify(version)
+    except HashMismatch as exc:
+        raise RegistryError("model_name", str(exc)) from None
+    finally:
+        registry.close()
+    return Path(version.path)

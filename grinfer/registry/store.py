@@ -100,8 +100,9 @@ class Registry:
         return None if row is None else _version(row)
 
     def promote(self, name: str, version: int) -> ModelVersion:
-        """Make `version` the production version of `name`; the previous production version is archived."""
-        self.get(name, version)
+        """Make `version` the production version of `name`; the previous production version is archived.
+        A version whose directory changed since it was registered is refused (HashMismatch)."""
+        self.verify(self.get(name, version))
         with self.store.transaction() as c:
             self._exec(c, "UPDATE model_versions SET stage = ? WHERE name = ? AND stage = ? AND version <> ?",
                        ("archived", name, "production", version))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Annotated
@@ -35,6 +36,7 @@ from grinfer.serving.errors import MAPPED_TYPES, VALIDATION, mapped
 from grinfer.serving.front import RequestFront
 from grinfer.serving.kserve.rest import kserve_router
 from grinfer.serving.metrics import Metrics
+from grinfer.serving.models_api import forcing_arm, models_router
 from grinfer.serving.phases import Phases, phases_of
 from grinfer.serving.service import FieldError, RecommenderService, check_user_header
 from grinfer.storage.resilient import health_of
@@ -77,6 +79,7 @@ class AppState:
     draining: bool = False
     process: str = "engine"  # which process answers (X-Grinfer-Process): "engine", or "worker-N" with --workers
     backend_setting: str = "eager"  # the configured --backend (auto resolves to the engine's primary)
+    apply_registry: Callable[[], dict | None] | None = None  # registry mode, engine process: apply the plan now
 
     @property
     def replica(self) -> bytes:
@@ -144,7 +147,8 @@ def create_app(state: AppState) -> FastAPI:  # noqa: C901 (one nested function p
         check_user_header(x_user_id, body.user)
         phases = phases_of(request.scope)
         phases.mark("parse")
-        return _ranked(await service.rank(body, phases), phases)
+        with forcing_arm(request, state.api_key):
+            return _ranked(await service.rank(body, phases), phases)
 
     @app.post("/v1/recommend", response_model=RankOut, responses=RANKED_ERRORS, dependencies=json_body)
     async def recommend(body: RecommendIn, request: Request, x_user_id: UserHeader = None) -> Response:
@@ -152,14 +156,16 @@ def create_app(state: AppState) -> FastAPI:  # noqa: C901 (one nested function p
         check_user_header(x_user_id, body.user)
         phases = phases_of(request.scope)
         phases.mark("parse")
-        return _ranked(await service.recommend(body, phases), phases)
+        with forcing_arm(request, state.api_key):
+            return _ranked(await service.recommend(body, phases), phases)
 
     def _ranked(out: RankOut, phases: Phases) -> Response:
         """The ranked response, serialised by pydantic-core straight to JSON bytes (no re-validation); the
         X-Grinfer-Cache header repeats the context's KV-cache status for balancer logs."""
         metrics.cache_status.labels(out.cache).inc()
         response = Response(out.model_dump_json(), media_type="application/json",
-                            headers={"X-Grinfer-Cache": out.cache})
+                            headers={"X-Grinfer-Cache": out.cache, "X-Grinfer-Arm": out.arm,
+                                     "X-Grinfer-Model-Version": out.model_version})
         phases.mark("encode")
         return response
 
@@ -218,6 +224,7 @@ def create_app(state: AppState) -> FastAPI:  # noqa: C901 (one nested function p
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(kserve_router(state))  # KServe v2 / Open Inference Protocol: /v2/...
+    app.include_router(models_router(state))  # the model registry and A/B arms: /v1/admin/models, /v1/admin/arms
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:

@@ -133,9 +133,9 @@ class EngineClient:
         """Score a RankRequest in the engine process (awaitable)."""
         return await asyncio.wrap_future(self.call("rank", request))
 
-    async def retrieve(self, context, n: int):
-        """Top-n unseen items, computed in the engine process."""
-        return await asyncio.wrap_future(self.call("retrieve", context, n))
+    async def retrieve(self, context, n: int, user: str | None = None, version: int = 0):
+        """Top-n unseen items, computed in the engine process (the user's history K/V cached there)."""
+        return await asyncio.wrap_future(self.call("retrieve", context, n, user, version))
 
     def health(self, timeout_s: float = 5.0) -> str | None:
         """None when the engine serves; else why not (a gone engine process included)."""

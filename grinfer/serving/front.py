@@ -20,7 +20,8 @@ from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
-KEYED_PATHS = frozenset({"/v1/events", "/v1/admin/roll-history"})  # the write routes: an API key is checked first
+# the write routes: an API key is checked first
+KEYED_PATHS = frozenset({"/v1/events", "/v1/admin/roll-history", "/v1/admin/models/promote"})
 ADMITTED_PATHS = frozenset({"/v1/rank", "/v1/recommend"})  # refused at the door (429) when the server is saturated
 
 

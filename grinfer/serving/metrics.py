@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from starlette.routing import Match
 
+from grinfer.serving.models_metrics import model_set_metrics
 from grinfer.storage.resilient import health_of
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -52,6 +53,7 @@ class EngineCollector:
 
     def collect(self):
         stats = self.engine.stats()
+        yield from model_set_metrics(stats)  # arms, versions, shadow, consistency check (serving/models.py)
         engines = stats.get("engines")
         if engines is None:
             yield from engine_families([([], stats)], [])

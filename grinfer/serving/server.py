@@ -13,18 +13,25 @@ import torch
 
 from grinfer.config import EngineConfig, ServerConfig
 from grinfer.data.types import ItemCatalog
-from grinfer.engine import Engine
 from grinfer.model.checkpoint import load_checkpoint, read_checkpoint_meta
 from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.engine_link import EngineHost
-from grinfer.serving.engine_set import EngineSet, build_engines, check_devices, members
+from grinfer.serving.engine_set import build_engines, check_devices, members
 from grinfer.serving.fleet import join_fleet
 from grinfer.serving.metrics import Metrics
+from grinfer.serving.models import ModelSet, kv_share
 from grinfer.serving.service import RecommenderService, ServiceSettings
 from grinfer.serving.startup import Preparation, StartupGate
-from grinfer.serving.warmup import warm_up
+from grinfer.serving.versions import (
+    RegistryWatch,
+    serving_plan,
+    verified_dir,
+    version_loader,
+    version_settings,
+    warm_all,
+)
 from grinfer.serving.workers import Workers, shared_port_socket
 from grinfer.storage import Store, open_cache, open_store
 from grinfer.storage.base import FeatureCache
@@ -43,14 +50,17 @@ class Server:
     """Everything a running server holds; `close()` releases it in order."""
 
     state: AppState
-    engine: Engine | EngineSet
+    engine: ModelSet  # the served versions (one, unless the registry's plan has A/B arms or a shadow)
     store: Store
     cache: FeatureCache
     leave_fleet: Callable[[], None] = lambda: None  # stops the roll announcements' listener (fleet.py)
+    watch: RegistryWatch | None = None  # registry mode: applies promotions and experiments (versions.py)
 
     def close(self) -> None:
         self.state.draining = True
         self.leave_fleet()
+        if self.watch is not None:
+            self.watch.close()
         self.engine.shutdown(drain=True)
         self.cache.close()
         self.store.close()
@@ -104,8 +114,9 @@ def _open(setting: str, opener, url: str | None):
             from None
 
 
-def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
-    """Load models, open storage, start the engine; returns the assembled server (not yet listening)."""
+def load_models(model_path: Path) -> tuple[Path, Path | None, MTGR, HSTURetrieval | None]:
+    """(ranking dir, retrieval dir or None, ranking model, retrieval model or None) of a model directory,
+    loaded on the CPU and checked to belong together."""
     ranking_dir, retrieval_dir = model_dirs(model_path)
     ranker = load_checkpoint(ranking_dir, map_location="cpu")
     if not isinstance(ranker, MTGR):
@@ -118,6 +129,12 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
         raise StartupError(f"model: {retrieval_dir} scores {retriever.cfg.num_items} items but {ranking_dir} "
                            f"{ranker.cfg.num_items}; retrieval needs the ranking model's catalogue (an imported "
                            "checkpoint: grinfer import-checkpoint --data <the ranking model's dataset>)")
+    return ranking_dir, retrieval_dir, ranker, retriever
+
+
+def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
+    """Load models, open storage, start the engine; returns the assembled server (not yet listening)."""
+    ranking_dir, retrieval_dir, ranker, retriever = load_models(model_path)
     store = _open("store", open_store, cfg.store)
     cache = _open("cache", open_cache, cfg.cache)
     data_spec = read_checkpoint_meta(ranking_dir).get("training", {}).get("data")
@@ -141,15 +158,42 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     probes = []
     if cfg.backend == "auto":
         engine_cfg, probes = choose_backend(ranker, catalog, engine_cfg, ranking_dir, cfg)
-    engine = build_engines(ranker, catalog, engine_cfg, devices, retriever=retriever)
-    for member in members(engine):  # auto probes the first device; the others run the backend it chose
-        member.probes = [p.as_dict() for p in probes]
+    plan, registry = serving_plan(cfg.model_name, store, model_path)  # the registry's versions, or MODEL alone
+    split = cfg.kv_split if registry is not None else 0.0
+
+    def build(ranking_dir: Path, ranker: MTGR, retriever: HSTURetrieval | None, share: float, key: str):
+        """One version's engine (one per device), as the first: its backend, its probes, a KV share."""
+        settings = version_settings(engine_cfg, share, key)
+        if engine_cfg.onnx_path:
+            settings = settings.model_copy(update={"onnx_path": onnx_export(ranking_dir, cfg)})
+        engine = build_engines(ranker, catalog, settings, devices, retriever=retriever)
+        for member in members(engine):  # auto probes the first device; the others run the backend it chose
+            member.probes = [p.as_dict() for p in probes]
+        return engine
+
+    def build_version(path: Path, share: float, key: str):  # another version (model set swaps)
+        ranking_dir, _, ranker, retriever = load_models(path)
+        if ranker.cfg.num_items != catalog.num_items:
+            raise StartupError(f"model: {path} scores {ranker.cfg.num_items} items, the catalogue has "
+                               f"{catalog.num_items}")
+        return build(ranking_dir, ranker, retriever, share, key)
+
+    first = plan.production.key
+    engines = {first: build(ranking_dir, ranker, retriever, kv_share(plan, first, split), first)}
+    engines.update({key: build_version(verified_dir(v), kv_share(plan, key, split), key)
+                    for key, v in plan.versions().items() if key != first})
+    engine = ModelSet(plan, engines, catalog, loader=version_loader(build_version) if registry else None,
+                      kv_split=split, consistency_fraction=cfg.consistency_sample)
     # with workers, no process may keep user records that another process's events have made stale
     state = front_state(cfg, engine, catalog, store, cache, user_ttl_s=0.0 if cfg.workers and cache.in_process
                         else None)
     engine.on_step = state.metrics.on_step
     engine.start()
-    return Server(state, engine, store, cache, join_fleet(state.service, engine))
+    server = Server(state, engine, store, cache, join_fleet(state.service, engine))
+    if registry is not None and cfg.model_name is not None:
+        server.watch = RegistryWatch(registry, cfg.model_name, engine, cfg.registry_poll_s)
+        state.apply_registry = server.watch.check
+    return server
 
 
 def onnx_export(ranking_dir: Path, cfg: ServerConfig) -> str:
@@ -254,10 +298,7 @@ class Launch:
             prep.update("loading models", 0.8)
             server = self.parts["server"] = build_server(cfg, self.model_path, self.device)
             prep.update("warming up", 0.85)
-            engines = members(server.engine)
-            for i, engine in enumerate(engines):
-                warm_up(engine, progress=lambda f, i=i: prep.update("warming up",
-                                                                    0.85 + 0.14 * (i + f) / len(engines)))
+            warm_all(server.engine, progress=lambda f: prep.update("warming up", 0.85 + 0.14 * f))
             if cfg.grpc_port:
                 from grinfer.serving.grpc_server import start_grpc_server
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +44,9 @@ from grinfer.serving.admission import Admission
 from grinfer.serving.phases import Phases
 from grinfer.storage.base import Event, FeatureCache, IdempotencyConflict, Unavailable, UserRecord, UserStore
 
+log = logging.getLogger("grinfer.serve")
+# the A/B arm an admin forces for the request being handled (X-Grinfer-Arm; set by the adapters, read by _rank)
+FORCED_ARM: ContextVar[str | None] = ContextVar("forced_arm", default=None)
 USER_ID_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,128}")
 MAX_CATALOGUE_RANK = 2000  # without a retrieval model, /recommend ranks the whole catalogue up to this size
 
@@ -52,6 +57,9 @@ class FieldError(ValueError):
     def __init__(self, field: str, message: str, status: int = 422):
         super().__init__(message)
         self.field, self.status = field, status
+
+    def __reduce__(self):  # pickles whole: it crosses from the engine process to the workers (engine_link.py)
+        return FieldError, (self.field, str(self), self.status)
 
 
 @dataclass
@@ -175,7 +183,8 @@ class RecommenderService:
         if not self.engine.has_retriever and self.catalog.num_items > MAX_CATALOGUE_RANK:
             raise Unavailable("no retrieval model is loaded and the catalogue is too large to rank whole")
         assert req.retrieve is not None  # RecommendIn's validator fills in the default
-        candidates = await self.engine.retrieve(ctx, req.retrieve)  # on the engine's thread, batched
+        # on the engine's thread, batched; the user's history K/V cached per history version
+        candidates = await self.engine.retrieve(ctx, req.retrieve, req.user, record.history_version)
         phases.mark("retrieve")
         if len(candidates) == 0:
             return RankOut(user=req.user, items=[], cache="none", history_version=record.history_version,
@@ -186,7 +195,8 @@ class RecommenderService:
                     deadline_ms: int | None, start: float, k: int, phases: Phases) -> RankOut:
         # deadline_ms counts from the request's arrival (start), not from when it reaches the engine
         deadline = time.monotonic() - (time.perf_counter() - start) + deadline_ms / 1e3 if deadline_ms else None
-        request = RankRequest(user, record.history_version, ctx, candidates, int(time.time()), deadline=deadline)
+        request = RankRequest(user, record.history_version, ctx, candidates, int(time.time()), deadline=deadline,
+                              arm=FORCED_ARM.get())
         result = await self.engine.rank(request)
         phases.mark("engine")
         probs = result.probabilities
@@ -199,7 +209,10 @@ class RecommenderService:
                  for d, score, row in zip(dense, scores, rows)]
         out = RankOut.model_validate({"user": user, "items": items, "cache": result.cache,  # one call into Rust
                                       "history_version": record.history_version, "cold_start": cold,
-                                      "latency_ms": 1e3 * (time.perf_counter() - start)})
+                                      "latency_ms": 1e3 * (time.perf_counter() - start),
+                                      "arm": result.arm, "model_version": result.model_version})
+        log.debug("ranked user=%s arm=%s model_version=%s cache=%s", user, result.arm, result.model_version,
+                  result.cache)
         phases.mark("respond")
         return out
 

@@ -9,6 +9,10 @@ query parameters that grinfer reads and strips before handing the rest to libpq:
 - ``pool_timeout_ms=N``: how long a call waits for a pooled connection (default 500).
 - ``statement_timeout_ms=N``: PostgreSQL's statement_timeout on every connection (default 500, 0: none; bulk
   imports, catalogue writes and migrations lift it for their own transaction).
+- ``call_timeout_ms=N``: the client-side deadline of one call (default 1000, 0: none; not for bulk imports
+  and catalogue reads or writes). A hung server (stopped, frozen) never fires its own statement_timeout:
+  past this deadline the call's connection is shut down (``deadline.Watchdog``) and the call fails as
+  an outage. A pooled connection's check before use gets the pool timeout as its deadline.
 
 Outages fail fast: a call that cannot get a connection within the pool timeout, or whose connection
 breaks, raises `Unavailable` and opens a breaker (`resilient.Breaker`): for the next second every
@@ -58,6 +62,7 @@ from grinfer.storage._common import (
     replay_append,
 )
 from grinfer.storage.base import Appended, Event, Roll, Unavailable, UserRecord
+from grinfer.storage.deadline import Watchdog
 from grinfer.storage.registry_tables import REGISTRY_TABLES
 from grinfer.storage.resilient import Breaker
 
@@ -117,11 +122,11 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-_GRINFER_PARAMS = ("schema", "pool_min", "pool_max", "pool_timeout_ms", "statement_timeout_ms")
-# what a down, unreachable or restarting server raises (QueryCanceled, a statement timeout, is an OperationalError)
+_GRINFER_PARAMS = ("schema", "pool_min", "pool_max", "pool_timeout_ms", "statement_timeout_ms", "call_timeout_ms")
 # idempotency keys older than a cutoff or no newer than the boundary key (NULL: none), a batch at a time
 _PRUNE_KEYS = """DELETE FROM event_keys WHERE ctid IN
     (SELECT ctid FROM event_keys WHERE created_at < %s OR created_at <= %s LIMIT %s)"""
+# what a down, unreachable or restarting server raises (QueryCanceled, a statement timeout, is an OperationalError)
 _OUTAGE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 _GET_USER = """
@@ -171,10 +176,13 @@ class PostgresStore:
         self.schema = schema
         pool_timeout_ms = _int_param(params, "pool_timeout_ms", 500)
         statement_timeout_ms = _int_param(params, "statement_timeout_ms", 500)
-        if pool_timeout_ms < 1 or statement_timeout_ms < 0:
-            raise ValueError(f"need pool_timeout_ms >= 1 and statement_timeout_ms >= 0 (0: none), got "
-                             f"{pool_timeout_ms} and {statement_timeout_ms}")
+        call_timeout_ms = _int_param(params, "call_timeout_ms", 1000)
+        if pool_timeout_ms < 1 or statement_timeout_ms < 0 or call_timeout_ms < 0:
+            raise ValueError(f"need pool_timeout_ms >= 1, statement_timeout_ms >= 0 and call_timeout_ms >= 0 "
+                             f"(0: none), got {pool_timeout_ms}, {statement_timeout_ms} and {call_timeout_ms}")
         self._pool_timeout_s = pool_timeout_ms / 1000
+        self._call_timeout_s = call_timeout_ms / 1000
+        self._watchdog = Watchdog(f"store {self!r}")
         self._breaker = Breaker(f"store {self!r}", consequence=": answering 503 until it is back")
         self.key_pruning = KeyPruning(key_retention, self.prune_idempotency_keys)
         options = dict(parse_qsl(urlsplit(conninfo).query)).get("options", "")
@@ -192,7 +200,7 @@ class PostgresStore:
             min_size=min_size,
             max_size=max_size,
             open=False,
-            check=ConnectionPool.check_connection,
+            check=self._check_connection,
             name=f"grinfer-store-{schema or 'default'}",
         )
         self._pool.open(wait=True, timeout=connect_timeout_s)
@@ -229,15 +237,22 @@ class PostgresStore:
                         conn.execute(statement)  # pyright: ignore[reportArgumentType, reportCallIssue] (our own SQL)
                     conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
 
+    def _check_connection(self, conn: psycopg.Connection) -> None:
+        """The pool's check of a connection before use, with the pool timeout as its deadline."""
+        with self._watchdog.guard(conn.pgconn.socket, self._pool_timeout_s):
+            ConnectionPool.check_connection(conn)
+
     @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection]:
-        """A pooled connection, through the breaker: an outage raises Unavailable (fast, see the module docstring)."""
+    def _conn(self, bulk: bool = False) -> Iterator[psycopg.Connection]:
+        """A pooled connection, through the breaker: an outage raises Unavailable (fast, see the module docstring).
+        The call must end within call_timeout_ms unless it is `bulk` (imports, the catalogue)."""
         if self._closed:
             raise RuntimeError("PostgresStore is closed")
         if not self._breaker.allow():
             raise self._outage()
         try:
-            with self._pool.connection(timeout=self._pool_timeout_s) as conn:
+            with self._pool.connection(timeout=self._pool_timeout_s) as conn, \
+                    self._watchdog.guard(conn.pgconn.socket, None if bulk else self._call_timeout_s):
                 yield conn
         except _OUTAGE as exc:
             self._breaker.failure(exc)
@@ -377,7 +392,7 @@ class PostgresStore:
         check_new_users(records)
         names = [r.user for r in records]
         try:
-            with self._conn() as conn, conn.transaction():
+            with self._conn(bulk=True) as conn, conn.transaction():
                 cur = conn.cursor()
                 cur.execute("SET LOCAL statement_timeout = 0")  # bulk COPY may take longer than a request
                 cur.executemany(
@@ -411,7 +426,7 @@ class PostgresStore:
     def put_catalog(self, catalog: ItemCatalog) -> None:
         """Replace the stored catalogue (items and genre names) in one transaction."""
         rows = catalog_rows(catalog)
-        with self._conn() as conn, conn.transaction():
+        with self._conn(bulk=True) as conn, conn.transaction():
             cur = conn.cursor()
             cur.execute("SET LOCAL statement_timeout = 0")
             cur.execute("DELETE FROM items")
@@ -422,7 +437,7 @@ class PostgresStore:
             cur.executemany("INSERT INTO genre_names (idx, name) VALUES (%s, %s)", rows.genre_names)
 
     def load_catalog(self) -> ItemCatalog | None:
-        with self._conn() as conn, conn.transaction():
+        with self._conn(bulk=True) as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # one snapshot for both tables
             items = conn.execute("SELECT item, raw_id, title, genres, year_bucket FROM items ORDER BY item").fetchall()
             names = [r[0] for r in conn.execute("SELECT name FROM genre_names ORDER BY idx").fetchall()]

@@ -10,7 +10,7 @@ import torch
 
 from grinfer.config import EngineConfig, preset
 from grinfer.engine import Engine
-from grinfer.engine.retrieval import BatchRetriever
+from grinfer.engine.retrieval import BatchRetriever, RetrievalQuery
 from grinfer.features.featurizer import UserContext
 from grinfer.model import build_model
 from grinfer.recommend import retrieve_candidates
@@ -30,19 +30,19 @@ def test_batched_top_n_equals_one_user_at_a_time():
     model = build_model(cfg).eval()
     rng = np.random.default_rng(1)
     # ragged histories (one longer than the model's window, one empty) and different n, one above the unseen count
-    queries = [(context(rng, n), k) for n, k in [(5, 10), (40, 7), (0, 5), (12, 200), (1, 1)]]
+    queries = [RetrievalQuery(context(rng, n), k) for n, k in [(5, 10), (40, 7), (0, 5), (12, 200), (1, 1)]]
     got = BatchRetriever(model, NUM_ITEMS, torch.device("cpu")).top_n(queries)
-    for (ctx, k), items in zip(queries, got):
+    for (ctx, k), items in zip([(q.context, q.n) for q in queries], got):
         want = retrieve_candidates(model, ctx, k, NUM_ITEMS)
         np.testing.assert_array_equal(items, want)
         assert not set(items.tolist()) & set(ctx.items.tolist()) and 0 not in items.tolist()
-    assert len(got[3]) == NUM_ITEMS - len(np.unique(queries[3][0].items))
+    assert len(got[3]) == NUM_ITEMS - len(np.unique(queries[3].context.items))
 
 
 def test_without_a_model_every_unseen_item_is_a_candidate():
     rng = np.random.default_rng(2)
     ctx = context(rng, 8)
-    (items,) = BatchRetriever(None, NUM_ITEMS, torch.device("cpu")).top_n([(ctx, 5)])
+    (items,) = BatchRetriever(None, NUM_ITEMS, torch.device("cpu")).top_n([RetrievalQuery(ctx, 5)])
     np.testing.assert_array_equal(items, np.setdiff1d(np.arange(1, NUM_ITEMS + 1), ctx.items))
 
 

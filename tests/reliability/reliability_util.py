@@ -113,7 +113,31 @@ class PrivatePostgres:
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
 
+    def _processes(self) -> list[int]:
+        """The postmaster and every process it started (backends, checkpointer, walwriter, ...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        pids, frontier = [postmaster], [postmaster]
+        while frontier:
+            parent = frontier.pop()
+            for children in glob.glob(f"/proc/{parent}/task/*/children"):
+                found = [int(pid) for pid in Path(children).read_text().split()]
+                pids += found
+                frontier += found
+        return pids
+
+    def pause(self) -> None:
+        """SIGSTOP the whole cluster: connections stay open, nothing answers (a hung database)."""
+        self._paused = self._processes()
+        for pid in self._paused:
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in getattr(self, "_paused", []):
+            os.kill(pid, signal.SIGCONT)
+        self._paused = []
+
     def close(self) -> None:
+        self.resume()
         if (self.data / "postmaster.pid").exists():
             self.stop()
         shutil.rmtree(self.root, ignore_errors=True)

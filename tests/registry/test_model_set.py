@@ -1,0 +1,195 @@
+"""ModelSet over real engines (mtgr-tiny on the CPU): arm split and stickiness, KV isolation between arms,
+hash checks before a load, swaps under concurrent requests, shadow scoring and the consistency check."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from model_util import SERVED_SPEC
+
+from grinfer.config import EngineConfig
+from grinfer.data import load_dataset
+from grinfer.engine import Engine, RankRequest
+from grinfer.engine.probe import synthetic_context
+from grinfer.model.checkpoint import load_checkpoint
+from grinfer.model.mtgr import MTGR
+from grinfer.registry import Arm, HashMismatch, Registry, assign, open_registry, plan_for
+from grinfer.serving.models import ModelSet
+from grinfer.serving.service import FieldError
+from grinfer.serving.versions import version_loader
+
+CATALOG = load_dataset(SERVED_SPEC).catalog
+
+
+def engine_for(path: Path, share: float = 1.0, key: str = "") -> Engine:
+    model = load_checkpoint(path)
+    assert isinstance(model, MTGR)
+    return Engine(model, CATALOG, EngineConfig(kv_cache_bytes=int((4 << 20) * share), pipeline_depth=1))
+
+
+def engine_of(served) -> Engine:
+    assert isinstance(served, Engine)  # these tests serve each version on one device
+    return served
+
+
+def request(user: str, seed: int = 0, arm: str | None = None) -> RankRequest:
+    rng = np.random.default_rng(seed)
+    ctx = synthetic_context(rng, CATALOG.num_items, 4, 12, 3)
+    candidates = rng.choice(np.arange(1, CATALOG.num_items + 1), 10, replace=False)
+    return RankRequest(user, 0, ctx, candidates, 978_400_000, arm=arm)
+
+
+@pytest.fixture
+def reg(tmp_path: Path, make_model_dir):
+    registry = open_registry(f"sqlite://{tmp_path}/store.db")
+    for seed in (1, 2, 3):
+        registry.register(make_model_dir(seed), "ranker")
+    registry.promote("ranker", 1)
+    yield registry
+    registry.close()
+
+
+def model_set(registry: Registry, **kwargs) -> ModelSet:
+    plan = plan_for(registry, "ranker")
+    engines = {key: engine_for(Path(v.path)) for key, v in plan.versions().items()}
+    return ModelSet(plan, engines, CATALOG, loader=version_loader(engine_for), **kwargs).start()
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.5), (0.98, 0.02), (0.2, 0.3, 0.5), (1.0, 1.0, 1.0, 1.0)])
+def test_split_over_10000_users_is_within_1_percent_and_sticky(weights):
+    arms = [Arm(f"arm{i}", w) for i, w in enumerate(weights)]
+    users = [f"user-{i}" for i in range(10_000)]
+    chosen = [assign("exp", u, arms).name for u in users]
+    for arm in arms:
+        share = chosen.count(arm.name) / len(users)
+        assert abs(share - arm.weight / sum(weights)) < 0.01, (arm, share)
+    assert [assign("exp", u, list(arms)).name for u in users[:500]] == chosen[:500]  # sticky, any process
+    other = [assign("exp-2", u, arms).name for u in users[:500]]
+    assert other != chosen[:500]  # another experiment reshuffles users
+
+
+def test_arms_never_share_kv_entries(reg: Registry):
+    reg.start_experiment("ab", "ranker", [Arm("control", 0.5), Arm("treatment", 0.5, 2)])
+    models = model_set(reg)
+    try:
+        plan = models.plan
+        users = [f"u{i}" for i in range(24)]
+        answers = {u: [models.rank_sync(request(u), 30) for _ in range(2)] for u in users}
+        for u, (first, second) in answers.items():
+            arm = plan.arm_for(u)
+            assert (first.arm, first.model_version) == (arm.name, arm.key)
+            assert (first.cache, second.cache) == ("miss", "hit")
+        held = [set(engine_of(e).core.cache.manager.entries) for e in models.engines_by_version()]
+        assert held[0] and held[1] and not held[0] & held[1]
+        for entries, key in zip(held, ("ranker:1", "ranker:2")):
+            assert entries == {u for u in users if plan.arm_for(u).key == key}
+        control_user = next(u for u in users if plan.arm_for(u).name == "control")
+        forced = models.rank_sync(request(control_user, arm="treatment"), 30)
+        assert (forced.arm, forced.model_version, forced.cache) == ("treatment", "ranker:2", "miss")
+        assert not torch.allclose(forced.probabilities, answers[control_user][0].probabilities)
+        with pytest.raises(FieldError, match="no arm 'nope'"):
+            models.submit(request(control_user, arm="nope"))
+    finally:
+        models.shutdown()
+
+
+def test_changed_checkpoint_refuses_to_load_and_the_plan_stays(reg: Registry):
+    models = model_set(reg)
+    try:
+        reg.promote("ranker", 2)
+        weights = Path(reg.get("ranker", 2).path) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # changed after its promotion
+        with pytest.raises(HashMismatch):
+            models.apply(plan_for(reg, "ranker"))
+        with pytest.raises(HashMismatch):
+            reg.promote("ranker", 2)  # and no longer promotable
+        assert models.plan.production.key == "ranker:1"
+        assert models.rank_sync(request("u1"), 30).model_version == "ranker:1"
+    finally:
+        models.shutdown()
+
+
+def test_swaps_under_concurrent_requests_lose_nothing(reg: Registry):
+    models = model_set(reg)
+    errors, answered, stop = [], [], threading.Event()
+
+    def client(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                answered.append(models.rank_sync(request(f"c{i}-{n % 3}", seed=n), 30).model_version)
+            except Exception as exc:  # any failure is a lost request
+                errors.append(exc)
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        first = models.engines_by_version()[0]
+        for version in (2, 3, 1):
+            reg.promote("ranker", version)
+            record = models.apply(plan_for(reg, "ranker"))
+            assert record["added"] == [f"ranker:{version}"] and len(record["removed"]) == 1
+        stop.set()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert {"ranker:1", "ranker:2", "ranker:3"} <= set(answered)
+        assert not first.running  # the first production engine drained and stopped
+        assert models.rank_sync(request("after"), 30).model_version == "ranker:1"
+    finally:
+        stop.set()
+        models.shutdown()
+
+
+def test_shadow_scores_sampled_traffic_in_the_background(reg: Registry):
+    reg.start_experiment("shadowed", "ranker", [Arm("production", 1.0)], shadow_version=1, shadow_fraction=1.0)
+    models = model_set(reg)
+    try:
+        assert models.shadow is not None
+        for i in range(6):
+            assert models.rank_sync(request(f"s{i}", seed=i), 30).model_version == "ranker:1"
+        models.shutdown()  # drains the shadow copies too
+        stats = models.describe()["shadow"]
+        assert stats["compared"] == 6 and stats["dropped"] == 0
+        assert stats["rank_correlation"] == pytest.approx(1.0)  # the same version: the same ranking
+        assert stats["max_abs_delta"] < 1e-5
+    finally:
+        models.shutdown()
+
+
+def test_shadow_of_another_version_differs(reg: Registry):
+    reg.start_experiment("shadowed", "ranker", [Arm("production", 1.0)], shadow_version=3, shadow_fraction=1.0)
+    models = model_set(reg)
+    try:
+        for i in range(6):
+            models.rank_sync(request(f"s{i}", seed=i), 30)
+        models.shutdown()
+        stats = models.describe()["shadow"]
+        assert stats["compared"] == 6 and stats["rank_correlation"] < 0.99 and stats["max_abs_delta"] > 1e-3
+    finally:
+        models.shutdown()
+
+
+def test_consistency_check_passes_clean_cache_and_catches_a_corrupt_one(reg: Registry):
+    models = model_set(reg, consistency_fraction=1.0)
+    try:
+        check, engine = models._loaded["ranker:1"].check, engine_of(models.production)
+        assert check is not None
+        for i in range(4):
+            for _ in range(2):  # a miss, then a hit
+                models.rank_sync(request(f"k{i}", seed=i), 30)
+                engine.call(lambda: None).result(30)  # the check ran before this call
+        assert check.checks == 8 and check.exceeded == 0 and check.max_abs_diff <= check.tolerance
+        engine.core.pool.k.add_(0.5)  # corrupt every cached key
+        models.rank_sync(request("k0", seed=0), 30)
+        engine.call(lambda: None).result(30)
+        assert check.exceeded == 1 and check.max_abs_diff > check.tolerance
+    finally:
+        models.shutdown()
+
