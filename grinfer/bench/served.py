@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,6 +17,23 @@ from grinfer.serving.background import free_port
 
 class ServerFailed(RuntimeError):
     """The server exited or did not become ready in time; the message holds the tail of its log."""
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float, describe: Callable[[], str] = lambda: "",
+               poll_s: float = 0.25) -> float:
+    """Seconds until `url`/readyz answered 200 while `proc` (the server) runs; ServerFailed, its message ending
+    with `describe()` (e.g. the server's log), if the process exits or `timeout_s` passes."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            raise ServerFailed(f"the server exited with code {proc.returncode} before it was ready; {describe()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2.0, trust_env=False).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:  # not listening yet, or busy preparing
+            pass
+        time.sleep(poll_s)
+    raise ServerFailed(f"the server was not ready after {timeout_s:g} s; {describe()}")
 
 
 class ServedProcess:
@@ -38,19 +56,8 @@ class ServedProcess:
 
     def wait_ready(self, timeout_s: float, poll_s: float = 0.25) -> float:
         """Seconds until GET /readyz answered 200; ServerFailed if the process exits or `timeout_s` passes."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
-            if self.proc.poll() is not None:
-                raise ServerFailed(f"the server exited with code {self.proc.returncode} before it was ready; "
-                                   f"its log ({self.log_path}) ends:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2.0, trust_env=False).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.HTTPError:  # not listening yet, or busy preparing
-                pass
-            time.sleep(poll_s)
-        raise ServerFailed(f"the server was not ready after {timeout_s:g} s; its log ({self.log_path}) ends:\n"
-                           f"{self.log_tail()}")
+        return wait_ready(self.proc, self.url, timeout_s,
+                          lambda: f"its log ({self.log_path}) ends:\n{self.log_tail()}", poll_s)
 
     def stop(self, grace_s: float = 45.0) -> int:
         """SIGTERM (the server drains), then SIGKILL after `grace_s`; returns the exit code."""

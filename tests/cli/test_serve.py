@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from subprocess_util import grinfer, one_error_line
 
+from grinfer.bench.served import wait_ready
 from grinfer.config import default_store_url, preset
 from grinfer.data import load_dataset
 from grinfer.serving.background import free_port
@@ -36,23 +36,15 @@ def served(tmp_path_factory):
     port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRINFER_")}
     env.update(GRINFER_HOME=str(home), HOME=str(root / "user"), GRINFER_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve",
-                             "--backend", "eager", "--model", str(model), "--port",
-                             str(port), "--grpc-port", str(grpc_port), "--device", "cpu"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve",
+                                 "--backend", "eager", "--model", str(model), "--port",
+                                 str(port), "--grpc-port", str(grpc_port), "--device", "cpu"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            proc.kill()
-            pytest.fail(f"server not ready: {proc.communicate()[0][-3000:]}")
+        wait_ready(proc, url, 180, lambda: f"its output:\n{log.read_text()[-3000:]}", poll_s=0.2)
         yield {"url": url, "port": port, "grpc_port": grpc_port, "home": home, "root": root, "model": model}
     finally:
         proc.send_signal(signal.SIGTERM)

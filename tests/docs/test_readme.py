@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,7 @@ import typer
 from readme_util import README, bash_commands, write_movielens
 from typer.testing import CliRunner
 
+from grinfer.bench.served import wait_ready
 from grinfer.cli import app
 from grinfer.serving.background import free_port
 
@@ -112,16 +112,8 @@ class Walkthrough:
             argv += ["--device", "cpu"]
         env = {**os.environ, "GRINFER_HOME": str(self.home)}
         self.server = subprocess.Popen(argv, env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.server.poll() is None, f"{' '.join(args)} exited:\n{self.log.read_text()}"
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        pytest.fail(f"{' '.join(args)}: not ready in {READY_TIMEOUT_S} s:\n{self.log.read_text()}")
+        wait_ready(self.server, f"http://127.0.0.1:{self.port}", READY_TIMEOUT_S,
+                   lambda: f"{' '.join(args)}:\n{self.log.read_text()}", poll_s=0.5)
 
     def curl(self, words: list[str]) -> None:
         """A README curl call, made with httpx: -d is the (POST) body, -H a header, the URL the target."""

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import redis
 
+from grinfer.bench.served import wait_ready
 from grinfer.deploy import envoy, haproxy, nginx
 from grinfer.deploy.plan import make_plan
 from grinfer.serving.background import free_port
@@ -130,16 +131,9 @@ class Replica:
                  "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env)
         return self
 
-    def ready(self) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
-            pytest.fail(f"replica {self.name} exited ({self.proc and self.proc.returncode}):\n{self.output()}")
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=2.0).status_code == 200
-        except httpx.TransportError:
-            return False
-
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        wait_for(self.ready, timeout_s, f"replica {self.name} to be ready", lambda: f":\n{self.output()}")
+        assert self.proc is not None, f"replica {self.name} was not started"
+        wait_ready(self.proc, self.url, timeout_s, lambda: f"replica {self.name}:\n{self.output()}", poll_s=0.1)
 
     def kill(self) -> None:
         """kill -9: no draining, no goodbye."""

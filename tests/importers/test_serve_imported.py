@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +17,7 @@ import pytest
 import torch
 from gr_util import gr_state_dict
 
+from grinfer.bench.served import wait_ready
 from grinfer.data import load_dataset
 from grinfer.features.featurizer import retrieval_batch
 from grinfer.model.checkpoint import load_checkpoint, read_checkpoint_meta
@@ -60,23 +60,15 @@ def test_an_imported_checkpoint_retrieves_for_the_server(imported):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRINFER_")}
     env.update(GRINFER_HOME=str(root / "home"), GRINFER_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve",
-                             "--backend", "eager", "--model", str(imported["model"]),
-                             "--port", str(port), "--grpc-port", "0", "--device", "cpu"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = root / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "grinfer.cli", "serve",
+                                 "--backend", "eager", "--model", str(imported["model"]),
+                                 "--port", str(port), "--grpc-port", "0", "--device", "cpu"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            proc.kill()
-            pytest.fail(f"server not ready: {proc.communicate()[0][-3000:]}")
+        wait_ready(proc, url, 180, lambda: f"its output:\n{log.read_text()[-3000:]}", poll_s=0.2)
         retriever = load_checkpoint(imported["model"] / "retrieval")
         assert retriever.cfg.time_bias_from == "next" and retriever.cfg.attn_alpha == 1.0
         for user in imported["ds"].users[:4]:

@@ -15,6 +15,7 @@ import httpx
 import psycopg
 import pytest
 
+from grinfer.bench.served import wait_ready
 from grinfer.data import load_dataset
 from grinfer.serving.background import free_port
 from grinfer.storage import open_store
@@ -55,18 +56,7 @@ class ServerProcess:
             env={k: v for k, v in os.environ.items() if not k.startswith("GRINFER_")})  # flags only
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        state = "exited with " + str(self.proc.returncode) if self.proc.poll() is not None else "not ready"
-        pytest.fail(f"server {state} after {timeout_s} s; its output:\n{self.output()}")
+        wait_ready(self.proc, self.url, timeout_s, lambda: f"its output:\n{self.output()}", poll_s=0.1)
 
     def output(self) -> str:
         self.log.flush()
