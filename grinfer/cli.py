@@ -407,6 +407,54 @@ from grinfer.importers.command import import_checkpoint_command  # noqa: E402
 
 app.command("import-checkpoint")(import_checkpoint_command)
 
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Option("--model", help="The full-precision checkpoint directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the converted checkpoint.")],
+    embeddings: Annotated[str | None, typer.Option(help="Row format of every sparse embedding table: int8, int4 "
+                                                        "(row-wise, a scale and bias per row), fp16 or bf16.")]
+    = None,
+) -> None:
+    """Convert a checkpoint to low precision (a new checkpoint directory that loads wherever the original does)."""
+    from grinfer.model.checkpoint import CheckpointError
+    from grinfer.model.quantize import QuantizeOptions, quantize_checkpoint
+
+    try:
+        summary = quantize_checkpoint(model, out, QuantizeOptions(embeddings=embeddings))
+    except (ValueError, CheckpointError) as exc:
+        raise _fail(str(exc)) from None
+    before, after = sum(r["fp32_bytes"] for r in summary), sum(r["bytes"] for r in summary)
+    typer.echo(f"wrote {out}: {len(summary)} tables as {embeddings}, {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+
+
+@app.command("init-model")
+def init_model(
+    preset_name: Annotated[str, typer.Option("--preset", help="Model preset, e.g. mtgr-8b.")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
+    embeddings: Annotated[str, typer.Option(help="Row format of the sparse tables (int8, int4, fp16, bf16, "
+                                                 "fp32).")] = "int8",
+    set_: Annotated[list[str], typer.Option("--set", metavar="KEY=VALUE",
+                                            help="Override a model setting (repeatable), e.g. num_items=20000.")]
+    = [],  # noqa: B006
+    seed: int = 0,
+) -> None:
+    """Write a randomly initialised checkpoint, its tables streamed in chunks (bounded memory)."""
+    from tqdm import tqdm
+
+    from grinfer.embedding.formats import ROW_FORMATS
+    from grinfer.model.random_init import parameter_count, total_table_rows, write_random_checkpoint
+
+    [(cfg, _)] = _model_configs([(preset_name, out)], set_)
+    if embeddings not in ROW_FORMATS:
+        raise _fail(f"--embeddings: unknown row format {embeddings!r}; choose one of {', '.join(ROW_FORMATS)}")
+    with tqdm(total=total_table_rows(cfg), unit="row", unit_scale=True, desc="embedding rows") as bar:
+        try:
+            write_random_checkpoint(cfg, out, embeddings, seed=seed, progress=bar.update)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+    typer.echo(f"wrote {out}: {cfg.name}, {parameter_count(cfg):,} parameters, tables as {embeddings}")
+
 from grinfer.registry.cli import models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")

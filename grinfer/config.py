@@ -47,6 +47,8 @@ class ModelConfig(BaseModel):
     profile_cardinalities: tuple[int, ...] = (3, 8, 22, 101)
     num_cross_features: int = Field(default=4, ge=0)
     item_emb_dim: int = Field(default=32, ge=4)
+    # rows of a hashed item table keyed by raw item ids (grinfer.embedding); None = one row per catalogue item
+    item_table_rows: int | None = Field(default=None, ge=1)
     side_emb_dim: int = Field(default=8, ge=2)
     tasks: tuple[str, ...] = ("ctr", "ctcvr")
     # retrieval (hstu) training
@@ -74,6 +76,9 @@ class ModelConfig(BaseModel):
     def _check(self) -> ModelConfig:
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if self.kind == "hstu" and self.item_table_rows is not None:
+            raise ValueError("item_table_rows: retrieval scores every catalogue item; only mtgr models take a "
+                             "hashed item table")
         if self.kind == "hstu" and self.mask != "causal":
             raise ValueError("mask: an hstu (retrieval) model must use the causal mask")
         if self.kind == "mtgr" and not self.tasks:
@@ -132,6 +137,9 @@ PRESETS: dict[str, ModelConfig] = {
                                item_emb_dim=64, side_emb_dim=16),
     "mtgr-large": ModelConfig(name="mtgr-large", num_layers=15, d_model=768, num_heads=3, max_seq_len=1664,
                               item_emb_dim=64, side_emb_dim=16),
+    # mtgr-large's dense stack over a 125 M-row hashed item table: 8.05e9 parameters, 9 GB in int8 rows
+    "mtgr-8b": ModelConfig(name="mtgr-8b", num_layers=15, d_model=768, num_heads=3, max_seq_len=1664,
+                           item_emb_dim=64, side_emb_dim=16, item_table_rows=125_000_000),
     "hstu-ml1m": ModelConfig(name="hstu-ml1m", kind="hstu", num_layers=2, d_model=50, num_heads=1,
                              max_seq_len=200, mask="causal", group_ln=False, normalizer="max_len",
                              rel_bias=True, dropout=0.2, item_emb_dim=50, num_cross_features=0, tasks=()),

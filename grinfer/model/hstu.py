@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import cast
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from grinfer.config import ModelConfig
 from grinfer.features.batch import RetrievalBatch
 from grinfer.model.layers import HSTULayer, TokenMeta
+from grinfer.model.tables import table_shapes
 from grinfer.ops.groups import GROUP_S
 from grinfer.ops.jagged import positions_in_seq
 
@@ -27,17 +29,21 @@ def next_timestamps(batch: RetrievalBatch, last: torch.Tensor | None = None) -> 
 
 
 class HSTURetrieval(nn.Module):
-    """Causal HSTU over item sequences; the item embedding table is shared by input and output."""
+    """Causal HSTU over item sequences; the item embedding table is shared by input and output (a trainable
+    nn.Embedding, or the served table `tables["item_emb"]` of a quantised checkpoint)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tables: Mapping[str, nn.Module] | None = None):
         super().__init__()
         if cfg.kind != "hstu":
             raise ValueError(f"kind: HSTURetrieval needs an 'hstu' config, got {cfg.kind!r}")
         self.cfg = cfg
-        self.item_emb = nn.Embedding(cfg.num_items + 1, cfg.d_model, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()  # the padding row stays zero (it never gets a gradient)
+        if tables and "item_emb" in tables:
+            self.item_emb = tables["item_emb"]
+        else:
+            self.item_emb = nn.Embedding(table_shapes(cfg)["item_emb"].rows, cfg.d_model, padding_idx=0)
+            nn.init.normal_(self.item_emb.weight, std=0.02)
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()  # the padding row stays zero (it never gets a gradient)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)  # absolute position from the window start
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.input_dropout = nn.Dropout(cfg.dropout)
@@ -77,7 +83,7 @@ class HSTURetrieval(nn.Module):
 
     def item_table(self) -> torch.Tensor:
         """[num_items + 1, d] L2-normalised item embeddings (row 0 is padding)."""
-        return F.normalize(self.item_emb.weight, dim=-1, eps=self.cfg.norm_eps)
+        return F.normalize(cast(torch.Tensor, self.item_emb.weight), dim=-1, eps=self.cfg.norm_eps)
 
     def sampled_softmax_loss(self, batch: RetrievalBatch, num_negatives: int,
                              generator: torch.Generator | None = None) -> torch.Tensor:

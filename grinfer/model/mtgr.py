@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import cast
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from grinfer.config import ModelConfig
 from grinfer.features.batch import EventTokens, MTGRBatch
 from grinfer.model.layers import HSTULayer, TokenMeta
+from grinfer.model.tables import make_table, table_shapes
 from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 from grinfer.ops.jagged import offsets_of, positions_in_seq, seq_ids
 
@@ -20,20 +22,25 @@ def mlp(d_in: int, d_out: int) -> nn.Sequential:
 
 
 class MTGR(nn.Module):
-    """MTGR ranking model over jagged batches; forward returns per-candidate logits [N_c, num_tasks]."""
+    """MTGR ranking model over jagged batches; forward returns per-candidate logits [N_c, num_tasks].
 
-    def __init__(self, cfg: ModelConfig):
+    Its sparse tables (model.tables.table_shapes) are trainable nn.Embedding modules unless `tables` gives
+    served ones (grinfer.embedding.ServedTable: quantised, memory-mapped, cached) by module path."""
+
+    def __init__(self, cfg: ModelConfig, tables: Mapping[str, nn.Module] | None = None):
         super().__init__()
         if cfg.kind != "mtgr":
             raise ValueError(f"kind: MTGR needs an 'mtgr' config, got {cfg.kind!r}")
         self.cfg = cfg
         e, s, d = cfg.item_emb_dim, cfg.side_emb_dim, cfg.d_model
-        self.item_emb = nn.Embedding(cfg.num_items + 1, e)
+        shapes = table_shapes(cfg)
+        self.item_emb = make_table("item_emb", shapes["item_emb"], tables)
         self.genre_proj = nn.Linear(cfg.num_genres, s, bias=False)
-        self.year_emb = nn.Embedding(cfg.num_year_buckets, s)
-        self.action_emb = nn.Embedding(cfg.num_actions, s)
-        self.gap_emb = nn.Embedding(cfg.num_time_buckets, s)
-        self.profile_emb = nn.ModuleList(nn.Embedding(c, e) for c in cfg.profile_cardinalities)
+        self.year_emb = make_table("year_emb", shapes["year_emb"], tables)
+        self.action_emb = make_table("action_emb", shapes["action_emb"], tables)
+        self.gap_emb = make_table("gap_emb", shapes["gap_emb"], tables)
+        self.profile_emb = nn.ModuleList(make_table(f"profile_emb.{i}", shapes[f"profile_emb.{i}"], tables)
+                                         for i in range(len(cfg.profile_cardinalities)))
         self.field_emb = nn.Embedding(len(cfg.profile_cardinalities), e)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, d)
         self.user_mlp = mlp(e, d)
@@ -46,13 +53,21 @@ class MTGR(nn.Module):
                                     for t in cfg.tasks})
 
     # ---- token embedding -------------------------------------------------------------------
-    def _item_side(self, ev: EventTokens) -> list[torch.Tensor]:
+    def _item_side(self, ev: EventTokens, item_rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Item, genre and year features of item tokens; `item_rows`: their item-table rows, if looked up."""
         genres = ev.genres.to(self.genre_proj.weight.dtype)  # the batch is float32; the model may be bf16
-        return [self.item_emb(ev.items), self.genre_proj(genres), self.year_emb(ev.years)]
+        rows = self.item_emb(ev.items) if item_rows is None else item_rows
+        return [rows, self.genre_proj(genres), self.year_emb(ev.years)]
 
-    def _events(self, ev: EventTokens, proj: nn.Module, first_index: torch.Tensor) -> torch.Tensor:
+    def _item_rows(self, *tokens: EventTokens) -> tuple[torch.Tensor, ...]:
+        """The item-table rows of several token groups in one lookup (one embedding-service call per step)."""
+        rows = self.item_emb(torch.cat([ev.items for ev in tokens]))
+        return rows.split([len(ev.items) for ev in tokens])
+
+    def _events(self, ev: EventTokens, proj: nn.Module, first_index: torch.Tensor,
+                item_rows: torch.Tensor | None = None) -> torch.Tensor:
         """S or R event tokens; `first_index` [B] is each user's event index of its first token."""
-        feats = torch.cat([*self._item_side(ev), self.action_emb(ev.actions), self.gap_emb(ev.gaps)], -1)
+        feats = torch.cat([*self._item_side(ev, item_rows), self.action_emb(ev.actions), self.gap_emb(ev.gaps)], -1)
         index = positions_in_seq(ev.offsets, len(ev.items)) + first_index[seq_ids(ev.offsets, len(ev.items))]
         return proj(feats) + self.pos_emb(index.clamp(max=self.cfg.max_seq_len - 1))
 
@@ -68,9 +83,11 @@ class MTGR(nn.Module):
         fields = torch.arange(nu, device=dev)
         u_emb = torch.stack([emb(batch.profile[:, i]) for i, emb in enumerate(self.profile_emb)], 1)
         u_tok = self.user_mlp(u_emb + self.field_emb(fields)).reshape(b * nu, -1)
-        s_tok = self._events(hist, self.history_mlp, torch.zeros_like(ns))
-        r_tok = self._events(rt, self.realtime_mlp, ns)
-        c_feats = [*self._item_side(cand), self.gap_emb(cand.gaps), batch.cross.to(self.genre_proj.weight.dtype)]
+        s_rows, r_rows, c_rows = self._item_rows(hist, rt, cand)
+        s_tok = self._events(hist, self.history_mlp, torch.zeros_like(ns), s_rows)
+        r_tok = self._events(rt, self.realtime_mlp, ns, r_rows)
+        c_feats = [*self._item_side(cand, c_rows), self.gap_emb(cand.gaps),
+                   batch.cross.to(self.genre_proj.weight.dtype)]
         c_tok = self.candidate_mlp(torch.cat(c_feats, -1))
 
         def slots(ev: EventTokens, skip: torch.Tensor) -> torch.Tensor:
