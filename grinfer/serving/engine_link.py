@@ -10,23 +10,62 @@ stays one per device, so a user's K/V live in one place whichever worker took th
 
 Messages are pickled tuples on `multiprocessing.connection` (length-prefixed frames):
 worker -> engine `(id, op, args)`, engine -> worker `(id, ok, value)`; ops are rank, retrieve, health, stats.
+They are pickled with the plain pickler, torch tensors as numpy arrays (`dumps`/`loads`): the connection's
+own pickler would hand each tensor over as shared memory through a file descriptor, a socket round trip
+to the sender's resource-sharer thread per tensor (a profile of the H200 server showed that thread and the
+fd passing as the engine process's largest cost after the steps themselves).
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import logging
+import pickle
 import threading
 from concurrent.futures import Future
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
+
+import torch
 
 from grinfer.engine import Engine
 from grinfer.engine.request import EngineError
 from grinfer.serving.engine_set import EngineSet
 
 log = logging.getLogger("grinfer.serve")
+
+
+_NO_NUMPY_TWIN = {torch.bfloat16: torch.int16}  # dtypes numpy lacks, sent as their bits
+
+
+def _tensor(array, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = torch.from_numpy(array)
+    return t if dtype is None else t.view(dtype)
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles torch tensors as numpy arrays (bytes in the frame, no shared memory or descriptors)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu()
+            bits = _NO_NUMPY_TWIN.get(t.dtype)
+            return (_tensor, (t.numpy(),)) if bits is None else (_tensor, (t.contiguous().view(bits).numpy(), t.dtype))
+        return NotImplemented
+
+
+def dumps(obj) -> bytes:
+    """One link message as bytes."""
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buf.getvalue()
+
+
+def loads(data: bytes):
+    """A link message from its bytes."""
+    return pickle.loads(data)
 
 
 class EngineHost:
@@ -52,7 +91,7 @@ class EngineHost:
                 conn = self.listener.accept()
             except OSError:  # closed
                 return
-            conn.send(self.info)
+            conn.send_bytes(dumps(self.info))
             threading.Thread(target=self._serve, args=(conn,), name="grinfer-engine-link", daemon=True).start()
 
     def _serve(self, conn: Connection) -> None:
@@ -61,7 +100,7 @@ class EngineHost:
         def reply(request_id: int, ok: bool, value) -> None:
             with lock:
                 try:
-                    conn.send((request_id, ok, value))
+                    conn.send_bytes(dumps((request_id, ok, value)))
                 except (OSError, ValueError):  # the worker went away: nothing to tell it
                     pass
 
@@ -71,7 +110,7 @@ class EngineHost:
 
         while True:
             try:
-                request_id, op, args = conn.recv()
+                request_id, op, args = loads(conn.recv_bytes())
             except (EOFError, OSError):
                 conn.close()
                 return
@@ -104,7 +143,7 @@ class EngineClient:
         self.conn = Client(str(path), family="AF_UNIX")
         if not self.conn.poll(timeout_s):
             raise EngineError(f"engine at {path} did not answer within {timeout_s} s")
-        info = self.conn.recv()
+        info = loads(self.conn.recv_bytes())
         self.model_config, self.has_retriever = info["model_config"], info["has_retriever"]
         self._ids = itertools.count()
         self._pending: dict[int, Future] = {}
@@ -123,7 +162,7 @@ class EngineClient:
         self._pending[request_id] = future
         try:
             with self._send_lock:
-                self.conn.send((request_id, op, args))
+                self.conn.send_bytes(dumps((request_id, op, args)))
         except (OSError, ValueError) as exc:
             self._pending.pop(request_id, None)
             raise EngineError(f"the engine process is gone ({exc})") from None
@@ -157,7 +196,7 @@ class EngineClient:
     def _receive(self) -> None:
         while True:
             try:
-                request_id, ok, value = self.conn.recv()
+                request_id, ok, value = loads(self.conn.recv_bytes())
             except (EOFError, OSError):
                 break
             future = self._pending.pop(request_id, None)

@@ -163,6 +163,18 @@ def build_engines(ranker: MTGR, catalog: ItemCatalog, config: EngineConfig, devi
     return EngineSet(engines)
 
 
+def fail_engine(engine: Engine) -> Callable[[], None]:
+    """Failure drills and tests: from now on every step of `engine` raises on every backend of its chain, as
+    on a lost GPU (a CUDA error); returns the function that heals it."""
+    runner = engine.core.runner
+
+    def launch(*args, **kwargs):
+        raise RuntimeError("CUDA error: unspecified launch failure (injected by a failure drill)")
+
+    runner.launch = launch
+    return lambda: runner.__dict__.pop("launch", None) and None
+
+
 def members(engine: Engine | EngineSet) -> list[Engine]:
     """The engines behind an engine or an engine set (warm-up and device work go to each)."""
     return list(engine.engines) if isinstance(engine, EngineSet) else [engine]

@@ -1,5 +1,5 @@
 """A real server built by `build_server` (engines, store, service, metrics) on a background HTTP thread,
-and a device fault to inject into one engine."""
+and a device fault injected into one engine."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import httpx
 from grinfer.config import ServerConfig
 from grinfer.serving.app import create_app
 from grinfer.serving.background import BackgroundServer
+from grinfer.serving.engine_set import fail_engine
 from grinfer.serving.server import build_server
 
 
@@ -21,7 +22,7 @@ class Served:
         cfg = ServerConfig(home=str(home), store=f"sqlite:///{home / 'grinfer.db'}", backend="eager", grpc_port=0,
                            devices=devices, **settings)
         self.server = build_server(cfg, checkpoint, "cpu")
-        self.engine = self.server.engine
+        self.engine = self.server.engine.production  # the served version's engine (models.py's ModelSet)
         self.http_server = BackgroundServer(create_app(self.server.state))
         self.http = httpx.Client(base_url=self.http_server.start(), timeout=30, trust_env=False)
 
@@ -39,15 +40,9 @@ class Served:
 
 @contextmanager
 def device_fault(engine):
-    """Every step of `engine` fails on every backend of its chain, as on a lost GPU ("CUDA error"), until the
-    block ends."""
-    runner = engine.core.runner
-
-    def launch(*args, **kwargs):
-        raise RuntimeError("CUDA error: unspecified launch failure (injected)")
-
-    runner.launch = launch
+    """Every step of `engine` fails, as on a lost GPU, until the block ends (engine_set.fail_engine)."""
+    heal = fail_engine(engine)
     try:
         yield
     finally:
-        del runner.launch  # the class's method again
+        heal()

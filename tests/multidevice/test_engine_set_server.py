@@ -91,6 +91,7 @@ def test_a_failing_engine_leaves_the_ring_its_users_move_and_it_rejoins(servers)
         for n, user in enumerate(theirs * 2):  # one request at a time: each failed one is a failed device turn
             r = two.rank(user, _items(two, 6, n))
             if r.status_code != 200:
+                assert r.status_code == 503 and "Retry-After" in r.headers, r.text  # retry: another engine
                 failed.append(r.status_code)
         for n, user in enumerate(others):
             assert two.rank(user, _items(two, 6, n)).status_code == 200  # never touched by the failure

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 from test_startup import wait_for
@@ -46,7 +47,10 @@ def test_workers_share_the_port_the_engine_and_what_users_did(served_checkpoint,
         wait_for(all_processes_answered, timeout=120)
         before = rank().json()["items"]
         sent += 1
-        r = httpx.post(f"{url}/v1/events", json={"user": "3", "events": [{"item": 21, "action": 5}]},
+        # an hour old: the candidates' time-gap bucket (request time - last event) is then the same for every
+        # rank below however many seconds they take on a loaded machine (a just-now event's gap grows 0, 1, 2 s)
+        event = {"item": 21, "action": 5, "ts": int(time.time()) - 3600}
+        r = httpx.post(f"{url}/v1/events", json={"user": "3", "events": [event]},
                        headers={"X-API-Key": API_KEY}, timeout=30)
         assert r.status_code == 200
         after = [rank() for _ in range(12)]
