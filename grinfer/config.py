@@ -278,6 +278,21 @@ class ServerConfig(BaseModel):
     @field_validator("devices")
     @classmethod
     def _check_devices(cls, devices: str | None) -> str | None:
+    # the model registry (grinfer/registry, grinfer/serving/models.py)
+    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                                   description="serve this registered model from the store's registry (its "
+                                               "production version, its running experiment's arms and shadow) "
+                                               "instead of --model; promotions apply while serving")
+    kv_split: float = Field(default=0.25, ge=0.0, lt=1.0,
+                            description="with model_name: the KV-cache share of the versions beside production "
+                                        "(A/B arms, shadow), split evenly between them; production keeps the rest "
+                                        "(0: every version gets the whole budget)")
+    registry_poll_s: float = Field(default=5.0, ge=0.0,
+                                   description="with model_name: seconds between reads of the registry for "
+                                               "promotions and experiments (0: only POST /v1/admin/models/promote)")
+    consistency_sample: float = Field(default=0.001, ge=0.0, le=1.0,
+                                      description="fraction of ranked requests recomputed uncached in the "
+                                                  "background to check the KV cache (0: off)")
         if devices is None:
             return None
         names = [d.strip() for d in devices.split(",")]
