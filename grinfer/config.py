@@ -264,20 +264,6 @@ class ServerConfig(BaseModel):
                              description="log one line per HTTP request (costs CPU at high request rates)")
     replica: str | None = Field(default=None, max_length=128, pattern=r"^[\x21-\x7e]+$",
                                 description="this replica's name in X-Grinfer-Replica (unset: hostname:port)")
-
-    @field_validator("store")
-    @classmethod
-    def _check_store(cls, url: str | None) -> str | None:
-        from grinfer.storage import STORE_SCHEMES
-
-        if url is not None and "://" in url and url.split("://")[0].lower() not in STORE_SCHEMES:
-            raise ValueError(f"unsupported store URL {url.split('://')[0]}://; use "
-                             f"{', '.join(s + '://...' for s in STORE_SCHEMES)} or a file path")
-        return url
-
-    @field_validator("devices")
-    @classmethod
-    def _check_devices(cls, devices: str | None) -> str | None:
     # the model registry (grinfer/registry, grinfer/serving/models.py)
     model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
                                    description="serve this registered model from the store's registry (its "
@@ -293,6 +279,20 @@ class ServerConfig(BaseModel):
     consistency_sample: float = Field(default=0.001, ge=0.0, le=1.0,
                                       description="fraction of ranked requests recomputed uncached in the "
                                                   "background to check the KV cache (0: off)")
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, url: str | None) -> str | None:
+        from grinfer.storage import STORE_SCHEMES
+
+        if url is not None and "://" in url and url.split("://")[0].lower() not in STORE_SCHEMES:
+            raise ValueError(f"unsupported store URL {url.split('://')[0]}://; use "
+                             f"{', '.join(s + '://...' for s in STORE_SCHEMES)} or a file path")
+        return url
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, devices: str | None) -> str | None:
         if devices is None:
             return None
         names = [d.strip() for d in devices.split(",")]
