@@ -43,6 +43,7 @@ from grinfer.schema import (
 from grinfer.serving.admission import Admission
 from grinfer.serving.phases import Phases
 from grinfer.storage.base import Event, FeatureCache, IdempotencyConflict, Unavailable, UserRecord, UserStore
+from grinfer.storage.resilient import health_of
 
 log = logging.getLogger("grinfer.serve")
 # the A/B arm an admin forces for the request being handled (X-Grinfer-Arm; set by the adapters, read by _rank)
@@ -267,6 +268,8 @@ class RecommenderService:
             self.store.count_users()
         except Exception as exc:  # a store that cannot answer makes us unready, not broken
             return f"store unavailable: {exc}"
+        if health_of(self.cache)["degraded"]:  # a cache outage never makes us unready; try whether it is over
+            self.cache.ping()  # type: ignore[attr-defined] (caches that can degrade: resilient.ResilientCache)
         return None
 
     def list_users(self, query: UsersQuery) -> UsersOut:

@@ -99,7 +99,9 @@ def open_cache(url: str) -> FeatureCache:
         from grinfer.storage.redis_cache import RedisFeatureCache
         from grinfer.storage.resilient import ResilientCache
 
-        return ResilientCache(RedisFeatureCache(url))
+        cache = ResilientCache(RedisFeatureCache(url, ping=False))
+        cache.ping()  # Redis down at start: the server starts degraded (uncached) and uses Redis once it is up
+        return cache
     raise ValueError(
         f"unsupported cache URL {_redact(url)!r}: expected one of {', '.join(s + '://' for s in CACHE_SCHEMES)}"
     )

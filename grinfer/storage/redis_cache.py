@@ -22,7 +22,10 @@ each S and R event as i64. ``get_users`` is one MGET and ``put_users`` one pipel
 users costs one round trip. Redis errors propagate (`open_cache` wraps this cache in a
 `ResilientCache`, which makes an outage a miss); a payload that is not a record is treated as a miss.
 Socket timeouts are short (250 ms, ``?socket_timeout=S`` in the URL overrides) and a failed command
-is not retried here, so a hung Redis costs a request at most one timeout.
+is not retried here, so a hung Redis costs a request at most one timeout. `open_cache` does not need
+Redis up (``ping=False``, then one probe through the breaker): a server started while Redis is down
+serves uncached, reports the cache degraded and uses Redis once it answers; the roll subscription
+keeps trying in the background meanwhile.
 """
 
 from __future__ import annotations
@@ -111,6 +114,39 @@ def parse_redis_url(url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(query=urlencode(rest))), prefix
 
 
+def _listen(pubsub, handlers: dict[str, Callable], outage: Callable) -> Callable[[], None]:
+    """Subscribe `pubsub` to `handlers` and listen in its own thread; while Redis is down (at start) a background
+    thread keeps trying (`outage` logs and waits a second). Returns the function that stops listening."""
+    stopped, listening = threading.Event(), []  # the pubsub's listener thread, once subscribed
+
+    def subscribe() -> bool:
+        try:
+            pubsub.subscribe(**handlers)
+        except redis.RedisError as exc:
+            outage(exc, pubsub, None)
+            return False
+        listening.append(pubsub.run_in_thread(sleep_time=0.5, daemon=True, exception_handler=outage))
+        return True
+
+    def keep_trying() -> None:
+        while not stopped.is_set() and not subscribe():
+            pass
+
+    retrying = None
+    if not subscribe():
+        retrying = threading.Thread(target=keep_trying, name="grinfer-roll-subscribe", daemon=True)
+        retrying.start()
+
+    def stop() -> None:
+        stopped.set()
+        if retrying is not None:
+            retrying.join(timeout=2.0)
+        for thread in listening:
+            thread.stop()
+            thread.join(timeout=2.0)
+    return stop
+
+
 class RedisFeatureCache:
     """FeatureCache on Redis; thread-safe (redis-py's connection pool)."""
 
@@ -124,6 +160,7 @@ class RedisFeatureCache:
         prefix: str | None = None,
         socket_timeout_s: float = DEFAULT_SOCKET_TIMEOUT_S,
         client_name: str | None = None,
+        ping: bool = True,
     ) -> None:
         redis_url, url_prefix = parse_redis_url(url)
         self.prefix = url_prefix if prefix is None else prefix
@@ -139,7 +176,12 @@ class RedisFeatureCache:
         self._seen = threading.local()  # per thread: {user: write epoch seen at its last miss}
         self._put_tagged = self._client.register_script(_PUT_TAGGED)
         self._hits = self._misses = self._round_trips = 0
-        self._round_trip(self._client.ping)  # fail at start, with redis-py's message, if unreachable
+        if ping:  # fail at start, with redis-py's message, if unreachable
+            self.ping()
+
+    def ping(self) -> bool:
+        """One round trip; raises redis-py's error when Redis is unreachable."""
+        return bool(self._round_trip(self._client.ping))
 
     def _round_trip(self, fn, *args, **kwargs) -> Any:  # the sync client: values, not awaitables
         with self._lock:
@@ -253,12 +295,10 @@ class RedisFeatureCache:
                 failing.set()
             time.sleep(1.0)
 
-        pubsub.subscribe(**{self.rolls_channel: handle})
-        thread = pubsub.run_in_thread(sleep_time=0.5, daemon=True, exception_handler=outage)
+        stop_listening = _listen(pubsub, {self.rolls_channel: handle}, outage)
 
         def stop() -> None:
-            thread.stop()
-            thread.join(timeout=2.0)
+            stop_listening()
             pubsub.close()
             client.close()
         return stop

@@ -149,6 +149,11 @@ class ResilientCache:
     def put_result(self, key: str, value: bytes, ttl_s: float) -> None:
         self._call(None, self.inner.put_result, key, value, ttl_s)
 
+    def ping(self) -> bool:
+        """One round trip to the cache (`inner.ping`) through the breaker: False (and degraded) when it fails.
+        At start (`open_cache`), and from the readiness probe while degraded, so an idle server notices too."""
+        return self._call(False, self.inner.ping)  # type: ignore[attr-defined]
+
     def health(self) -> dict:
         return self.breaker.health()
 
