@@ -159,8 +159,9 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: Literal["eager", "compiled", "fused", "onnx", "baseline"] = "eager"
+    backend: Literal["eager", "compiled", "fused", "aoti", "onnx", "baseline"] = "eager"
     onnx_path: str | None = None  # backend onnx: the exported ranking graph (grinfer export onnx)
+    aoti_path: str | None = None  # backend aoti: the cached step's package (grinfer export aoti: OUT.step.pt2)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     block_size: int = Field(default=32, ge=1)  # tokens per KV-cache block
@@ -238,9 +239,10 @@ class ServerConfig(BaseModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto")
     devices: str | None = Field(default=None, description="one engine per device in this server, users spread over "
                                 "them by a consistent hash: cuda:0,cuda:1 (cpu,cpu for tests); unset: --device")
-    backend: Literal["auto", "eager", "compiled", "fused", "onnx", "baseline"] = Field(
+    backend: Literal["auto", "eager", "compiled", "fused", "aoti", "onnx", "baseline"] = Field(
         default="auto", description="auto (probe every backend the device offers, serve the fastest that agrees "
-                                    "with eager), eager, compiled, fused (CUDA), onnx (ONNX Runtime, uncached) "
+                                    "with eager), eager, compiled, fused (CUDA), aoti (the AOTInductor-packaged "
+                                    "cached step, CPU), onnx (ONNX Runtime, uncached) "
                                     "or baseline (the uncached model)")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest request body in bytes")
     max_queue: int = Field(default=256, ge=1, description="waiting requests beyond this are rejected (429)")

@@ -17,7 +17,9 @@ class AotiModel(ExportedModel):
         self.metadata = {k: v for k, v in self.package.get_metadata().items() if k.startswith("grinfer.")}
 
     def run(self, inputs: dict) -> dict[str, torch.Tensor]:
-        args = [torch.as_tensor(inputs[name]) for name in self.input_names]
+        # the compiled kernels index their inputs as dense row-major tensors (a strided view, such as a column
+        # of a [B, 2] tensor, would be read wrongly)
+        args = [torch.as_tensor(inputs[name]).contiguous() for name in self.input_names]
         out = self.package(*args)
         out = (out,) if isinstance(out, torch.Tensor) else out
         return dict(zip(self.output_names, out))

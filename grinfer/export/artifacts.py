@@ -130,7 +130,8 @@ def artifacts(model: MTGR | HSTURetrieval, with_step: bool, block_size: int, see
     if with_step:
         out.append(Artifact(
             "step", CachedStep(model, block_size), STEP_AXES,
-            dict(zip(STEP_OUTPUTS, [("batch", "candidates", None), *[(None, "batch", "new_tokens", None, None)] * 2])),
+            dict(zip(STEP_OUTPUTS, [("batch", "candidates", None), *[(None, "batch", "new_tokens", None, None)] * 2,
+                                    ("batch", "candidates", None)])),
             step_sample(model, example, STEP_EXAMPLE_CACHED, block_size, seed)[0],
             lambda: [step_sample(model, b, cached, block_size, seed + 1 + i)
                      for i, (b, cached) in enumerate(zip(check_batches(), STEP_CHECKS_CACHED))],

@@ -73,8 +73,6 @@ def _load_models(model_dir: Path) -> list[MTGR | HSTURetrieval]:
         models = [load(d).float() for d in dirs]  # exports are float32 graphs
     except (FileNotFoundError, ValueError) as exc:
         raise ExportError(str(exc)) from None
-    for m in models:
-        check_exportable(m)
     return models
 
 
@@ -90,12 +88,22 @@ def export_checkpoint(model_dir: Path, out: Path, fmt: str, limits: Limits = Lim
                       block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True) -> list[Exported]:
     """Export every graph of the checkpoint(s) at `model_dir`: to `out` when there is one graph, else to
     OUT_STEM.PART.SUFFIX per graph (PART: ranking, retrieval, step). ExportError on anything that fails."""
-    if fmt not in FORMATS:
-        raise ExportError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
-    if out.suffix != FORMATS[fmt]:
-        raise ExportError(f"--out: a {fmt} export is a {FORMATS[fmt]} file, got {out}")
-    models = _load_models(model_dir)
-    jobs = [(m, a) for m in models for a in artifacts(m, with_step=fmt == "aoti", block_size=block_size)]
+    _check_format(fmt, out)
+    return export_models(_load_models(model_dir), out, fmt, limits, block_size, progress)
+
+
+def export_models(models: list[MTGR | HSTURetrieval], out: Path, fmt: str, limits: Limits = Limits(),
+                  block_size: int = DEFAULT_BLOCK_SIZE, progress: bool = True,
+                  parts: tuple[str, ...] | None = None) -> list[Exported]:
+    """Export the graphs of in-memory float32 models (those in `parts`, default all) as `export_checkpoint`
+    does; the engine's `aoti` backend exports only the step of the model it serves."""
+    _check_format(fmt, out)
+    for m in models:
+        check_exportable(m)
+    jobs = [(m, a) for m in models for a in artifacts(m, with_step=fmt == "aoti", block_size=block_size)
+            if parts is None or a.part in parts]
+    if not jobs:
+        raise ExportError(f"parts: none of {parts} is a graph of these models")
     out.parent.mkdir(parents=True, exist_ok=True)
     write, done = _writer(fmt), []
     with tqdm(total=3 * len(jobs), desc=f"export {fmt}", unit="step", disable=not progress) as bar:
@@ -132,6 +140,13 @@ def export_checkpoint(model_dir: Path, out: Path, fmt: str, limits: Limits = Lim
             done.append(Exported(art.part, path, golden, export_s, time.perf_counter() - start, errors,
                                  getattr(loaded, "provider", "aoti")))
     return done
+
+
+def _check_format(fmt: str, out: Path) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if out.suffix != FORMATS[fmt]:
+        raise ExportError(f"--out: a {fmt} export is a {FORMATS[fmt]} file, got {out}")
 
 
 def verify(path: Path) -> dict[str, float]:

@@ -11,10 +11,11 @@ user's candidates `x_cand` attend over the whole context plus themselves. Inputs
     cand_len, request_ts [B]                candidates per user (<= Lc), their timestamp
     block_table [B, NB], k_pool, v_pool [num_layers, slots, H, D]
 
-Outputs (STEP_OUTPUTS): probabilities [B, Lc, T] (0 at padded candidates) and the new context
-tokens' K and V [num_layers, B, Ln, H, D] (0 at padded rows) for the caller to write into the pool (the step is a pure
-function: the pool is read, never written). Candidates sit after the context, as in the full
-sequence; a step computes every layer.
+Outputs (STEP_OUTPUTS): probabilities [B, Lc, T] (0 at padded candidates), the new context
+tokens' K and V [num_layers, B, Ln, H, D] (0 at padded rows) for the caller to write into the pool (the step
+is a pure function: the pool is read, never written) and the candidates' final hidden states [B, Lc, d] (0 at
+padded candidates; what the engine's backend interface hands to the heads). Candidates sit after the context,
+as in the full sequence; a step computes every layer.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 
 STEP_INPUTS = ("x_new", "x_cand", "ctx_start", "ctx_end", "static_tokens", "ctx_ts", "cand_len", "request_ts",
                "block_table", "k_pool", "v_pool")
-STEP_OUTPUTS = ("probabilities", "k_new", "v_new")
+STEP_OUTPUTS = ("probabilities", "k_new", "v_new", "cand_states")
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -92,6 +93,7 @@ class CachedStep(nn.Module):
             attn = attend_padded(layer, q, torch.cat([ctx_k, k[:, n_new:]], 1), torch.cat([ctx_v, v[:, n_new:]], 1),
                                  plan)
             x = layer.finish(flat, attn.reshape(-1, d), u.reshape(-1, d), group).reshape(x.shape)
-        probs = torch.sigmoid(m.head_logits(x[:, n_new:]).float())
+        states = torch.where(cand.valid[:, :, None], x[:, n_new:], torch.zeros_like(x[:, n_new:]))
+        probs = torch.sigmoid(m.head_logits(states).float())
         probs = torch.where(cand.valid[:, :, None], probs, torch.zeros_like(probs))
-        return probs, torch.stack(k_out), torch.stack(v_out)
+        return probs, torch.stack(k_out), torch.stack(v_out), states

@@ -12,8 +12,10 @@ from grinfer.model.mtgr import MTGR
 
 
 @torch.no_grad()
-def context_kv(model: MTGR, batch: MTGRBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, TokenMeta]:
-    """Eager uncached pass: input embeddings x [T, d], every layer's K and V [layers, T, H, D], token meta."""
+def context_kv(model: MTGR, batch: MTGRBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      TokenMeta]:
+    """Eager uncached pass: input embeddings x [T, d], every layer's K and V [layers, T, H, D], the final hidden
+    states [T, d], token meta."""
     x, meta = model.embed(batch)
     first = model.layers[0]
     assert isinstance(first, HSTULayer)
@@ -25,7 +27,7 @@ def context_kv(model: MTGR, batch: MTGRBatch) -> tuple[torch.Tensor, torch.Tenso
         ks.append(k)
         vs.append(v)
         h = layer.finish(h, layer.attend(q, k, v, plan), u, meta.group)
-    return x, torch.stack(ks), torch.stack(vs), meta
+    return x, torch.stack(ks), torch.stack(vs), h, meta
 
 
 @torch.no_grad()
@@ -36,7 +38,7 @@ def step_sample(model: MTGR, batch: MTGRBatch, cached: list[int], block_size: in
     Pages are shuffled over a pool with spare pages; every slot that holds no cached token is random noise,
     so a step that read one would be wrong. Expected values come from the eager uncached model."""
     rng = np.random.default_rng(seed)
-    x, k, v, meta = context_kv(model, batch)
+    x, k, v, h, meta = context_kv(model, batch)
     b, nu = batch.profile.shape
     ctx_len = (nu + batch.history.lengths + batch.realtime.lengths).tolist()
     n_cand = batch.candidates.lengths.tolist()
@@ -54,7 +56,8 @@ def step_sample(model: MTGR, batch: MTGRBatch, cached: list[int], block_size: in
     d = x.shape[1]
     inputs = {"x_new": x.new_zeros(b, ln, d), "x_cand": x.new_zeros(b, lc, d), "ctx_ts": torch.zeros(b, lk,
               dtype=torch.int64)}
-    expected = {"k_new": k.new_zeros(layers, b, ln, heads, dim), "v_new": v.new_zeros(layers, b, ln, heads, dim)}
+    expected = {"k_new": k.new_zeros(layers, b, ln, heads, dim), "v_new": v.new_zeros(layers, b, ln, heads, dim),
+                "cand_states": x.new_zeros(b, lc, d)}
     used = 0
     for i in range(b):
         first, n, c = start[i], ctx_len[i], cached[i]
@@ -67,6 +70,7 @@ def step_sample(model: MTGR, batch: MTGRBatch, cached: list[int], block_size: in
         inputs["ctx_ts"][i, :n] = meta.ts[first:first + n]
         expected["k_new"][:, i, :n - c] = k[:, first + c:first + n]
         expected["v_new"][:, i, :n - c] = v[:, first + c:first + n]
+        expected["cand_states"][i, :n_cand[i]] = h[first + n:first + n + n_cand[i]]
     as_long = lambda values: torch.tensor(values, dtype=torch.int64)
     inputs.update(ctx_start=as_long(cached), ctx_end=as_long(ctx_len),
                   static_tokens=nu + batch.history.lengths, cand_len=batch.candidates.lengths,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from aoti_util import AOTI_BLOCK_SIZE, aoti_package
 from engine_util import (
     append_events,
     assert_scores,
@@ -20,7 +21,7 @@ from engine_util import (
 from test_backends import compiler_problem
 from triton_util import interpreted_module
 
-BACKEND_ATOL = {"eager": 1e-5, "compiled": 1e-4, "fused": 1e-4}  # kernels accumulate in another order
+BACKEND_ATOL = {"eager": 1e-5, "compiled": 1e-4, "fused": 1e-4, "aoti": 1e-5}  # kernels accumulate in another order
 TIER_SETS = ["device-only", "host+disk"]
 
 
@@ -32,18 +33,21 @@ def _interpreter(monkeypatch):
 @pytest.mark.parametrize("tiers", TIER_SETS)
 @pytest.mark.parametrize("depth", [1, 2], ids=["sync", "pipelined"])
 @pytest.mark.parametrize("backend", list(BACKEND_ATOL))
-def test_every_backend_depth_and_tier(model, catalog, featurizer, make_request, backend, depth, tiers, tmp_path):
+def test_every_backend_depth_and_tier(model, catalog, featurizer, make_request, backend, depth, tiers, tmp_path,
+                                      request):
     if backend == "compiled" and (problem := compiler_problem()):
         pytest.skip(problem)
     if backend == "fused":
         interpreted_module("grinfer.ops.triton.hstu_attention")
         interpreted_module("grinfer.ops.triton.layer_norm")
     config = {}
+    if backend == "aoti":
+        config["aoti_path"] = aoti_package(model, request)  # compiled for this grid's block size
     if tiers == "host+disk":  # the host tier holds one user, older ones go on to the disk
-        config = {"host_cache_bytes": kv_bytes(model, 18), "disk_cache_bytes": kv_bytes(model, 400),
-                  "disk_cache_dir": str(tmp_path)}
+        config.update(host_cache_bytes=kv_bytes(model, 18), disk_cache_bytes=kv_bytes(model, 400),
+                      disk_cache_dir=str(tmp_path))
     core = make_core(model, catalog, backend=backend, pipeline_depth=depth, cpu_device_thread=depth > 1,
-                     block_size=4, max_batch_tokens=32,
+                     block_size=AOTI_BLOCK_SIZE, max_batch_tokens=32,
                      kv_cache_bytes=kv_bytes(model, 11 * 4), **config)
     rng = np.random.default_rng(5)
     first = [engine_request(f"u{i}", make_request(12, 2, 2 + i, seed=300 + i)) for i in range(4)]
@@ -58,4 +62,6 @@ def test_every_backend_depth_and_tier(model, catalog, featurizer, make_request, 
     assert stats["evictions"] >= 2
     if tiers != "device-only":
         assert stats["host_hits"] + stats["disk_hits"] >= 1
+    if backend == "aoti":  # every step ran in the package
+        assert core.runner.backend.stats() == {"package_steps": core.steps, "eager_steps": 0}
     core.close()

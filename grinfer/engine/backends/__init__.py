@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from grinfer.engine.backends.aoti import AotiBackend
 from grinfer.engine.backends.base import Backend
 from grinfer.engine.backends.compiled import CompiledBackend
 from grinfer.engine.backends.eager import EagerBackend
 from grinfer.engine.backends.fused import FusedBackend
 
-BACKENDS: dict[str, type[Backend]] = {"eager": EagerBackend, "compiled": CompiledBackend, "fused": FusedBackend}
+BACKENDS: dict[str, type[Backend]] = {"eager": EagerBackend, "compiled": CompiledBackend, "fused": FusedBackend,
+                                      "aoti": AotiBackend}
 
 
 def make_backend(name: str, model, config=None) -> Backend:
