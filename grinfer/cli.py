@@ -455,6 +455,27 @@ def init_model(
             raise _fail(str(exc)) from None
     typer.echo(f"wrote {out}: {cfg.name}, {parameter_count(cfg):,} parameters, tables as {embeddings}")
 
+
+@app.command("bench-embeddings")
+def bench_embeddings(
+    model: Annotated[Path, typer.Option("--model", help="A ranking checkpoint with served tables (grinfer "
+                                                        "quantize / init-model).")],
+    batch: int = 8, static: int = 200, realtime: int = 20, candidates: int = 128, iters: int = 2,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result JSON here.")] = None,
+) -> None:
+    """Time a checkpoint with memory-mapped tables: start-up, peak RSS, ranking with a cold and a warm row
+    cache, and the embedding service's rows/s alone."""
+    from grinfer.bench.embeddings import format_report, run
+    from grinfer.model.checkpoint import CheckpointError
+
+    try:
+        result = run(model, batch, static, realtime, candidates, iters)
+    except (ValueError, CheckpointError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(format_report(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
 from grinfer.registry.cli import models_app  # noqa: E402
 
 app.add_typer(models_app, name="models")

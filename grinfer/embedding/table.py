@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -49,7 +50,7 @@ class ServedTable(nn.Module):
         self.store, self.ids = store, ids
         self.cache_bytes, self.ways = cache_bytes, ways
         self.cache: RowCache | None = None
-        self.lookups = 0
+        self.lookups, self.seconds = 0, 0.0  # ids looked up, host seconds spent on them
         self.register_buffer("_probe", torch.empty(0), persistent=False)  # follows .to(): the output device/dtype
 
     @property
@@ -67,6 +68,7 @@ class ServedTable(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[*ids.shape, dim] rows of `ids`, in the module's dtype on its device."""
+        start = time.perf_counter()
         rows = self.ids.rows(ids)
         if isinstance(self.ids, ManagedIds) and len(self.ids.assigned):  # a new id's row starts as the fallback's
             self.store.copy_row(FALLBACK_ROW, self.ids.assigned)
@@ -75,7 +77,9 @@ class ServedTable(nn.Module):
         self.lookups += ids.numel()
         unique, inverse = rows.reshape(-1).to(self._probe.device).unique(return_inverse=True)
         values = self._cache().lookup(unique, self._fetch) if self.cache_bytes else self._fetch(unique)
-        return values[inverse].reshape(*ids.shape, self.store.dim)
+        out = values[inverse].reshape(*ids.shape, self.store.dim)
+        self.seconds += time.perf_counter() - start
+        return out
 
     def _fetch(self, rows: torch.Tensor) -> torch.Tensor:
         return self.store.gather(rows.cpu()).to(self._probe.device, self._probe.dtype)
@@ -87,8 +91,9 @@ class ServedTable(nn.Module):
         return self.cache
 
     def stats(self) -> dict:
-        """Ids looked up, the row format, table and cache sizes, and the cache's hits (see RowCache.stats)."""
-        out = {"lookups": self.lookups, "format": self.store.fmt, "rows": self.store.num_rows,
+        """Ids looked up (and host seconds on them), the row format, table and cache sizes, and the cache's hits
+        (see RowCache.stats)."""
+        out = {"lookups": self.lookups, "seconds": self.seconds, "format": self.store.fmt, "rows": self.store.num_rows,
                "table_bytes": self.store.nbytes}
         return {**out, **(self.cache.stats() if self.cache is not None else {"hit_ratio": 0.0, "bytes": 0})}
 

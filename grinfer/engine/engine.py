@@ -15,6 +15,7 @@ from concurrent.futures import Future
 
 from grinfer.config import EngineConfig
 from grinfer.data.types import ItemCatalog
+from grinfer.embedding.service import embedding_stats
 from grinfer.engine.core import EngineCore
 from grinfer.engine.request import EngineError, Overloaded, RankRequest, RankResult
 from grinfer.engine.retrieval import BatchRetriever, RetrievalQuery
@@ -172,7 +173,8 @@ class Engine:
         """The core's plain stats (read without stopping the loop: numbers may be one step apart)."""
         return {**self.core.stats(), "failures": self.failures, "backend": self.core.runner.backend.stats(),
                 "probes": self.probes,
-                "device": str(self.core.device), "device_bytes": self.core.device_bytes()}
+                "device": str(self.core.device), "device_bytes": self.core.device_bytes(),
+                "embeddings": embedding_stats(self.core.model)}
 
     # ---- loop -------------------------------------------------------------------------------
     def _admit(self) -> None:

@@ -98,6 +98,7 @@ def engine_families(members: list[tuple[list[str], dict]], labels: list[str]):
     yield memory
     yield counter("grinfer_engine_failures", "Engine steps or retrieval batches that failed", lambda s: s["failures"])
     yield from backend_metrics(members, labels)
+    yield from embedding_metrics(members, labels)
     graphs = [(values, stats["backend"]) for values, stats in members if stats["backend"]]
     if graphs:  # backends with CUDA graphs
         yield _family(GaugeMetricFamily, "grinfer_cuda_graphs", "CUDA graphs held (one per shape bucket)", labels,
@@ -124,6 +125,21 @@ def ring_families(members: list[tuple[list[str], dict]]):
                   labels, members, lambda s: s["dispatched"])
     yield _family(CounterMetricFamily, "grinfer_engine_rehashed", "Rank requests of the engine's users served by "
                   "another engine while it was out of the ring", labels, members, lambda s: s["rehashed"])
+
+
+def embedding_metrics(members: list[tuple[list[str], dict]], labels: list[str]):
+    """Each member's served embedding tables (grinfer.embedding): ids looked up, the device row cache's hit
+    ratio (distinct rows) and its bytes, labelled `table`."""
+    tables = [([*values, name], t) for values, stats in members for name, t in stats.get("embeddings", {}).items()]
+    if not tables:
+        return
+    labels = [*labels, "table"]
+    yield _family(CounterMetricFamily, "grinfer_embedding_lookups", "Ids looked up in a served embedding table",
+                  labels, tables, lambda t: t["lookups"])
+    yield _family(GaugeMetricFamily, "grinfer_embedding_cache_hit_ratio", "Distinct rows served from the device "
+                  "row cache over all distinct rows looked up", labels, tables, lambda t: t["hit_ratio"])
+    yield _family(GaugeMetricFamily, "grinfer_embedding_cache_bytes", "Device bytes of a table's row cache", labels,
+                  tables, lambda t: t["bytes"])
 
 
 def backend_metrics(members: list[tuple[list[str], dict]], labels: list[str]):

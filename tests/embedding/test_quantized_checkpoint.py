@@ -145,3 +145,24 @@ def test_cli_quantize_and_init_model(tmp_path, full_checkpoint):
                                "--set", "item_table_rows=999"])
     assert made.exit_code == 0, made.output
     assert load_checkpoint(tmp_path / "i").item_emb.num_embeddings == 999
+
+
+def test_metrics_export_each_served_tables_lookups_and_hit_ratio(tmp_path, mtgr_cfg, catalog, make_request):
+    from grinfer.engine import Engine
+    from grinfer.serving.metrics import EngineCollector
+
+    write_random_checkpoint(mtgr_cfg.replace(item_table_rows=500), tmp_path / "r", "int8")
+    model = load_checkpoint(tmp_path / "r")
+    assert isinstance(model, MTGR)
+    engine = Engine(model, catalog, EngineConfig(kv_cache_bytes=1 << 22))
+    r = make_request(6, 3, 5, seed=0)
+    for user in ("a", "b"):  # the same items twice: the second request's rows are cache hits
+        engine.core.add(RankRequest(user, 0, r.context, r.candidates, r.request_ts))
+        engine.core.run_until_done()
+    families = {f.name: f for f in EngineCollector(engine).collect()}
+    ratio = {s.labels["table"]: s.value for s in families["grinfer_embedding_cache_hit_ratio"].samples}
+    assert set(ratio) == set(table_shapes(mtgr_cfg)) and 0.0 < ratio["item_emb"] < 1.0
+    lookups = {s.labels["table"]: s.value for s in families["grinfer_embedding_lookups"].samples
+               if s.name.endswith("_total")}
+    assert lookups["item_emb"] == 2 * (len(r.context.items) + len(r.candidates))
+    engine.core.close()
