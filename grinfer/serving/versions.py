@@ -77,19 +77,23 @@ def version_settings(engine_cfg: EngineConfig, share: float, key: str) -> Engine
 
 
 class RegistryWatch:
-    """Polls the registry every `poll_s` and applies a changed plan to the model set (on its own thread)."""
+    """Polls the registry every `poll_s` (0: never) and applies a changed plan to the model set (on its own
+    thread); `check` does it at once."""
 
     def __init__(self, registry: Registry, model: str, models: ModelSet, poll_s: float):
         self.registry, self.model, self.models, self.poll_s = registry, model, models, poll_s
         self._stop = threading.Event()
         self._failed: tuple[dict, str] | None = None  # the plan that last failed to apply, and why
         self._lock = threading.Lock()  # one check at a time (the poll and an admin's promote)
-        self._thread = threading.Thread(target=self._run, name="grinfer-registry-watch", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if poll_s > 0:  # 0: no polling, only `check` calls (POST /v1/admin/models/promote)
+            self._thread = threading.Thread(target=self._run, name="grinfer-registry-watch", daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     def check(self) -> dict | None:
         """Apply the registry's plan now if it differs from the served one; the swap record, or None."""
