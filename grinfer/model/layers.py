@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grinfer.config import ModelConfig
+from grinfer.ops import layer_norm as norm_ops
 from grinfer.ops.groups import NUM_GROUPS
 from grinfer.ops.reference.hstu_attention import AttentionPlan, attend, plan_attention
 
@@ -24,24 +25,27 @@ class TokenMeta:
 
 
 class GroupLayerNorm(nn.Module):
-    """LayerNorm with one (weight, bias) per token group; one group = a plain LayerNorm; affine=False: none."""
+    """LayerNorm with one (weight, bias) per token group; one group = a plain LayerNorm; affine=False: none
+    (an identity weight and bias that are not parameters: x * 1 + 0 is exact).
+
+    Computed by the op's dispatcher (grinfer.ops.layer_norm) with its reference kernel: the model is the
+    definition every backend is checked against; backends pick faster kernels of the same op."""
 
     def __init__(self, num_groups: int, dim: int, eps: float = 1e-5, affine: bool = True):
         super().__init__()
+        self.weight: torch.Tensor
+        self.bias: torch.Tensor
         if affine:
             self.weight = nn.Parameter(torch.ones(num_groups, dim))
             self.bias = nn.Parameter(torch.zeros(num_groups, dim))
+        else:
+            self.register_buffer("weight", torch.ones(1, dim), persistent=False)
+            self.register_buffer("bias", torch.zeros(1, dim), persistent=False)
         self.affine = affine
         self.eps = eps
 
     def forward(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
-        if not self.affine:
-            return y
-        if self.weight.shape[0] == 1:
-            return y * self.weight[0] + self.bias[0]
-        # F.embedding: its backward reduces sorted indices; weight[group] piles T atomic adds onto 4 rows
-        return y * F.embedding(group, self.weight) + F.embedding(group, self.bias)
+        return norm_ops.group_layer_norm(x, group, self.weight, self.bias, self.eps, kernel="reference")
 
 
 class RelativeBias(nn.Module):

@@ -23,7 +23,9 @@ def _affine_rows(weight: torch.Tensor, bias: torch.Tensor,
         return weight[0].float(), bias[0].float()
     if group is None:
         raise ValueError(f"group: expected token group ids (weight has {weight.shape[0]} rows), got None")
-    return weight.float().index_select(0, group), bias.float().index_select(0, group)
+    # F.embedding rather than index_select: its backward reduces sorted indices instead of piling T atomic
+    # adds onto G rows (the models train through this op)
+    return F.embedding(group, weight.float()), F.embedding(group, bias.float())
 
 
 def _emit(y: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
