@@ -48,6 +48,14 @@ def test_fp32_row_storage_scores_exactly_as_the_full_model(tmp_path, full_checkp
                                                                           make_request))
 
 
+def test_a_hashed_item_table_serves_the_rows_it_was_trained_with(tmp_path, mtgr_cfg, featurizer, make_request):
+    full = seeded_model(mtgr_cfg.replace(item_table_rows=97))  # fewer rows than items: some share a row
+    quantize_checkpoint(save_checkpoint(full, tmp_path / "h"), tmp_path / "hq", QuantizeOptions(embeddings="fp32"))
+    served = load_checkpoint(tmp_path / "hq")
+    assert isinstance(served, MTGR) and isinstance(served.item_emb, ServedTable)
+    assert torch.equal(scores(served, featurizer, make_request), scores(full, featurizer, make_request))
+
+
 @pytest.mark.parametrize("fmt, tol", [("int8", 2e-3), ("int4", 5e-2), ("bf16", 5e-3)])
 def test_quantised_tables_score_close_to_full_precision(tmp_path, full_checkpoint, featurizer, make_request, fmt, tol):
     quantize_checkpoint(full_checkpoint, tmp_path / fmt, QuantizeOptions(embeddings=fmt))
@@ -166,3 +174,11 @@ def test_metrics_export_each_served_tables_lookups_and_hit_ratio(tmp_path, mtgr_
                if s.name.endswith("_total")}
     assert lookups["item_emb"] == 2 * (len(r.context.items) + len(r.candidates))
     engine.core.close()
+
+
+def test_exporters_refuse_served_tables_by_name(tmp_path, full_checkpoint):
+    from grinfer.export.support import UnsupportedFeature, check_exportable
+
+    quantize_checkpoint(full_checkpoint, tmp_path / "q", QuantizeOptions(embeddings="int8"))
+    with pytest.raises(UnsupportedFeature, match=r"module item_emb \(grinfer\.embedding\.table\.ServedTable\)"):
+        check_exportable(load_checkpoint(tmp_path / "q"))
