@@ -33,6 +33,7 @@ import torch
 from grinfer.engine import Engine
 from grinfer.engine.request import EngineError
 from grinfer.serving.engine_set import EngineSet
+from grinfer.serving.models import ModelSet
 
 log = logging.getLogger("grinfer.serve")
 
@@ -71,7 +72,8 @@ def loads(data: bytes):
 class EngineHost:
     """Serves an Engine to worker processes on a Unix socket (one thread per connection)."""
 
-    def __init__(self, engine: Engine | EngineSet, path: Path):
+    def __init__(self, engine: Engine | EngineSet | ModelSet,
+                 path: Path):
         self.engine, self.path = engine, path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)

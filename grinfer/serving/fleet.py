@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from grinfer.engine import Engine
 from grinfer.serving.engine_set import EngineSet
+from grinfer.serving.models import ModelSet
 from grinfer.serving.service import RecommenderService
 
 log = logging.getLogger("grinfer.fleet")
@@ -31,7 +32,7 @@ class RollAnnouncer(Protocol):
     def subscribe_rolls(self, on_roll: Callable[[str, int], None]) -> Callable[[], None]: ...
 
 
-def forget_rolled(engine: Engine | EngineSet) -> Callable[[str, int], None]:
+def forget_rolled(engine: Engine | EngineSet | ModelSet) -> Callable[[str, int], None]:
     """on_roll(user, version) that frees the user's older K/V on this replica's engine thread."""
     def on_roll(user: str, version: int) -> None:
         try:
@@ -41,7 +42,7 @@ def forget_rolled(engine: Engine | EngineSet) -> Callable[[str, int], None]:
     return on_roll
 
 
-def join_fleet(service: RecommenderService, engine: Engine | EngineSet) -> Callable[[], None]:
+def join_fleet(service: RecommenderService, engine: Engine | EngineSet | ModelSet) -> Callable[[], None]:
     """Wire roll announcements for this replica; returns the function that stops listening."""
     forget = forget_rolled(engine)
     cache = service.cache
