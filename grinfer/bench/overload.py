@@ -26,7 +26,7 @@ import httpx
 
 from grinfer.bench.figure import panels
 from grinfer.bench.load import ENDPOINTS, MAX_DURATION_S, MAX_REQUESTS, LevelResult, parse_clients, prepare, run_level
-from grinfer.bench.served import ServedProcess, ServerFailed
+from grinfer.bench.served import report_main, served
 from grinfer.config import env_var
 
 PRIME_S = 3.0  # a first level at the middle client count: warm caches and a measured service rate
@@ -132,14 +132,9 @@ async def sweep_levels(plan: Overload, url: str) -> list[LevelResult]:
 
 def run_overload(plan: Overload) -> dict:
     """Start the server, sweep, stop it; the report (also written as overload.json + overload.png)."""
-    plan.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, env_var("latency_target_ms"): str(plan.latency_target_ms)}  # GRINFER_* set the rest
-    server = ServedProcess(["--backend", "eager"], plan.out / "server.log", env=env)
-    try:
-        server.wait_ready(plan.ready_timeout_s)
+    with served(["--backend", "eager"], plan.out, plan.ready_timeout_s, env) as server:
         results = asyncio.run(sweep_levels(plan, server.url))
-    finally:
-        server.stop()
     peak = max(r.ok_per_s for r in results)
     rows = [level_row(r, peak) for r in results]
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
@@ -180,14 +175,8 @@ def parse_args(argv: list[str] | None = None) -> Overload:
 
 def main(argv: list[str] | None = None) -> int:
     plan = parse_args(argv)
-    try:
-        report = run_overload(plan)
-    except ServerFailed as exc:
-        print(f"overload: {exc}", file=sys.stderr)
-        return 1
-    print(format_table(report["levels"], report["summary"]))
-    print(f"wrote {plan.out / 'overload.json'} and {plan.out / 'overload.png'}")
-    return 0
+    return report_main("overload", lambda: run_overload(plan), lambda r: format_table(r["levels"], r["summary"]),
+                       [plan.out / "overload.json", plan.out / "overload.png"])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -69,3 +70,29 @@ class ServedProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         return self.proc.returncode
+
+
+@contextmanager
+def served(args: list[str], out: Path, ready_timeout_s: float, env: dict[str, str] | None = None
+           ) -> Iterator[ServedProcess]:
+    """A ready `grinfer serve ARGS` (its log in out/server.log) for the block; stopped after it."""
+    out.mkdir(parents=True, exist_ok=True)
+    server = ServedProcess(args, out / "server.log", env=env)
+    try:
+        server.wait_ready(ready_timeout_s)
+        yield server
+    finally:
+        server.stop()
+
+
+def report_main(name: str, run: Callable[[], dict], table: Callable[[dict], str], files: list[Path]) -> int:
+    """A served benchmark's main: run it, print its table and the files it wrote (exit 0), or the server's
+    failure as one message (exit 1)."""
+    try:
+        report = run()
+    except ServerFailed as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    print(table(report))
+    print(f"wrote {' and '.join(str(f) for f in files)}")
+    return 0

@@ -21,7 +21,7 @@ import httpx
 
 from grinfer.bench.figure import panels
 from grinfer.bench.load import ENDPOINTS, MAX_CLIENTS, MAX_REQUESTS, prepare, run_level
-from grinfer.bench.served import ServedProcess, ServerFailed
+from grinfer.bench.served import ServedProcess, report_main, served
 
 MAX_MINUTES = 120
 
@@ -122,13 +122,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run_soak(plan: Soak) -> dict:
     """Start the server, load and sample it, stop it; the report (also written as soak.json + soak.png)."""
-    plan.out.mkdir(parents=True, exist_ok=True)
-    server = ServedProcess(["--backend", "eager"], plan.out / "server.log")  # GRINFER_* set the rest
-    try:
-        server.wait_ready(plan.ready_timeout_s)
+    with served(["--backend", "eager"], plan.out, plan.ready_timeout_s) as server:  # GRINFER_* set the rest
         rows = asyncio.run(sample_loop(plan, server))
-    finally:
-        server.stop()
     report = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(plan).items()},
               "samples": rows, "summary": summary(rows)}
     (plan.out / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -158,14 +153,8 @@ def parse_args(argv: list[str] | None = None) -> Soak:
 
 def main(argv: list[str] | None = None) -> int:
     plan = parse_args(argv)
-    try:
-        report = run_soak(plan)
-    except ServerFailed as exc:
-        print(f"soak: {exc}", file=sys.stderr)
-        return 1
-    print(format_table(report["samples"], report["summary"]))
-    print(f"wrote {plan.out / 'soak.json'} and {plan.out / 'soak.png'}")
-    return 0
+    return report_main("soak", lambda: run_soak(plan), lambda r: format_table(r["samples"], r["summary"]),
+                       [plan.out / "soak.json", plan.out / "soak.png"])
 
 
 if __name__ == "__main__":
