@@ -78,6 +78,7 @@ class AppState:
     retry_after_s: int = 1
     draining: bool = False
     process: str = "engine"  # which process answers (X-Grinfer-Process): "engine", or "worker-N" with --workers
+    left_port: bool = False  # the engine process, once its workers listen: it answers only kept-alive connections
     backend_setting: str = "eager"  # the configured --backend (auto resolves to the engine's primary)
     apply_registry: Callable[[], dict | None] | None = None  # registry mode, engine process: apply the plan now
 

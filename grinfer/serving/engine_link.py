@@ -9,7 +9,8 @@ stays one per device, so a user's K/V live in one place whichever worker took th
     EngineClient(path)         in a worker: the `Engine` interface the service and metrics use
 
 Messages are pickled tuples on `multiprocessing.connection` (length-prefixed frames):
-worker -> engine `(id, op, args)`, engine -> worker `(id, ok, value)`; ops are rank, retrieve, health, stats.
+worker -> engine `(id, op, args)`, engine -> worker `(id, ok, value)`; ops are rank, retrieve, health, stats
+and listening (a worker saying it serves the shared port).
 They are pickled with the plain pickler, torch tensors as numpy arrays (`dumps`/`loads`): the connection's
 own pickler would hand each tensor over as shared memory through a file descriptor, a socket round trip
 to the sender's resource-sharer thread per tensor (a profile of the H200 server showed that thread and the
@@ -24,6 +25,7 @@ import itertools
 import logging
 import pickle
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
@@ -73,8 +75,8 @@ class EngineHost:
     """Serves an Engine to worker processes on a Unix socket (one thread per connection)."""
 
     def __init__(self, engine: Engine | EngineSet | ModelSet,
-                 path: Path):
-        self.engine, self.path = engine, path
+                 path: Path, on_listening: Callable[[int], None] | None = None):
+        self.engine, self.path, self.on_listening = engine, path, on_listening
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)
         self.listener = Listener(str(path), family="AF_UNIX")
@@ -117,18 +119,23 @@ class EngineHost:
                 conn.close()
                 return
             try:
-                if op == "rank":
-                    self.engine.submit(*args).add_done_callback(lambda f, i=request_id: forward(i, f))
-                elif op == "retrieve":
-                    self.engine.submit_retrieval(*args).add_done_callback(lambda f, i=request_id: forward(i, f))
-                elif op == "health":
-                    reply(request_id, True, self.engine.health())
-                elif op == "stats":
-                    reply(request_id, True, self.engine.stats())
-                else:
-                    reply(request_id, False, EngineError(f"unknown engine op {op!r}"))
+                self._run(op, args, request_id, reply, forward)
             except Exception as exc:  # Overloaded, ContextTooLarge, ValueError at submit: the caller's error
                 reply(request_id, False, _portable(exc))
+
+    def _run(self, op: str, args: tuple, request_id: int, reply, forward) -> None:
+        """One op: engine work answers through `forward` when its future is done, the rest at once."""
+        if op in ("rank", "retrieve"):
+            submit = self.engine.submit if op == "rank" else self.engine.submit_retrieval
+            submit(*args).add_done_callback(lambda f: forward(request_id, f))
+        elif op in ("health", "stats"):
+            reply(request_id, True, self.engine.health() if op == "health" else self.engine.stats())
+        elif op == "listening":  # worker N serves the shared port now
+            reply(request_id, True, None)
+            if self.on_listening is not None:
+                self.on_listening(*args)
+        else:
+            reply(request_id, False, EngineError(f"unknown engine op {op!r}"))
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -68,7 +68,7 @@ class RequestFront:
         phases = Phases(start)
         scope.setdefault("state", {})["phases"] = phases
         phases.mark("read")
-        named = [(b"x-grinfer-process", state.process.encode()), (b"x-grinfer-replica", state.replica)]
+        named = _named(state)
 
         async def send_named(message) -> None:
             if message["type"] == "http.response.start":
@@ -84,6 +84,13 @@ class RequestFront:
         endpoint = Metrics.route_label(scope)
         state.metrics.observe(endpoint, time.perf_counter() - start)
         state.metrics.observe_phases(endpoint, phases.spans)
+
+
+def _named(state) -> list[tuple[bytes, bytes]]:
+    """Headers on every response: the answering process and replica; once the engine process has left the
+    port to its workers, `connection: close`, so a kept-alive client reconnects to one of them."""
+    named = [(b"x-grinfer-process", state.process.encode()), (b"x-grinfer-replica", state.replica)]
+    return [*named, (b"connection", b"close")] if state.left_port else named
 
 
 def _admitted(path: str) -> bool:

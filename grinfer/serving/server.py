@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -272,8 +273,12 @@ class Launch:
 
     def serve(self) -> None:
         """Run uvicorn until SIGINT/SIGTERM (or a failed preparation)."""
+        # the engine thread gives up the GIL at every device wait and must win it back from the HTTP and link
+        # threads: a 1 ms switch interval instead of Python's 5 bounds that wait
+        sys.setswitchinterval(0.001)
         self.web.run(sockets=self.sockets)
 
+        self._listening: set[int] = set()  # workers serving the shared port
     @property
     def engine_socket(self) -> Path:
         return self.cfg.home_dir / "run" / f"engine-{self.cfg.port}.sock"
@@ -301,13 +306,26 @@ class Launch:
             warm_all(server.engine, progress=lambda f: prep.update("warming up", 0.85 + 0.14 * f))
             if cfg.grpc_port:
                 from grinfer.serving.grpc_server import start_grpc_server
+    def _worker_listening(self, index: int) -> None:
+        """Once every worker serves the shared port, this process leaves it: its HTTP work would share the GIL
+        with the engine thread (the H200 profile: pydantic and SQLite reads of this process's share of the
+        connections beside every step). Its listener closes (the kernel sends new connections to the
+        workers) and its kept-alive connections are closed after their next response."""
+        self._listening.add(index)
+        if len(self._listening) < self.cfg.workers or self.parts.get("server") is None:
+            return
+        self.parts["server"].state.left_port = True
+        for listener in self.web.servers:
+            listener.get_loop().call_soon_threadsafe(listener.close)
+        log.info("all %d workers listen on port %d: the engine process left it", self.cfg.workers, self.cfg.port)
+
 
                 self.parts["grpc"] = start_grpc_server(server.state.service, server.state.metrics, cfg.host,
                                                        cfg.grpc_port, api_key=cfg.api_key,
                                                        reuse_port=cfg.grpc_reuse_port)
             self.gate.open(create_app(server.state))
             if cfg.workers:
-                self.parts["host"] = EngineHost(server.engine, self.engine_socket)
+                self.parts["host"] = EngineHost(server.engine, self.engine_socket, on_listening=self._worker_listening)
                 self.parts["workers"] = Workers(cfg, self.engine_socket)
             log.info("ready in %.1f s: http://%s:%d (gRPC %s)", time.monotonic() - prep.started, cfg.host, cfg.port,
                      cfg.grpc_port or "off")

@@ -18,6 +18,8 @@ import multiprocessing
 import os
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
 
 from grinfer.config import ServerConfig
@@ -98,6 +100,7 @@ def worker_main(cfg_fields: dict, engine_socket: str, index: int) -> None:
                             process=f"worker-{index}")
         server = uvicorn.Server(uvicorn.Config(create_app(state), log_level=cfg.log_level,
                                                access_log=cfg.access_log, timeout_graceful_shutdown=30))
+        threading.Thread(target=_say_listening, args=(server, engine, index), daemon=True).start()
         server.run(sockets=[shared_port_socket(cfg.host, cfg.port)])
     finally:
         engine.close()
@@ -105,3 +108,12 @@ def worker_main(cfg_fields: dict, engine_socket: str, index: int) -> None:
         store.close()
         if os.environ.get(MULTIPROC_ENV):
             multiprocess.mark_process_dead(os.getpid())
+
+
+def _say_listening(server, engine, index: int, timeout_s: float = 300.0) -> None:
+    """Tell the engine process once this worker's uvicorn listens (it then leaves the port to the workers)."""
+    deadline = time.monotonic() + timeout_s
+    while not server.started and not server.should_exit and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if server.started:
+        engine.call("listening", index)
