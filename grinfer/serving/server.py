@@ -261,8 +261,12 @@ class Launch:
         import uvicorn
 
         self.cfg, self.model_path, self.device, self.train_models = cfg, model_path, device, train_models
+        # the engine thread gives up the GIL at every device wait and must win it back from the HTTP and link
+        # threads: a 1 ms switch interval instead of Python's 5 bounds that wait
+        sys.setswitchinterval(0.001)
         self.prep = Preparation()
         self.parts: dict = {}  # what the preparing thread built, for the shutdown hook
+        self._listening: set[int] = set()  # workers serving the shared port
         self.gate = StartupGate(self.prep, on_shutdown=self.close)
         self.web = uvicorn.Server(uvicorn.Config(self.gate, host=cfg.host, port=cfg.port, log_level=cfg.log_level,
                                                  access_log=cfg.access_log, timeout_graceful_shutdown=30))
@@ -273,12 +277,8 @@ class Launch:
 
     def serve(self) -> None:
         """Run uvicorn until SIGINT/SIGTERM (or a failed preparation)."""
-        # the engine thread gives up the GIL at every device wait and must win it back from the HTTP and link
-        # threads: a 1 ms switch interval instead of Python's 5 bounds that wait
-        sys.setswitchinterval(0.001)
         self.web.run(sockets=self.sockets)
 
-        self._listening: set[int] = set()  # workers serving the shared port
     @property
     def engine_socket(self) -> Path:
         return self.cfg.home_dir / "run" / f"engine-{self.cfg.port}.sock"
@@ -294,18 +294,6 @@ class Launch:
         if "server" in self.parts:
             self.parts["server"].close()
 
-    def _prepare(self) -> None:
-        cfg, prep = self.cfg, self.prep
-        try:
-            if self.train_models is not None:
-                prep.update("training demo models", 0.01)
-                self.train_models(lambda status, fraction: prep.update(status, 0.8 * fraction))
-            prep.update("loading models", 0.8)
-            server = self.parts["server"] = build_server(cfg, self.model_path, self.device)
-            prep.update("warming up", 0.85)
-            warm_all(server.engine, progress=lambda f: prep.update("warming up", 0.85 + 0.14 * f))
-            if cfg.grpc_port:
-                from grinfer.serving.grpc_server import start_grpc_server
     def _worker_listening(self, index: int) -> None:
         """Once every worker serves the shared port, this process leaves it: its HTTP work would share the GIL
         with the engine thread (the H200 profile: pydantic and SQLite reads of this process's share of the
@@ -319,6 +307,18 @@ class Launch:
             listener.get_loop().call_soon_threadsafe(listener.close)
         log.info("all %d workers listen on port %d: the engine process left it", self.cfg.workers, self.cfg.port)
 
+    def _prepare(self) -> None:
+        cfg, prep = self.cfg, self.prep
+        try:
+            if self.train_models is not None:
+                prep.update("training demo models", 0.01)
+                self.train_models(lambda status, fraction: prep.update(status, 0.8 * fraction))
+            prep.update("loading models", 0.8)
+            server = self.parts["server"] = build_server(cfg, self.model_path, self.device)
+            prep.update("warming up", 0.85)
+            warm_all(server.engine, progress=lambda f: prep.update("warming up", 0.85 + 0.14 * f))
+            if cfg.grpc_port:
+                from grinfer.serving.grpc_server import start_grpc_server
 
                 self.parts["grpc"] = start_grpc_server(server.state.service, server.state.metrics, cfg.host,
                                                        cfg.grpc_port, api_key=cfg.api_key,
