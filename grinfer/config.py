@@ -194,6 +194,12 @@ class EngineConfig(BaseModel):
     # under load that never leaves such a lull, one bucket that at least 3 steps needed is captured between
     # steps at most this often (a capture delays the queue by its few milliseconds); 0: only in lulls
     capture_busy_s: float = Field(default=1.0, ge=0.0)
+    # the HSTU layers' linear projections: none (the model's dtype), int8 (weight-only), int8-dynamic (int8
+    # weights and activations) or fp8 (row-wise, CUDA compute capability >= 8.9); grinfer.model.quantize_dense
+    dense: Literal["none", "int8", "int8-dynamic", "fp8"] = "none"
+    # K/V in the paged pool and its tiers: the model's dtype, or int8 / fp8 (e4m3) with a float32 scale per
+    # (token, head): about 2x the users per byte of a bf16 pool (grinfer.ops.reference.kv_quant)
+    kv_dtype: Literal["model", "int8", "fp8"] = "model"
 
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -253,6 +259,12 @@ class ServerConfig(BaseModel):
                             ge=0, description="disk tier of the KV cache in MiB, files under GRINFER_HOME/kv, "
                                                  "kept across restarts (0: none)")
     pipeline_depth: int = Field(default=2, ge=1, le=2, description="engine steps in flight (1: synchronous)")
+    dense: Literal["none", "int8", "int8-dynamic", "fp8"] = Field(
+        default="none", description="low-precision HSTU projections: none, int8 (weight-only), int8-dynamic or "
+                                    "fp8 (row-wise; CUDA compute capability >= 8.9)")
+    kv_dtype: Literal["model", "int8", "fp8"] = Field(
+        default="model", description="KV-cache storage: model (the model's dtype), int8 or fp8 (e4m3), 8-bit "
+                                     "with a scale per token and head")
     user_ttl_s: float = Field(default=30.0,
                               ge=0, description="seconds a user record stays in the feature cache (0: none)")
     workers: int = Field(default=0,

@@ -33,6 +33,7 @@ from grinfer.engine.tiers import DiskTier, HostTier, Tier
 from grinfer.features.device import DeviceFeaturizer
 from grinfer.features.featurizer import Featurizer
 from grinfer.model.mtgr import MTGR
+from grinfer.model.quantize_dense import quantize_dense
 
 log = logging.getLogger("grinfer.engine")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,6 +53,8 @@ def model_fingerprint(model: torch.nn.Module, dtype: torch.dtype) -> str:
     under which its K/V may be kept across restarts."""
     h = hashlib.sha1(f"{getattr(model, 'cfg', '')}|{dtype}".encode())
     for name, t in model.state_dict().items():
+        if type(t) is not torch.Tensor:  # a low-precision weight (grinfer.model.quantize_dense): its values
+            t = t.dequantize()
         flat = t.detach().reshape(-1)
         h.update(f"{name}{tuple(t.shape)}".encode())
         h.update(flat[:65536 // max(flat.element_size(), 1)].cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -63,7 +66,10 @@ def make_tiers(config: EngineConfig, model: torch.nn.Module, dtype: torch.dtype)
     the model's fingerprint, hashed only when there is a disk tier)."""
     disk = None
     if config.disk_cache_bytes and config.disk_cache_dir:
-        directory = Path(config.disk_cache_dir).expanduser() / model_fingerprint(model, dtype)
+        name = model_fingerprint(model, dtype)
+        if (config.dense, config.kv_dtype) != ("none", "model"):  # other weights or K/V bytes: other files
+            name += f"-{config.dense}-{config.kv_dtype}"
+        directory = Path(config.disk_cache_dir).expanduser() / name
         disk = DiskTier(directory, config.disk_cache_bytes)
     if config.host_cache_bytes:
         return [HostTier(config.host_cache_bytes, lower=disk)]
@@ -77,21 +83,23 @@ class EngineCore:
         if model.cfg.mask != "dynamic":
             raise ValueError(f"mask: the engine serves MTGR's dynamic mask (candidates never see each other), "
                              f"got {model.cfg.mask!r}; score such a model uncached")
+        _check_precision(config)
         self.config = config
         self.device = torch.device(config.device)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the float32 attention of the eager path
         dtype = DTYPES[config.dtype]
-        self.model = model.to(self.device, dtype).eval()
+        self.model = quantize_dense(model.to(self.device, dtype).eval(), config.dense)
         cfg = model.cfg
         baseline = BaselineScorer(self.model, Featurizer(catalog, cfg.num_time_buckets), self.device)
         backend = self._primary(config, baseline)
-        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype)
+        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype, config.kv_dtype)
         # candidates of one step: at most max_batch_tokens, each item's starting on a page of their own
         scratch = -(-config.max_batch_tokens // config.block_size) + config.max_batch_requests
         manager = BlockManager(cache_blocks(config, per_token, self.device), config.block_size)
         self.pool = KVPool(cfg.num_layers, cfg.num_heads, cfg.head_dim, config.block_size, manager.num_blocks,
-                           dtype, self.device, scratch_blocks=scratch if backend.keys_in_pool else 0)
+                           dtype, self.device, scratch_blocks=scratch if backend.keys_in_pool else 0,
+                           kv_dtype=config.kv_dtype)
         self.cache = KVCache(manager, self.pool, make_tiers(config, self.model, dtype))
         self.scheduler = Scheduler(config, self.cache, cfg.num_layers)
         names, backends = [backend.name], [backend]
@@ -251,6 +259,17 @@ class EngineCore:
         r, c = self.runner.host_seconds, self.host_seconds
         return {"schedule": c["schedule"], "featurize": r["featurize"], "indices": r["indices"],
                 "launch": r["launch"], "wait": c["wait"], "result": c["result"]}
+
+
+def _check_precision(config: EngineConfig) -> None:
+    """Low precision runs where the layer stack is PyTorch's or the fused kernels' (eager, compiled, fused, and
+    the uncached baseline); the exported graphs (onnx, aoti) hold full-precision weights and K/V."""
+    if config.dense != "none" and config.backend in ("onnx", "aoti"):
+        raise ValueError(f"dense: backend {config.backend!r} runs a graph exported at full precision; "
+                         "low-precision layers run on eager, compiled or fused")
+    if config.kv_dtype != "model" and config.backend == "aoti":
+        raise ValueError("kv_dtype: backend 'aoti' reads K/V in the model's dtype; 8-bit K/V run on eager, "
+                         "compiled or fused")
 
 
 def _wait(output: StepOutput) -> Exception | None:

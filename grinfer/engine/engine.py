@@ -23,6 +23,7 @@ from grinfer.engine.scheduler import RequestState
 from grinfer.features.featurizer import UserContext
 from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
+from grinfer.model.quantize_dense import quantize_dense
 
 log = logging.getLogger("grinfer.engine")
 BUSY_CAPTURE_MIN_STEPS = 3  # a bucket captured under load must have been needed by this many steps
@@ -37,6 +38,8 @@ class Engine:
         self.core = EngineCore(model, catalog, config)
         self.retriever = BatchRetriever(retriever, catalog.num_items, self.core.device, config.retrieval_cache_bytes,
                                         config.block_size)
+        if self.retriever.model is not None:  # the retrieval HSTU's projections in the same low precision
+            quantize_dense(self.retriever.model, config.dense)
         self.on_step = on_step  # called (outside the lock) with each computing step's stats
         self._futures: dict[int, Future] = {}  # keyed by id(RequestState): callers' request ids may repeat
         # submit() only appends here under the lock; the loop thread admits and steps without holding it,

@@ -153,8 +153,8 @@ class KVCache:
     def _evict(self, key: str, entry: Entry) -> None:
         """Move the entry down to the first tier (no gather when there is none), then free its pages."""
         if self.tiers and entry.tokens:
-            k, v = self.pool.gather(entry.blocks, entry.tokens)
-            self.tiers[0].offload_launch(key, entry.signature, entry.tokens, k, v)
+            self.tiers[0].offload_launch(key, entry.signature, entry.tokens,
+                                         self.pool.gather(entry.blocks, entry.tokens))
         self.manager.drop(key)
         self.manager.stats.evictions += 1
 
@@ -171,9 +171,8 @@ class KVCache:
         entry.pins -= 1
         if not ok:
             self.manager.drop(sig.user)
-            self.tiers[0].offload_launch(sig.user, held.signature, held.tokens, held.k, held.v, held.done)
+            self.tiers[0].offload_launch(sig.user, held.signature, held.tokens, held.kv, held.done)
             return None, "none"
-        k, v = held.wait()
-        self.pool.scatter(entry.blocks, k, v)
+        self.pool.scatter(entry.blocks, held.wait())
         entry.tokens = held.tokens
         return entry, source

@@ -96,11 +96,13 @@ class HSTULayer(nn.Module):
                               bias_reach=self.bias_reach if cfg.rel_bias else None,
                               num_time_buckets=cfg.num_time_buckets)
 
-    def attend(self, q, k, v, plan: AttentionPlan) -> torch.Tensor:
-        """Attention of the queries over the keys (which include every key a query may see)."""
+    def attend(self, q, k, v, plan: AttentionPlan, k_scale: torch.Tensor | None = None,
+               v_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the queries over the keys (which include every key a query may see); 8-bit K/V come
+        with their per (key, head) scales."""
         bias = self.rel_bias
         o = attend(q, k, v, plan, self.cfg.attn_alpha, pos_table=None if bias is None else bias.pos_table,
-                   time_table=None if bias is None else bias.time_table)
+                   time_table=None if bias is None else bias.time_table, k_scale=k_scale, v_scale=v_scale)
         return o.reshape(o.shape[0], -1)
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor, u: torch.Tensor, group: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,7 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
                               kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
                               disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
                               pipeline_depth=cfg.pipeline_depth, max_queue=cfg.max_queue,
+                              dense=cfg.dense, kv_dtype=cfg.kv_dtype,
                               max_batch_tokens=cfg.max_batch_tokens)
     log.info("%s; torch %s", cfg.describe(",".join(devices), {"ranking": ranking_dir, "retrieval": retrieval_dir}),
              torch.__version__)

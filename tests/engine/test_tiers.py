@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from grinfer.engine.kv_pool import KVData
 from grinfer.engine.signature import ContextSignature
 from grinfer.engine.tiers import DiskTier, HostTier
 
@@ -20,10 +21,10 @@ def sig(user: str, version: int = 0, realtime=((3, 100, 4),)) -> ContextSignatur
     return ContextSignature(user, version, 4, np.asarray(realtime, np.int64).reshape(-1, 3), (1, 2))
 
 
-def kv(seed: int, dtype=torch.float32, tokens: int = 5):
+def kv(seed: int, dtype=torch.float32, tokens: int = 5) -> KVData:
     g = torch.Generator().manual_seed(seed)
     shape = (SHAPE[0], tokens, *SHAPE[2:])
-    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    return KVData(torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype))
 
 
 def nbytes(k: torch.Tensor) -> int:
@@ -31,67 +32,72 @@ def nbytes(k: torch.Tensor) -> int:
 
 
 def test_host_tier_keeps_entries_until_taken():
-    k, v = kv(0)
+    data = kv(0)
+    k, v = data.k, data.v
     tier = HostTier(capacity_bytes=10 * nbytes(k))
-    tier.offload_launch("u", sig("u"), 5, k, v)
+    tier.offload_launch("u", sig("u"), 5, data)
     assert tier.snapshot()["host_users"] == 1 and tier.used == nbytes(k)
     held = tier.take("u", 0)
     assert held is not None and held.tokens == 5 and held.source == "host"
-    hk, hv = held.wait()
+    got = held.wait()
+    hk, hv = got.k, got.v
     assert torch.equal(hk, k) and torch.equal(hv, v)
     assert tier.take("u", 0) is None and tier.used == 0
 
 
 def test_host_tier_drops_an_older_version():
-    k, v = kv(1)
+    data = kv(1)
+    k = data.k
     tier = HostTier(capacity_bytes=10 * nbytes(k))
-    tier.offload_launch("u", sig("u", version=0), 5, k, v)
+    tier.offload_launch("u", sig("u", version=0), 5, data)
     assert tier.take("u", 1) is None  # a roll happened: the old copy is useless
     assert tier.snapshot()["host_users"] == 0
 
 
 def test_host_tier_hands_its_oldest_entries_to_the_disk_tier(tmp_path):
-    k, _ = kv(2)
+    k = kv(2).k
     disk = DiskTier(tmp_path, capacity_bytes=100 * nbytes(k))
     host = HostTier(capacity_bytes=2 * nbytes(k), lower=disk)
     for i in range(4):
-        host.offload_launch(f"u{i}", sig(f"u{i}"), 5, *kv(10 + i))
+        host.offload_launch(f"u{i}", sig(f"u{i}"), 5, kv(10 + i))
     host.flush()
     assert list(host.entries) == ["u2", "u3"] and set(disk.files) == {"u0", "u1"}
     assert host.evictions == 2
     held = host.take("u0", 0)  # not in host: the disk tier answers
     assert held.source == "disk"
-    assert torch.equal(held.wait()[0], kv(10)[0])
+    assert torch.equal(held.wait().k, kv(10).k)
     assert "u0" not in disk.files
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_disk_tier_survives_a_restart(tmp_path, dtype):
-    k, v = kv(3, dtype)
+    data = kv(3, dtype)
+    k, v = data.k, data.v
     first = DiskTier(tmp_path, capacity_bytes=1 << 20)
-    first.offload_launch("alice", sig("alice", 7), 5, k, v)
-    first.offload_launch("bob", sig("bob"), 3, *kv(4, dtype, tokens=3))
+    first.offload_launch("alice", sig("alice", 7), 5, data)
+    first.offload_launch("bob", sig("bob"), 3, kv(4, dtype, tokens=3))
     first.close()
     second = DiskTier(tmp_path, capacity_bytes=1 << 20)
     assert set(second.files) == {"alice", "bob"} and second.used == first.used
     held = second.take("alice", 7)
     assert held is not None and held.tokens == 5 and held.source == "disk"
     assert held.signature.version == 7 and np.array_equal(held.signature.realtime, sig("alice").realtime)
-    hk, hv = held.wait()
+    got = held.wait()
+    hk, hv = got.k, got.v
     assert hk.dtype == dtype and torch.equal(hk, k) and torch.equal(hv, v)
     assert not list(tmp_path.glob(f"{second._stem('alice').name}.*"))  # taken: its files are gone
     second.close()
 
 
 def test_disk_tier_budget_evicts_oldest_first(tmp_path):
-    k, _ = kv(5)
+    k = kv(5).k
     tier = DiskTier(tmp_path, capacity_bytes=2 * nbytes(k))
     for i in range(3):
-        tier.offload_launch(f"u{i}", sig(f"u{i}"), 5, *kv(20 + i))
+        tier.offload_launch(f"u{i}", sig(f"u{i}"), 5, kv(20 + i))
     tier.flush()
     assert list(tier.files) == ["u1", "u2"] and tier.evictions == 1 and tier.used == 2 * nbytes(k)
     assert len(list(tmp_path.glob("*.kv"))) == 2
-    tier.offload_launch("huge", sig("huge"), 50, *kv(6, tokens=50))  # larger than the whole budget: not kept
+    tier.offload_launch("huge", sig("huge"), 50, kv(6, tokens=50))  # larger than the whole budget: not kept
     assert "huge" not in tier.files
     tier.close()
     assert list(DiskTier(tmp_path, capacity_bytes=nbytes(k)).files) == ["u2"]  # a smaller budget on restart
@@ -99,8 +105,8 @@ def test_disk_tier_budget_evicts_oldest_first(tmp_path):
 
 def test_disk_tier_discards_other_versions_and_unreadable_files(tmp_path):
     tier = DiskTier(tmp_path, capacity_bytes=1 << 20)
-    tier.offload_launch("u", sig("u", 1), 5, *kv(7))
-    tier.offload_launch("w", sig("w", 1), 5, *kv(8))
+    tier.offload_launch("u", sig("u", 1), 5, kv(7))
+    tier.offload_launch("w", sig("w", 1), 5, kv(8))
     tier.close()
     assert DiskTier(tmp_path, 1 << 20).take("u", 2) is None  # rolled meanwhile
     stem = tier._stem("w")
@@ -115,11 +121,12 @@ def test_disk_tier_discards_other_versions_and_unreadable_files(tmp_path):
 
 def test_a_take_waits_for_the_write_in_flight(tmp_path):
     tier = DiskTier(tmp_path, capacity_bytes=1 << 20)
-    k, v = kv(9)
+    data = kv(9)
+    k = data.k
     gate = threading.Event()
-    tier.offload_launch("u", sig("u"), 5, k, v, done=gate.wait)  # the device copy is not finished yet
+    tier.offload_launch("u", sig("u"), 5, data, done=gate.wait)  # the device copy is not finished yet
     assert not tier.files["u"].written.done()
     threading.Timer(0.05, gate.set).start()
     held = tier.take("u", 0)  # blocks until the file is whole
-    assert torch.equal(held.wait()[0], k)
+    assert torch.equal(held.wait().k, k)
     tier.close()

@@ -17,8 +17,8 @@ def _project(layer, x, group):
     return layer.project(x, group)
 
 
-def _attend(layer, q, k, v, plan):
-    return layer.attend(q, k, v, plan)
+def _attend(layer, q, k, v, plan, k_scale, v_scale):
+    return layer.attend(q, k, v, plan, k_scale, v_scale)
 
 
 def _finish(layer, x, attn, u, group):
@@ -46,8 +46,8 @@ class CompiledBackend(EagerBackend):
     def project(self, layer, x, group):
         return self._project(self.model.layers[layer], x, group)
 
-    def attend(self, layer, q, k, v, plan):
-        return self._attend(self.model.layers[layer], q, k, v, plan)
+    def attend(self, layer, q, k, v, plan, k_scale=None, v_scale=None):
+        return self._attend(self.model.layers[layer], q, k, v, plan, k_scale, v_scale)
 
     def finish(self, layer, x, attn, u, group):
         return self._finish(self.model.layers[layer], x, attn, u, group)

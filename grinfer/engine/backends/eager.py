@@ -13,7 +13,7 @@ from torch import nn
 
 from grinfer.config import EngineConfig
 from grinfer.engine.backends.base import Backend
-from grinfer.engine.kv_pool import KVPool
+from grinfer.engine.kv_pool import KVData, KVPool
 from grinfer.engine.step import StepIndex
 from grinfer.features.device import DeviceFeaturizer, RawBatch
 from grinfer.model.layers import HSTULayer, TokenMeta
@@ -41,9 +41,9 @@ class EagerLayers:
         """The step's attention plan (mask, normaliser, bias indices), shared by all layers."""
         return self.layer(0).plan(q_meta, k_meta)
 
-    def attend(self, layer: int, q, k, v, plan) -> torch.Tensor:
-        """Attention of the queries over their keys (cached context + new tokens)."""
-        return self.layer(layer).attend(q, k, v, plan)
+    def attend(self, layer: int, q, k, v, plan, k_scale=None, v_scale=None) -> torch.Tensor:
+        """Attention of the queries over their keys (cached context + new tokens; 8-bit with their scales)."""
+        return self.layer(layer).attend(q, k, v, plan, k_scale, v_scale)
 
     def finish(self, layer: int, x, attn, u, group) -> torch.Tensor:
         """Residual update of the layer."""
@@ -55,10 +55,9 @@ class EagerLayers:
         plan = self.plan(idx.q_meta, idx.k_meta)
         for layer in range(first, last):
             u, v, q, k = self.project(layer, x, idx.q_meta.group)
-            k_cache, v_cache = pool.k[layer], pool.v[layer]
-            k_cache[idx.write_slots] = k[idx.write_src].to(k_cache.dtype)
-            v_cache[idx.write_slots] = v[idx.write_src].to(v_cache.dtype)
-            attn = self.attend(layer, q, _keys(k, k_cache, idx), _keys(v, v_cache, idx), plan)
+            pool.write(layer, idx.write_slots, k[idx.write_src], v[idx.write_src])
+            keys = _step_kv(pool, layer, k, v, idx)
+            attn = self.attend(layer, q, keys.k, keys.v, plan, keys.k_scale, keys.v_scale)
             x = self.finish(layer, x, attn, u, idx.q_meta.group)
         return x
 
@@ -77,6 +76,14 @@ class EagerBackend(EagerLayers, Backend):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head_logits(x)
+
+
+def _step_kv(pool: KVPool, layer: int, k: torch.Tensor, v: torch.Tensor, idx: StepIndex) -> KVData:
+    """The step's keys and values in the pool's format (8-bit ones with their scales): each sequence's
+    context rows from the pool, then its candidates' own."""
+    (kq, ks), (vq, vs) = pool.quantize(k), pool.quantize(v)
+    cached = KVData(pool.k[layer], pool.v[layer], *pool.scales(layer))
+    return KVData(*(_keys(n, c, idx) for n, c in zip(KVData(kq, vq, ks, vs).tensors(), cached.tensors())))
 
 
 def _keys(new: torch.Tensor, cached: torch.Tensor, idx: StepIndex) -> torch.Tensor:

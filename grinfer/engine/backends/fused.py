@@ -26,6 +26,7 @@ from grinfer.engine.backends.graphs import GraphCache, LayerInputs
 from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.step import StepIndex
 from grinfer.model.mtgr import MTGR
+from grinfer.model.quantize_dense import linear
 
 
 class FusedBackend(EagerBackend):
@@ -76,16 +77,22 @@ class FusedBackend(EagerBackend):
             layer = self.layer(i)
             xn = norms.group_layer_norm(x, inp.q_group, layer.norm_in.weight, layer.norm_in.bias,
                                         layer.norm_in.eps, add=bias)
-            h = torch.addmm(layer.uvqk.bias, xn, layer.uvqk.weight.t())
-            norms.silu_scatter_kv(h, d, inp.q_slots, pool.k[i], pool.v[i])
+            h = linear(xn, layer.uvqk)
+            if pool.k_scale is None:
+                norms.silu_scatter_kv(h, d, inp.q_slots, pool.k[i], pool.v[i])
+            else:  # 8-bit K/V: SiLU, then the pool quantises and writes them (PyTorch ops)
+                torch.nn.functional.silu(h, inplace=True)
+                pool.write(i, inp.q_slots, h[:, 3 * d:].view(-1, heads, dh), h[:, d:2 * d].view(-1, heads, dh))
             u, q = h[:, :d], h[:, 2 * d:3 * d]
+            k_scale, v_scale = pool.scales(i)
             attn = attention.triton_hstu_attention(
                 q.view(-1, heads, dh), pool.k[i], pool.v[i], inp.q_offsets, inp.k_offsets, inp.q_group, inp.q_pos,
                 inp.k_group, inp.k_pos, mode=cfg.mask, normalizer=cfg.normalizer, max_seq_len=cfg.max_seq_len,
                 max_len_q=inp.max_len_q, k_counts=inp.k_counts, config=self._attn_config,
-                block_table=inp.block_table, page_size=pool.block_size, layout_counts=self._layout_counts)
+                block_table=inp.block_table, page_size=pool.block_size, layout_counts=self._layout_counts,
+                k_scale=k_scale, v_scale=v_scale)
             y = norms.group_norm_mul(attn.view(-1, d), u, inp.q_group, layer.norm_attn.weight,
                                      layer.norm_attn.bias, layer.norm_attn.eps)
-            x = torch.addmm(x, y, layer.out.weight.t())
+            x = linear(y, layer.out, residual=x)
             bias = layer.out.bias
         return x if bias is None else x + bias

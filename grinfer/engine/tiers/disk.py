@@ -1,8 +1,10 @@
 """The disk tier: entries' K/V in files under a directory, memory-mapped on restore, LRU within a byte
 budget; it survives a restart.
 
-Each entry is two files named by a hash of its user: `<h>.kv` (K then V, raw bytes) and `<h>.json` (its
-signature, token count, dtype and shape). A writer thread writes both through temporary names and renames
+Each entry is two files named by a hash of its user: `<h>.kv` (K then V, raw bytes; with 8-bit K/V then
+their float32 scales, K's then V's) and `<h>.json` (its signature, token count, kv_dtype, the K/V storage
+dtype and shape, the scales' dtype). An index without kv_dtype (written before 8-bit K/V existed) is a
+model-dtype entry. A writer thread writes both through temporary names and renames
 them into place, the index file last, so a file that is listed is whole; on start the directory is
 scanned, entries ordered by modification time (oldest evicted first), and leftovers of interrupted writes
 removed. The directory is keyed by the model's fingerprint (the caller's job), so K/V are never read by
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,21 +26,40 @@ from pathlib import Path
 
 import torch
 
+from grinfer.engine.kv_pool import KVData
 from grinfer.engine.signature import ContextSignature
 from grinfer.engine.tiers.base import Held
+from grinfer.ops.reference.kv_quant import SCALE_DTYPE, kv_dtype_of
 
 log = logging.getLogger("grinfer.engine")
-DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}
+DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.float8_e4m3fn)}
 
 
 @dataclass
 class _File:
     signature: ContextSignature
     tokens: int
-    nbytes: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # of K and V
     shape: tuple[int, ...]  # of K (V has the same)
+    scale_dtype: torch.dtype | None = None  # 8-bit K/V: their scales' (shape[:-1] each)
     written: Future | None = None  # the writer's future while the files are being written
+
+    @property
+    def kv_dtype(self) -> str:
+        return kv_dtype_of(self.dtype)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Bytes of K, V (and their scales) in the file, in order."""
+        values = math.prod(self.shape)
+        out = [values * self.dtype.itemsize] * 2
+        if self.scale_dtype is not None:
+            out += [values // self.shape[-1] * self.scale_dtype.itemsize] * 2
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
 
 
 class DiskTier:
@@ -52,17 +74,18 @@ class DiskTier:
         self._scan()
 
     # ---- the tier protocol -------------------------------------------------------------------
-    def offload_launch(self, key: str, signature: ContextSignature, tokens: int, k: torch.Tensor,
-                       v: torch.Tensor, done: Callable[[], None] | None = None) -> None:
+    def offload_launch(self, key: str, signature: ContextSignature, tokens: int, kv: KVData,
+                       done: Callable[[], None] | None = None) -> None:
         self.discard(key)
-        nbytes = 2 * k.numel() * k.element_size()
+        entry = _File(signature, tokens, kv.k.dtype, tuple(kv.k.shape),
+                      None if kv.k_scale is None else kv.k_scale.dtype)
+        nbytes = entry.nbytes
         if nbytes > self.capacity:
             return
         while self.used + nbytes > self.capacity:
             self._delete(next(iter(self.files)))
             self.evictions += 1
-        entry = _File(signature, tokens, nbytes, k.dtype, tuple(k.shape))
-        entry.written = self._writer.submit(self._write, self._stem(key), entry, k, v, done)
+        entry.written = self._writer.submit(self._write, self._stem(key), entry, kv, done)
         self.files[key] = entry
         self.used += nbytes
 
@@ -80,12 +103,12 @@ class DiskTier:
                 log.exception("kv disk tier: writing %s failed", key)
                 self._delete(key)
                 return None
-        k, v = self._read(self._stem(key), entry)
+        kv = self._read(self._stem(key), entry)
         self.files.pop(key)
         self.used -= entry.nbytes
         self._unlink(self._stem(key))  # the mapping stays readable; the entry now lives on the device
         self.restored += 1
-        return Held(entry.signature, entry.tokens, k, v, source=self.name)
+        return Held(entry.signature, entry.tokens, kv, source=self.name)
 
     def discard(self, key: str) -> None:
         if key in self.files:
@@ -115,26 +138,33 @@ class DiskTier:
         return self.dir / hashlib.sha1(key.encode()).hexdigest()
 
     @staticmethod
-    def _write(stem: Path, entry: _File, k: torch.Tensor, v: torch.Tensor, done) -> None:
+    def _write(stem: Path, entry: _File, kv: KVData, done) -> None:
         if done is not None:
             done()
         data, meta = stem.with_suffix(".kv"), stem.with_suffix(".json")
         tmp = stem.with_suffix(".kv.tmp")
         with open(tmp, "wb") as f:
-            for t in (k, v):
+            for t in kv.tensors():
                 f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         os.replace(tmp, data)
-        index = {"signature": entry.signature.to_json(), "tokens": entry.tokens, "dtype": str(entry.dtype),
-                 "shape": list(entry.shape)}
+        index = {"signature": entry.signature.to_json(), "tokens": entry.tokens, "kv_dtype": entry.kv_dtype,
+                 "dtype": str(entry.dtype), "shape": list(entry.shape)}
+        if entry.scale_dtype is not None:
+            index["scale_dtype"] = str(entry.scale_dtype)
         tmp = stem.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(index))
         os.replace(tmp, meta)
 
     @staticmethod
-    def _read(stem: Path, entry: _File) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(stem: Path, entry: _File) -> KVData:
         raw = torch.from_file(str(stem.with_suffix(".kv")), shared=False, size=entry.nbytes, dtype=torch.uint8)
-        k, v = raw.view(entry.dtype).view(2, *entry.shape).unbind(0)
-        return k, v
+        parts = raw.split(entry.sizes)
+        k, v = (p.view(entry.dtype).view(entry.shape) for p in parts[:2])
+        if entry.scale_dtype is None:
+            return KVData(k, v)
+        # the scales follow bytes of K/V whose count may not be a multiple of 4: copied out, not viewed
+        ks, vs = (p.clone().view(entry.scale_dtype).view(entry.shape[:-1]) for p in parts[2:])
+        return KVData(k, v, ks, vs)
 
     def _scan(self) -> None:
         """Index the entries a previous process left, oldest first; remove partial writes."""
@@ -144,22 +174,33 @@ class DiskTier:
         for meta in metas:
             try:
                 index = json.loads(meta.read_text())
-                sig = ContextSignature.from_json(index["signature"])
-                dtype, shape = DTYPES[index["dtype"]], tuple(index["shape"])
-                nbytes = 2 * torch.empty(shape, dtype=dtype, device="meta").numel() * dtype.itemsize
-                if meta.with_suffix(".kv").stat().st_size != nbytes:
+                entry = self._indexed(index)
+                if meta.with_suffix(".kv").stat().st_size != entry.nbytes:
                     raise ValueError("size mismatch")
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("kv disk tier: dropping unreadable entry %s (%s)", meta.stem, exc)
                 self._unlink(meta.with_suffix(""))
                 continue
-            self.files[sig.user] = _File(sig, int(index["tokens"]), nbytes, dtype, shape)
-            self.used += nbytes
+            self.files[entry.signature.user] = entry
+            self.used += entry.nbytes
         for data in self.dir.glob("*.kv"):
             if not data.with_suffix(".json").exists():
                 data.unlink(missing_ok=True)
         while self.used > self.capacity and self.files:
             self._delete(next(iter(self.files)))
+
+    @staticmethod
+    def _indexed(index: dict) -> _File:
+        """The entry an index file describes (KeyError / ValueError when it is not one)."""
+        dtype = DTYPES[index["dtype"]]
+        kv_dtype = index.get("kv_dtype", "model")
+        if kv_dtype != kv_dtype_of(dtype):
+            raise ValueError(f"kv_dtype {kv_dtype} stored as {dtype}")
+        scale = DTYPES[index["scale_dtype"]] if kv_dtype != "model" else None
+        if scale not in (None, SCALE_DTYPE):
+            raise ValueError(f"scale dtype {scale}")
+        return _File(ContextSignature.from_json(index["signature"]), int(index["tokens"]), dtype,
+                     tuple(int(n) for n in index["shape"]), scale)
 
     def _delete(self, key: str) -> None:
         entry = self.files.pop(key)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from grinfer.engine.kv_pool import KVData
 from grinfer.engine.signature import ContextSignature
 from grinfer.engine.tiers.base import Held, Tier
 
@@ -24,10 +25,10 @@ class HostTier:
         self.entries: OrderedDict[str, Held] = OrderedDict()
         self._stream: torch.cuda.Stream | None = None
 
-    def offload_launch(self, key: str, signature: ContextSignature, tokens: int, k: torch.Tensor,
-                       v: torch.Tensor, done: Callable[[], None] | None = None) -> None:
+    def offload_launch(self, key: str, signature: ContextSignature, tokens: int, kv: KVData,
+                       done: Callable[[], None] | None = None) -> None:
         self.discard(key)
-        held = Held(signature, tokens, k, v, done)
+        held = Held(signature, tokens, kv, done)
         if held.nbytes > self.capacity:
             self._pass_down(key, held)
             return
@@ -35,8 +36,8 @@ class HostTier:
             old_key = next(iter(self.entries))
             self._pass_down(old_key, self._remove(old_key))
             self.evictions += 1
-        if k.device.type == "cuda":
-            held.k, held.v, held.done = self._copy_to_host(k, v)
+        if kv.k.device.type == "cuda":
+            held.kv, held.done = self._copy_to_host(kv)
         self.entries[key] = held
         self.used += held.nbytes
 
@@ -77,27 +78,27 @@ class HostTier:
         own = {"host_users": len(self.entries), "host_bytes_used": self.used, "host_evictions": self.evictions}
         return {**own, **self.lower.snapshot()} if self.lower is not None else own
 
-    def _copy_to_host(self, k: torch.Tensor, v: torch.Tensor):
-        """Pinned host copies of device K/V on a side stream (after the current stream's gather); the
-        third value blocks until they are whole."""
+    def _copy_to_host(self, kv: KVData) -> tuple[KVData, Callable[[], None]]:
+        """Pinned host copies of device K/V (and scales) on a side stream (after the current stream's gather);
+        the second value blocks until they are whole."""
+        device = kv.k.device
         if self._stream is None:
-            self._stream = torch.cuda.Stream(k.device)
+            self._stream = torch.cuda.Stream(device)
         stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream(k.device))
-        k_host = torch.empty(k.shape, dtype=k.dtype, pin_memory=True)
-        v_host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        host = kv.map(lambda t: torch.empty(t.shape, dtype=t.dtype, pin_memory=True))
         with torch.cuda.stream(stream):
-            k_host.copy_(k, non_blocking=True)
-            v_host.copy_(v, non_blocking=True)
+            for dst, src in zip(host.tensors(), kv.tensors()):
+                dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
-        k.record_stream(stream)  # the gathered device tensors stay alive until the copy has read them
-        v.record_stream(stream)
-        return k_host, v_host, event.synchronize
+        for src in kv.tensors():
+            src.record_stream(stream)  # the gathered device tensors stay alive until the copy has read them
+        return host, event.synchronize
 
     def _pass_down(self, key: str, held: Held) -> None:
         if self.lower is not None:
-            self.lower.offload_launch(key, held.signature, held.tokens, held.k, held.v, held.done)
+            self.lower.offload_launch(key, held.signature, held.tokens, held.kv, held.done)
 
     def _remove(self, key: str) -> Held:
         held = self.entries.pop(key)

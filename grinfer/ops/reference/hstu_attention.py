@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from grinfer.ops.groups import GROUP_C, relative_index, time_bucket, visible
 from grinfer.ops.jagged import jagged_to_padded, max_length, padded_index, padded_to_jagged
+from grinfer.ops.reference.kv_quant import dequantize_kv
 
 
 @dataclass
@@ -81,15 +82,19 @@ def plan_attention(
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, alpha: float | None = None,
-           pos_table: torch.Tensor | None = None, time_table: torch.Tensor | None = None) -> torch.Tensor:
+           pos_table: torch.Tensor | None = None, time_table: torch.Tensor | None = None,
+           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Jagged HSTU attention under a plan: q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv].
 
-    Computed in float32 whatever the input dtype; the result has q's dtype.
+    8-bit K/V (int8 or fp8 e4m3, `grinfer.ops.reference.kv_quant`) come with their scales k_scale, v_scale
+    [Tk, H] and are dequantised here. Computed in float32 whatever the input dtype; the result has q's dtype.
     """
     alpha = 1.0 / math.sqrt(q.shape[2]) if alpha is None else alpha
+    k = k.float() if k_scale is None else dequantize_kv(k, k_scale)
+    v = v.float() if v_scale is None else dequantize_kv(v, v_scale)
     qp, _ = jagged_to_padded(q.float(), plan.q_offsets, plan.lq, index=plan.q_index)  # [B, Lq, H, D]
-    kp, _ = jagged_to_padded(k.float(), plan.k_offsets, plan.lk, index=plan.k_index)
-    vp, _ = jagged_to_padded(v.float(), plan.k_offsets, plan.lk, index=plan.k_index)
+    kp, _ = jagged_to_padded(k, plan.k_offsets, plan.lk, index=plan.k_index)
+    vp, _ = jagged_to_padded(v, plan.k_offsets, plan.lk, index=plan.k_index)
     scores = torch.einsum("bqhd,bkhd->bhqk", qp, kp) * alpha
     if pos_table is not None:
         # F.embedding rather than table[index]: its backward reduces sorted indices instead of piling
@@ -108,10 +113,11 @@ def hstu_attention(
     alpha: float | None = None,
     q_ts: torch.Tensor | None = None, k_ts: torch.Tensor | None = None,
     pos_table: torch.Tensor | None = None, time_table: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Jagged HSTU attention in one call (plan + attend); see `plan_attention` and `attend`."""
     plan = plan_attention(q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, mode=mode, normalizer=normalizer,
                           max_seq_len=max_seq_len, q_ts=q_ts, k_ts=k_ts,
                           bias_reach=None if pos_table is None else (pos_table.shape[0] - 1) // 2,
                           num_time_buckets=None if time_table is None else time_table.shape[0])
-    return attend(q, k, v, plan, alpha, pos_table, time_table)
+    return attend(q, k, v, plan, alpha, pos_table, time_table, k_scale, v_scale)

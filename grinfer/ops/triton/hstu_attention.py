@@ -65,6 +65,7 @@ _NO_KEY = tl.constexpr(-(2**30) - 3)
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)  # 8-bit K/V, with per (key, head) scales
 
 
 @triton.jit
@@ -124,11 +125,16 @@ def _key_rows(start_n, offs_n, n_valid, k_rows0, bt_row, PAGED: tl.constexpr, PA
 
 
 @triton.jit
-def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, bt_row, Kh, Vh, k_group, k_pos, stride_kt, stride_vt,
-          alpha, offs_dqk, offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
-          DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-          FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """acc += (SiLU(alpha q K^T) * M) V and cnt += row sums of M over key tile [start_n, start_n + BLOCK_N)."""
+def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, bt_row, Kh, Vh, KSh, VSh, k_group, k_pos, stride_kt,
+          stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr,
+          BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
+          UPCAST: tl.constexpr, FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+          QUANT: tl.constexpr):
+    """acc += (SiLU(alpha q K^T) * M) V and cnt += row sums of M over key tile [start_n, start_n + BLOCK_N).
+
+    QUANT: K and V are 8-bit with one scale per (key, head): the tile's values are widened to q's dtype
+    (exactly: int8 and e4m3 fit in bf16), key j's scale multiplies score column j and its V scale
+    probability column j, which is K and V dequantised, factored out of the dot products."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_valid = offs_n < lk
     rows = k_rows0 + offs_n
@@ -138,14 +144,21 @@ def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, bt_row, Kh, Vh, k_group, k
     kv_rows = _key_rows(start_n, offs_n, n_valid, k_rows0, bt_row, PAGED, PAGE, BLOCK_N)
     kt = tl.load(Kh + kv_rows[None, :] * stride_kt + offs_dqk[:, None],
                  mask=n_valid[None, :] & (offs_dqk < D_QK)[:, None], other=0.0)
+    if QUANT:  # (the interpreter's int8 -> bf16 cast is wrong: there, fp32, which _dot upcasts to anyway)
+        kt = kt.to(tl.float32) if UPCAST else kt.to(q.dtype)
     s = _dot(q, kt, PRECISION, UPCAST)
+    if QUANT:
+        s *= tl.load(KSh + kv_rows * stride_st, mask=n_valid, other=0.0)[None, :]
     m = rank[None, :] <= lim[:, None]
     if DYNAMIC:
         m |= cpos[None, :] == qp[:, None]
     p = tl.where(m, _silu(s, alpha, FAST_SILU), 0.0)
     v = tl.load(Vh + kv_rows[:, None] * stride_vt + offs_dv[None, :],
                 mask=n_valid[:, None] & (offs_dv < D_V)[None, :], other=0.0)
-    acc += _dot(round_to(p, v.dtype, UPCAST), v, PRECISION, UPCAST)
+    if QUANT:
+        v = v.to(tl.float32) if UPCAST else v.to(q.dtype)
+        p *= tl.load(VSh + kv_rows * stride_st, mask=n_valid, other=0.0)[None, :]
+    acc += _dot(round_to(p, q.dtype, UPCAST), v, PRECISION, UPCAST)
     if COUNT:
         cnt += tl.sum(m.to(tl.float32), axis=1)
     return acc, cnt
@@ -153,8 +166,8 @@ def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, bt_row, Kh, Vh, k_group, k
 
 @triton.jit
 def _hstu_attention_fwd(
-    Q, K, V, Out, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, k_counts,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    Q, K, V, Out, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, k_counts, K_scale, V_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh,
     alpha, inv_norm,
     block_table, stride_bt,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -162,6 +175,7 @@ def _hstu_attention_fwd(
     DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, LAYOUT_COUNT: tl.constexpr,
     COUNT: tl.constexpr,  # VISIBLE_NORM and not LAYOUT_COUNT: count the visible keys tile by tile
+    QUANT: tl.constexpr,  # 8-bit K/V with scales [slots, heads] in K_scale / V_scale
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -184,6 +198,8 @@ def _hstu_attention_fwd(
                 mask=m_valid[:, None] & (offs_dqk < D_QK)[None, :], other=0.0)
     Kh = K + h * stride_kh
     Vh = V + h * stride_vh
+    KSh = K_scale + h * stride_sh
+    VSh = V_scale + h * stride_sh
     bt_row = block_table + b * stride_bt
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -216,9 +232,9 @@ def _hstu_attention_fwd(
     # 1. the main loop over range A, then the band: no tests, so the loads pipeline
     for t in range(0, n_a + (band_end - band_lo) // BLOCK_N):
         start_n = tl.where(t < n_a, t * BLOCK_N, band_lo + (t - n_a) * BLOCK_N)
-        acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, k_group, k_pos,
-                         stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, COUNT,
-                         PRECISION, UPCAST, FAST_SILU, PAGED, PAGE)
+        acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, KSh, VSh, k_group, k_pos,
+                         stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
+                         COUNT, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, QUANT)
 
     # 2. the remainder (any tile past range A and outside the band): a test on the tile's key metadata
     # first, which never misses a visible key; with the usual layout every such tile is skipped
@@ -236,9 +252,9 @@ def _hstu_attention_fwd(
             seen |= (cpos >= min_pos) & (cpos <= max_pos)
         outside = (start_n < band_lo) | (start_n >= band_end)
         if outside & (tl.max(seen.to(tl.int32), axis=0) > 0):  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
-            acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, k_group, k_pos,
-                             stride_kt, stride_vt, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
-                             COUNT, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE)
+            acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, KSh, VSh, k_group,
+                             k_pos, stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N,
+                             DYNAMIC, COUNT, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, QUANT)
 
     if VISIBLE_NORM:
         if LAYOUT_COUNT:  # the engine's layout: U/S queries see the U/S keys, R at p sees p + 1, C the context + self
@@ -333,6 +349,26 @@ def _check_offsets(q_offsets: torch.Tensor, k_offsets: torch.Tensor, t_q: int, t
     return int(max_q)
 
 
+def _check_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None,
+                  v_scale: torch.Tensor | None) -> bool:
+    """Whether K/V are 8-bit (with matching scales), after checking the dtypes and the scales' shapes."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q: expected one dtype of {SUPPORTED_DTYPES}, got {q.dtype}")
+    if k_scale is None and v_scale is None:
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError(f"k, v: expected q's dtype {q.dtype} (or 8-bit with scales), got {k.dtype}, {v.dtype}")
+        return False
+    if k.dtype not in QUANT_DTYPES or v.dtype != k.dtype:
+        raise ValueError(f"k, v: with scales, expected one 8-bit dtype of {QUANT_DTYPES}, got {k.dtype}, {v.dtype}")
+    for name, scale, t in (("k_scale", k_scale, k), ("v_scale", v_scale, v)):
+        if scale is None or scale.shape != t.shape[:2] or scale.dtype != torch.float32 or scale.stride(1) != 1:
+            raise ValueError(f"{name}: expected float32 {tuple(t.shape[:2])} with unit last stride, got "
+                             f"{None if scale is None else (scale.dtype, tuple(scale.shape))}")
+    if k_scale is not None and v_scale is not None and k_scale.stride() != v_scale.stride():
+        raise ValueError("k_scale, v_scale: expected the same strides")
+    return True
+
+
 def _check_block_table(block_table: torch.Tensor, page_size: int, batch: int) -> None:
     """Raise ValueError if the block table or page size cannot serve this batch and key tile (no host sync)."""
     if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.is_floating_point():
@@ -350,6 +386,7 @@ def triton_hstu_attention(
     max_len_q: int | None = None, k_counts: torch.Tensor | None = None, out: torch.Tensor | None = None,
     config: KernelConfig | None = None, fast_silu: bool | None = None,
     block_table: torch.Tensor | None = None, page_size: int = 0, layout_counts: bool = False,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Jagged HSTU attention without relative bias: q [Tq, H, Dqk], k [Tk, H, Dqk], v [Tk, H, Dv] -> [Tq, H, Dv].
 
@@ -367,14 +404,19 @@ def triton_hstu_attention(
     sequence's keys are its context, index == position, then its candidates; its queries see every context
     key a query of their kind may see), so the visible-key counts follow from k_counts instead of being
     counted tile by tile.
+
+    8-bit K/V (int8 or fp8 e4m3, as `grinfer.ops.reference.kv_quant` makes them, e.g. the engine's 8-bit
+    pool): k and v hold the 8-bit values and k_scale, v_scale [Tk (or slots), H] float32 their scales; the
+    kernel dequantises them on the fly.
     """
     return launch_hstu_attention(q, k, v, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, mode=mode,
                                  normalizer=normalizer, max_seq_len=max_seq_len, alpha=alpha, max_len_q=max_len_q,
                                  k_counts=k_counts, out=out, config=config, fast_silu=fast_silu,
-                                 block_table=block_table, page_size=page_size, layout_counts=layout_counts)[0]
+                                 block_table=block_table, page_size=page_size, layout_counts=layout_counts,
+                                 k_scale=k_scale, v_scale=v_scale)[0]
 
 
-def launch_hstu_attention(  # noqa: C901 (argument checks, then one launch)
+def launch_hstu_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_offsets: torch.Tensor, k_offsets: torch.Tensor,
     q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
@@ -382,6 +424,7 @@ def launch_hstu_attention(  # noqa: C901 (argument checks, then one launch)
     max_len_q: int | None = None, k_counts: torch.Tensor | None = None, out: torch.Tensor | None = None,
     config: KernelConfig | None = None, fast_silu: bool | None = None,
     block_table: torch.Tensor | None = None, page_size: int = 0, layout_counts: bool = False,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, object | None]:
     """`triton_hstu_attention`, also returning the launched compiled kernel (None when nothing ran), whose
     registers, spills and shared memory check.py reports."""
@@ -389,8 +432,7 @@ def launch_hstu_attention(  # noqa: C901 (argument checks, then one launch)
         raise ValueError(f"mask mode: expected 'dynamic' or 'causal', got {mode!r}")
     if normalizer not in ("visible", "max_len"):
         raise ValueError(f"normalizer: expected 'visible' or 'max_len', got {normalizer!r}")
-    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v: expected one dtype of {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    quant = _check_dtypes(q, k, v, k_scale, v_scale)
     t_q, heads, d_qk = q.shape
     d_v = v.shape[2]
     if max(d_qk, d_v) > MAX_HEAD_DIM:
@@ -418,9 +460,13 @@ def launch_hstu_attention(  # noqa: C901 (argument checks, then one launch)
     grid = (triton.cdiv(max_len_q, cfg.block_m), batch, heads)
     if fast_silu is None:
         fast_silu = q.dtype != torch.float32
+    k_sc = k_scale if quant and k_scale is not None else counts  # any tensor: unread without 8-bit K/V
+    v_sc = v_scale if quant and v_scale is not None else counts
+    stride_st, stride_sh = k_sc.stride() if quant else (0, 0)
     compiled = _hstu_attention_fwd[grid](
-        q, k, v, out, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, counts,
+        q, k, v, out, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, counts, k_sc, v_sc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        stride_st, stride_sh,
         alpha, 1.0 / float(max_seq_len),
         k_offsets if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
         D_QK=d_qk, D_V=d_v,
@@ -431,7 +477,7 @@ def launch_hstu_attention(  # noqa: C901 (argument checks, then one launch)
         UPCAST=interpreted() and q.dtype == torch.bfloat16,
         FAST_SILU=bool(fast_silu) and not interpreted(),  # inline PTX does not run in the interpreter
         PAGED=block_table is not None, PAGE=page_size if block_table is not None else 1,
-        LAYOUT_COUNT=layout_counts, COUNT=normalizer == "visible" and not layout_counts,
+        LAYOUT_COUNT=layout_counts, COUNT=normalizer == "visible" and not layout_counts, QUANT=quant,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,  # pyright: ignore[reportCallIssue] (Triton's jit typing)
     )
     return out, compiled
