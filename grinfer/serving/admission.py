@@ -4,9 +4,12 @@ Little's law: requests in flight = service rate x latency. To keep the admitted 
 a budget (the latency target, or a request's shorter deadline), admit while the requests in flight stay
 under `rate x budget x headroom`: a request admitted behind that many waits about `headroom` of its
 budget, which leaves the rest for the variation around that mean (the p99). The rate is the server's
-measured capacity: completions per second over windows of `window_s`, smoothed. A window in which
-nothing was refused only shows what the clients asked for, so it may raise the estimate but never lower
-it; one in which the bound refused requests measures what the server serves at its bound.
+measured capacity: completions per second over windows of `window_s`, smoothed. A window that refused
+nothing and kept the admitted requests' mean latency within `target x headroom` only shows what the
+clients asked for (a trickle says nothing of capacity), so it may raise the estimate but never lower
+it; a window that refused requests, or whose requests waited longer, measures what the server serves.
+Until a first window is measured, `initial` requests may be in flight (a fresh server is not refused
+a first burst); after that, never fewer than `floor`.
 
 Refused requests cost nothing (no body parsed on REST when `saturated()` answers at the door, no store
 read, no retrieval, no engine queue), so past saturation the server's goodput stays near its peak and
@@ -27,22 +30,25 @@ class Admission:
     """Counts requests in flight and admits them up to the bound the measured service rate allows."""
 
     def __init__(self, target_s: float | None = 0.5, floor: int = 2, ceiling: int = 4096, window_s: float = 1.0,
-                 headroom: float = 0.5, clock: Callable[[], float] = time.monotonic):
+                 headroom: float = 0.5, initial: int = 64, clock: Callable[[], float] = time.monotonic):
         self.target_s, self.floor, self.ceiling, self.window_s = target_s, floor, ceiling, window_s
-        self.headroom, self.clock = headroom, clock
+        self.headroom, self.initial, self.clock = headroom, initial, clock
         self.in_flight = 0
         self.rate = 0.0  # the capacity estimate: completions per second, smoothed over windows of `window_s`
         self.refused = 0
         self._done_in_window = 0
+        self._latency_in_window = 0.0  # seconds, summed over the window's completions
         self._refused_in_window = 0
         self._window_start = clock()
         self._lock = threading.Lock()
 
     def bound(self, deadline_s: float | None = None) -> int | None:
         """Requests that may be in flight for a request whose latency budget is `deadline_s` (or the target);
-        None: no bound (no target set). Until a rate is measured, `floor` requests may be in flight."""
+        None: no bound (no target set). Until a rate is measured, `initial` requests may be in flight."""
         if self.target_s is None:
             return None
+        if self.rate == 0.0:
+            return self.initial
         budget = self.target_s if deadline_s is None else min(self.target_s, deadline_s)
         return max(self.floor, min(self.ceiling, int(self.rate * budget * self.headroom)))
 
@@ -62,12 +68,14 @@ class Admission:
                 self._count_refusal()
                 raise self.overloaded()
             self.in_flight += 1
+        start = self.clock()
         try:
             yield
         finally:
             with self._lock:
                 self.in_flight -= 1
                 self._done_in_window += 1
+                self._latency_in_window += self.clock() - start
                 self._roll()
 
     def refuse(self) -> Overloaded:
@@ -91,9 +99,13 @@ class Admission:
         elapsed = now - self._window_start
         if elapsed < self.window_s:
             return
-        measured = self._done_in_window / elapsed
-        if self.rate == 0.0:
-            self.rate = measured
-        elif self._refused_in_window or measured > self.rate:  # a window without refusals cannot lower it
-            self.rate = 0.5 * self.rate + 0.5 * measured
-        self._done_in_window, self._refused_in_window, self._window_start = 0, 0, now
+        done, refused = self._done_in_window, self._refused_in_window
+        if done or refused:  # an idle window measures nothing
+            measured = done / elapsed
+            waited = done and self._latency_in_window / done > (self.target_s or 0.0) * self.headroom
+            if self.rate == 0.0:
+                self.rate = measured
+            elif refused or waited or measured > self.rate:  # a trickle cannot lower the estimate
+                self.rate = 0.5 * self.rate + 0.5 * measured
+        self._done_in_window, self._latency_in_window, self._refused_in_window = 0, 0.0, 0
+        self._window_start = now

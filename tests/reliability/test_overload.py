@@ -34,7 +34,7 @@ def _lookups(live: LiveStack) -> float:
 
 def test_past_saturation_only_200_and_429_and_a_429_is_faster_than_an_answer(live):
     # a 20 ms target: a tiny model on a shared CPU saturates at a few requests in flight
-    live.service.admission = Admission(target_s=0.02, floor=1, window_s=0.25)
+    live.service.admission = Admission(target_s=0.02, floor=1, window_s=0.25, initial=1)
 
     async def level():
         async with httpx.AsyncClient(base_url=live.url, timeout=60, trust_env=False) as client:
@@ -58,7 +58,7 @@ def _kserve_request(user: str, item: int) -> kpb.ModelInferRequest:
 
 
 def test_a_saturated_server_refuses_every_ranking_path_before_any_work(live):
-    gate = live.service.admission = Admission(target_s=0.5, floor=1, window_s=3600)  # bound 1 for an hour
+    gate = live.service.admission = Admission(target_s=0.5, window_s=3600, initial=1)  # bound 1 for an hour
     user, item = live.user(), live.raw_item(3)
     kserve = kpb_grpc.GRPCInferenceServiceStub(live.channel)
     with ExitStack() as held:

@@ -22,8 +22,8 @@ class Clock:
 
 def test_the_bound_is_the_measured_rate_times_the_target_times_the_headroom():
     clock = Clock()
-    gate = Admission(target_s=0.5, floor=2, ceiling=1000, window_s=1.0, headroom=0.5, clock=clock)
-    assert gate.bound() == 2 and not gate.saturated()  # no rate measured yet: the floor
+    gate = Admission(target_s=0.5, floor=2, ceiling=1000, window_s=1.0, headroom=0.5, initial=8, clock=clock)
+    assert gate.bound() == 8 and not gate.saturated()  # no rate measured yet: the initial bound
     for _ in range(100):  # 100 requests served in one second
         with gate.admit():
             pass
@@ -45,7 +45,7 @@ def test_the_bound_is_the_measured_rate_times_the_target_times_the_headroom():
     assert Admission(target_s=None).bound() is None  # no target: everything is admitted
 
 
-def test_only_a_window_that_refused_requests_can_lower_the_rate():
+def test_only_a_window_that_refused_requests_or_made_them_wait_can_lower_the_rate():
     clock = Clock()
     gate = Admission(target_s=1.0, floor=1, window_s=1.0, headroom=1.0, clock=clock)
 
@@ -67,11 +67,15 @@ def test_only_a_window_that_refused_requests_can_lower_the_rate():
         clock.now += 1.0
         serve(1)
     assert gate.rate == pytest.approx(55, rel=0.02)
+    clock.now += 1.0
+    with gate.admit():  # the only request of its window took longer than the target: the server is slower
+        clock.now += 1.5
+    assert gate.rate == pytest.approx(0.5 * 55 + 0.5 / 1.5, rel=0.02)
 
 
 def test_past_saturation_only_200_and_429_and_refusals_do_no_work(tmp_path):
     stack = Stack(f"sqlite:///{tmp_path / 'a.db'}", "memory://")
-    stack.service.admission = Admission(target_s=0.05, floor=2, window_s=0.2)
+    stack.service.admission = Admission(target_s=0.05, floor=2, window_s=0.2, initial=2)
     try:
         user = stack.service.store.list_users(1, 0)[0]
         body = {"user": user, "candidates": [{"item": stack.raw(i)} for i in range(1, NUM_ITEMS + 1)]}
