@@ -99,8 +99,26 @@ def mean_batch(deltas: dict[str, float]) -> float | None:
     return total / steps if steps else None
 
 
-def level_row(backend: str, endpoint: str, result: LevelResult, gpu, deltas: dict[str, float]) -> dict:
-    """One table / JSON row: a level's counts, rate, latency, GPU statistics and /metrics growth."""
+def cpu_times() -> tuple[float, float] | None:
+    """(busy, total) jiffies of every core of this host so far, from /proc/stat (None where it is absent)."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy_pct(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    """The host's CPU utilisation (all cores, server and load generator alike) between two cpu_times()."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * (after[0] - before[0]) / (after[1] - before[1])
+
+
+def level_row(backend: str, endpoint: str, result: LevelResult, gpu, deltas: dict[str, float],
+              cpu_pct: float | None = None) -> dict:
+    """One table / JSON row: a level's counts, rate, latency, GPU and host CPU statistics, /metrics growth."""
     errors = dict(result.errors)
     if result.rejected_429:
         errors["429"] = result.rejected_429
@@ -108,6 +126,7 @@ def level_row(backend: str, endpoint: str, result: LevelResult, gpu, deltas: dic
             "ok": result.ok, "errors": errors, "seconds": result.seconds, "ok_per_s": result.ok_per_s,
             "requests_per_s": result.requests_per_s, "p50_ms": result.p50_ms, "p90_ms": result.p90_ms,
             "p99_ms": result.p99_ms, "candidates": result.candidates, "mean_batch": mean_batch(deltas),
+            "host_cpu_pct": cpu_pct,
             "gpu": None if gpu is None else asdict(gpu), "metrics_delta": deltas}
 
 
@@ -143,6 +162,7 @@ async def load_backend(sweep: Sweep, backend: str, server: ServedProcess, sample
                 profile = sweep.out / f"profile-{backend}-{endpoint}-{clients}.txt"
                 recorder = StackRecorder(server.proc.pid, sweep.duration_s, profile.with_suffix(".raw")) \
                     if clients == sweep.profile_clients else None
+                cpu_before = cpu_times()
                 with sampler:
                     if sweep.load_processes > 1:
                         result = await asyncio.to_thread(run_level_spread, url, workload, clients, MAX_REQUESTS,
@@ -154,7 +174,8 @@ async def load_backend(sweep: Sweep, backend: str, server: ServedProcess, sample
                     failed = await asyncio.to_thread(recorder.finish)
                     profile.write_text(failed or summarize(recorder.path))
                     _progress(f"    profile: {failed or profile}")
-                rows.append(level_row(backend, endpoint, result, sampler.stats(), deltas))
+                rows.append(level_row(backend, endpoint, result, sampler.stats(), deltas,
+                                      cpu_busy_pct(cpu_before, cpu_times())))
                 _progress("    " + format_row(rows[-1]))
         pages["after"] = await _metrics(client)
     for name, text in pages.items():
@@ -202,15 +223,16 @@ def format_row(row: dict) -> str:
     util = "n/a" if gpu is None else f"{gpu['util_median']:.0f}/{gpu['util_max']:.0f}"
     mem = "n/a" if gpu is None else f"{gpu['mem_used_max_mib']:.0f}"
     batch = "-" if row["mean_batch"] is None else f"{row['mean_batch']:.1f}"
+    cpu = "-" if row.get("host_cpu_pct") is None else f"{row['host_cpu_pct']:.0f}"
     return (f"{row['backend']:>8} {row['endpoint']:>9} {row['clients']:>7} {row['ok']:>7} {errors:>16} "
             f"{row['ok_per_s']:>8.1f} {_ms(row['p50_ms']):>8} {_ms(row['p99_ms']):>8} {util:>9} {mem:>8} "
-            f"{batch:>6}")
+            f"{batch:>6} {cpu:>5}")
 
 
 def format_table(backends: list[dict]) -> str:
     """The sweep as a text table, then one line per backend (ready time, first requests, errors)."""
     head = (f"{'backend':>8} {'endpoint':>9} {'clients':>7} {'ok':>7} {'errors':>16} {'ok/s':>8} "
-            f"{'p50 ms':>8} {'p99 ms':>8} {'gpu% m/x':>9} {'mem MiB':>8} {'batch':>6}")
+            f"{'p50 ms':>8} {'p99 ms':>8} {'gpu% m/x':>9} {'mem MiB':>8} {'batch':>6} {'cpu%':>5}")
     lines = [head] + [format_row(row) for b in backends for row in b["rows"]]
     for b in backends:
         first = ", ".join(f"/v1/{e} {_ms(ms)} ms" for e, ms in b["first_request_ms"].items()) or "-"

@@ -97,3 +97,10 @@ def test_metric_deltas_keep_grown_grinfer_counters_only():
                       'grinfer_errors_total{endpoint="recommend",kind="internal"}': 2.0}
     assert mean_batch(deltas) == 3.0
     assert mean_batch({}) is None
+
+
+def test_host_cpu_busy_is_a_percentage_of_the_jiffies_between_two_readings():
+    from grinfer.bench.serve_sweep import cpu_busy_pct
+
+    assert cpu_busy_pct((100.0, 400.0), (250.0, 600.0)) == 75.0
+    assert cpu_busy_pct(None, (1.0, 2.0)) is None and cpu_busy_pct((5.0, 10.0), (5.0, 10.0)) is None
