@@ -8,8 +8,8 @@ measured capacity: completions per second over windows of `window_s`, smoothed. 
 nothing and kept the admitted requests' mean latency within `target x headroom` only shows what the
 clients asked for (a trickle says nothing of capacity), so it may raise the estimate but never lower
 it; a window that refused requests, or whose requests waited longer, measures what the server serves.
-Until a first window is measured, `initial` requests may be in flight (a fresh server is not refused
-a first burst); after that, never fewer than `floor`.
+Until a window has shown the server saturated (refusals or waits), at least `initial` requests may be
+in flight, so a fresh or lightly used server is not refused a burst; after that, at least `floor`.
 
 Refused requests cost nothing (no body parsed on REST when `saturated()` answers at the door, no store
 read, no retrieval, no engine queue), so past saturation the server's goodput stays near its peak and
@@ -39,18 +39,18 @@ class Admission:
         self._done_in_window = 0
         self._latency_in_window = 0.0  # seconds, summed over the window's completions
         self._refused_in_window = 0
+        self.saturated_once = False  # a window has refused requests or made them wait
         self._window_start = clock()
         self._lock = threading.Lock()
 
     def bound(self, deadline_s: float | None = None) -> int | None:
         """Requests that may be in flight for a request whose latency budget is `deadline_s` (or the target);
-        None: no bound (no target set). Until a rate is measured, `initial` requests may be in flight."""
+        None: no bound (no target set). Never below `initial` until the server has been seen saturated."""
         if self.target_s is None:
             return None
-        if self.rate == 0.0:
-            return self.initial
+        floor = self.floor if self.saturated_once else self.initial
         budget = self.target_s if deadline_s is None else min(self.target_s, deadline_s)
-        return max(self.floor, min(self.ceiling, int(self.rate * budget * self.headroom)))
+        return max(floor, min(self.ceiling, int(self.rate * budget * self.headroom)))
 
     def saturated(self) -> bool:
         """True when a request with the default budget would be refused now: the REST front's check at the
@@ -103,6 +103,7 @@ class Admission:
         if done or refused:  # an idle window measures nothing
             measured = done / elapsed
             waited = done and self._latency_in_window / done > (self.target_s or 0.0) * self.headroom
+            self.saturated_once = self.saturated_once or bool(refused or waited)
             if self.rate == 0.0:
                 self.rate = measured
             elif refused or waited or measured > self.rate:  # a trickle cannot lower the estimate

@@ -22,8 +22,8 @@ class Clock:
 
 def test_the_bound_is_the_measured_rate_times_the_target_times_the_headroom():
     clock = Clock()
-    gate = Admission(target_s=0.5, floor=2, ceiling=1000, window_s=1.0, headroom=0.5, initial=8, clock=clock)
-    assert gate.bound() == 8 and not gate.saturated()  # no rate measured yet: the initial bound
+    gate = Admission(target_s=0.5, floor=2, ceiling=1000, window_s=1.0, headroom=0.5, initial=2, clock=clock)
+    assert gate.bound() == 2 and not gate.saturated()  # no rate measured yet: the initial bound
     for _ in range(100):  # 100 requests served in one second
         with gate.admit():
             pass
@@ -71,6 +71,27 @@ def test_only_a_window_that_refused_requests_or_made_them_wait_can_lower_the_rat
     with gate.admit():  # the only request of its window took longer than the target: the server is slower
         clock.now += 1.5
     assert gate.rate == pytest.approx(0.5 * 55 + 0.5 / 1.5, rel=0.02)
+
+
+def test_the_initial_bound_holds_until_the_server_is_seen_saturated():
+    clock = Clock()
+    gate = Admission(target_s=1.0, floor=1, window_s=1.0, headroom=1.0, initial=16, clock=clock)
+    for _ in range(2):  # a trickle: 1 a second, served at once
+        with gate.admit():
+            pass
+        clock.now += 1.0
+    with gate.admit():
+        pass
+    assert gate.rate == pytest.approx(1, rel=0.02) and gate.bound() == 16  # a burst of 16 is still admitted
+    held = [gate.admit() for _ in range(16)]
+    for h in held:
+        h.__enter__()
+    with pytest.raises(Overloaded), gate.admit():  # the 17th
+        pass
+    clock.now += 1.0
+    for h in held:
+        h.__exit__(None, None, None)
+    assert gate.saturated_once and gate.rate == pytest.approx(1.5) and gate.bound() == 1  # the measured bound
 
 
 def test_past_saturation_only_200_and_429_and_refusals_do_no_work(tmp_path):
