@@ -28,8 +28,14 @@ for name in "${carry[@]}"; do
     || { echo "gpu_wheels: $name is not installed in $py (run scripts/setup.sh)" >&2; exit 1; }
   pins+=("$name==$version")
 done
+# Optional on the GPU runs: torchao (the `quant` extra: dense int8 / fp8 on CUDA) and py-spy (serve_sweep
+# --profile-clients); at this venv's versions when installed here, else the newest.
+for name in torchao py-spy; do
+  version=$($py -c 'import importlib.metadata as m, sys; print(m.version(sys.argv[1]))' "$name" 2>/dev/null) \
+    && pins+=("$name==$version") || pins+=("$name")
+done
 rm -rf .whl && mkdir .whl
-$py -m pip download -q --no-deps "${platform[@]}" -d .whl "${pins[@]}"
+$py -m pip download -q --no-deps "${platform[@]}" --platform manylinux_2_28_x86_64 -d .whl "${pins[@]}"
 
 bytes=$(du -cb .whl/*.whl | tail -1 | cut -f1)
 echo "$(ls .whl/*.whl | wc -l) wheels, $((bytes / 1024 / 1024)) MiB in .whl/"

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The GPU performance issue's runs on one GPU (device tool), by stage, each with its own time limit so a
+# call of several stages stays inside the device tool's 10 minutes:
+#   serve   the real server (fused, --workers 6) under closed-loop load at 1/8/32/64 clients, rank and
+#           recommend, GPU utilisation (NVML), host CPU, py-spy stacks at 64 clients (serve_sweep)
+#   r1      grinfer bench R1-cold / R1-warm, fused, B = 8 and 32, pipeline depth 1 and 2
+#   lowp    R1 on fused at B = 32: dense none / int8 / fp8, then KV cache model / int8 / fp8
+#   8b      mtgr-8b: init-model (int8 tables, memory-mapped), then the server's time to ready and rank
+#           latency at 1 and 8 clients, peak memory
+# Usage: scripts/gpu_perf.sh OUTDIR STAGE...   (carry `.whl` from scripts/gpu_wheels.sh, and a
+# GRINFER_HOME holding the demo models, e.g. .grinfer-cache). Everything comes back as one archive.
+set -uo pipefail
+out=${1:?OUTDIR}; shift
+source scripts/gpu_env.sh
+export GRINFER_HOME=${GRINFER_HOME:-$PWD/.grinfer-cache} GRINFER_LOG_LEVEL=${GRINFER_LOG_LEVEL:-warning}
+export PATH=/tmp/site/bin:$PATH  # py-spy's binary, from the carried wheel
+stage() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "$name: rc=$? in $((SECONDS - t0)) s" | tee -a "$out/stages.txt"
+  tr '\r' '\n' < "$out/$name.txt" | grep -v "it/s\]\|s/it\]\|?it/s\|event/s\]" | tail -24
+}
+bench() { python3 -m grinfer.cli bench --device cuda --iters "${ITERS:-6}" "$@"; }
+for s in "$@"; do
+  case $s in
+    serve) GRINFER_WORKERS=${WORKERS:-6} stage serve 330 python3 -m grinfer.bench.serve_sweep --device cuda \
+             --out "$out/serve" --backends fused --clients "${CLIENTS:-1,8,32,64}" --duration "${DURATION:-6}" \
+             --endpoints rank,recommend --load-processes 8 --profile-clients 64 ;;
+    r1) stage r1 200 bench --workloads R1-cold,R1-warm --backends fused --batch 8 --batch 32 \
+          --pipeline-depth 1 --pipeline-depth 2 --json "$out/r1.json" ;;
+    lowp) stage lowp-dense 150 bench --workloads R1-cold,R1-warm --backends fused --batch 32 \
+            --dense none --dense int8 --dense fp8 --json "$out/lowp-dense.json"
+          stage lowp-kv 150 bench --workloads R1-cold,R1-warm --backends fused --batch 32 \
+            --kv-dtype model --kv-dtype int8 --kv-dtype fp8 --json "$out/lowp-kv.json" ;;
+    8b) stage 8b-init 240 python3 -m grinfer.cli init-model --preset mtgr-8b --out /tmp/mtgr-8b
+        stage 8b-serve 300 python3 -m grinfer.bench.serve_sweep --device cuda --model /tmp/mtgr-8b \
+          --out "$out/8b" --backends fused --clients 1,8 --duration 6 --endpoints rank ;;
+    *) echo "gpu_perf: unknown stage $s (serve, r1, lowp, 8b)" >&2; exit 2 ;;
+  esac
+done
+# the device tool brings back only a few files: everything but the stage list goes into one archive
+(cd "$out" && tar -czf results.tar.gz --exclude=results.tar.gz --exclude=stages.txt --exclude=card.txt . \
+  && find . -mindepth 1 ! -name results.tar.gz ! -name stages.txt ! -name card.txt -delete)
+exit 0
