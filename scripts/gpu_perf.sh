@@ -24,7 +24,7 @@ stage() {  # name, seconds, command...
 bench() { python3 -m grinfer.cli bench --device cuda --iters "${ITERS:-6}" "$@"; }
 for s in "$@"; do
   case $s in
-    serve) GRINFER_WORKERS=${WORKERS:-6} stage serve 330 python3 -m grinfer.bench.serve_sweep --device cuda \
+    serve) GRINFER_WORKERS=${WORKERS:-6} GRINFER_LOG_LEVEL=info stage serve 330 python3 -m grinfer.bench.serve_sweep --device cuda \
              --out "$out/serve" --backends fused --clients "${CLIENTS:-1,8,32,64}" --duration "${DURATION:-6}" \
              --endpoints rank,recommend --load-processes 8 --profile-clients 64 ;;
     r1) stage r1 200 bench --workloads R1-cold,R1-warm --backends fused --batch 8 --batch 32 \

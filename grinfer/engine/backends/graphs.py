@@ -16,6 +16,7 @@ the graphs it needs and warm-up captures them.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -138,14 +139,17 @@ class GraphCache:
         key = max(self.pending, key=self.pending.__getitem__, default=None)
         if key is None or self.pending[key] < min_steps:
             return False
-        del self.pending[key]
+        steps = self.pending.pop(key)
         g = _Graph(key, self.d_model, self.dtype, self.device)
+        start = time.perf_counter()
         try:
             self._record(g)
         except Exception as exc:  # contained: the bucket stays eager, the engine keeps serving
             self._contain(key, exc)
             return True
         self._add(key, g)
+        log.info("captured the CUDA graph of bucket %s (needed by %d steps) in %.0f ms", key, steps,
+                 1e3 * (time.perf_counter() - start))
         return True
 
     def _add(self, key: tuple, g: _Graph) -> _Graph:
