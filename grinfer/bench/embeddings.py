@@ -18,13 +18,16 @@ import torch
 
 from grinfer.bench.workloads import BENCH_ITEMS, Workload, bench_catalog, make_requests
 from grinfer.config import EngineConfig, ModelConfig
+from grinfer.embedding.hashing import collision_rate, expected_collision_rate
 from grinfer.embedding.service import embedding_stats
 from grinfer.embedding.table import ServedTable
 from grinfer.engine.core import EngineCore
 from grinfer.model.checkpoint import WEIGHTS_FILE, load_checkpoint, read_checkpoint_meta
 from grinfer.model.mtgr import MTGR
+from grinfer.model.tables import table_shapes
 
 PROFILE_VALUES = 16  # make_requests draws profile values below this
+COLLISION_IDS = 1_000_000  # random raw ids whose collision rate in the item table is measured
 
 
 def drop_page_cache(path: Path) -> None:
@@ -96,6 +99,12 @@ def run(model_dir: Path, batch: int = 8, static: int = 200, realtime: int = 20, 
         rows["cold" if i == 0 else "warm"].append(time.perf_counter() - t0)
     stats = embedding_stats(core.model)
     core.close()
+    item_rows = table_shapes(model.cfg)["item_emb"].rows
+    collisions = {f"{n:,} ids": {"measured": collision_rate(ids, item_rows),
+                                 "expected": expected_collision_rate(n, item_rows)}
+                  for n, ids in ((model.cfg.num_items, torch.arange(1, model.cfg.num_items + 1)),
+                                 (COLLISION_IDS, torch.randint(0, 2**62, (COLLISION_IDS,),
+                                                               generator=torch.Generator().manual_seed(seed))))}
     drop_page_cache(model_dir / WEIGHTS_FILE)  # the service's "disk" row reads from disk again
     return {"model": str(model_dir), "preset": model.cfg.name, "batch": batch,
             "shape": {"profile": w.profile_tokens, "static": static, "realtime": realtime, "candidates": candidates},
@@ -103,6 +112,7 @@ def run(model_dir: Path, batch: int = 8, static: int = 200, realtime: int = 20, 
             "cold_batch_ms": 1e3 * rows["cold"][0], "warm_batch_ms": 1e3 * float(np.median(rows["warm"])),
             "item_table": stats["item_emb"], "service_rows_per_s": service_rows_per_s(
                 model.item_emb, ids_per_call, calls, seed) if isinstance(model.item_emb, ServedTable) else {},
+            "hash_collisions": collisions if model.cfg.item_table_rows else {},
             "peak_rss_gb": peak_rss_gb(), "threads": torch.get_num_threads()}
 
 
@@ -120,5 +130,7 @@ def format_report(r: dict) -> str:
              f"| row-cache hit ratio (distinct rows) | {item['hit_ratio']:.3f} |",
              f"| item lookups in the engine | {item['lookups']:,} ids, {item['seconds'] * 1e3:.0f} ms |"]
     lines += [f"| service alone, {k} | {v / 1e6:.2f} M rows/s |" for k, v in svc.items()]
+    lines += [f"| hash collision rate, {k} | {v['measured']:.2e} (expected {v['expected']:.2e}) |"
+              for k, v in r["hash_collisions"].items()]
     lines.append(f"| peak RSS | {r['peak_rss_gb']:.2f} GB |")
     return "\n".join(lines)

@@ -2,8 +2,9 @@
 
 A quantised checkpoint's config.json also has an "embeddings" section (table module path -> row format,
 grinfer.embedding.formats) and its safetensors hold those tables' stored parts (`item_emb.data`,
-`.scale`, `.bias`) instead of `item_emb.weight`. It loads with the tables memory-mapped as served tables
-(only the rows looked up are ever read); the dense weights are read into memory as usual."""
+`.scale`, `.bias`) instead of `item_emb.weight`. It loads with the tables as served tables that read the rows
+looked up from the file (pread, through the OS page cache; the tensors are memory-mapped for state_dict and
+whole-table reads); the dense weights are read into memory as usual."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     if formats:  # tables stay memory-mapped; the dense weights are copied into the model below
         state = mmap_tensors(weights)
         try:
-            tables = take_tables(state, formats, {n: s.hashed for n, s in shapes.items()}, row_cache_bytes)
+            tables = take_tables(state, formats, {n: s.hashed for n, s in shapes.items()}, row_cache_bytes, weights)
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         for name, table in tables.items():

@@ -16,7 +16,7 @@ def test_bench_embeddings_reports_start_up_latency_and_rows_per_s(tmp_path, mtgr
                                    str(tmp_path / "r.json")])
     assert out.exit_code == 0, out.output
     for row in ("ready (load + engine)", "cold rows (disk)", "warm row cache", "service alone, cache", "peak RSS",
-                "5,000 rows, int4"):
+                "5,000 rows, int4", "hash collision rate, 20,000 ids"):
         assert row in out.output, row
     assert (tmp_path / "r.json").is_file()
     bad = CliRunner().invoke(app, ["bench-embeddings", "--model", str(tmp_path / "none")])

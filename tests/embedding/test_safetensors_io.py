@@ -42,3 +42,18 @@ def test_a_chunk_that_does_not_fit_names_the_tensor(tmp_path):
     with StreamingWriter(tmp_path / "s.safetensors", {"x": (torch.float32, (4, 2))}) as w, \
             pytest.raises(ValueError, match=r"x: rows 3\+2"):
         w.write("x", 3, torch.zeros(2, 2))
+
+
+def test_file_rows_read_the_rows_asked_for_in_runs_and_alone(tmp_path):
+    from grinfer.embedding.safetensors_io import FileRows
+
+    want = tensors()
+    save_file(want, str(tmp_path / "s.safetensors"))
+    for name in ("a.weight", "b.data", "b.scale", "c"):
+        rows = FileRows(tmp_path / "s.safetensors", name)
+        n = len(want[name])
+        for index in ([0], [1, 2, n - 2, n - 1], list(range(n)), []):
+            got = rows.take(torch.tensor(index, dtype=torch.int64))
+            assert got.dtype == want[name].dtype and torch.equal(got, want[name][index]), (name, index)
+    with pytest.raises(IndexError, match="rows: outside the tensor's 13 rows"):
+        FileRows(tmp_path / "s.safetensors", "a.weight").take(torch.tensor([13]))
