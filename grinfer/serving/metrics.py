@@ -171,7 +171,8 @@ def backend_metrics(members: list[tuple[list[str], dict]], labels: list[str]):
 
 
 class DependencyCollector:
-    """The store's and the cache's breakers, read at scrape time: degraded (0/1) and failures counted."""
+    """The store's and the cache's breakers (degraded 0/1, failures counted) and the admission's state, read at
+    scrape time."""
 
     def __init__(self, service):
         self.service = service
@@ -183,6 +184,13 @@ class DependencyCollector:
                                     "breaker (cache: served uncached; store: 503)", float(health["degraded"]))
             yield CounterMetricFamily(f"grinfer_{name}_errors", f"Calls to the {name} that failed (outages)",
                                       health["errors"])
+        gate = self.service.admission  # admission at the door (admission.py); refusals: grinfer_errors kind overloaded
+        yield GaugeMetricFamily("grinfer_admission_in_flight", "Ranking requests admitted and not answered yet",
+                                gate.in_flight)
+        yield GaugeMetricFamily("grinfer_admission_bound", "Ranking requests that may be in flight now (0: no bound)",
+                                gate.bound() or 0)
+        yield GaugeMetricFamily("grinfer_admission_rate", "Measured serving capacity (requests a second) the bound "
+                                "is sized from", gate.rate)
 
 
 class Metrics:

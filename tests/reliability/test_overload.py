@@ -82,4 +82,6 @@ def test_a_saturated_server_refuses_every_ranking_path_before_any_work(live):
         assert live.http.get("/v1/users", params={"limit": 2}).status_code == 200  # reads are not admitted
         assert _lookups(live) == before  # nothing reached the engine
         assert gate.refused == 6
+        page = live.http.get("/metrics").text
+        assert "grinfer_admission_in_flight 1.0" in page and "grinfer_admission_bound 1.0" in page
     assert live.http.post("/v1/recommend", json={"user": user, "k": 3}).status_code == 200
