@@ -213,6 +213,10 @@ def bench(
                                                            "(synchronous) or 2 (pipelined, the default).")] = None,
     cuda_graphs: Annotated[bool, typer.Option(help="fused on CUDA: replay the layer stack from CUDA graphs.")]
     = True,
+    dense: Annotated[list[str] | None, typer.Option(metavar="MODE", help="HSTU projections, repeatable to compare: "
+                                                    "none (default), int8, int8-dynamic, fp8 (CUDA).")] = None,
+    kv_dtype: Annotated[list[str] | None, typer.Option(metavar="DTYPE", help="KV-cache storage, repeatable to "
+                                                       "compare: model (default), int8, fp8.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results JSON (and a PNG beside it).")]
     = None,
     server: Annotated[str | None, typer.Option(help="Load-test a running server at this loopback URL instead "
@@ -274,15 +278,34 @@ def bench(
                            batch=b) for n in names for b in (batch or [None])]
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    precisions = _precisions(dense or ["none"], kv_dtype or ["model"], dev)
     import torch
 
     ceiling = matmul_ceiling(torch.device(dev), torch.bfloat16 if dev.startswith("cuda") else torch.float32)
     overrides = {"host_cache_bytes": int(host_cache_gb * 1e9), "cuda_graphs": cuda_graphs}
     if max_batch_tokens is not None:
         overrides["max_batch_tokens"] = max_batch_tokens
-    rows = [run_workload(w, kind, dev, iters, warmup, seed, {**overrides, "pipeline_depth": depth})
-            for w in shapes for kind in kinds for depth in (pipeline_depth or [2])]
+    rows = [run_workload(w, kind, dev, iters, warmup, seed,
+                         {**overrides, "pipeline_depth": depth, "dense": d, "kv_dtype": k})
+            for w in shapes for kind in kinds for depth in (pipeline_depth or [2]) for d, k in precisions]
     typer.echo(write_report(rows, ceiling, dev, json_out))
+
+
+def _precisions(dense: list[str], kv_dtype: list[str], device: str) -> list[tuple[str, str]]:
+    """bench's (dense, kv_dtype) pairs to run, each value checked (fp8 dense against the device)."""
+    from grinfer.model.quantize_dense import DENSE_MODES, check_dense
+    from grinfer.ops.reference.kv_quant import KV_DTYPES
+
+    for flag, given, known in (("--dense", dense, DENSE_MODES), ("--kv-dtype", kv_dtype, KV_DTYPES)):
+        for value in given:
+            if value not in known:
+                raise _fail(f"{flag}: unknown {value!r}; choose from {', '.join(known)}")
+    try:
+        for mode in dense:
+            check_dense(mode, device)
+    except ValueError as exc:
+        raise _fail(f"--{exc}") from None
+    return [(d, k) for d in dense for k in kv_dtype]
 
 
 def _setting_help(name: str) -> str:
@@ -319,6 +342,8 @@ def serve(
     backend: _serve_flag("backend") = None,
     workers: Annotated[int | None, typer.Option(help=_setting_help("workers"))] = None,
     kv_disk_mb: Annotated[int | None, typer.Option(help=_setting_help("kv_disk_mb"))] = None,
+    dense: _serve_flag("dense") = None,
+    kv_dtype: _serve_flag("kv_dtype") = None,
     config: Annotated[str | None, typer.Option(help="A TOML file of these settings ([server] table).")] = None,
 ) -> None:
     """Serve REST (+ OpenAPI at /docs, web page at /, /metrics) and gRPC."""
@@ -331,7 +356,8 @@ def serve(
     try:
         cfg = load_server_config(config, model=model, model_name=model_name, store=store, cache=cache, host=host,
                                  port=port, grpc_port=grpc_port, api_key=api_key, device=device, devices=devices,
-                                 backend=backend, workers=workers, kv_disk_mb=kv_disk_mb)
+                                 backend=backend, workers=workers, kv_disk_mb=kv_disk_mb, dense=dense,
+                                 kv_dtype=kv_dtype)
         ensure_port_free(cfg.host, cfg.port, "--port")
         if not cfg.grpc_reuse_port:
             ensure_port_free(cfg.host, cfg.grpc_port, "--grpc-port")
@@ -415,17 +441,21 @@ def quantize(
     embeddings: Annotated[str | None, typer.Option(help="Row format of every sparse embedding table: int8, int4 "
                                                         "(row-wise, a scale and bias per row), fp16 or bf16.")]
     = None,
+    dense: Annotated[str | None, typer.Option(help="Serve the HSTU projections as int8 (weight-only), "
+                                                   "int8-dynamic or fp8 (CUDA); recorded in config.json, applied "
+                                                   "when the engine loads the model.")] = None,
 ) -> None:
     """Convert a checkpoint to low precision (a new checkpoint directory that loads wherever the original does)."""
     from grinfer.model.checkpoint import CheckpointError
     from grinfer.model.quantize import QuantizeOptions, quantize_checkpoint
 
     try:
-        summary = quantize_checkpoint(model, out, QuantizeOptions(embeddings=embeddings))
+        summary = quantize_checkpoint(model, out, QuantizeOptions(embeddings=embeddings, dense=dense))
     except (ValueError, CheckpointError) as exc:
         raise _fail(str(exc)) from None
     before, after = sum(r["fp32_bytes"] for r in summary), sum(r["bytes"] for r in summary)
-    typer.echo(f"wrote {out}: {len(summary)} tables as {embeddings}, {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB")
+    tables = f"{len(summary)} tables as {embeddings}, {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB"
+    typer.echo(f"wrote {out}: " + "; ".join(p for p in (embeddings and tables, dense and f"dense {dense}") if p))
 
 
 @app.command("init-model")

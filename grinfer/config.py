@@ -259,9 +259,10 @@ class ServerConfig(BaseModel):
                             ge=0, description="disk tier of the KV cache in MiB, files under GRINFER_HOME/kv, "
                                                  "kept across restarts (0: none)")
     pipeline_depth: int = Field(default=2, ge=1, le=2, description="engine steps in flight (1: synchronous)")
-    dense: Literal["none", "int8", "int8-dynamic", "fp8"] = Field(
-        default="none", description="low-precision HSTU projections: none, int8 (weight-only), int8-dynamic or "
-                                    "fp8 (row-wise; CUDA compute capability >= 8.9)")
+    dense: Literal["none", "int8", "int8-dynamic", "fp8"] | None = Field(
+        default=None, description="low-precision HSTU projections: none, int8 (weight-only), int8-dynamic or "
+                                  "fp8 (row-wise; CUDA compute capability >= 8.9); unset: the checkpoint's "
+                                  "(grinfer quantize --dense), else none")
     kv_dtype: Literal["model", "int8", "fp8"] = Field(
         default="model", description="KV-cache storage: model (the model's dtype), int8 or fp8 (e4m3), 8-bit "
                                      "with a scale per token and head")

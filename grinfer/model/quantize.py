@@ -2,6 +2,9 @@
 
 Each kind of conversion is one step over (config.json meta, state dict); `QuantizeOptions` says which
 steps run. Embeddings: every sparse table (model.tables) re-stored in a row format (formats.ROW_FORMATS).
+Dense: config.json records the mode (DENSE in the meta) the HSTU projections are served in; their weights
+stay full precision in the file and the engine quantises them at load (grinfer.model.quantize_dense: the
+per-channel scales take milliseconds to compute, and fp8 exists only on the GPU that serves it).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from safetensors.torch import load_file
 from grinfer.config import ModelConfig
 from grinfer.embedding.formats import bytes_per_row, check_format, encode_rows
 from grinfer.model.checkpoint import EMBEDDINGS, WEIGHTS_FILE, CheckpointError, read_checkpoint_meta, write_checkpoint
+from grinfer.model.quantize_dense import DENSE_MODES
 from grinfer.model.tables import table_shapes
+
+DENSE = "dense"  # config.json key: the mode the HSTU projections are served in (none when absent)
 
 
 @dataclass(frozen=True)
@@ -23,12 +29,17 @@ class QuantizeOptions:
     """What to convert; None leaves that part as it is."""
 
     embeddings: str | None = None  # row format of every sparse table
+    dense: str | None = None  # low-precision mode of the HSTU projections (quantize_dense.DENSE_MODES)
 
     def check(self) -> None:
         """A ValueError naming the option when nothing is asked for or a value is unknown."""
-        if self.embeddings is None:
-            raise ValueError("--embeddings: nothing to convert; give a row format (int8, int4, fp16, bf16)")
-        check_format(self.embeddings, 2)
+        if self.embeddings is None and self.dense is None:
+            raise ValueError("--embeddings: nothing to convert; give a row format (int8, int4, fp16, bf16), or "
+                             "--dense int8 | int8-dynamic | fp8")
+        if self.embeddings is not None:
+            check_format(self.embeddings, 2)
+        if self.dense is not None and self.dense not in DENSE_MODES:
+            raise ValueError(f"--dense: expected one of {', '.join(DENSE_MODES)}, got {self.dense!r}")
 
 
 def quantize_embeddings(meta: dict, state: dict[str, torch.Tensor], fmt: str) -> list[dict]:
@@ -60,6 +71,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, options: QuantizeOptio
         raise CheckpointError(f"{src}: missing {WEIGHTS_FILE}")
     state = load_file(str(weights))
     summary = quantize_embeddings(meta, state, options.embeddings) if options.embeddings else []
+    if options.dense is not None:
+        meta[DENSE] = options.dense
     meta["quantized_from"] = str(src.resolve())
     write_checkpoint(out, meta, state)
     return summary

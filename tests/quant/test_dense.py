@@ -101,3 +101,23 @@ def test_refusals_name_the_field(model, catalog):
     with pytest.raises(ValueError, match="dense: backend 'onnx'"):
         core(model, catalog, backend="onnx", onnx_path="unused.onnx", dense="int8")
     assert not any(is_quantized(m) for m in model.modules() if isinstance(m, torch.nn.Linear))  # refused first
+
+
+def test_quantize_records_the_dense_mode_the_server_applies(tmp_path, model):
+    """`grinfer quantize --dense int8` writes a checkpoint whose config.json names the mode (weights unchanged);
+    the server's engine config takes it unless --dense is given."""
+    from typer.testing import CliRunner
+
+    from grinfer.cli import app
+    from grinfer.config import load_server_config
+    from grinfer.model.checkpoint import read_checkpoint_meta, save_checkpoint
+
+    src = save_checkpoint(model, tmp_path / "full")
+    runner = CliRunner()
+    done = runner.invoke(app, ["quantize", "--model", str(src), "--out", str(tmp_path / "q"), "--dense", "int8"])
+    assert done.exit_code == 0 and "dense int8" in done.output, done.output
+    assert read_checkpoint_meta(tmp_path / "q")["dense"] == "int8"
+    bad = runner.invoke(app, ["quantize", "--model", str(src), "--out", str(tmp_path / "x"), "--dense", "int3"])
+    assert bad.exit_code == 2 and "--dense: expected one of" in bad.output
+    assert load_server_config(env={}).dense is None and load_server_config(env={}, dense="none").dense == "none"
+    assert load_server_config(env={"GRINFER_KV_DTYPE": "int8"}).kv_dtype == "int8"
