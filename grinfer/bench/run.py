@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 
 from grinfer.bench.figure import panels
 from grinfer.bench.workloads import Workload, bench_catalog, make_requests, request_flops
-from grinfer.config import EngineConfig
+from grinfer.config import EngineConfig, grinfer_home
 from grinfer.engine.core import DTYPES, EngineCore
+from grinfer.engine.probe import available_backends, choose, probe_backends
 from grinfer.features.featurizer import FeatureRequest, Featurizer
 from grinfer.model import build_model
 from grinfer.model.mtgr import MTGR
@@ -59,7 +60,8 @@ def uncached_probs(model: MTGR, featurizer: Featurizer, req, device) -> torch.Te
 
 def engine_config(w: Workload, backend: str, dev: torch.device, model, catalog, overrides: dict):
     """The engine's settings for one row and the row's backend label; `auto` probes as the server does and
-    is labelled auto:CHOSEN, `onnx` (and auto) get the model's graph exported first."""
+    is labelled auto:CHOSEN, `onnx` (and auto) get the model's graph exported first, `aoti` (and auto, on the
+    CPU) the cached step's package (kept under GRINFER_HOME/exports/aoti across runs)."""
     tokens_per_request = w.profile_tokens + w.static + w.realtime + w.candidates
     settings = {"backend": "eager" if backend == "auto" else backend, "device": str(dev),
                 "dtype": w.dtype if dev.type == "cuda" else "float32",
@@ -67,11 +69,14 @@ def engine_config(w: Workload, backend: str, dev: torch.device, model, catalog, 
                 "kv_cache_bytes": 0 if dev.type == "cuda" else 1 << 30, **overrides}
     if backend in ("onnx", "auto") and importlib.util.find_spec("onnxruntime") is not None:
         settings["onnx_path"] = export_onnx(model)
+    if backend == "aoti" or (backend == "auto" and "aoti" in available_backends(dev)):
+        from grinfer.export.cache import step_package
+
+        block_size = overrides.get("block_size", EngineConfig.model_fields["block_size"].default)
+        settings["aoti_path"] = str(step_package(model, block_size, grinfer_home() / "exports" / "aoti"))
     config = EngineConfig(**settings)
     if backend != "auto":
         return config, backend
-    from grinfer.engine.probe import available_backends, choose, probe_backends
-
     chosen = choose(probe_backends(model, catalog, config, available_backends(dev)))
     return config.model_copy(update={"backend": chosen.backend}), f"auto:{chosen.backend}"
 
@@ -89,8 +94,6 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
         gc.collect()  # the previous run's engine (its KV pool, CUDA graphs) must be gone before this one sizes its pool
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
-    # the weights before the engine quantises its projections (err fp32 compares with these)
-    full_state = {k: t.clone() for k, t in model.state_dict().items()} if config.dense != "none" else None
     core = EngineCore(model, catalog, config)
     featurizer = Featurizer(catalog, cfg.num_time_buckets)
     rng = np.random.default_rng(seed)
@@ -131,8 +134,7 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     core.close()
     diffs, fp32_errs = [], []
     reference = build_model(cfg).to(dev).eval()
-    # fp32 twin of the engine's (maybe bf16) weights, before any quantisation
-    reference.load_state_dict(model.state_dict() if full_state is None else full_state)
+    reference.load_state_dict(model.state_dict())  # fp32 twin of the engine's (maybe bf16) weights
     reference.float()
     for req, res in last_batch[:check]:
         diffs.append(float((uncached_probs(core.model, featurizer, req, dev) - res.probabilities).abs().max()))
@@ -143,14 +145,10 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     per_batch = float(np.median(batch_seconds))
     steps_per_batch = (core.steps - steps_before) / (warmup + iters)
     stats = core.stats()["kv_cache"]
-    per_token = core.pool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype],
-                                          config.kv_dtype)
+    per_token = core.pool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype])
     context_tokens = w.profile_tokens + w.static + w.realtime
     return {
-        "workload": w.name, "backend": label + ("/nograph" if backend == "fused" and not config.cuda_graphs else "")
-        + ("" if config.dense == "none" else f"/{config.dense}") + ("" if config.kv_dtype == "model" else
-                                                                   f"/kv-{config.kv_dtype}"),
-        "dense": config.dense, "kv_dtype": config.kv_dtype,
+        "workload": w.name, "backend": label + ("/nograph" if backend == "fused" and not config.cuda_graphs else ""),
         "pipeline_depth": config.pipeline_depth, "step_ms": 1e3 * per_batch / max(steps_per_batch, 1e-9),
         "phase_ms_per_step": phase_ms,
         "cuda_graphs": config.cuda_graphs, "device": device, "dtype": config.dtype, "batch": w.batch,
@@ -182,7 +180,7 @@ def export_onnx(model) -> str:
 
 def format_table(rows: list[dict], ceiling: float) -> str:
     """A fixed-width table of the headline numbers."""
-    cols = [("workload", "{:<9}"), ("backend", "{:<22}"), ("pipeline_depth", "{:>5}"), ("batch", "{:>5}"),
+    cols = [("workload", "{:<9}"), ("backend", "{:<14}"), ("pipeline_depth", "{:>5}"), ("batch", "{:>5}"),
             ("step_ms", "{:>8.2f}"), ("p50_ms", "{:>9.2f}"),
             ("p99_ms", "{:>9.2f}"), ("ms_per_request", "{:>9.3f}"), ("requests_per_s", "{:>9.1f}"),
             ("candidates_per_s", "{:>11.0f}"), ("achieved_tflops", "{:>8.3g}"), ("peak_memory_gb", "{:>7.2f}"),

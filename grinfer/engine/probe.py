@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -27,6 +29,7 @@ from grinfer.model.mtgr import MTGR
 
 log = logging.getLogger("grinfer.engine")
 PROBE_KV_BYTES = 64 << 20
+PROBE_BUDGET_S = 30.0  # per backend: its build and check must finish within it, its timed rounds stop there
 
 
 @dataclass
@@ -45,12 +48,15 @@ class Probe:
 
 
 def available_backends(device: torch.device) -> list[str]:
-    """The backends that can run on `device` here (eager first; onnx where onnxruntime is installed)."""
+    """The backends that can run on `device` here (eager first; aoti on the CPU with a C++ compiler; onnx where
+    onnxruntime is installed)."""
     names = ["eager"]
     if _has_cpp_compiler() or device.type == "cuda":
         names.append("compiled")
     if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         names.append("fused")
+    if device.type == "cpu" and _has_cpp_compiler():  # the packaged step is compiled C++ for the CPU here
+        names.append("aoti")
     if importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None:
         names.append("onnx")
     return names
@@ -76,19 +82,32 @@ def probe_requests(num_items: int, num_profile: int, batch: int = 8, num_static:
 
 
 def probe_backends(model: MTGR, catalog: ItemCatalog, config: EngineConfig, names: list[str],
-                   repeats: int = 5) -> list[Probe]:
-    """Probe each backend in `names` (eager is always probed first: it is the reference)."""
-    names = ["eager", *[n for n in names if n != "eager"]]
+                   repeats: int = 5, budget_s: float = PROBE_BUDGET_S, skipped: dict[str, str] | None = None
+                   ) -> list[Probe]:
+    """Probe each backend in `names` (eager is always probed first: it is the reference).
+
+    Bounded: a backend other than eager whose build and first (checking) batch take longer than `budget_s`
+    is reported "not probed: over budget" and left to finish on its thread at the lowest priority (a
+    torch.compile that finishes fills Inductor's cache, so the next start builds it faster); a backend's timed
+    rounds stop once `budget_s` has passed since its build began (at least one is timed). `skipped` names
+    backends reported without being built ({name: why}), e.g. one whose export is still running."""
+    names, skipped = ["eager", *[n for n in names if n != "eager"]], skipped or {}
     num_profile = len(model.cfg.profile_cardinalities)
     check = probe_requests(catalog.num_items, num_profile, tag="check")
     reference, probes = None, []
     for name in names:
+        if name in skipped and name != "eager":  # eager is the reference: always built
+            probes.append(Probe(name, False, error=f"not probed: {skipped[name]}"))
+            continue
         start = time.perf_counter()
         try:
-            core = EngineCore(model, catalog, config.model_copy(update={
-                "backend": name, "kv_cache_bytes": PROBE_KV_BYTES, "host_cache_bytes": 0, "disk_cache_bytes": 0,
-                "pipeline_depth": 1, "fallback": False}))
-            got = _scores(core, check)
+            built = _within(None if name == "eager" else budget_s, lambda name=name: _build(model, catalog, config,
+                                                                                           name, check))
+            if built is None:
+                probes.append(Probe(name, False, ready_s=budget_s, error=f"not probed: over budget (its build "
+                                                                          f"took more than {budget_s:g} s)"))
+                continue
+            core, got = built
             ready_s = time.perf_counter() - start
             if reference is None:
                 reference = got
@@ -98,6 +117,8 @@ def probe_backends(model: MTGR, catalog: ItemCatalog, config: EngineConfig, name
                 raise ValueError(f"disagrees with eager by {error:.3g} (tolerance {tolerance:g})")
             seconds = []
             for r in range(repeats):  # a cold batch, then the same users back with 2 new events each
+                if seconds and time.perf_counter() - start > budget_s:
+                    break
                 batch = probe_requests(catalog.num_items, num_profile, seed=r + 1, tag=f"{name}{r}")
                 t0 = time.perf_counter()
                 _scores(core, batch)
@@ -111,6 +132,42 @@ def probe_backends(model: MTGR, catalog: ItemCatalog, config: EngineConfig, name
             if name == "eager":
                 raise
     return probes
+
+
+def _build(model: MTGR, catalog: ItemCatalog, config: EngineConfig, name: str, check: list[RankRequest]):
+    """A probe engine on backend `name` and its scores of the check batch (its first run: compiles happen here)."""
+    core = EngineCore(model, catalog, config.model_copy(update={
+        "backend": name, "kv_cache_bytes": PROBE_KV_BYTES, "host_cache_bytes": 0, "disk_cache_bytes": 0,
+        "pipeline_depth": 1, "fallback": False}))
+    return core, _scores(core, check)
+
+
+def _within(budget_s: float | None, fn):
+    """fn() on a daemon thread, waited for up to `budget_s` (None: no limit); None if it took longer (the thread
+    goes on at the lowest CPU priority, its result dropped). Its exception is raised here."""
+    if budget_s is None:
+        return fn()
+    result: dict = {}
+
+    def run():
+        result["tid"] = threading.get_native_id()
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # handed to the caller
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True, name="grinfer-probe")
+    thread.start()
+    thread.join(budget_s)
+    if thread.is_alive():
+        try:
+            os.setpriority(os.PRIO_PROCESS, result["tid"], 19)  # Linux: that thread only
+        except (AttributeError, KeyError, OSError):
+            pass
+        return None
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def choose(probes: list[Probe]) -> Probe:

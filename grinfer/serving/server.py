@@ -17,7 +17,6 @@ from grinfer.data.types import ItemCatalog
 from grinfer.model.checkpoint import load_checkpoint, read_checkpoint_meta
 from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
-from grinfer.model.quantize import DENSE
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.engine_link import EngineHost
 from grinfer.serving.engine_set import build_engines, check_devices, members
@@ -150,12 +149,12 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
         raise StartupError(str(exc)) from None
     engine_cfg = EngineConfig(backend="eager" if cfg.backend == "auto" else cfg.backend, device=devices[0],
                               onnx_path=onnx_export(ranking_dir, cfg) if cfg.backend == "onnx" else None,
+                              aoti_path=aoti_export(ranker, cfg) if cfg.backend == "aoti" else None,
                               dtype="bfloat16" if devices[0].startswith("cuda") else "float32",
                               kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
                               disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
                               pipeline_depth=cfg.pipeline_depth, max_queue=cfg.max_queue,
-                              dense=cfg.dense or read_checkpoint_meta(ranking_dir).get(DENSE, "none"),
-                              kv_dtype=cfg.kv_dtype,
+                              dense=cfg.dense, kv_dtype=cfg.kv_dtype,
                               max_batch_tokens=cfg.max_batch_tokens)
     log.info("%s; torch %s", cfg.describe(",".join(devices), {"ranking": ranking_dir, "retrieval": retrieval_dir}),
              torch.__version__)
@@ -214,6 +213,17 @@ def onnx_export(ranking_dir: Path, cfg: ServerConfig) -> str:
     return str(path)
 
 
+def aoti_export(ranker, cfg: ServerConfig, wait: bool = True) -> str | None:
+    """The ranking model's cached-step AOTInductor package (for the engine's default page size), exported
+    and checked on first use and kept under GRINFER_HOME/exports/aoti keyed by the model's fingerprint;
+    without `wait`, None while a first export runs in the background (for the next start)."""
+    from grinfer.export.cache import step_package, step_package_in_background
+
+    export = step_package if wait else step_package_in_background
+    path = export(ranker, EngineConfig().block_size, cfg.home_dir / "exports" / "aoti")
+    return None if path is None else str(path)
+
+
 def choose_backend(ranker, catalog: ItemCatalog, engine_cfg: EngineConfig, ranking_dir: Path, cfg: ServerConfig):
     """`--backend auto`: probe the device's backends; the config with the fastest healthy one, and the probes."""
     from grinfer.engine.probe import available_backends, choose, format_probes, probe_backends
@@ -221,8 +231,13 @@ def choose_backend(ranker, catalog: ItemCatalog, engine_cfg: EngineConfig, ranki
     names = available_backends(torch.device(engine_cfg.device))
     if "onnx" in names:
         engine_cfg = engine_cfg.model_copy(update={"onnx_path": onnx_export(ranking_dir, cfg)})
+    skipped = {}
+    if "aoti" in names:  # a first export takes minutes on a CPU: it serves from the next start
+        engine_cfg = engine_cfg.model_copy(update={"aoti_path": aoti_export(ranker, cfg, wait=False)})
+        if engine_cfg.aoti_path is None:
+            skipped["aoti"] = "its package is being exported in the background, for the next start"
     log.info("backend auto: probing %s", ", ".join(names))
-    probes = probe_backends(ranker, catalog, engine_cfg, names)
+    probes = probe_backends(ranker, catalog, engine_cfg, names, skipped=skipped)
     chosen = choose(probes)
     log.info("backend auto chose %s:\n%s", chosen.backend, format_probes(probes, chosen.backend))
     return engine_cfg.model_copy(update={"backend": chosen.backend}), probes

@@ -3,6 +3,8 @@ cannot run or disagrees is reported unhealthy with the reason and never chosen."
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -33,9 +35,12 @@ def test_the_probe_checks_times_and_reports_each_backend(model, catalog, monkeyp
     monkeypatch.setitem(BACKENDS, "skewed", Skewed)
     monkeypatch.setitem(BACKENDS, "unavailable", Unavailable)
     config = EngineConfig()
-    names = ["eager", "unavailable", "skewed"]
-    probes = {p.backend: p for p in probe_backends(model, catalog, config, names, repeats=2)}
-    assert list(probes) == ["eager", "unavailable", "skewed"]
+    names = ["eager", "unavailable", "skewed", "compiled"]
+    # compiled is skipped (as auto skips aoti while its package is exported); eager, the reference, cannot be
+    probes = {p.backend: p for p in probe_backends(model, catalog, config, names, repeats=2,
+                                                   skipped={"compiled": "exporting", "eager": "ignored"})}
+    assert list(probes) == ["eager", "unavailable", "skewed", "compiled"]
+    assert probes["compiled"] == Probe("compiled", False, error="not probed: exporting")
     eager = probes["eager"]
     assert eager.healthy and eager.max_error == 0.0 and eager.probe_ms > 0 and eager.ready_s > 0
     assert not probes["unavailable"].healthy and "does not have" in probes["unavailable"].error
@@ -43,6 +48,25 @@ def test_the_probe_checks_times_and_reports_each_backend(model, catalog, monkeyp
     assert choose(list(probes.values())).backend == "eager"
     table = format_probes(list(probes.values()), "eager")
     assert "serving" in table.splitlines()[1] and "disagrees with eager" in table
+
+
+class Slow(EagerBackend):
+    """Eager with a build that takes longer than the probe's budget."""
+
+    name = "slow"
+
+    def __init__(self, model, config=None):
+        time.sleep(1.0)
+        super().__init__(model, config)
+
+
+def test_a_backend_over_the_budget_is_not_probed(model, catalog, monkeypatch):
+    monkeypatch.setitem(BACKENDS, "slow", Slow)
+    probes = probe_backends(model, catalog, EngineConfig(), ["eager", "slow"], repeats=3, budget_s=0.3)
+    assert probes[0].healthy and probes[0].probe_ms > 0  # eager has no budget; one timed round past it
+    assert probes[1] == Probe("slow", False, ready_s=0.3, error="not probed: over budget (its build took more "
+                                                                "than 0.3 s)")
+    assert choose(probes).backend == "eager"
 
 
 def test_the_fastest_healthy_backend_is_chosen():
@@ -53,6 +77,7 @@ def test_the_fastest_healthy_backend_is_chosen():
 def test_available_backends_on_the_cpu():
     names = available_backends(torch.device("cpu"))
     assert names[0] == "eager" and "fused" not in names
+    assert ("aoti" in names) == ("compiled" in names)  # both need the C++ compiler here
 
 
 def test_auto_is_the_served_default():
