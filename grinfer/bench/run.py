@@ -94,6 +94,8 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
         gc.collect()  # the previous run's engine (its KV pool, CUDA graphs) must be gone before this one sizes its pool
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
+    # the weights before the engine quantises its projections (err fp32 compares with these)
+    full_state = {k: t.clone() for k, t in model.state_dict().items()} if config.dense != "none" else None
     core = EngineCore(model, catalog, config)
     featurizer = Featurizer(catalog, cfg.num_time_buckets)
     rng = np.random.default_rng(seed)
@@ -134,7 +136,8 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     core.close()
     diffs, fp32_errs = [], []
     reference = build_model(cfg).to(dev).eval()
-    reference.load_state_dict(model.state_dict())  # fp32 twin of the engine's (maybe bf16) weights
+    # fp32 twin of the engine's (maybe bf16) weights, before any quantisation
+    reference.load_state_dict(model.state_dict() if full_state is None else full_state)
     reference.float()
     for req, res in last_batch[:check]:
         diffs.append(float((uncached_probs(core.model, featurizer, req, dev) - res.probabilities).abs().max()))
@@ -145,10 +148,14 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     per_batch = float(np.median(batch_seconds))
     steps_per_batch = (core.steps - steps_before) / (warmup + iters)
     stats = core.stats()["kv_cache"]
-    per_token = core.pool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype])
+    per_token = core.pool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype],
+                                          config.kv_dtype)
     context_tokens = w.profile_tokens + w.static + w.realtime
     return {
-        "workload": w.name, "backend": label + ("/nograph" if backend == "fused" and not config.cuda_graphs else ""),
+        "workload": w.name, "backend": label + ("/nograph" if backend == "fused" and not config.cuda_graphs else "")
+        + ("" if config.dense == "none" else f"/{config.dense}") + ("" if config.kv_dtype == "model" else
+                                                                   f"/kv-{config.kv_dtype}"),
+        "dense": config.dense, "kv_dtype": config.kv_dtype,
         "pipeline_depth": config.pipeline_depth, "step_ms": 1e3 * per_batch / max(steps_per_batch, 1e-9),
         "phase_ms_per_step": phase_ms,
         "cuda_graphs": config.cuda_graphs, "device": device, "dtype": config.dtype, "batch": w.batch,
@@ -180,7 +187,7 @@ def export_onnx(model) -> str:
 
 def format_table(rows: list[dict], ceiling: float) -> str:
     """A fixed-width table of the headline numbers."""
-    cols = [("workload", "{:<9}"), ("backend", "{:<14}"), ("pipeline_depth", "{:>5}"), ("batch", "{:>5}"),
+    cols = [("workload", "{:<9}"), ("backend", "{:<22}"), ("pipeline_depth", "{:>5}"), ("batch", "{:>5}"),
             ("step_ms", "{:>8.2f}"), ("p50_ms", "{:>9.2f}"),
             ("p99_ms", "{:>9.2f}"), ("ms_per_request", "{:>9.3f}"), ("requests_per_s", "{:>9.1f}"),
             ("candidates_per_s", "{:>11.0f}"), ("achieved_tflops", "{:>8.3g}"), ("peak_memory_gb", "{:>7.2f}"),

@@ -17,6 +17,7 @@ from grinfer.data.types import ItemCatalog
 from grinfer.model.checkpoint import load_checkpoint, read_checkpoint_meta
 from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
+from grinfer.model.quantize import DENSE
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.engine_link import EngineHost
 from grinfer.serving.engine_set import build_engines, check_devices, members
@@ -154,7 +155,8 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
                               kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
                               disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
                               pipeline_depth=cfg.pipeline_depth, max_queue=cfg.max_queue,
-                              dense=cfg.dense, kv_dtype=cfg.kv_dtype,
+                              dense=cfg.dense or read_checkpoint_meta(ranking_dir).get(DENSE, "none"),
+                              kv_dtype=cfg.kv_dtype,
                               max_batch_tokens=cfg.max_batch_tokens)
     log.info("%s; torch %s", cfg.describe(",".join(devices), {"ranking": ranking_dir, "retrieval": retrieval_dir}),
              torch.__version__)
