@@ -5,11 +5,13 @@
     kernel="auto"       triton for CUDA tensors when Triton is importable, d fits and no gradient is
                         needed; else the reference
 
-The signatures and in-place effects are the reference's, plus `kernel`.
+The signatures and in-place effects are the reference's, plus `kernel`; `LayerNormKernels(kernel)`
+holds the three with one choice bound.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -59,3 +61,29 @@ def group_norm_mul(a: torch.Tensor, u: torch.Tensor, group: torch.Tensor | None,
     """(LN(a) * weight[group] + bias[group]) * u; a is [T, d] or [T, H, Dh], the result [T, d]."""
     ops = _kernels(kernel, a.shape[1:].numel(), a, u, weight, bias)
     return ops.group_norm_mul(a, u, group, weight, bias, eps, out=out)
+
+
+@dataclass(frozen=True)
+class LayerNormKernels:
+    """The three ops with one kernel choice bound: a backend picks its kernel once (`fused`: "triton")."""
+
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        check_kernel(self.kernel)
+
+    def group_layer_norm(self, x: torch.Tensor, group: torch.Tensor | None, weight: torch.Tensor,
+                         bias: torch.Tensor, eps: float = 1e-5, *, add: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """`group_layer_norm` with this kernel."""
+        return group_layer_norm(x, group, weight, bias, eps, add=add, out=out, kernel=self.kernel)
+
+    def silu_scatter_kv(self, h: torch.Tensor, d: int, slots: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor) -> None:
+        """`silu_scatter_kv` with this kernel."""
+        silu_scatter_kv(h, d, slots, k_cache, v_cache, kernel=self.kernel)
+
+    def group_norm_mul(self, a: torch.Tensor, u: torch.Tensor, group: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float = 1e-5, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`group_norm_mul` with this kernel."""
+        return group_norm_mul(a, u, group, weight, bias, eps, out=out, kernel=self.kernel)

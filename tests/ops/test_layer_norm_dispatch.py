@@ -39,20 +39,25 @@ def test_unknown_kernel_is_rejected_by_name():
     x, group, weight, bias = case()
     with pytest.raises(ValueError, match="kernel"):
         dispatch.group_layer_norm(x, group, weight, bias, kernel="cuda")
+    with pytest.raises(ValueError, match="kernel"):
+        dispatch.LayerNormKernels("cuda")
 
 
+@pytest.mark.parametrize("bound", [False, True], ids=["kernel-argument", "LayerNormKernels"])
 @pytest.mark.parametrize("kernel", ["auto", "reference", "triton"])
-def test_each_kernel_matches_the_reference(kernel):
+def test_each_kernel_matches_the_reference(kernel, bound):
     x, group, weight, bias = case()
+    ops = dispatch.LayerNormKernels(kernel) if bound else None
+    kw = {} if bound else {"kernel": kernel}
     add = torch.randn(32)
     want_x = x.clone()
     want = ref.group_layer_norm(want_x, group, weight, bias, add=add)
-    got = dispatch.group_layer_norm(x, group, weight, bias, add=add, kernel=kernel)
+    got = (ops or dispatch).group_layer_norm(x, group, weight, bias, add=add, **kw)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(x, want_x)  # `add` written back in place by both
 
     a, u = torch.randn(9, 4, 8), torch.randn(9, 32)
-    torch.testing.assert_close(dispatch.group_norm_mul(a, u, group, weight, bias, kernel=kernel),
+    torch.testing.assert_close((ops or dispatch).group_norm_mul(a, u, group, weight, bias, **kw),
                                ref.group_norm_mul(a, u, group, weight, bias), atol=1e-5, rtol=0)
 
     h = torch.randn(9, 4 * 32)
@@ -60,7 +65,7 @@ def test_each_kernel_matches_the_reference(kernel):
     caches = [torch.zeros(8, 4, 8) for _ in range(4)]
     want_h = h.clone()
     ref.silu_scatter_kv(want_h, 32, slots, caches[0], caches[1])
-    dispatch.silu_scatter_kv(h, 32, slots, caches[2], caches[3], kernel=kernel)
+    (ops or dispatch).silu_scatter_kv(h, 32, slots, caches[2], caches[3], **kw)
     torch.testing.assert_close(h, want_h, atol=1e-5, rtol=0)
     torch.testing.assert_close(caches[2], caches[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(caches[3], caches[1], atol=1e-5, rtol=0)

@@ -27,6 +27,7 @@ from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.step import StepIndex
 from grinfer.model.mtgr import MTGR
 from grinfer.model.quantize_dense import linear
+from grinfer.ops.layer_norm import LayerNormKernels
 
 
 class FusedBackend(EagerBackend):
@@ -40,12 +41,12 @@ class FusedBackend(EagerBackend):
             raise ValueError("backend: 'fused' has no relative attention bias; serve rel_bias models with 'eager'")
         dtype = next(model.parameters()).dtype
         device = next(model.parameters()).device
-        from grinfer.ops.triton import hstu_attention, layer_norm  # Triton is needed from here on only
+        from grinfer.ops.triton import hstu_attention  # Triton is needed from here on only
 
         if device.type != "cuda" and not hstu_attention.interpreted():
             raise ValueError("backend: 'fused' runs Triton kernels on a CUDA device (on the CPU only under "
                              "TRITON_INTERPRET=1, for tests); use 'eager' or 'compiled' here")
-        self._attention, self._norms = hstu_attention, layer_norm
+        self._attention, self._norms = hstu_attention, LayerNormKernels("triton")  # the epilogues' dispatcher
         self._layout_counts = cfg.mask == "dynamic"  # the engine's key layout gives the visible-key counts
         self._attn_config = hstu_attention.default_config(cfg.head_dim, cfg.head_dim, dtype, self._layout_counts)
         if device.type == "cuda":
