@@ -182,8 +182,8 @@ class ModelSet:
 
     def forget_user(self, user: str, before_version: int) -> Future:
         """Free the user's older K/V in every loaded version; the future is the production version's."""
-        futures = [loaded.engine.forget_user(user, before_version) for loaded in self._versions()]
-        return futures[0]
+        futures = [engine.forget_user(user, before_version) for engine in self.engines_by_version()]
+        return futures[0]  # production first
 
     def health(self) -> str | None:
         """None when every loaded version serves; else the first one's problem, naming it."""

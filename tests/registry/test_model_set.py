@@ -91,6 +91,11 @@ def test_arms_never_share_kv_entries(reg: Registry):
         forced = models.rank_sync(request(control_user, arm="treatment"), 30)
         assert (forced.arm, forced.model_version, forced.cache) == ("treatment", "ranker:2", "miss")
         assert not torch.allclose(forced.probabilities, answers[control_user][0].probabilities)
+        assert all(control_user in engine_of(e).core.cache.manager.entries for e in models.engines_by_version())
+        models.forget_user(control_user, 1).result(30)  # a history roll frees the user's K/V in every version
+        for e in models.engines_by_version():
+            engine_of(e).call(lambda: None).result(30)
+            assert control_user not in engine_of(e).core.cache.manager.entries
         with pytest.raises(FieldError, match="no arm 'nope'"):
             models.submit(request(control_user, arm="nope"))
     finally:
