@@ -85,3 +85,14 @@ def test_workers_reach_an_engine_set_through_the_link(engine_set, make_request, 
     finally:
         client.close()
         host.close()
+
+
+def test_a_gpu_that_is_not_there_is_named_before_anything_is_built():
+    import torch
+
+    from grinfer.serving.engine_set import check_devices
+
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=f"devices: {missing} not present"):
+        check_devices(["cuda:0", missing] if torch.cuda.device_count() else [missing])
+    check_devices(["cpu", "cpu"])
