@@ -1,4 +1,5 @@
-"""The device K/V tensors the runner reads and writes: [layers, slots, heads, head_dim] for K and for V.
+"""The device K/V tensors the runner reads and writes: [layers, slots, heads, head_dim] for K and for V
+(V's head dim may differ: `v_head_dim`, for models whose value heads are wider or narrower than their keys).
 
 Slot `b * block_size + i` holds token i of page b. `scratch` pages follow the pool's pages, owned by no
 user: a step's candidates' K/V go there when the backend reads every key from the pool. One spare slot
@@ -54,14 +55,15 @@ class KVPool:
     """K and V of `num_blocks` pages (+ scratch pages) on one device, in the model's dtype or 8 bits."""
 
     def __init__(self, num_layers: int, num_heads: int, head_dim: int, block_size: int, num_blocks: int,
-                 dtype: torch.dtype, device: torch.device | str, scratch_blocks: int = 0, kv_dtype: str = "model"):
+                 dtype: torch.dtype, device: torch.device | str, scratch_blocks: int = 0, kv_dtype: str = "model",
+                 v_head_dim: int | None = None):
         self.block_size, self.num_blocks, self.kv_dtype = block_size, num_blocks, kv_dtype
         self.scratch = np.arange(num_blocks, num_blocks + scratch_blocks, dtype=np.int64)
         self.spare = (num_blocks + scratch_blocks) * block_size
         shape = (num_layers, self.spare + 1, num_heads, head_dim)
         store = storage_dtype(kv_dtype, dtype)
         self.k = torch.zeros(shape, dtype=store, device=device)
-        self.v = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros((*shape[:-1], v_head_dim or head_dim), dtype=store, device=device)
         self.device = self.k.device
         quantized = kv_dtype != "model"
         self.k_scale = torch.ones(shape[:-1], dtype=SCALE_DTYPE, device=device) if quantized else None
@@ -69,12 +71,11 @@ class KVPool:
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_heads: int, head_dim: int, dtype: torch.dtype,
-                        kv_dtype: str = "model") -> int:
+                        kv_dtype: str = "model", v_head_dim: int | None = None) -> int:
         """K + V bytes (scales included) one context token takes across all layers."""
-        per_head = head_dim * torch.empty((), dtype=storage_dtype(kv_dtype, dtype)).element_size()
-        if kv_dtype != "model":
-            per_head += torch.empty((), dtype=SCALE_DTYPE).element_size()
-        return 2 * num_layers * num_heads * per_head
+        size = torch.empty((), dtype=storage_dtype(kv_dtype, dtype)).element_size()
+        scales = 2 * torch.empty((), dtype=SCALE_DTYPE).element_size() if kv_dtype != "model" else 0
+        return num_layers * num_heads * ((head_dim + (v_head_dim or head_dim)) * size + scales)
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x [..., heads, head_dim] in the pool's format: (8-bit values, their scales) or (x in the pool's

@@ -38,7 +38,7 @@ class BatchRetriever:
         self.model = model.to(device).eval() if model is not None else None
         self.num_items, self.device = num_items, device
         self.history: HistoryCache | None = None
-        if self.model is not None and cache_bytes and HistoryCache.supports(self.model):
+        if self.model is not None and cache_bytes:
             self.history = HistoryCache(self.model, cache_bytes, block_size, device)
 
     @torch.inference_mode()

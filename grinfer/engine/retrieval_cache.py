@@ -101,21 +101,16 @@ class HistoryCache:
     def __init__(self, model: HSTURetrieval, cache_bytes: int, block_size: int, device: torch.device):
         cfg = model.cfg
         dtype = next(model.parameters()).dtype
-        per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype)
+        heads, qk, v = cfg.num_heads, cfg.head_qk_dim, cfg.head_v_dim
+        per_token = KVPool.bytes_per_token(cfg.num_layers, heads, qk, dtype, v_head_dim=v)
         manager = BlockManager(cache_bytes // (per_token * block_size), block_size)
         if not manager.fits(cfg.max_seq_len):
             raise ValueError(f"retrieval_cache_bytes: {cache_bytes} bytes hold {manager.num_blocks} blocks of "
                              f"{block_size} tokens, fewer than one window of {cfg.max_seq_len} events")
-        pool = KVPool(cfg.num_layers, cfg.num_heads, cfg.head_dim, block_size, manager.num_blocks, dtype, device)
+        pool = KVPool(cfg.num_layers, heads, qk, block_size, manager.num_blocks, dtype, device, v_head_dim=v)
         self.model, self.device = model, device
         self.cache = KVCache(manager, pool)
         self.layers = EagerLayers(model.layers)
-
-    @staticmethod
-    def supports(model: HSTURetrieval) -> bool:
-        """Whether the model's K/V fit the pool: one head dim for K and V (KVPool's layout). Models whose
-        query/key and value head dims differ (some imported checkpoints) retrieve uncached."""
-        return model.cfg.head_qk_dim == model.cfg.head_v_dim
 
     @torch.inference_mode()
     def user_embeddings(self, histories: list[History]) -> torch.Tensor:

@@ -23,11 +23,12 @@ NUM_ITEMS, WINDOW, TOP = 60, 16, 12
 CPU = torch.device("cpu")
 
 
-def retrieval_model(time_bias_from: str = "next", seed: int = 0, num_items: int = NUM_ITEMS) -> HSTURetrieval:
+def retrieval_model(time_bias_from: str = "next", seed: int = 0, num_items: int = NUM_ITEMS,
+                    **update) -> HSTURetrieval:
     """hstu-ml1m at test size with spread-out random weights (the bias tables too), so scores rarely tie."""
     torch.manual_seed(seed)
     cfg = preset("hstu-ml1m").with_vocab(num_items=num_items).replace(dropout=0.0, max_seq_len=WINDOW,
-                                                                      time_bias_from=time_bias_from)
+                                                                      time_bias_from=time_bias_from, **update)
     model = build_model(cfg).eval()
     assert isinstance(model, HSTURetrieval)
     with torch.no_grad():
@@ -39,7 +40,8 @@ def retrieval_model(time_bias_from: str = "next", seed: int = 0, num_items: int 
 def window_bytes(model: HSTURetrieval, block_size: int, windows: int) -> int:
     """A cache budget of `windows` full windows' pages."""
     cfg = model.cfg
-    per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, torch.float32)
+    per_token = KVPool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_qk_dim, torch.float32,
+                                       v_head_dim=cfg.head_v_dim)
     return windows * -(-WINDOW // block_size) * block_size * per_token
 
 
@@ -121,10 +123,12 @@ class Counting:
         setattr(self.layers, "run_layers", counted)  # noqa: B010 (an instance attribute over the method)
 
 
+@pytest.mark.parametrize("dims", [{}, {"qk_dim": 12, "v_dim": 20}], ids=["one-head-dim", "qk12-v20"])
 @pytest.mark.parametrize("time_bias_from", ["query", "next"])
-def test_a_growing_history_computes_only_its_new_events_and_the_query(time_bias_from):
+def test_a_growing_history_computes_only_its_new_events_and_the_query(time_bias_from, dims):
+    """Also for a model whose key and value heads differ in width (as imported checkpoints may)."""
     rng = np.random.default_rng(4)
-    model = retrieval_model(time_bias_from)
+    model = retrieval_model(time_bias_from, **dims)
     cached = BatchRetriever(model, NUM_ITEMS, CPU, window_bytes(model, 4, 8), 4)
     counter = Counting(cached)
     ctx = context(*events(rng, 6))
