@@ -175,7 +175,7 @@ class Engine:
     def stats(self) -> dict:
         """The core's plain stats (read without stopping the loop: numbers may be one step apart)."""
         return {**self.core.stats(), "failures": self.failures, "backend": self.core.runner.backend.stats(),
-                "probes": self.probes,
+                "probes": self.probes, "retrieval_cache": self.retriever.stats(),
                 "device": str(self.core.device), "device_bytes": self.core.device_bytes(),
                 "embeddings": embedding_stats(self.core.model)}
 

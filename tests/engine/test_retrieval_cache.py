@@ -182,7 +182,7 @@ def test_the_engine_caches_a_users_history_between_retrievals(model, catalog):
         for _ in range(2):
             got = engine.submit_retrieval(ctx, TOP, "u", 3).result(timeout=30)
             np.testing.assert_array_equal(got, retrieve_candidates(retriever, ctx, TOP, catalog.num_items))
-        stats = engine.retriever.stats()
+        stats = engine.stats()["retrieval_cache"]
         assert (stats["misses"], stats["hits"], stats["users"]) == (1, 1, 1)
         engine.forget_user("u", 4).result(timeout=30)
         assert engine.retriever.stats()["users"] == 0
