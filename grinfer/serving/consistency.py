@@ -1,11 +1,11 @@
 """The online cached == uncached check: a sampled fraction of ranked requests is scored again by the whole
 uncached model, in the background on the engine's own thread, and compared with what the request got.
 
-The engine's core invariant (DESIGN §6: float32 within 1e-5, bfloat16 within 1e-2) is tested offline for
-every backend; this checks it on production traffic. The largest difference seen is exported as
-`grinfer_kv_consistency_max_abs_diff`; a check beyond the dtype's tolerance is counted and logged. A check
-is dropped (and counted) while another one is still pending or the version is busy: it never delays a
-request's answer, and under load it gives way first.
+The engine's core invariant (DESIGN §6: float32 within 1e-5, bfloat16 within 1e-2; 8-bit K/V within their
+own documented tolerance) is tested offline for every backend; this checks it on production traffic. The
+largest difference seen is exported as `grinfer_kv_consistency_max_abs_diff`; a check beyond the tolerance
+is counted and logged. A check is dropped (and counted) while another one is still pending or the version
+is busy: it never delays a request's answer, and under load it gives way first.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from grinfer.features.featurizer import FeatureRequest, Featurizer
 
 log = logging.getLogger("grinfer.consistency")
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # absolute and relative, on probabilities
+# 8-bit K/V (EngineConfig.kv_dtype) against the full-precision uncached model: their documented tolerance
+# (tests/quant/test_kv_engine.py), the larger of the two applies
+KV_TOLERANCE = {"model": 0.0, "int8": 5e-3, "fp8": 5e-2}
 
 
 def uncached_probabilities(engine: Engine, featurizer: Featurizer, request: RankRequest) -> torch.Tensor:
@@ -47,7 +50,8 @@ class ConsistencyCheck:
     def __init__(self, engine: Engine, catalog: ItemCatalog, fraction: float, seed: int | None = None):
         self.engine, self.fraction = engine, fraction
         self.featurizer = Featurizer(catalog, cast(ModelConfig, engine.model_config).num_time_buckets)
-        self.tolerance = TOLERANCE.get(next(engine.core.model.parameters()).dtype, 1e-2)
+        self.tolerance = max(TOLERANCE.get(next(engine.core.model.parameters()).dtype, 1e-2),
+                             KV_TOLERANCE.get(engine.core.config.kv_dtype, 5e-2))
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._pending = False

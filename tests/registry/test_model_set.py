@@ -198,3 +198,20 @@ def test_consistency_check_passes_clean_cache_and_catches_a_corrupt_one(reg: Reg
     finally:
         models.shutdown()
 
+
+
+def test_consistency_check_of_8_bit_kv_uses_its_documented_tolerance(reg: Registry):
+    plan = plan_for(reg, "ranker")
+    model = load_checkpoint(Path(plan.production.path))
+    assert isinstance(model, MTGR)
+    engine = Engine(model, CATALOG, EngineConfig(kv_cache_bytes=4 << 20, pipeline_depth=1, kv_dtype="int8"))
+    models = ModelSet(plan, {plan.production.key: engine}, CATALOG, consistency_fraction=1.0).start()
+    try:
+        check = models._loaded[plan.production.key].check
+        assert check is not None and check.tolerance == 5e-3
+        for _ in range(2):  # a miss, then a hit read from the 8-bit pool
+            models.rank_sync(request("q", seed=1), 30)
+            engine.call(lambda: None).result(30)
+        assert check.checks == 2 and check.exceeded == 0 and 0 < check.max_abs_diff <= check.tolerance
+    finally:
+        models.shutdown()
