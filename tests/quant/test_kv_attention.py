@@ -109,3 +109,17 @@ def test_kernel_checks_8_bit_arguments():
         tk.triton_hstu_attention(q, kq, vq, *args(meta), k_scale=ks[:, :1], v_scale=vs)
     with pytest.raises(ValueError, match="k, v"):
         tk.triton_hstu_attention(q, k, v, *args(meta), k_scale=ks, v_scale=vs)  # scales for float K/V
+
+
+def test_dispatcher_passes_8_bit_keys_to_either_kernel_and_names_bad_scales():
+    from grinfer.ops import hstu_attention as dispatch
+
+    q, k, v, meta = ragged([(2, 5, 4, 6), (0, 3, 0, 2)], seed=5)
+    (kq, ks), (vq, vs) = quantize_kv(k, "int8"), quantize_kv(v, "int8")
+    got = {kernel: dispatch.hstu_attention(q, kq, vq, *args(meta), k_scale=ks, v_scale=vs, kernel=kernel)
+           for kernel in ("reference", "triton")}
+    torch.testing.assert_close(got["triton"], got["reference"], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="v: expected a floating-point tensor"):
+        dispatch.hstu_attention(q, kq, vq, *args(meta), k_scale=ks, kernel="reference")
+    with pytest.raises(ValueError, match="k_scale: expected 8-bit k"):
+        dispatch.hstu_attention(q, k, v, *args(meta), k_scale=ks, v_scale=vs, kernel="reference")

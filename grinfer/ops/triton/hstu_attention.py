@@ -10,7 +10,8 @@ k, v or, given block tables, pages of a KV pool read in place (the engine's cach
 computes query tile m of sequence b for head h. M is evaluated in the kernel from the tokens'
 group ids and positions, exactly as `visible()`; N_i is the number of visible keys (counted in
 the kernel) or the constant max_seq_len. Inputs bf16/fp16/fp32, fp32 accumulation, the output in
-q's dtype; head dims up to 256 (padded to a power of two, masked).
+q's dtype; head dims up to 256 (padded to a power of two, masked). K/V may be 8-bit (int8 or fp8 e4m3,
+with a float32 scale per key and head: grinfer.ops.reference.kv_quant), dequantised in the tile loop.
 
 How the key loop is cut. The usual layout (the engine's and the model's): within a sequence, keys
 in position order [U | S | R | C] with key index == position for the context keys, queries a
