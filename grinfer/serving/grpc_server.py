@@ -75,6 +75,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name  # "grinf
 FIELD_METADATA = "grinfer-field"
 IDEMPOTENCY_METADATA = "idempotency-key"
 USER_METADATA, REPLICA_METADATA = "x-user-id", "x-grinfer-replica"  # balancer's hash key in; serving replica out
+ARM_METADATA, VERSION_METADATA = "x-grinfer-arm", "x-grinfer-model-version"  # who scored a ranked answer
 _IDEMPOTENCY_KEY = TypeAdapter(Annotated[str, Field(**IDEMPOTENCY_KEY_RULES)])
 MAX_DEADLINE_MS = 600_000  # RankIn / RecommendIn's limit on deadline_ms
 UNDECODABLE_LOG_INTERVAL_S = 60.0  # undecodable requests are logged at most once per this many seconds
@@ -310,8 +311,10 @@ class RecommenderServicer(GuardedServicer, pb_grpc.RecommenderServicer):
         if not key_accepted(self.api_key, metadata.get("x-api-key"), metadata.get("authorization")):
             raise FieldError(KEY_FIELD, KEY_MESSAGE, status=401)
 
-    def _ranked(self, out: RankOut) -> pb.RankResponse:
+    def _ranked(self, out: RankOut, context: grpc.ServicerContext) -> pb.RankResponse:
+        """The ranked answer; the trailing metadata also names the A/B arm and model version that scored it."""
         self.metrics.cache_status.labels(out.cache).inc()
+        context.set_trailing_metadata((*self.named, (ARM_METADATA, out.arm), (VERSION_METADATA, out.model_version)))
         return rank_out(out)
 
     def _served(self, context: grpc.ServicerContext, user: str) -> None:
@@ -324,14 +327,14 @@ class RecommenderServicer(GuardedServicer, pb_grpc.RecommenderServicer):
         def work():
             self._served(context, request.user)
             req = _with_call_deadline(rank_in(request), context)
-            return self._ranked(self.loop.run(self.service.rank(req), context))
+            return self._ranked(self.loop.run(self.service.rank(req), context), context)
         return self._call("Rank", context, work)
 
     def Recommend(self, request: pb.RecommendRequest, context: grpc.ServicerContext) -> pb.RankResponse:
         def work():
             self._served(context, request.user)
             req = _with_call_deadline(recommend_in(request), context)
-            return self._ranked(self.loop.run(self.service.recommend(req), context))
+            return self._ranked(self.loop.run(self.service.recommend(req), context), context)
         return self._call("Recommend", context, work)
 
     def AppendEvents(self, request: pb.AppendEventsRequest, context: grpc.ServicerContext) -> pb.AppendEventsResponse:

@@ -215,3 +215,36 @@ def test_consistency_check_of_8_bit_kv_uses_its_documented_tolerance(reg: Regist
         assert check.checks == 2 and check.exceeded == 0 and 0 < check.max_abs_diff <= check.tolerance
     finally:
         models.shutdown()
+
+
+def test_grpc_answers_name_arm_and_version(reg: Registry, tmp_path: Path):
+    import grpc
+
+    from grinfer.serving.grpc_server import ARM_METADATA, VERSION_METADATA, start_grpc_server
+    from grinfer.serving.metrics import Metrics
+    from grinfer.serving.proto import grinfer_pb2 as pb
+    from grinfer.serving.proto import grinfer_pb2_grpc as pb_grpc
+    from grinfer.serving.service import RecommenderService
+    from grinfer.storage import open_cache, open_store
+    from grinfer.storage.importer import import_dataset
+
+    reg.start_experiment("ab", "ranker", [Arm("control", 0.5), Arm("treatment", 0.5, 2)])
+    models = model_set(reg)
+    store, dataset = open_store(f"sqlite://{tmp_path}/grpc.db"), load_dataset(SERVED_SPEC)
+    import_dataset(dataset, store, progress=False)
+    # a ModelSet has the Engine interface (build_server hands it to the service the same way, through front_state)
+    service = RecommenderService(models, CATALOG, store, open_cache("memory://"))  # pyright: ignore[reportArgumentType]
+    server = start_grpc_server(service, Metrics(models, "eager"), "127.0.0.1", 0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.RecommenderStub(channel)
+            for user in [u.user_id for u in dataset.users[:6]]:
+                request = pb.RankRequest(user=str(user), candidates=[pb.Candidate(item=int(CATALOG.raw_ids[1]))])
+                _, call = stub.Rank.with_call(request, timeout=30)
+                named = dict(call.trailing_metadata())
+                arm = models.plan.arm_for(str(user))
+                assert (named[ARM_METADATA], named[VERSION_METADATA]) == (arm.name, arm.key)
+    finally:
+        server.stop(grace=1).wait()
+        models.shutdown()
+        store.close()
