@@ -5,7 +5,8 @@ Per layer, over the step's new tokens (bf16 or fp16, fp32 statistics and accumul
     group_layer_norm   GroupLN_in(x), the previous layer's output bias added into x on the way
     addmm (cuBLAS)     h = xn W_uvqk^T + b
     silu_scatter_kv    h = SiLU(h) in place; K/V of the new tokens written into the cache pool (the
-                       candidates' into scratch pages for this step)
+                       candidates' into scratch pages for this step); an 8-bit pool (kv_dtype) is
+                       written by KVPool.write's PyTorch quantisation instead
     attention          the jagged HSTU kernel: every key read from the pool through the block tables
     group_norm_mul     y = GroupLN_attn(A V) * U
     addmm (cuBLAS)     x = x + y W_o^T (the residual as cuBLAS's C input; the bias joins in the next norm)
