@@ -153,3 +153,22 @@ def test_disk_index_whose_kv_dtype_disagrees_with_its_bytes_is_dropped(tmp_path)
     meta = first._stem("eve").with_suffix(".json")
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "kv_dtype": "fp8"}))
     assert not DiskTier(tmp_path, capacity_bytes=1 << 20).files and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kv_dtype", ["model", "int8"])
+def test_disk_entries_whose_values_are_wider_than_their_keys_round_trip(tmp_path, kv_dtype):
+    """KVPool's v_head_dim (imported models): V's head dim is recorded beside K's shape."""
+    pool = KVPool(2, 3, 4, block_size=4, num_blocks=4, dtype=torch.float32, device="cpu", kv_dtype=kv_dtype,
+                  v_head_dim=7)
+    g = torch.Generator().manual_seed(3)
+    slots = pool.slots([2, 0], 0, 6)
+    for layer in range(2):
+        pool.write(layer, slots, torch.randn(6, 3, 4, generator=g), torch.randn(6, 3, 7, generator=g))
+    kv = pool.gather([2, 0], 6)
+    first = DiskTier(tmp_path, capacity_bytes=1 << 20)
+    first.offload_launch("w", sig("w"), 6, kv)
+    first.close()
+    held = DiskTier(tmp_path, capacity_bytes=1 << 20).take("w", 0)
+    assert held is not None and held.wait().v.shape == (2, 6, 3, 7)
+    for a, b in zip(held.wait().tensors(), kv.tensors()):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -3,7 +3,7 @@ budget; it survives a restart.
 
 Each entry is two files named by a hash of its user: `<h>.kv` (K then V, raw bytes; with 8-bit K/V then
 their float32 scales, K's then V's) and `<h>.json` (its signature, token count, kv_dtype, the K/V storage
-dtype and shape, the scales' dtype). An index without kv_dtype (written before 8-bit K/V existed) is a
+dtype, K's shape and V's head dim, the scales' dtype). An index without kv_dtype (written before 8-bit K/V existed) is a
 model-dtype entry. A writer thread writes both through temporary names and renames
 them into place, the index file last, so a file that is listed is whole; on start the directory is
 scanned, entries ordered by modification time (oldest evicted first), and leftovers of interrupted writes
@@ -40,8 +40,9 @@ class _File:
     signature: ContextSignature
     tokens: int
     dtype: torch.dtype  # of K and V
-    shape: tuple[int, ...]  # of K (V has the same)
+    shape: tuple[int, ...]  # of K
     scale_dtype: torch.dtype | None = None  # 8-bit K/V: their scales' (shape[:-1] each)
+    v_dim: int | None = None  # V's head dim where it differs from K's (KVPool's v_head_dim)
     written: Future | None = None  # the writer's future while the files are being written
 
     @property
@@ -52,7 +53,7 @@ class _File:
     def sizes(self) -> list[int]:
         """Bytes of K, V (and their scales) in the file, in order."""
         values = math.prod(self.shape)
-        out = [values * self.dtype.itemsize] * 2
+        out = [values * self.dtype.itemsize, values // self.shape[-1] * self.v_shape[-1] * self.dtype.itemsize]
         if self.scale_dtype is not None:
             out += [values // self.shape[-1] * self.scale_dtype.itemsize] * 2
         return out
@@ -60,6 +61,10 @@ class _File:
     @property
     def nbytes(self) -> int:
         return sum(self.sizes)
+
+    @property
+    def v_shape(self) -> tuple[int, ...]:
+        return (*self.shape[:-1], self.v_dim or self.shape[-1])
 
 
 class DiskTier:
@@ -78,7 +83,8 @@ class DiskTier:
                        done: Callable[[], None] | None = None) -> None:
         self.discard(key)
         entry = _File(signature, tokens, kv.k.dtype, tuple(kv.k.shape),
-                      None if kv.k_scale is None else kv.k_scale.dtype)
+                      None if kv.k_scale is None else kv.k_scale.dtype,
+                      None if kv.v.shape == kv.k.shape else kv.v.shape[-1])
         nbytes = entry.nbytes
         if nbytes > self.capacity:
             return
@@ -151,6 +157,8 @@ class DiskTier:
                  "dtype": str(entry.dtype), "shape": list(entry.shape)}
         if entry.scale_dtype is not None:
             index["scale_dtype"] = str(entry.scale_dtype)
+        if entry.v_dim is not None:
+            index["v_dim"] = entry.v_dim
         tmp = stem.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(index))
         os.replace(tmp, meta)
@@ -159,7 +167,7 @@ class DiskTier:
     def _read(stem: Path, entry: _File) -> KVData:
         raw = torch.from_file(str(stem.with_suffix(".kv")), shared=False, size=entry.nbytes, dtype=torch.uint8)
         parts = raw.split(entry.sizes)
-        k, v = (p.view(entry.dtype).view(entry.shape) for p in parts[:2])
+        k, v = parts[0].view(entry.dtype).view(entry.shape), parts[1].view(entry.dtype).view(entry.v_shape)
         if entry.scale_dtype is None:
             return KVData(k, v)
         # the scales follow bytes of K/V whose count may not be a multiple of 4: copied out, not viewed
@@ -200,7 +208,7 @@ class DiskTier:
         if scale not in (None, SCALE_DTYPE):
             raise ValueError(f"scale dtype {scale}")
         return _File(ContextSignature.from_json(index["signature"]), int(index["tokens"]), dtype,
-                     tuple(int(n) for n in index["shape"]), scale)
+                     tuple(int(n) for n in index["shape"]), scale, index.get("v_dim"))
 
     def _delete(self, key: str) -> None:
         entry = self.files.pop(key)
