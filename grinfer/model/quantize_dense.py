@@ -27,17 +27,20 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def _torchao():
-    """Import torchao; its CUDA extensions that do not match this torch build log warnings at import and
-    are not used by the configs here, so that logger is quietened for the import only."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Import torchao. At import it logs warnings about its CUDA extensions that do not match this torch build
+    (not used by the configs here) and torch logs one about an enum it registers with pytree: those two
+    loggers are quietened for the import only."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         import torchao.quantization as quantization
     except ImportError as exc:
         raise ValueError("dense: low-precision layers need torchao (pip install 'grinfer[quant]')") from exc
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     return quantization
 
 
