@@ -18,6 +18,7 @@ from grinfer.model.checkpoint import load_checkpoint, read_checkpoint_meta
 from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
 from grinfer.model.quantize import DENSE
+from grinfer.model.quantize_dense import check_dense
 from grinfer.serving.app import AppState, create_app
 from grinfer.serving.engine_link import EngineHost
 from grinfer.serving.engine_set import build_engines, check_devices, members
@@ -144,8 +145,10 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     store.register_model(ranker.cfg.name, str(model_path.resolve()), {"ranking": str(ranking_dir),
                                                                        "retrieval": str(retrieval_dir or "")})
     devices = cfg.device_list(device)  # one engine per device (engine_set.py)
+    dense = cfg.dense or read_checkpoint_meta(ranking_dir).get(DENSE, "none")
     try:
         check_devices(devices)
+        check_dense(dense, devices[0])
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     engine_cfg = EngineConfig(backend="eager" if cfg.backend == "auto" else cfg.backend, device=devices[0],
@@ -155,8 +158,7 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
                               kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
                               disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
                               pipeline_depth=cfg.pipeline_depth, max_queue=cfg.max_queue,
-                              dense=cfg.dense or read_checkpoint_meta(ranking_dir).get(DENSE, "none"),
-                              kv_dtype=cfg.kv_dtype,
+                              dense=dense, kv_dtype=cfg.kv_dtype,
                               max_batch_tokens=cfg.max_batch_tokens)
     log.info("%s; torch %s", cfg.describe(",".join(devices), {"ranking": ranking_dir, "retrieval": retrieval_dir}),
              torch.__version__)
