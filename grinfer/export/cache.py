@@ -6,8 +6,8 @@ under a temporary name and renamed into place once exported and checked against 
 dies mid-export leaves nothing a later start would load.
 
 Exporting takes about a minute of compiling on 2 idle CPU cores (several on a loaded machine), so
-`--backend auto` does not wait for it: `step_package_in_background` starts the export on a low-priority
-thread and the package serves from the next start on.
+`--backend auto` does not wait for it: `step_package_in_background` starts the export in a low-priority
+child process and the package serves from the next start on.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from grinfer.export.artifacts import Limits
 from grinfer.model.mtgr import MTGR
 
 log = logging.getLogger("grinfer.export")
-_exports: dict[Path, threading.Thread] = {}  # background exports of this process, by package path
+_exports: dict[Path, subprocess.Popen] = {}  # background exports started by this process, by package path
 
 
 def package_path(model: MTGR, block_size: int, root: Path, limits: Limits = Limits()) -> Path:
@@ -50,19 +51,20 @@ def step_package(model: MTGR, block_size: int, root: Path, limits: Limits = Limi
     return path
 
 
-def step_package_in_background(model: MTGR, block_size: int, root: Path, limits: Limits = Limits()) -> Path | None:
-    """The package's path if it exists; otherwise None, with its export started (once per process) on a
-    daemon thread at the lowest CPU priority, for the next start."""
-    model = _float32(model)
-    path = package_path(model, block_size, root, limits)
+def step_package_in_background(model: MTGR, model_dir: Path, block_size: int, root: Path) -> Path | None:
+    """The package's path if it exists; otherwise None, with its export started (once per process) in a
+    child process at the lowest CPU priority, from the checkpoint at `model_dir` (the weights `model` was
+    loaded from), for the next start. A process of its own: torch.export and torch.compile must not trace
+    in two threads of one process at once (Dynamo's tracer state is global)."""
+    path = package_path(_float32(model), block_size, root)
     if path.is_file():
         return path
-    if path not in _exports or not _exports[path].is_alive():
-        snapshot = copy.deepcopy(model)  # the engine may move or convert the served model meanwhile
-        thread = threading.Thread(target=_export_niced, args=(snapshot, block_size, path, limits), daemon=True,
-                                  name="grinfer-aoti-export")
-        _exports[path] = thread
-        thread.start()
+    if path not in _exports or _exports[path].poll() is not None:
+        log.info("exporting the cached step to AOTInductor in the background (%s), for the next start", path)
+        _exports[path] = subprocess.Popen(
+            [sys.executable, "-m", "grinfer.export.cache", str(model_dir), str(block_size), str(root), str(path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=lambda: os.nice(19))
     return None
 
 
@@ -71,23 +73,13 @@ def _float32(model: MTGR) -> MTGR:
     return model if next(model.parameters()).dtype == torch.float32 else copy.deepcopy(model).float()
 
 
-def _export_niced(model: MTGR, block_size: int, path: Path, limits: Limits) -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # Linux: this thread (and the compiler)
-    except (AttributeError, OSError):
-        pass
-    try:
-        _export(model, block_size, path, limits)
-    except Exception:  # the server keeps serving without it; the next start tries again
-        log.exception("background export of the cached step failed (%s)", path)
-
-
 def _export(model: MTGR, block_size: int, path: Path, limits: Limits) -> None:
     from grinfer.export.export import export_models
 
     root = path.parent.parent
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.parent.name}-", dir=root))
+    staging.chmod(0o755)  # mkdtemp's 0700 would stay on the renamed package directory
     try:
         log.info("exporting the cached step to AOTInductor (%s); later starts reuse it", path)
         export_models([model], staging / path.name, "aoti", limits, block_size, progress=False, parts=("step",))
@@ -98,3 +90,20 @@ def _export(model: MTGR, block_size: int, path: Path, limits: Limits) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str]) -> None:
+    """`python -m grinfer.export.cache MODEL_DIR BLOCK_SIZE ROOT EXPECTED`: the background export's process."""
+    from grinfer import load
+
+    model_dir, block_size, root, expected = Path(argv[0]), int(argv[1]), Path(argv[2]), Path(argv[3])
+    model = load(model_dir).float()
+    if not isinstance(model, MTGR):
+        raise SystemExit(f"{model_dir}: a {model.cfg.kind} model; the cached step is MTGR's")
+    path = step_package(model, block_size, root)
+    if path != expected:
+        raise SystemExit(f"{model_dir}: exported {path}, but the server asked for {expected} (other weights?)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -153,7 +153,7 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
         raise StartupError(str(exc)) from None
     engine_cfg = EngineConfig(backend="eager" if cfg.backend == "auto" else cfg.backend, device=devices[0],
                               onnx_path=onnx_export(ranking_dir, cfg) if cfg.backend == "onnx" else None,
-                              aoti_path=aoti_export(ranker, cfg) if cfg.backend == "aoti" else None,
+                              aoti_path=aoti_export(ranker, ranking_dir, cfg) if cfg.backend == "aoti" else None,
                               dtype="bfloat16" if devices[0].startswith("cuda") else "float32",
                               kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
                               disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
@@ -217,14 +217,15 @@ def onnx_export(ranking_dir: Path, cfg: ServerConfig) -> str:
     return str(path)
 
 
-def aoti_export(ranker, cfg: ServerConfig, wait: bool = True) -> str | None:
+def aoti_export(ranker, ranking_dir: Path, cfg: ServerConfig, wait: bool = True) -> str | None:
     """The ranking model's cached-step AOTInductor package (for the engine's default page size), exported
     and checked on first use and kept under GRINFER_HOME/exports/aoti keyed by the model's fingerprint;
-    without `wait`, None while a first export runs in the background (for the next start)."""
+    without `wait`, None while a first export runs in a background process (for the next start)."""
     from grinfer.export.cache import step_package, step_package_in_background
 
-    export = step_package if wait else step_package_in_background
-    path = export(ranker, EngineConfig().block_size, cfg.home_dir / "exports" / "aoti")
+    block_size, root = EngineConfig().block_size, cfg.home_dir / "exports" / "aoti"
+    path = step_package(ranker, block_size, root) if wait else \
+        step_package_in_background(ranker, ranking_dir, block_size, root)
     return None if path is None else str(path)
 
 
@@ -237,7 +238,7 @@ def choose_backend(ranker, catalog: ItemCatalog, engine_cfg: EngineConfig, ranki
         engine_cfg = engine_cfg.model_copy(update={"onnx_path": onnx_export(ranking_dir, cfg)})
     skipped = {}
     if "aoti" in names:  # a first export takes minutes on a CPU: it serves from the next start
-        engine_cfg = engine_cfg.model_copy(update={"aoti_path": aoti_export(ranker, cfg, wait=False)})
+        engine_cfg = engine_cfg.model_copy(update={"aoti_path": aoti_export(ranker, ranking_dir, cfg, wait=False)})
         if engine_cfg.aoti_path is None:
             skipped["aoti"] = "its package is being exported in the background, for the next start"
     log.info("backend auto: probing %s", ", ".join(names))
