@@ -10,7 +10,7 @@ from subprocess_util import grinfer, one_error_line
     (["serve"], {"GRINFER_PORT": "abc"}, "GRINFER_PORT=abc: input should be a valid integer"),
     (["serve"], {"GRINFER_MAX_QUEUE": "0"}, "GRINFER_MAX_QUEUE=0: input should be greater than or equal to 1"),
     (["serve", "--backend", "fast"], {},
-     "backend accepts one of 'auto', 'eager', 'compiled', 'fused', 'onnx', 'baseline'"),
+     "backend accepts one of 'auto', 'eager', 'compiled', 'fused', 'aoti', 'onnx', 'baseline'"),
     (["serve", "--port", "abc"], {}, "Invalid value for '--port'"),
     (["serve", "--model", "/no/such/model", "--port", "0", "--grpc-port", "0"], {}, "holds no checkpoint"),
     (["train", "--out", "x", "--preset", "mtgr-tiny", "--set", "d_model=abc"], {},
