@@ -194,7 +194,7 @@ def _print_metrics(result: dict) -> None:
 def bench(
     workloads: Annotated[str, typer.Option(help="Comma-separated: R1-cold, R1-warm, R2, CPU-demo.")] = "CPU-demo",
     backends: Annotated[str, typer.Option(help="Comma-separated backends to run side by side: eager, compiled, "
-                                               "fused (CUDA), onnx, baseline, auto (probe, then the "
+                                               "fused (CUDA), aoti (CPU), onnx, baseline, auto (probe, then the "
                                                "chosen one).")] = "eager",
     batch: Annotated[list[int], typer.Option(metavar="<int>",
                                              help="Batch size(s) (repeatable); default: the workload's.")]
