@@ -11,9 +11,11 @@ it; a window that refused requests, or whose requests waited longer, measures wh
 Until a window has shown the server saturated (refusals or waits), at least `initial` requests may be
 in flight, so a fresh or lightly used server is not refused a burst; after that, at least `floor`.
 
-Refused requests cost nothing (no body parsed on REST when `saturated()` answers at the door, no store
-read, no retrieval, no engine queue), so past saturation the server's goodput stays near its peak and
-a 429 answers in well under a millisecond of server time.
+REST holds its place from the door (the front, before the body is read) to the end of the response, so
+the requests in flight include those parsing, validating and encoding on the event loop, where a
+saturated CPU server queues them; the service then only checks a shorter deadline (`at_door`). gRPC and
+KServe gRPC take their place in the service. Refused requests cost nothing (no body read on REST, no
+store read, no retrieval, no engine queue), and a 429 answers in well under a millisecond of server time.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 
 from grinfer.engine.request import Overloaded
+
+at_door: ContextVar[bool] = ContextVar("grinfer_admitted_at_door", default=False)  # REST: the front holds the place
 
 
 class Admission:
@@ -52,46 +57,51 @@ class Admission:
         budget = self.target_s if deadline_s is None else min(self.target_s, deadline_s)
         return max(floor, min(self.ceiling, int(self.rate * budget * self.headroom)))
 
-    def saturated(self) -> bool:
-        """True when a request with the default budget would be refused now: the REST front's check at the
-        door, before the body is read (`admit` still decides, with the request's own deadline)."""
-        limit = self.bound()
-        return limit is not None and self.in_flight >= limit
-
-    @contextmanager
-    def admit(self, deadline_ms: int | None = None) -> Iterator[None]:
-        """Hold a place for one request, or raise Overloaded at once when the server is past its bound."""
+    def enter(self, deadline_ms: int | None = None) -> float:
+        """Take a place for one request (its start time, for `leave`), or raise Overloaded at once when the server
+        is past its bound."""
         with self._lock:
             self._roll()
             limit = self.bound(deadline_ms / 1e3 if deadline_ms else None)
             if limit is not None and self.in_flight >= limit:
-                self._count_refusal()
-                raise self.overloaded()
+                raise self._refusal()
             self.in_flight += 1
-        start = self.clock()
+        return self.clock()
+
+    def leave(self, start: float) -> None:
+        """Give back the place `enter` took at `start`."""
+        with self._lock:
+            self.in_flight -= 1
+            self._done_in_window += 1
+            self._latency_in_window += self.clock() - start
+            self._roll()
+
+    @contextmanager
+    def admit(self, deadline_ms: int | None = None) -> Iterator[None]:
+        """Hold a place for one request, or raise Overloaded at once when the server is past its bound."""
+        start = self.enter(deadline_ms)
         try:
             yield
         finally:
+            self.leave(start)
+
+    def admit_here(self, deadline_ms: int | None = None):
+        """The service's admission: a place of its own, or (REST, whose front holds one) only the check that a
+        request with a shorter deadline than the target is not behind more than its own bound."""
+        if not at_door.get():
+            return self.admit(deadline_ms)
+        limit = self.bound(deadline_ms / 1e3) if deadline_ms else None
+        if limit is not None and self.in_flight > limit:  # in_flight counts this request already
             with self._lock:
-                self.in_flight -= 1
-                self._done_in_window += 1
-                self._latency_in_window += self.clock() - start
-                self._roll()
+                raise self._refusal()
+        return nullcontext()
 
-    def refuse(self) -> Overloaded:
-        """Count a refusal made at the door (after `saturated()`) and return the error to answer."""
-        with self._lock:
-            self._roll()
-            self._count_refusal()
-        return self.overloaded()
-
-    def overloaded(self) -> Overloaded:
-        return Overloaded(f"server is saturated ({self.in_flight} requests in flight, about {self.rate:.0f} "
-                          f"served a second); retry later")
-
-    def _count_refusal(self) -> None:
+    def _refusal(self) -> Overloaded:
+        """Count one refusal (the lock held) and return the error to raise."""
         self.refused += 1
         self._refused_in_window += 1
+        return Overloaded(f"server is saturated ({self.in_flight} requests in flight, about {self.rate:.0f} "
+                          f"served a second); retry later")
 
     def _roll(self) -> None:
         """Close the rate window when it is over (exponential smoothing across windows)."""

@@ -15,6 +15,8 @@ import json
 import time
 from collections.abc import Sequence
 
+from grinfer.engine.request import Overloaded
+from grinfer.serving.admission import at_door
 from grinfer.serving.auth import KEY_FIELD, KEY_MESSAGE, key_accepted
 from grinfer.serving.metrics import Metrics
 from grinfer.serving.phases import Phases
@@ -46,11 +48,27 @@ class RequestFront:
             await _reply(send, 401, f"{KEY_FIELD}: {KEY_MESSAGE}", KEY_FIELD, [(b"www-authenticate", b"Bearer")])
             state.metrics.error(route_path, "auth")
             return
-        if scope["method"] == "POST" and _admitted(route_path) and state.service.admission.saturated():
-            # refused at the door: no body read or parsed, no store read (admission.py)
-            await _reply(send, 429, str(state.service.admission.refuse()), None, retry)
-            state.metrics.error(Metrics.route_label(scope), "overloaded")
+        gate = state.service.admission if scope["method"] == "POST" and _admitted(route_path) else None
+        if gate is not None:  # admission at the door: the place is held until the response is sent
+            try:
+                admitted_at = gate.enter()
+            except Overloaded as exc:  # refused before the body is read (admission.py)
+                await _reply(send, 429, str(exc), None, retry)
+                state.metrics.error(Metrics.route_label(scope), "overloaded")
+                return
+            door = at_door.set(True)
+            try:
+                await self._serve(scope, receive, send, start)
+            finally:
+                at_door.reset(door)
+                gate.leave(admitted_at)
             return
+        await self._serve(scope, receive, send, start)
+
+    async def _serve(self, scope, receive, send, start: float) -> None:
+        """Body limits, then the app, with the phase and latency metrics and the naming headers."""
+        state = self.state
+        headers = dict(scope["headers"])
         if scope["method"] in _BODY_METHODS:
             if b"content-length" in headers and b"transfer-encoding" in headers:
                 await _reply(send, 400, "body: both Content-Length and Transfer-Encoding given", "body")

@@ -157,13 +157,13 @@ class RecommenderService:
     async def rank(self, req: RankIn, phases: Phases | None = None) -> RankOut:
         """Score the given candidates for the user, best first (`phases` gets where the time went); refused
         at once with Overloaded when the server is saturated (admission.py)."""
-        with self.admission.admit(req.deadline_ms):
+        with self.admission.admit_here(req.deadline_ms):
             return await self._rank_given(req, phases or Phases())
 
     async def recommend(self, req: RecommendIn, phases: Phases | None = None) -> RankOut:
         """Retrieval top-N over the catalogue, ranked by MTGR, top-k (`phases` gets where the time went);
         refused at once with Overloaded when the server is saturated."""
-        with self.admission.admit(req.deadline_ms):
+        with self.admission.admit_here(req.deadline_ms):
             return await self._recommend(req, phases or Phases())
 
     async def _rank_given(self, req: RankIn, phases: Phases) -> RankOut:

@@ -9,7 +9,7 @@ import pytest
 from test_rest import NUM_ITEMS, Stack
 
 from grinfer.engine.request import Overloaded
-from grinfer.serving.admission import Admission
+from grinfer.serving.admission import Admission, at_door
 
 
 class Clock:
@@ -23,7 +23,7 @@ class Clock:
 def test_the_bound_is_the_measured_rate_times_the_target_times_the_headroom():
     clock = Clock()
     gate = Admission(target_s=0.5, floor=2, ceiling=1000, window_s=1.0, headroom=0.5, initial=2, clock=clock)
-    assert gate.bound() == 2 and not gate.saturated()  # no rate measured yet: the initial bound
+    assert gate.bound() == 2  # no rate measured yet: the initial bound
     for _ in range(100):  # 100 requests served in one second
         with gate.admit():
             pass
@@ -35,7 +35,6 @@ def test_the_bound_is_the_measured_rate_times_the_target_times_the_headroom():
     held = [gate.admit() for _ in range(25)]
     for h in held:
         h.__enter__()
-    assert gate.saturated()
     with pytest.raises(Overloaded, match="saturated"), gate.admit():
         pass
     assert gate.refused == 1 and gate.in_flight == 25
@@ -59,7 +58,8 @@ def test_only_a_window_that_refused_requests_or_made_them_wait_can_lower_the_rat
     serve(1)  # closes the first window: 100 a second
     assert gate.rate == pytest.approx(100, rel=0.02)
     serve(9)
-    gate.refuse()  # the bound refused a request in this window: what it served is the server's capacity
+    with gate._lock:  # the bound refused a request in this window: what it served is the server's capacity
+        gate._refusal()
     clock.now = 2.0
     serve(1)
     assert gate.rate == pytest.approx((100 + 10) / 2, rel=0.02)
@@ -115,3 +115,17 @@ def test_past_saturation_only_200_and_429_and_refusals_do_no_work(tmp_path):
         assert lookups == codes.count(200)  # a refused request never reached the engine
     finally:
         stack.close()
+
+
+def test_behind_the_door_the_service_only_checks_a_shorter_deadline():
+    gate = Admission(target_s=1.0, window_s=3600, initial=2)
+    token = at_door.set(True)
+    try:
+        with gate.admit(), gate.admit():  # the front holds two places (this request's and another's)
+            with gate.admit_here(None), gate.admit_here(5000):  # no shorter deadline: nothing more to check
+                assert gate.in_flight == 2
+    finally:
+        at_door.reset(token)
+    with gate.admit(), gate.admit(), pytest.raises(Overloaded):  # not behind the door: a place of its own
+        with gate.admit_here(None):
+            pass
