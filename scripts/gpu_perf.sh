@@ -21,17 +21,17 @@ stage() {  # name, seconds, command...
   echo "$name: rc=$? in $((SECONDS - t0)) s" | tee -a "$out/stages.txt"
   tr '\r' '\n' < "$out/$name.txt" | grep -v "it/s\]\|s/it\]\|?it/s\|event/s\]" | tail -24
 }
-bench() { python3 -m grinfer.cli bench --device cuda --iters "${ITERS:-6}" "$@"; }
+bench=(python3 -m grinfer.cli bench --device cuda --iters "${ITERS:-6}")  # timeout runs programs, not functions
 for s in "$@"; do
   case $s in
     serve) GRINFER_WORKERS=${WORKERS:-6} GRINFER_LOG_LEVEL=info stage serve 330 python3 -m grinfer.bench.serve_sweep --device cuda \
              --out "$out/serve" --backends fused --clients "${CLIENTS:-1,8,32,64}" --duration "${DURATION:-6}" \
              --endpoints rank,recommend --load-processes 8 --profile-clients 64 ;;
-    r1) stage r1 200 bench --workloads R1-cold,R1-warm --backends fused --batch 8 --batch 32 \
+    r1) stage r1 200 "${bench[@]}" --workloads R1-cold,R1-warm --backends fused --batch 8 --batch 32 \
           --pipeline-depth 1 --pipeline-depth 2 --json "$out/r1.json" ;;
-    lowp) stage lowp-dense 150 bench --workloads R1-cold,R1-warm --backends fused --batch 32 \
+    lowp) stage lowp-dense 150 "${bench[@]}" --workloads R1-cold,R1-warm --backends fused --batch 32 \
             --dense none --dense int8 --dense fp8 --json "$out/lowp-dense.json"
-          stage lowp-kv 150 bench --workloads R1-cold,R1-warm --backends fused --batch 32 \
+          stage lowp-kv 150 "${bench[@]}" --workloads R1-cold,R1-warm --backends fused --batch 32 \
             --kv-dtype model --kv-dtype int8 --kv-dtype fp8 --json "$out/lowp-kv.json" ;;
     8b) stage 8b-init 240 python3 -m grinfer.cli init-model --preset mtgr-8b --out /tmp/mtgr-8b
         stage 8b-serve 300 python3 -m grinfer.bench.serve_sweep --device cuda --model /tmp/mtgr-8b \

@@ -11,8 +11,9 @@ through the model's heads as every backend's do.
 
 Steps the package cannot express run on the eager layers of the same model instead (counted in
 `stats()["eager_steps"]`, beside "package_steps"): layer-chunked steps (the package computes every layer
-at once), steps with a size outside the package's axis ranges, and pools that store K/V in another dtype. A failure inside the package raises, and the engine's
-fallback chain re-runs the step on the next backend. The package's page size is fixed at export;
+at once), steps with a size outside the package's axis ranges, and pools that store K/V in another
+dtype. A failure inside the package raises, and the engine's fallback chain re-runs the step on the next
+backend. The package's page size is fixed at export;
 an engine with another `block_size` is refused at construction.
 """
 
