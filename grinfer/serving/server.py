@@ -318,13 +318,16 @@ class Launch:
             self.parts["server"].close()
 
     def _worker_listening(self, index: int) -> None:
-        """Once every worker serves the shared port, this process leaves it: its HTTP work would share the GIL
+        """Once every worker serves the shared port, the server is ready and this process leaves the port
+        (until then its start-up gate answers /readyz 503, so no request meets a worker still starting): its
+        HTTP work would share the GIL
         with the engine thread (the H200 profile: pydantic and SQLite reads of this process's share of the
         connections beside every step). Its listener closes (the kernel sends new connections to the
         workers) and its kept-alive connections are closed after their next response."""
         self._listening.add(index)
         if len(self._listening) < self.cfg.workers or self.parts.get("server") is None:
             return
+        self._ready(self.parts["server"])
         self.parts["server"].state.left_port = True
         for listener in self.web.servers:
             listener.get_loop().call_soon_threadsafe(listener.close)
@@ -346,17 +349,22 @@ class Launch:
                 self.parts["grpc"] = start_grpc_server(server.state.service, server.state.metrics, cfg.host,
                                                        cfg.grpc_port, api_key=cfg.api_key,
                                                        reuse_port=cfg.grpc_reuse_port)
-            self.gate.open(create_app(server.state))
-            if cfg.workers:
+            if cfg.workers:  # ready once every worker listens (_worker_listening): until then /readyz is 503
+                prep.update("starting the front-end workers", 0.99)
                 self.parts["host"] = EngineHost(server.engine, self.engine_socket, on_listening=self._worker_listening)
                 self.parts["workers"] = Workers(cfg, self.engine_socket)
-            log.info("ready in %.1f s: http://%s:%d (gRPC %s)", time.monotonic() - prep.started, cfg.host, cfg.port,
-                     cfg.grpc_port or "off")
+            else:
+                self._ready(server)
         except Exception as exc:  # the server must not go on half-prepared
             if not isinstance(exc, StartupError):
                 log.exception("start-up failed")
             prep.error = str(exc)
             self.web.should_exit = True
+
+    def _ready(self, server: Server) -> None:
+        self.gate.open(create_app(server.state))
+        log.info("ready in %.1f s: http://%s:%d (gRPC %s)", time.monotonic() - self.prep.started, self.cfg.host,
+                 self.cfg.port, self.cfg.grpc_port or "off")
 
 
 def _plan(model_path: Path, train_models: TrainModels | None) -> str:
