@@ -44,7 +44,9 @@ from grinfer.storage.resilient import health_of
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's script, style and icon, from the fastapi-offline package
 ERROR_TEXT = {400: "Both Content-Length and Transfer-Encoding given (field `body`)",
               401: "Missing or wrong API key (field `x-api-key`); checked before the body is read",
-              404: "Unknown user, or no such route", 413: "Body over the size limit, or the user's context too long",
+              404: "Unknown user, model version or experiment, or no such route",
+              409: "The checkpoint's content hash differs from its registered one (field `version`)",
+              413: "Body over the size limit, or the user's context too long",
               415: "Body not declared application/json", 422: "A field fails validation (field names it)",
               429: "Server saturated (admission) or engine queue full: retry after Retry-After seconds",
               503: "Shutting down, engine or store unavailable: retry after Retry-After seconds",
@@ -225,7 +227,9 @@ def create_app(state: AppState) -> FastAPI:  # noqa: C901 (one nested function p
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(kserve_router(state))  # KServe v2 / Open Inference Protocol: /v2/...
-    app.include_router(models_router(state))  # the model registry and A/B arms: /v1/admin/models, /v1/admin/arms
+    # the model registry and A/B arms: /v1/admin/models, /v1/admin/arms; promote answers 401 without the key,
+    # 404 for an unknown version and 409 for a checkpoint whose hash changed
+    app.include_router(models_router(state), responses=_errors(*BODY_ERRORS, 401, 404, 409))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:

@@ -26,8 +26,8 @@ ARM_HEADER = "x-grinfer-arm"
 
 
 class PromoteIn(BaseModel):
-    name: str = Field(description="The registered model's name")
-    version: int = Field(ge=1, description="The version to make production")
+    name: str = Field(max_length=64, description="The registered model's name")
+    version: int = Field(ge=1, le=(1 << 63) - 1, description="The version to make production (a 64-bit integer)")
 
 
 @contextmanager
