@@ -161,7 +161,8 @@ def test_shadow_scores_sampled_traffic_in_the_background(reg: Registry):
             assert models.rank_sync(request(f"s{i}", seed=i), 30).model_version == "ranker:1"
         models.shutdown()  # drains the shadow copies too
         stats = models.describe()["shadow"]
-        assert stats["compared"] == 6 and stats["dropped"] == 0
+        # a copy meeting a busy shadow is dropped, not queued (a loaded machine may drop some of the six)
+        assert stats["compared"] + stats["dropped"] == 6 and stats["compared"] >= 1 and stats["failed"] == 0
         assert stats["rank_correlation"] == pytest.approx(1.0)  # the same version: the same ranking
         assert stats["max_abs_delta"] < 1e-5
     finally:
@@ -176,7 +177,10 @@ def test_shadow_of_another_version_differs(reg: Registry):
             models.rank_sync(request(f"s{i}", seed=i), 30)
         models.shutdown()
         stats = models.describe()["shadow"]
-        assert stats["compared"] == 6 and stats["rank_correlation"] < 0.99 and stats["max_abs_delta"] > 1e-3
+        # a copy is dropped when the shadow is busy (never queued behind production): on a loaded machine
+        # some of the six may be; every one is either compared or counted as dropped
+        assert stats["compared"] + stats["dropped"] == 6 and stats["compared"] >= 1 and stats["failed"] == 0
+        assert stats["rank_correlation"] < 0.99 and stats["max_abs_delta"] > 1e-3
     finally:
         models.shutdown()
 
