@@ -8,13 +8,6 @@ set -uo pipefail
 out=${1:?OUTDIR}
 source scripts/gpu_env.sh
 export GRINFER_HOME=${GRINFER_HOME:-$PWD/.grinfer-cache}
-stage() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
-  echo "$name: rc=$? in $((SECONDS - t0)) s" | tee -a "$out/stages.txt"
-  tr '\r' '\n' < "$out/$name.txt" | grep -v "it/s\]\|s/it\]\|?it/s" | tail -40
-}
 for w in R1-cold R1-warm; do
   stage "bench-$w" 95 python3 -m grinfer.cli bench --workloads "$w" --backends eager,fused --batch 8 --batch 32 \
     --pipeline-depth 1 --pipeline-depth 2 --iters "${ITERS:-6}" --device cuda --json "$out/bench-$w.json"

@@ -14,13 +14,7 @@ out=${1:?OUTDIR}; shift
 source scripts/gpu_env.sh
 export GRINFER_HOME=${GRINFER_HOME:-$PWD/.grinfer-cache} GRINFER_LOG_LEVEL=${GRINFER_LOG_LEVEL:-warning}
 export PATH=/tmp/site/bin:$PATH  # py-spy's binary, from the carried wheel
-stage() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
-  echo "$name: rc=$? in $((SECONDS - t0)) s" | tee -a "$out/stages.txt"
-  tr '\r' '\n' < "$out/$name.txt" | grep -v "it/s\]\|s/it\]\|?it/s\|event/s\]" | tail -24
-}
+STAGE_TAIL=24
 bench=(python3 -m grinfer.cli bench --device cuda --iters "${ITERS:-6}")  # timeout runs programs, not functions
 for s in "$@"; do
   case $s in
