@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -262,7 +263,7 @@ def bench(
         if json_out:
             typer.echo(f"wrote {', '.join(str(f) for f in write_report(results, json_out, settings))}")
         return
-    from grinfer.bench.run import matmul_ceiling, run_workload, write_report
+    from grinfer.bench.run import matmul_ceiling, row_line, run_workload, write_report
     from grinfer.bench.workloads import workload
     from grinfer.engine.backends import BACKENDS
     from grinfer.train.loop import resolve_device
@@ -285,9 +286,11 @@ def bench(
     overrides = {"host_cache_bytes": int(host_cache_gb * 1e9), "cuda_graphs": cuda_graphs}
     if max_batch_tokens is not None:
         overrides["max_batch_tokens"] = max_batch_tokens
-    rows = [run_workload(w, kind, dev, iters, warmup, seed,
-                         {**overrides, "pipeline_depth": depth, "dense": d, "kv_dtype": k})
-            for w in shapes for kind in kinds for depth in (pipeline_depth or [2]) for d, k in precisions]
+    rows = []
+    for w, kind, depth, (d, k) in itertools.product(shapes, kinds, pipeline_depth or [2], precisions):
+        rows.append(run_workload(w, kind, dev, iters, warmup, seed,
+                                 {**overrides, "pipeline_depth": depth, "dense": d, "kv_dtype": k}))
+        typer.echo(row_line(rows[-1]), err=True)  # a run cut short still leaves its finished rows
     typer.echo(write_report(rows, ceiling, dev, json_out))
 
 

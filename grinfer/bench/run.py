@@ -185,6 +185,14 @@ def export_onnx(model) -> str:
     return str(exported.path)
 
 
+def row_line(r: dict) -> str:
+    """One finished row on one line (progress output while a long benchmark runs)."""
+    return (f"done: {r['workload']} {r['backend']} depth {r['pipeline_depth']} B={r['batch']}: step "
+            f"{r['step_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {r['ms_per_request']:.3f} ms/req, "
+            f"{r['requests_per_s']:.1f} req/s, {r['achieved_tflops']:.3g} TFLOP/s, {r['peak_memory_gb']:.2f} GB, "
+            f"hit {r['kv_hit_ratio']:.2f}, diff {r['max_abs_diff_vs_uncached']:.2e}")
+
+
 def format_table(rows: list[dict], ceiling: float) -> str:
     """A fixed-width table of the headline numbers."""
     cols = [("workload", "{:<9}"), ("backend", "{:<22}"), ("pipeline_depth", "{:>5}"), ("batch", "{:>5}"),
