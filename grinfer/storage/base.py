@@ -5,6 +5,10 @@ by URL: `sqlite:///path.db` (default), `postgresql://...`, `redis://...`, `memor
 A user's events are append-only. Events up to the last history roll form the static history S;
 later ones are the real-time events R. Rolling folds R into S and bumps `history_version`, which
 is what keys the engine's KV cache; a roll with no R to fold changes nothing (same version).
+
+Every write that changes what `get_user` reads (a profile, an append, a roll that folds) also bumps the user's
+`revision`, a counter in the store: a process may keep a record and reuse it while the store still has its
+revision (`checked.RevisionCheckedStore`), whichever process wrote since.
 """
 
 from __future__ import annotations
@@ -65,6 +69,14 @@ class UserStore(Protocol):
     """Durable user data. `append_events` returns only after the events are durable."""
 
     def get_user(self, user: str) -> UserRecord | None: ...
+
+    def get_user_at(self, user: str) -> tuple[UserRecord, int] | None:
+        """The record and its revision from one snapshot (None for an unknown user)."""
+        ...
+
+    def user_revision(self, user: str) -> int | None:
+        """The user's revision now, one indexed lookup (None for an unknown user)."""
+        ...
 
     def put_profile(self, user: str, profile: list[int]) -> None: ...
 

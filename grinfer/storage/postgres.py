@@ -30,7 +30,9 @@ rolled_upto)``, append-only ``events(seq identity, uid, item, ts, action)`` inde
 ``items``, ``genre_names``, ``models`` (metadata jsonb) and ``schema_version``; version 2 adds
 ``event_keys(uid, key, digest, appended, realtime_events)``, the idempotency keys of appends; version 3
 the model registry's tables (``registry_tables.py``); version 4 indexes ``event_keys.created_at`` for
-pruning (``KeyRetention``: a retention window and a bound on the number of keys).
+pruning (``KeyRetention``: a retention window and a bound on the number of keys); version 5 adds
+``users.revision``, bumped by every write that changes what ``get_user`` reads (profile, append, roll), for the
+per-process record cache of ``checked.py``.
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     ),
     (3, REGISTRY_TABLES),
     (4, ["CREATE INDEX event_keys_created_at ON event_keys (created_at)"]),  # keys are pruned oldest first
+    (5, ["ALTER TABLE users ADD COLUMN revision BIGINT NOT NULL DEFAULT 0"]),  # bumped by every write to the user
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -130,7 +133,7 @@ _PRUNE_KEYS = """DELETE FROM event_keys WHERE ctid IN
 _OUTAGE = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 _GET_USER = """
-SELECT u.profile, u.history_version, u.rolled_upto, e.seq, e.item, e.ts, e.action
+SELECT u.profile, u.history_version, u.rolled_upto, u.revision, e.seq, e.item, e.ts, e.action
 FROM users u LEFT JOIN events e ON e.uid = u.uid
 WHERE u.id = %s ORDER BY e.ts, e.seq
 """
@@ -273,19 +276,30 @@ class PostgresStore:
     # -- UserStore ---------------------------------------------------------------------------
 
     def get_user(self, user: str) -> UserRecord | None:
+        found = self.get_user_at(user)
+        return None if found is None else found[0]
+
+    def get_user_at(self, user: str) -> tuple[UserRecord, int] | None:
+        """The user's record and its revision, read in one statement (one snapshot); None for an unknown user."""
         with self._conn() as conn:
             rows = conn.execute(_GET_USER, (user,)).fetchall()
         if not rows:
             return None
-        profile, version, rolled_upto = rows[0][:3]
-        return build_record(user, profile, version, rolled_upto, (r[3:] for r in rows if r[3] is not None))
+        profile, version, rolled_upto, revision = rows[0][:4]
+        return build_record(user, profile, version, rolled_upto, (r[4:] for r in rows if r[4] is not None)), revision
+
+    def user_revision(self, user: str) -> int | None:
+        """The user's revision (one indexed lookup), or None for an unknown user."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT revision FROM users WHERE id = %s", (user,)).fetchone()
+        return None if row is None else row[0]
 
     def put_profile(self, user: str, profile: list[int]) -> None:
         values = [int(v) for v in profile]
         with self._conn() as conn, conn.transaction():
             conn.execute(
                 """INSERT INTO users (id, profile) VALUES (%s, %s)
-                   ON CONFLICT (id) DO UPDATE SET profile = EXCLUDED.profile""",
+                   ON CONFLICT (id) DO UPDATE SET profile = EXCLUDED.profile, revision = users.revision + 1""",
                 (user, values),
             )
 
@@ -338,6 +352,7 @@ class PostgresStore:
                        WITH ORDINALITY AS x(i, t, a, n) ORDER BY n""",
                 (uid, items, ts, actions),
             )
+        conn.execute("UPDATE users SET revision = revision + 1 WHERE uid = %s", (uid,))
         return _one(conn.execute("SELECT count(*) FROM events WHERE uid = %s AND seq > %s", (uid, rolled_upto)))[0]
 
     @staticmethod
@@ -367,7 +382,8 @@ class PostgresStore:
             if count == 0:
                 return Roll(version, 0)
             conn.execute(
-                "UPDATE users SET history_version = %s, rolled_upto = %s WHERE uid = %s", (version + 1, last, uid)
+                "UPDATE users SET history_version = %s, rolled_upto = %s, revision = revision + 1 WHERE uid = %s",
+                (version + 1, last, uid),
             )
             return Roll(version + 1, count)
 

@@ -15,7 +15,9 @@ registered_at)`` and ``schema_version(version, applied_at)``. A user's S is its 
 ``event_keys(uid, key, digest, appended, realtime_events)``: the idempotency keys of appends. Version 3
 adds the model registry's tables (``registry_tables.py``: model versions, experiments and their arms).
 Version 4 indexes ``event_keys.created_at``: keys past their retention window (or beyond the newest
-``KeyRetention.max_keys``) are pruned after keyed appends.
+``KeyRetention.max_keys``) are pruned after keyed appends. Version 5 adds ``users.revision``, bumped by every
+write that changes what ``get_user`` reads (profile, append, roll), so a per-process record cache
+(``checked.py``) can tell with one indexed lookup whether its copy is still current.
 """
 
 from __future__ import annotations
@@ -99,11 +101,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     ),
     (3, REGISTRY_TABLES),
     (4, ["CREATE INDEX event_keys_created_at ON event_keys (created_at)"]),  # idempotency keys are pruned oldest first
+    (5, ["ALTER TABLE users ADD COLUMN revision INTEGER NOT NULL DEFAULT 0"]),  # bumped by every write to the user
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _GET_USER = """
-SELECT u.profile, u.history_version, u.rolled_upto, e.seq, e.item, e.ts, e.action
+SELECT u.profile, u.history_version, u.rolled_upto, u.revision, e.seq, e.item, e.ts, e.action
 FROM users u LEFT JOIN events e ON e.uid = u.uid
 WHERE u.id = ? ORDER BY e.ts, e.seq
 """
@@ -200,19 +203,29 @@ class SQLiteStore:
     # -- UserStore ---------------------------------------------------------------------------
 
     def get_user(self, user: str) -> UserRecord | None:
+        found = self.get_user_at(user)
+        return None if found is None else found[0]
+
+    def get_user_at(self, user: str) -> tuple[UserRecord, int] | None:
+        """The user's record and its revision, read in one statement (one snapshot); None for an unknown user."""
         rows = self._conn().execute(_GET_USER, (user,)).fetchall()
         if not rows:
             return None
-        profile, version, rolled_upto = rows[0][:3]
-        events = (r[3:] for r in rows if r[3] is not None)
-        return build_record(user, json.loads(profile), version, rolled_upto, events)
+        profile, version, rolled_upto, revision = rows[0][:4]
+        events = (r[4:] for r in rows if r[4] is not None)
+        return build_record(user, json.loads(profile), version, rolled_upto, events), revision
+
+    def user_revision(self, user: str) -> int | None:
+        """The user's revision (one indexed lookup), or None for an unknown user."""
+        row = self._conn().execute("SELECT revision FROM users WHERE id = ?", (user,)).fetchone()
+        return None if row is None else row[0]
 
     def put_profile(self, user: str, profile: list[int]) -> None:
         text = json.dumps([int(v) for v in profile])
         with self._write() as c:
             c.execute(
                 """INSERT INTO users (id, profile) VALUES (?, ?)
-                   ON CONFLICT (id) DO UPDATE SET profile = excluded.profile""",
+                   ON CONFLICT (id) DO UPDATE SET profile = excluded.profile, revision = users.revision + 1""",
                 (user, text),
             )
 
@@ -255,6 +268,7 @@ class SQLiteStore:
     def _append(c: sqlite3.Connection, uid: int, rolled_upto: int, rows: list[tuple[int, int, int]]) -> int:
         """Insert the rows for a user inside a write transaction; returns the user's R length."""
         c.executemany("INSERT INTO events (uid, item, ts, action) VALUES (?, ?, ?, ?)", [(uid, *r) for r in rows])
+        c.execute("UPDATE users SET revision = revision + 1 WHERE uid = ?", (uid,))
         return c.execute("SELECT count(*) FROM events WHERE uid = ? AND seq > ?", (uid, rolled_upto)).fetchone()[0]
 
     @staticmethod
@@ -277,7 +291,8 @@ class SQLiteStore:
             ).fetchone()
             if count == 0:
                 return Roll(version, 0)
-            c.execute("UPDATE users SET history_version = ?, rolled_upto = ? WHERE uid = ?", (version + 1, last, uid))
+            c.execute("UPDATE users SET history_version = ?, rolled_upto = ?, revision = revision + 1 WHERE uid = ?",
+                      (version + 1, last, uid))
             return Roll(version + 1, count)
 
     def count_users(self) -> int:
