@@ -11,7 +11,7 @@ from torch import nn
 from grinfer.config import ModelConfig
 from grinfer.ops import layer_norm as norm_ops
 from grinfer.ops.groups import NUM_GROUPS
-from grinfer.ops.reference.hstu_attention import AttentionPlan, attend, plan_attention
+from grinfer.ops.hstu_attention import AttentionPlan, attend, plan_attention
 
 
 @dataclass
@@ -99,7 +99,7 @@ class HSTULayer(nn.Module):
     def attend(self, q, k, v, plan: AttentionPlan, k_scale: torch.Tensor | None = None,
                v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of the queries over the keys (which include every key a query may see); 8-bit K/V come
-        with their per (key, head) scales."""
+        with their per (key, head) scales. The dispatcher's planned path: the reference kernel, the definition."""
         bias = self.rel_bias
         o = attend(q, k, v, plan, self.cfg.attn_alpha, pos_table=None if bias is None else bias.pos_table,
                    time_table=None if bias is None else bias.time_table, k_scale=k_scale, v_scale=v_scale)

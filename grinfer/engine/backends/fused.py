@@ -7,7 +7,8 @@ Per layer, over the step's new tokens (bf16 or fp16, fp32 statistics and accumul
     silu_scatter_kv    h = SiLU(h) in place; K/V of the new tokens written into the cache pool (the
                        candidates' into scratch pages for this step); an 8-bit pool (kv_dtype) is
                        written by KVPool.write's PyTorch quantisation instead
-    attention          the jagged HSTU kernel: every key read from the pool through the block tables
+    attention          the paged HSTU attention dispatcher with the Triton kernel: every key read from the pool
+                       through the block tables
     group_norm_mul     y = GroupLN_attn(A V) * U
     addmm (cuBLAS)     x = x + y W_o^T (the residual as cuBLAS's C input; the bias joins in the next norm)
 
@@ -28,6 +29,7 @@ from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.step import StepIndex
 from grinfer.model.mtgr import MTGR
 from grinfer.model.quantize_dense import linear
+from grinfer.ops.hstu_attention import paged_hstu_attention
 from grinfer.ops.layer_norm import LayerNormKernels
 
 
@@ -47,7 +49,7 @@ class FusedBackend(EagerBackend):
         if device.type != "cuda" and not hstu_attention.interpreted():
             raise ValueError("backend: 'fused' runs Triton kernels on a CUDA device (on the CPU only under "
                              "TRITON_INTERPRET=1, for tests); use 'eager' or 'compiled' here")
-        self._attention, self._norms = hstu_attention, LayerNormKernels("triton")  # the epilogues' dispatcher
+        self._norms = LayerNormKernels("triton")  # the epilogues' dispatcher
         self._layout_counts = cfg.mask == "dynamic"  # the engine's key layout gives the visible-key counts
         self._attn_config = hstu_attention.default_config(cfg.head_dim, cfg.head_dim, dtype, self._layout_counts)
         if device.type == "cuda":
@@ -72,7 +74,7 @@ class FusedBackend(EagerBackend):
         return self.graphs.stats() if self.graphs is not None else {}
 
     def _layers(self, x: torch.Tensor, inp: LayerInputs, pool: KVPool, first: int, last: int) -> torch.Tensor:
-        cfg, norms, attention = self.model.cfg, self._norms, self._attention
+        cfg, norms = self.model.cfg, self._norms
         d, heads, dh = cfg.d_model, cfg.num_heads, cfg.head_dim
         bias = None  # the previous layer's output bias, added into x (in place, on addmm's output) by the next norm
         for i in range(first, last):
@@ -87,12 +89,12 @@ class FusedBackend(EagerBackend):
                 pool.write(i, inp.q_slots, h[:, 3 * d:].view(-1, heads, dh), h[:, d:2 * d].view(-1, heads, dh))
             u, q = h[:, :d], h[:, 2 * d:3 * d]
             k_scale, v_scale = pool.scales(i)
-            attn = attention.triton_hstu_attention(
-                q.view(-1, heads, dh), pool.k[i], pool.v[i], inp.q_offsets, inp.k_offsets, inp.q_group, inp.q_pos,
-                inp.k_group, inp.k_pos, mode=cfg.mask, normalizer=cfg.normalizer, max_seq_len=cfg.max_seq_len,
-                max_len_q=inp.max_len_q, k_counts=inp.k_counts, config=self._attn_config,
-                block_table=inp.block_table, page_size=pool.block_size, layout_counts=self._layout_counts,
-                k_scale=k_scale, v_scale=v_scale)
+            attn = paged_hstu_attention(
+                q.view(-1, heads, dh), pool.k[i], pool.v[i], inp.block_table, pool.block_size, inp.q_offsets,
+                inp.k_offsets, inp.q_group, inp.q_pos, inp.k_group, inp.k_pos, mode=cfg.mask,
+                normalizer=cfg.normalizer, max_seq_len=cfg.max_seq_len, k_scale=k_scale, v_scale=v_scale,
+                max_len_q=inp.max_len_q, k_counts=inp.k_counts, layout_counts=self._layout_counts,
+                config=self._attn_config, kernel="triton")
             y = norms.group_norm_mul(attn.view(-1, d), u, inp.q_group, layer.norm_attn.weight,
                                      layer.norm_attn.bias, layer.norm_attn.eps)
             x = linear(y, layer.out, residual=x)

@@ -10,6 +10,9 @@ position in the full sequence [U | S | R | C].
 M is the MTGR dynamic mask (or the plain causal mask); N_i is a constant (max_seq_len) or the
 number of keys query i may see. Neither depends on tokens a context query cannot see, so a
 context token's output never changes when candidates or later events are added.
+
+`paged_hstu_attention` is the same op with K/V read from a paged pool through per-sequence block tables
+(the engine's cache): key j of sequence b lives at slot block_table[b, j // page_size] * page_size + j % page_size.
 """
 
 from __future__ import annotations
@@ -121,3 +124,35 @@ def hstu_attention(
                           bias_reach=None if pos_table is None else (pos_table.shape[0] - 1) // 2,
                           num_time_buckets=None if time_table is None else time_table.shape[0])
     return attend(q, k, v, plan, alpha, pos_table, time_table, k_scale, v_scale)
+
+
+def paged_slots(block_table: torch.Tensor, page_size: int, k_offsets: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[num_keys] pool slot of each logical key: key j of sequence b at block_table[b, j // page_size] * page_size
+    + j % page_size. Raises ValueError if a sequence has more keys than its block-table row holds."""
+    longest = max_length(k_offsets)
+    if longest > block_table.shape[1] * page_size:
+        raise ValueError(f"block_table: a sequence has {longest} keys, more than its {block_table.shape[1]} pages "
+                         f"of {page_size} hold")
+    seq, j = padded_index(k_offsets, num_keys)
+    return block_table.long()[seq, j // page_size] * page_size + j % page_size
+
+
+def paged_hstu_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_table: torch.Tensor, page_size: int,
+    q_offsets: torch.Tensor, k_offsets: torch.Tensor,
+    q_group: torch.Tensor, q_pos: torch.Tensor, k_group: torch.Tensor, k_pos: torch.Tensor,
+    *, mode: str = "dynamic", normalizer: str = "visible", max_seq_len: int = 256,
+    alpha: float | None = None,
+    q_ts: torch.Tensor | None = None, k_ts: torch.Tensor | None = None,
+    pos_table: torch.Tensor | None = None, time_table: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`hstu_attention` over keys in a paged pool: k_pool [slots, H, Dqk], v_pool [slots, H, Dv] (8-bit ones with
+    k_scale, v_scale [slots, H]) and block_table [B, max_blocks]; k_offsets, k_group, k_pos (and k_ts) describe the
+    logical keys. Each sequence's K/V rows are gathered through its block table, then attended as jagged keys."""
+    slots = paged_slots(block_table, page_size, k_offsets, len(k_group))
+    gather = lambda t: None if t is None else t[slots]
+    return hstu_attention(q, k_pool[slots], v_pool[slots], q_offsets, k_offsets, q_group, q_pos, k_group, k_pos,
+                          mode=mode, normalizer=normalizer, max_seq_len=max_seq_len, alpha=alpha, q_ts=q_ts,
+                          k_ts=k_ts, pos_table=pos_table, time_table=time_table, k_scale=gather(k_scale),
+                          v_scale=gather(v_scale))
