@@ -43,6 +43,7 @@ from grinfer.schema import (
 from grinfer.serving.admission import Admission
 from grinfer.serving.phases import Phases
 from grinfer.storage.base import Event, FeatureCache, IdempotencyConflict, Unavailable, UserRecord, UserStore
+from grinfer.storage.checked import RevisionCheckedStore
 from grinfer.storage.resilient import health_of
 
 log = logging.getLogger("grinfer.serve")
@@ -131,9 +132,15 @@ class RecommenderService:
         return record, False
 
     async def load_user(self, user: str) -> tuple[UserRecord, bool]:
-        """`user_record` from the event loop: an in-process cache hit is read inline, the rest in a thread."""
+        """`user_record` from the event loop: an in-process cache hit, or a held record whose revision a local
+        store confirms, is read inline; the rest in a thread (under load, a thread's answer waits for the busy
+        loop: ~4 ms against ~0.1 ms inline, see BENCHMARKS)."""
         if self.cache.in_process:
             record = self.cache.get_user(user)
+            if record is not None:
+                return record, False
+        if isinstance(self.store, RevisionCheckedStore) and self.store.checks_inline:
+            record = self.store.current(user)
             if record is not None:
                 return record, False
         return await asyncio.to_thread(self.user_record, user)

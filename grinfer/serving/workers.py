@@ -2,9 +2,10 @@
 
 Each worker is a spawned process serving the same REST app on the same port (SO_REUSEPORT: the kernel
 spreads connections over the engine process's own listener and the workers'); it opens the store and
-cache itself and sends engine work to the engine process (engine_link.py). With the in-process cache
-(`memory://`) a worker keeps no user records (TTL 0): an event posted through one worker must be seen
-by the next request on any other, and only a shared cache (Redis) can invalidate across processes.
+cache itself and sends engine work to the engine process (engine_link.py). An event posted through one
+worker must be seen by the next request on any other: with the in-process cache (`memory://`) a worker's
+TTL cache is off (TTL 0: only a shared cache, Redis, can invalidate across processes), and its store keeps
+user records checked against the store's per-user revision on every read (`RevisionCheckedStore`).
 
 Metrics: with workers, every process writes its counters and histograms under PROMETHEUS_MULTIPROC_DIR
 and any process's `/metrics` adds them up (prometheus_client's multiprocess mode; set before the
@@ -84,13 +85,14 @@ def worker_main(cfg_fields: dict, engine_socket: str, index: int) -> None:
     from grinfer.serving.engine_link import EngineClient
     from grinfer.serving.server import front_state
     from grinfer.storage import open_cache, open_store
+    from grinfer.storage.checked import RevisionCheckedStore
 
     cfg = ServerConfig.model_validate(cfg_fields)
     if cfg.store is None:
         raise ValueError("store: a worker gets the engine process's resolved store URL, got none")
     logging.basicConfig(level=cfg.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
-    store, cache = open_store(cfg.store), open_cache(cfg.cache)
+    store, cache = RevisionCheckedStore(open_store(cfg.store)), open_cache(cfg.cache)
     engine = EngineClient(Path(engine_socket))
     try:
         catalog = store.load_catalog()
