@@ -58,6 +58,18 @@ def uncached_probs(model: MTGR, featurizer: Featurizer, req, device) -> torch.Te
     return torch.sigmoid(model(batch).float()).cpu()
 
 
+def max_diff(model: MTGR, featurizer: Featurizer, req, res, device) -> float:
+    """Largest |engine - uncached `model`| over one request's probabilities."""
+    return float((uncached_probs(model, featurizer, req, device) - res.probabilities).abs().max())
+
+
+def row_label(label: str, config: EngineConfig, stream: bool) -> str:
+    """The backend column: the backend, then what differs from its defaults (/nograph, /int8, /kv-fp8, /stream)."""
+    return (label + ("/nograph" if config.backend == "fused" and not config.cuda_graphs else "")
+            + ("" if config.dense == "none" else f"/{config.dense}")
+            + ("" if config.kv_dtype == "model" else f"/kv-{config.kv_dtype}") + ("/stream" if stream else ""))
+
+
 def engine_config(w: Workload, backend: str, dev: torch.device, model, catalog, overrides: dict):
     """The engine's settings for one row and the row's backend label; `auto` probes as the server does and
     is labelled auto:CHOSEN, `onnx` (and auto) get the model's graph exported first, `aoti` (and auto, on the
@@ -82,8 +94,11 @@ def engine_config(w: Workload, backend: str, dev: torch.device, model, catalog, 
 
 
 def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int, seed: int,
-                 engine_overrides: dict, check: int = 2) -> dict:
-    """Time `iters` batches of `w.batch` concurrent requests through one engine; returns one result row."""
+                 engine_overrides: dict, check: int = 2, stream: bool = False) -> dict:
+    """Time `iters` batches of `w.batch` concurrent requests through one engine; returns one result row.
+
+    One batch at a time, each run to completion, by default; with `stream`, every timed batch is queued at
+    once (each on users of its own), so pipelined steps overlap: the sustained rate, latencies with queueing."""
     dev = torch.device(device)
     cfg = w.model_config()
     torch.manual_seed(seed)
@@ -99,62 +114,65 @@ def run_workload(w: Workload, backend: str, device: str, iters: int, warmup: int
     core = EngineCore(model, catalog, config)
     featurizer = Featurizer(catalog, cfg.num_time_buckets)
     rng = np.random.default_rng(seed)
-    users = [f"user{i}" for i in range(w.batch)]
+    user_sets = [[f"user{k}-{j}" for j in range(w.batch)] for k in range(iters if stream else 1)]
     base = None
     if w.warm:  # cache U + S + the older R events of each user with a context-only request
-        warm_reqs = make_requests(w, users, rng, realtime=w.realtime - w.new_events, num_candidates=0)
+        warm_reqs = [r for users in user_sets
+                     for r in make_requests(w, users, rng, realtime=w.realtime - w.new_events, num_candidates=0)]
         base = {r.user: r.context for r in warm_reqs}
         for r in warm_reqs:
             core.add(r)
         core.run_until_done()
 
-    latencies, batch_seconds, last_batch = [], [], []
-    steps_before, phases_before, timed_steps = core.steps, core.phase_seconds(), core.steps
-    for i in tqdm(range(warmup + iters), desc=f"{w.name} {backend}", leave=False):
-        if i == warmup:
-            while core.runner.backend.capture_pending():  # the warm-up's CUDA-graph buckets, as the server's
-                pass                                       # idle-time captures would do before traffic
-            phases_before, timed_steps = core.phase_seconds(), core.steps
+    def batch_requests(i: int, users: list[str]) -> list:
         if w.warm:
-            reqs = make_requests(w, users, rng, base_events=base)
-        else:  # fresh users every batch: nothing cached
-            reqs = make_requests(w, [f"cold{i}-{u}" for u in users], rng)
+            return make_requests(w, users, rng, base_events=base)
+        return make_requests(w, [f"cold{i}-{u}" for u in users], rng)  # fresh users every batch: nothing cached
+
+    def timed(reqs: list) -> tuple[float, list]:
         sync(dev)
         start = time.perf_counter()
         for r in reqs:
             core.add(r)
         done = core.run_until_done()
         sync(dev)
-        elapsed = time.perf_counter() - start
+        return time.perf_counter() - start, sorted((res for _, res in done), key=lambda r: r.request_id)
+
+    latencies, batch_seconds, last_batch = [], [], []
+    steps_before, phases_before, timed_steps = core.steps, core.phase_seconds(), core.steps
+    for i in tqdm(range(warmup + (1 if stream else iters)), desc=f"{w.name} {backend}", leave=False):
+        if i == warmup:
+            while core.runner.backend.capture_pending():  # the warm-up's CUDA-graph buckets, as the server's
+                pass                                       # idle-time captures would do before traffic
+            phases_before, timed_steps = core.phase_seconds(), core.steps
+        reqs = ([r for k, users in enumerate(user_sets) for r in batch_requests(i + k, users)]
+                if stream and i >= warmup else batch_requests(i, user_sets[0]))
+        elapsed, results = timed(reqs)
         if i >= warmup:
-            batch_seconds.append(elapsed)
-            latencies.extend(res.total_seconds for _, res in done)
-        last_batch = list(zip(reqs, sorted((res for _, res in done), key=lambda r: r.request_id)))
+            batch_seconds.extend([elapsed / (len(reqs) // w.batch)] * (len(reqs) // w.batch))
+            latencies.extend(res.total_seconds for res in results)
+        last_batch = list(zip(reqs, results))[-w.batch:]
 
     timed_steps = max(core.steps - timed_steps, 1)
     phase_ms = {k: 1e3 * (v - phases_before[k]) / timed_steps for k, v in core.phase_seconds().items()}
     core.close()
-    diffs, fp32_errs = [], []
     reference = build_model(cfg).to(dev).eval()
     # fp32 twin of the engine's (maybe bf16) weights, before any quantisation
     reference.load_state_dict(model.state_dict() if full_state is None else full_state)
     reference.float()
-    for req, res in last_batch[:check]:
-        diffs.append(float((uncached_probs(core.model, featurizer, req, dev) - res.probabilities).abs().max()))
-        fp32_errs.append(float((uncached_probs(reference, featurizer, req, dev) - res.probabilities).abs().max()))
+    diffs, fp32_errs = zip(*((max_diff(core.model, featurizer, req, res, dev),
+                              max_diff(reference, featurizer, req, res, dev)) for req, res in last_batch[:check]))
 
     flops = request_flops(cfg, w.profile_tokens, w.static, w.realtime, w.candidates,
                           computed_realtime=w.new_events, context_cached=w.warm)
     per_batch = float(np.median(batch_seconds))
-    steps_per_batch = (core.steps - steps_before) / (warmup + iters)
+    steps_per_batch = (core.steps - steps_before) / (warmup + iters)  # a stream's iters batches count once each
     stats = core.stats()["kv_cache"]
     per_token = core.pool.bytes_per_token(cfg.num_layers, cfg.num_heads, cfg.head_dim, DTYPES[config.dtype],
                                           config.kv_dtype)
     context_tokens = w.profile_tokens + w.static + w.realtime
     return {
-        "workload": w.name, "backend": label + ("/nograph" if backend == "fused" and not config.cuda_graphs else "")
-        + ("" if config.dense == "none" else f"/{config.dense}") + ("" if config.kv_dtype == "model" else
-                                                                   f"/kv-{config.kv_dtype}"),
+        "workload": w.name, "backend": row_label(label, config, stream), "stream": stream,
         "dense": config.dense, "kv_dtype": config.kv_dtype,
         "pipeline_depth": config.pipeline_depth, "step_ms": 1e3 * per_batch / max(steps_per_batch, 1e-9),
         "phase_ms_per_step": phase_ms,
