@@ -218,6 +218,9 @@ def bench(
                                                     "none (default), int8, int8-dynamic, fp8 (CUDA).")] = None,
     kv_dtype: Annotated[list[str] | None, typer.Option(metavar="DTYPE", help="KV-cache storage, repeatable to "
                                                        "compare: model (default), int8, fp8.")] = None,
+    stream: Annotated[bool, typer.Option(help="Queue every timed batch at once (each on its own users) so the "
+                                              "engine's steps follow back to back and pipeline: the sustained "
+                                              "rate; latencies then include queueing.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results JSON (and a PNG beside it).")]
     = None,
     server: Annotated[str | None, typer.Option(help="Load-test a running server at this loopback URL instead "
@@ -289,7 +292,7 @@ def bench(
     rows = []
     for w, kind, depth, (d, k) in itertools.product(shapes, kinds, pipeline_depth or [2], precisions):
         rows.append(run_workload(w, kind, dev, iters, warmup, seed,
-                                 {**overrides, "pipeline_depth": depth, "dense": d, "kv_dtype": k}))
+                                 {**overrides, "pipeline_depth": depth, "dense": d, "kv_dtype": k}, stream=stream))
         typer.echo(row_line(rows[-1]), err=True)  # a run cut short still leaves its finished rows
     typer.echo(write_report(rows, ceiling, dev, json_out))
 
