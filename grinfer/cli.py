@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from grinfer.config import ServerConfig, env_var, grinfer_home, settings_help
+from grinfer.config import env_var, grinfer_home, setting_doc, settings_help
 
 # click's base of usage errors, whether typer vendors click (>= 0.24) or uses the installed one
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -316,18 +316,17 @@ def _precisions(dense: list[str], kv_dtype: list[str], device: str) -> list[tupl
 
 def _setting_help(name: str) -> str:
     """A serve flag's help: the setting's description, its environment variable and default."""
-    info = ServerConfig.model_fields[name]
-    default = "" if info.default is None else f", default {str(info.default).lower()}"
-    return f"{info.description} [{env_var(name)}{default}]"
+    description, default = setting_doc(name)
+    return f"{description} [{env_var(name)}{'' if default == 'unset' else f', default {default}'}]"
 
 
-def _serve_flag(name: str, **kw):
-    return Annotated[str | None, typer.Option(help=_setting_help(name), **kw)]
+def _serve_flag(name: str, kind: type = str):
+    return Annotated[kind | None, typer.Option(help=_setting_help(name))]
 
 
 SERVE_EPILOG = f"""Every setting is also a GRINFER_<NAME> environment variable and a key of the --config TOML
-file ([server] table); flags beat the environment, which beats the file. All settings, with their
-defaults:
+file: the server's in its [server] table, the engine's in its [engine] table; flags beat the
+environment, which beats the file. All settings, with their defaults:
 
 \b
 {settings_help()}"""
@@ -340,17 +339,23 @@ def serve(
     store: _serve_flag("store") = None,
     cache: _serve_flag("cache") = None,
     host: _serve_flag("host") = None,
-    port: Annotated[int | None, typer.Option(help=_setting_help("port"))] = None,
-    grpc_port: Annotated[int | None, typer.Option(help=_setting_help("grpc_port"))] = None,
+    port: _serve_flag("port", int) = None,
+    grpc_port: _serve_flag("grpc_port", int) = None,
     api_key: _serve_flag("api_key") = None,
     device: _serve_flag("device") = None,
     devices: _serve_flag("devices") = None,
+    workers: _serve_flag("workers", int) = None,
     backend: _serve_flag("backend") = None,
-    workers: Annotated[int | None, typer.Option(help=_setting_help("workers"))] = None,
-    kv_disk_mb: Annotated[int | None, typer.Option(help=_setting_help("kv_disk_mb"))] = None,
+    kv_cache_mb: _serve_flag("kv_cache_mb", int) = None,
+    kv_host_mb: _serve_flag("kv_host_mb", int) = None,
+    kv_disk_mb: _serve_flag("kv_disk_mb", int) = None,
+    pipeline_depth: _serve_flag("pipeline_depth", int) = None,
+    max_batch_tokens: _serve_flag("max_batch_tokens", int) = None,
+    max_queue: _serve_flag("max_queue", int) = None,
     dense: _serve_flag("dense") = None,
     kv_dtype: _serve_flag("kv_dtype") = None,
-    config: Annotated[str | None, typer.Option(help="A TOML file of these settings ([server] table).")] = None,
+    config: Annotated[str | None, typer.Option(help="A TOML file of these settings ([server] and [engine] "
+                                                     "tables).")] = None,
 ) -> None:
     """Serve REST (+ OpenAPI at /docs, web page at /, /metrics) and gRPC."""
     import logging
@@ -362,7 +367,9 @@ def serve(
     try:
         cfg = load_server_config(config, model=model, model_name=model_name, store=store, cache=cache, host=host,
                                  port=port, grpc_port=grpc_port, api_key=api_key, device=device, devices=devices,
-                                 backend=backend, workers=workers, kv_disk_mb=kv_disk_mb, dense=dense,
+                                 workers=workers, backend=backend, kv_cache_mb=kv_cache_mb, kv_host_mb=kv_host_mb,
+                                 kv_disk_mb=kv_disk_mb, pipeline_depth=pipeline_depth,
+                                 max_batch_tokens=max_batch_tokens, max_queue=max_queue, dense=dense,
                                  kv_dtype=kv_dtype)
         ensure_port_free(cfg.host, cfg.port, "--port")
         if not cfg.grpc_reuse_port:

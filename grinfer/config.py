@@ -9,10 +9,12 @@ import hashlib
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 MaskMode = Literal["dynamic", "causal"]
 Normalizer = Literal["max_len", "visible"]
@@ -154,52 +156,108 @@ def preset(name: str) -> ModelConfig:
         raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
-class EngineConfig(BaseModel):
-    """Inference-engine settings: KV cache sizing, batching limits, backend."""
+@dataclass(frozen=True)
+class Mib:
+    """Marks a byte count that `grinfer serve` takes in MiB, under this name (flags, GRINFER_*, [engine])."""
+
+    name: str
+
+
+class EngineSettings(BaseModel):
+    """The engine's tunable settings: `grinfer serve` takes them as its [engine] table (flags and GRINFER_*
+    too); `EngineConfig` adds what whoever builds the engine decides."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: Literal["eager", "compiled", "fused", "aoti", "onnx", "baseline"] = "eager"
+    backend: Literal["auto", "eager", "compiled", "fused", "aoti", "onnx", "baseline"] = Field(
+        default="eager", description="auto (probe every backend the device offers, serve the fastest that agrees "
+                                     "with eager), eager, compiled, fused (CUDA), aoti (the AOTInductor-packaged "
+                                     "cached step, CPU), onnx (ONNX Runtime, uncached) "
+                                     "or baseline (the uncached model)")
+    block_size: int = Field(default=32, ge=1, description="tokens per KV-cache page")
+    kv_cache_bytes: Annotated[int, Mib("kv_cache_mb")] = Field(
+        default=256 << 20, ge=0, description="the device tier of the KV cache (0: on CUDA, "
+                                             "gpu_memory_utilization of the free memory)")
+    gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=0.95,
+                                          description="share of free CUDA memory a KV cache sized 0 takes")
+    # the retrieval model's history K/V (engine/retrieval_cache.py)
+    retrieval_cache_bytes: Annotated[int, Mib("retrieval_cache_mb")] = Field(
+        default=64 << 20, ge=0, description="the retrieval model's history K/V, a pool of its own (0: every "
+                                            "window computed whole)")
+    host_cache_bytes: Annotated[int, Mib("kv_host_mb")] = Field(
+        default=0, ge=0, description="the host-memory tier of the KV cache, pinned on CUDA (0: none)")
+    # memory-mapped files under EngineConfig.disk_cache_dir/<model fingerprint>
+    disk_cache_bytes: Annotated[int, Mib("kv_disk_mb")] = Field(
+        default=0, ge=0, description="the disk tier of the KV cache, files under GRINFER_HOME/kv kept "
+                                     "across restarts (0: none)")
+    pipeline_depth: int = Field(default=2, ge=1, le=2, description="engine steps in flight: 1 plans, runs and "
+                                                                   "waits (synchronous), 2 plans step N+1 while N runs")
+    # off by default: with few cores the two threads' OpenMP teams contend, and a CPU-demo step took 2.5x
+    # longer on 2 cores
+    cpu_device_thread: bool = Field(default=False, description="on the CPU, run a pipelined step's device part on "
+                                                               "a worker thread (the CPU's stream)")
+    fallback: bool = Field(default=True, description="a step that fails (raises, non-finite outputs, past "
+                                                     "step_timeout_s) re-runs on the next backend: the primary, "
+                                                     "eager, baseline; false: its requests fail")
+    step_timeout_s: float = Field(default=0.0, ge=0.0, description="seconds a pipelined CPU step may take before "
+                                                                   "it counts as failed (0: no timeout)")
+    max_batch_tokens: int = Field(default=8192, ge=16, description="tokens computed per engine step (context + "
+                                                                   "candidates)")
+    max_batch_requests: int = Field(default=64, ge=1, description="requests per engine step")
+    max_queue: int = Field(default=1024, ge=1, description="waiting requests beyond this are rejected (429)")
+    max_realtime: int = Field(default=100, ge=0, description="real-time events per request (older ones must be "
+                                                             "rolled into the static history)")
+    cuda_graphs: bool = Field(default=True, description="fused backend on CUDA: replay the layer stack from a CUDA "
+                                                        "graph per shape bucket")
+    # a request that arrives during a capture waits for it, so captures wait for a lull instead of filling
+    # every gap between steps
+    capture_idle_s: float = Field(default=0.25, ge=0.0, description="a new bucket's CUDA graph is captured once "
+                                                                    "the engine has had no work for this long")
+    # a capture delays the queue by its few milliseconds
+    capture_busy_s: float = Field(default=1.0, ge=0.0, description="under load that never leaves such a lull, "
+                                                                   "one bucket that 3 steps needed is captured "
+                                                                   "between steps at most this often (0: only in "
+                                                                   "lulls)")
+    # grinfer.model.quantize_dense; None is resolved before an engine is built (serve: the checkpoint's mode)
+    dense: Literal["none", "int8", "int8-dynamic", "fp8"] | None = Field(
+        default="none", description="low-precision HSTU projections: none, int8 (weight-only), int8-dynamic or "
+                                    "fp8 (row-wise; CUDA compute capability >= 8.9); unset: the checkpoint's "
+                                    "(grinfer quantize --dense), else none")
+    # grinfer.ops.reference.kv_quant: about 2x the users per byte of a bf16 pool
+    kv_dtype: Literal["model", "int8", "fp8"] = Field(
+        default="model", description="KV-cache storage: model (the model's dtype), int8 or fp8 (e4m3), 8-bit "
+                                     "with a scale per token and head")
+
+    def resolved(self, **decided) -> EngineConfig:
+        """The engine's config: these settings with what the builder decided (device, dtype, export paths, the
+        disk tier's directory, the backend `auto` chose, the checkpoint's `dense`); SettingError (one line)
+        for what the engine does not accept."""
+        try:
+            return EngineConfig.model_validate({**self.model_dump(), **decided})
+        except ValidationError as exc:
+            raise SettingError(one_line_error(exc, EngineConfig, {})) from None
+
+
+class EngineConfig(EngineSettings):
+    """Everything an engine is built from: its settings, resolved (a backend, a dense mode), and what the
+    builder decides: the device and dtype, export paths, the disk tier's directory."""
+
     onnx_path: str | None = None  # backend onnx: the exported ranking graph (grinfer export onnx)
     aoti_path: str | None = None  # backend aoti: the cached step's package (grinfer export aoti: OUT.step.pt2)
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    block_size: int = Field(default=32, ge=1)  # tokens per KV-cache block
-    # device tier capacity: a byte count, or (on CUDA, when kv_cache_bytes is 0) a fraction of free memory
-    kv_cache_bytes: int = Field(default=256 << 20, ge=0)
-    gpu_memory_utilization: float = Field(default=0.5, gt=0.0, le=0.95)
-    # the retrieval model's history K/V (engine/retrieval_cache.py), a pool of its own; 0: every window computed
-    retrieval_cache_bytes: int = Field(default=64 << 20, ge=0)
-    host_cache_bytes: int = Field(default=0, ge=0)  # 0 disables the host tier
-    # the disk tier: memory-mapped files under disk_cache_dir/<model fingerprint>, kept across restarts
-    disk_cache_bytes: int = Field(default=0, ge=0)  # 0 disables it
-    disk_cache_dir: str | None = None
-    # steps in flight: 1 = plan, run, wait (the synchronous reference); 2 = plan step N+1 while N runs
-    pipeline_depth: int = Field(default=2, ge=1, le=2)
-    # on the CPU, run a pipelined step's device part on a worker thread (the CPU's "stream"). Off by default:
-    # with few cores the two threads' OpenMP teams contend, and a CPU-demo step took 2.5x longer on 2 cores
-    cpu_device_thread: bool = False
-    # a step that fails (raises, non-finite outputs, past step_timeout_s) re-runs on the next backend:
-    # the primary, then eager, then baseline (the uncached model); False: the step's requests fail
-    fallback: bool = True
-    step_timeout_s: float = Field(default=0.0, ge=0.0)  # 0: no timeout (CPU pipelined steps only)
-    max_batch_tokens: int = Field(default=8192, ge=16)  # tokens computed per step (context + candidates)
-    max_batch_requests: int = Field(default=64, ge=1)
-    max_queue: int = Field(default=1024, ge=1)  # waiting requests beyond this are rejected (overload)
-    max_realtime: int = Field(default=100, ge=0)  # R events per request (older ones must be rolled into S)
-    cuda_graphs: bool = True  # fused backend on CUDA: replay the layer stack from a CUDA graph per shape bucket
-    # a new bucket's graph is captured once the engine has had no work for this long (a request that arrives
-    # during a capture waits for it, so captures wait for a lull instead of filling every gap between steps)
-    capture_idle_s: float = Field(default=0.25, ge=0.0)
-    # under load that never leaves such a lull, one bucket that at least 3 steps needed is captured between
-    # steps at most this often (a capture delays the queue by its few milliseconds); 0: only in lulls
-    capture_busy_s: float = Field(default=1.0, ge=0.0)
-    # the HSTU layers' linear projections: none (the model's dtype), int8 (weight-only), int8-dynamic (int8
-    # weights and activations) or fp8 (row-wise, CUDA compute capability >= 8.9); grinfer.model.quantize_dense
-    dense: Literal["none", "int8", "int8-dynamic", "fp8"] = "none"
-    # K/V in the paged pool and its tiers: the model's dtype, or int8 / fp8 (e4m3) with a float32 scale per
-    # (token, head): about 2x the users per byte of a bf16 pool (grinfer.ops.reference.kv_quant)
-    kv_dtype: Literal["model", "int8", "fp8"] = "model"
+    disk_cache_dir: str | None = None  # the disk tier's root
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.backend == "auto":
+            raise ValueError("backend: auto is resolved before an engine is built (grinfer.engine.probe.choose)")
+        if self.dense is None:
+            raise ValueError("dense: unset (the checkpoint's mode) is resolved before an engine is built")
+        if self.kv_cache_bytes == 0 and not self.device.startswith("cuda"):
+            raise ValueError(f"kv cache: size 0 (a share of free CUDA memory) needs a CUDA device; give the "
+                             f"{self.device} KV cache a size (grinfer serve: kv_cache_mb)")
+        return self
 
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -224,6 +282,10 @@ def default_store_url(data_spec: str, home: Path) -> str:
     return f"sqlite://{(home / 'stores' / dataset_key(data_spec)).with_suffix('.db').resolve()}"
 
 
+# grinfer serve's own defaults for these engine settings (the others are EngineSettings')
+SERVE_ENGINE_DEFAULTS = {"backend": "auto", "dense": None, "max_queue": 256, "max_batch_tokens": 16384}
+
+
 class ServerConfig(BaseModel):
     """`grinfer serve` settings: flags > GRINFER_<FIELD> environment > a TOML file > these defaults."""
 
@@ -245,27 +307,7 @@ class ServerConfig(BaseModel):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto")
     devices: str | None = Field(default=None, description="one engine per device in this server, users spread over "
                                 "them by a consistent hash: cuda:0,cuda:1 (cpu,cpu for tests); unset: --device")
-    backend: Literal["auto", "eager", "compiled", "fused", "aoti", "onnx", "baseline"] = Field(
-        default="auto", description="auto (probe every backend the device offers, serve the fastest that agrees "
-                                    "with eager), eager, compiled, fused (CUDA), aoti (the AOTInductor-packaged "
-                                    "cached step, CPU), onnx (ONNX Runtime, uncached) "
-                                    "or baseline (the uncached model)")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest request body in bytes")
-    max_queue: int = Field(default=256, ge=1, description="waiting requests beyond this are rejected (429)")
-    max_batch_tokens: int = Field(default=16384, ge=16, description="tokens computed per engine step")
-    kv_cache_mb: int = Field(default=256, ge=1, description="device KV-cache size in MiB")
-    kv_host_mb: int = Field(default=0, ge=0, description="host-memory tier of the KV cache in MiB (0: none)")
-    kv_disk_mb: int = Field(default=0,
-                            ge=0, description="disk tier of the KV cache in MiB, files under GRINFER_HOME/kv, "
-                                                 "kept across restarts (0: none)")
-    pipeline_depth: int = Field(default=2, ge=1, le=2, description="engine steps in flight (1: synchronous)")
-    dense: Literal["none", "int8", "int8-dynamic", "fp8"] | None = Field(
-        default=None, description="low-precision HSTU projections: none, int8 (weight-only), int8-dynamic or "
-                                  "fp8 (row-wise; CUDA compute capability >= 8.9); unset: the checkpoint's "
-                                  "(grinfer quantize --dense), else none")
-    kv_dtype: Literal["model", "int8", "fp8"] = Field(
-        default="model", description="KV-cache storage: model (the model's dtype), int8 or fp8 (e4m3), 8-bit "
-                                     "with a scale per token and head")
     user_ttl_s: float = Field(default=30.0,
                               ge=0, description="seconds a user record stays in the feature cache (0: none)")
     workers: int = Field(default=0,
@@ -294,6 +336,14 @@ class ServerConfig(BaseModel):
     consistency_sample: float = Field(default=0.001, ge=0.0, le=1.0,
                                       description="fraction of ranked requests recomputed uncached in the "
                                                   "background to check the KV cache (0: off)")
+    engine: EngineSettings = Field(default_factory=lambda: EngineSettings(**SERVE_ENGINE_DEFAULTS),
+                                   description="the engine's settings ([engine] table); a mapping given here is "
+                                               "merged over grinfer serve's defaults")
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _serve_defaults(cls, engine):
+        return {**SERVE_ENGINE_DEFAULTS, **engine} if isinstance(engine, Mapping) else engine
 
     @field_validator("store")
     @classmethod
@@ -365,11 +415,22 @@ class ServerConfig(BaseModel):
 
         paths = ", ".join(f"{name} {path or 'none'}" for name, path in models.items())
         return (f"store {_redact(self.store or '(unset)')}, cache {_redact(self.cache)}, {paths}, device {device}, "
-                f"backend {self.backend}, home {self.home_dir}")
+                f"backend {self.engine.backend}, home {self.home_dir}")
 
 
 class SettingError(ValueError):
     """A setting a user gave is not accepted; the message is one line naming where it came from."""
+
+
+def mib_name(model: type[BaseModel], field: str) -> str | None:
+    """The MiB name a byte-count field is given under (EngineSettings.kv_cache_bytes: kv_cache_mb), or None."""
+    return next((m.name for m in model.model_fields[field].metadata if isinstance(m, Mib)), None)
+
+
+# the names users give settings by (flags, GRINFER_<NAME>, --config keys): the server's own, then the engine's,
+# whose byte counts are given in MiB (-> the EngineSettings field each one sets)
+SERVER_SETTINGS = tuple(name for name in ServerConfig.model_fields if name != "engine")
+ENGINE_SETTINGS = {mib_name(EngineSettings, field) or field: field for field in EngineSettings.model_fields}
 
 
 def env_var(name: str) -> str:
@@ -379,76 +440,155 @@ def env_var(name: str) -> str:
 
 _KINDS = {bool: "true or false", int: "an integer", float: "a number"}
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_MIB = TypeAdapter(Annotated[int, Field(ge=0)])
 
 
 def accepted(model: type[BaseModel], name: str) -> str:
     """What a field accepts, in words: 'an integer >= 0 and <= 65535', "one of 'eager', 'compiled'", ..."""
     info = model.model_fields[name]
-    if get_origin(info.annotation) is Literal:
-        return "one of " + ", ".join(repr(v) for v in get_args(info.annotation))
-    kind = next((word for t, word in _KINDS.items() if info.annotation in (t, t | None)), None)
+    annotation = info.annotation
+    if get_origin(annotation) in (Union, UnionType):  # X | None: what X accepts
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(v) for v in get_args(annotation))
+    kind = _KINDS.get(annotation)
     if kind is None:
         return info.description or "text"
     limits = [f"{op} {getattr(m, attr)}" for m in info.metadata for attr, op in _BOUNDS.items() if hasattr(m, attr)]
     return " ".join([kind, " and ".join(limits)]).strip()
 
 
+def _field_of(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], str]:
+    """The model and field an error's location points at, through nested settings (ServerConfig.engine)."""
+    path = [str(part) for part in loc]
+    field = path.pop(0) if path else ""
+    while path and field in model.model_fields:
+        inner = model.model_fields[field].annotation
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            break
+        model, field = inner, path.pop(0)
+    return model, field
+
+
+def _problem(where: str, message: str, name: str, accepts: str) -> str:
+    return f"{where}: {message[0].lower()}{message[1:]}; {name} accepts {accepts}"
+
+
 def one_line_error(exc: ValidationError, model: type[BaseModel], sources: Mapping[str, str]) -> str:
     """The first problem of a ValidationError as one line: where the value came from, what was wrong,
-    what is accepted. `sources` maps a field to how the user gave it ('--port', 'GRINFER_PORT=abc')."""
+    what is accepted. `sources` maps a setting's name to how the user gave it ('--port', 'GRINFER_PORT=abc')."""
     err = exc.errors()[0]
-    field = str(err["loc"][0]) if err["loc"] else ""
-    where = sources.get(field, field)
+    owner, field = _field_of(model, err["loc"])
+    name = (mib_name(owner, field) or field) if field in owner.model_fields else field
+    where = sources.get(name, name)
     if err["type"] == "extra_forbidden":
-        return f"{where}: unknown setting {field!r}; known settings: {', '.join(model.model_fields)}"
+        return f"{where}: unknown setting {field!r}; known settings: {', '.join(owner.model_fields)}"
     message = err["msg"].removeprefix("Value error, ")
-    if field not in model.model_fields:
+    if field not in owner.model_fields:
         return message
     if err["type"] == "value_error":  # a validator's own message, which says what is accepted
         return f"{where}: {message}"
     if err["type"] == "string_pattern_mismatch":
         message = "not accepted"
-    return f"{where}: {message[0].lower()}{message[1:]}; {field} accepts {accepted(model, field)}"
+    return _problem(where, message, name, accepted(owner, field))
+
+
+def _config_file(file: str) -> tuple[dict, dict]:
+    """A --config file's server settings ([server], else the top level) and engine settings ([engine]), each
+    key checked to be in its table."""
+    import tomllib
+
+    try:
+        with open(os.path.expanduser(file), "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingError(f"--config {file}: {exc}") from None
+    server = dict(data.get("server", data))
+    tables = [t for t in (server.pop("engine", None), data.get("engine") if "server" in data else None) if t]
+    if len(tables) > 1:
+        raise SettingError(f"--config {file}: both [engine] and [server.engine]; give the engine's settings once")
+    engine = tables[0] if tables else {}
+    if not isinstance(engine, dict):
+        raise SettingError(f"--config {file}: key 'engine': the engine's settings are a table, [engine]")
+    for key, value in server.items():
+        if key in ENGINE_SETTINGS:
+            raise SettingError(f"--config {file}: key {key!r} is an engine setting; it belongs in the [engine] "
+                               f"table ([engine] {key} = {value!r})")
+        if key not in SERVER_SETTINGS:
+            raise SettingError(f"--config {file}: key {key!r}: unknown setting {key!r}; known settings: "
+                               f"{', '.join(SERVER_SETTINGS)} (the engine's in the [engine] table)")
+    for key in engine:
+        if key in SERVER_SETTINGS:
+            raise SettingError(f"--config {file}: [engine] key {key!r} is a server setting; it belongs in the "
+                               "[server] table")
+        if key not in ENGINE_SETTINGS:
+            raise SettingError(f"--config {file}: [engine] key {key!r}: unknown engine setting; known engine "
+                               f"settings: {', '.join(ENGINE_SETTINGS)}")
+    return server, engine
+
+
+def _in_bytes(name: str, value, where: str) -> int:
+    """A size given in MiB, as bytes."""
+    try:
+        return _MIB.validate_python(value) << 20
+    except ValidationError as exc:
+        raise SettingError(_problem(where, exc.errors()[0]["msg"], name, "an integer >= 0 (MiB)")) from None
 
 
 def load_server_config(file: str | None = None, env: Mapping[str, str] | None = None, **flags) -> ServerConfig:
-    """Merge a TOML file, GRINFER_<FIELD> environment variables and explicit flags (None = not given).
+    """Merge a TOML file, GRINFER_<NAME> environment variables and explicit flags (None = not given), each by
+    the settings' names (SERVER_SETTINGS, ENGINE_SETTINGS: byte counts in MiB).
 
     Raises SettingError (one line naming the flag, variable or file key) for anything not accepted."""
-    import tomllib
-
     values: dict = {}
     sources: dict[str, str] = {}
     if file:
-        try:
-            with open(os.path.expanduser(file), "rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise SettingError(f"--config {file}: {exc}") from None
-        data = data.get("server", data)
-        values.update(data)
-        sources.update({k: f"--config {file}: key {k!r}" for k in data})
+        server, engine = _config_file(file)
+        for table, data in (("", server), ("[engine] ", engine)):
+            values.update(data)
+            sources.update({k: f"--config {file}: {table}key {k!r}" for k in data})
     env = os.environ if env is None else env
-    for name in ServerConfig.model_fields:
+    for name in (*SERVER_SETTINGS, *ENGINE_SETTINGS):
         if env_var(name) in env:
             values[name] = env[env_var(name)]
             sources[name] = f"{env_var(name)}={env[env_var(name)]}"
     given = {k: v for k, v in flags.items() if v is not None}
     values.update(given)
     sources.update({k: f"--{k.replace('_', '-')} {v}" for k, v in given.items()})
+    engine = {field: values.pop(name) if name == field else _in_bytes(name, values.pop(name), sources[name])
+              for name, field in ENGINE_SETTINGS.items() if name in values}
     try:
-        return ServerConfig.model_validate(values)
+        return ServerConfig.model_validate({**values, "engine": engine})
     except ValidationError as exc:
         raise SettingError(one_line_error(exc, ServerConfig, sources)) from None
 
 
+def setting_doc(name: str) -> tuple[str, str]:
+    """A setting's description and its default as users give it (sizes in MiB, 'unset' for None)."""
+    if name in SERVER_SETTINGS:
+        info = ServerConfig.model_fields[name]
+        return info.description or "", "unset" if info.default is None else str(info.default).lower()
+    field = ENGINE_SETTINGS[name]
+    description, default = EngineSettings.model_fields[field].description or "", getattr(ServerConfig().engine, field)
+    if name != field:
+        description, default = f"size in MiB of {description}", default >> 20
+    return description, "unset" if default is None else str(default).lower()
+
+
 def settings_help() -> str:
-    """Every server setting with its environment variable and default, for `grinfer serve --help`."""
+    """Every server and engine setting with its environment variable and default, for `grinfer serve --help`."""
     import textwrap
 
-    rows = []
-    for name, info in ServerConfig.model_fields.items():
-        default = "unset" if info.default is None else str(info.default)
-        first = f"  {env_var(name)}={default.lower()}".ljust(35)
-        rows += textwrap.wrap(info.description or "", 100, initial_indent=first, subsequent_indent=" " * len(first))
-    return "\n".join(rows)
+    docs = {name: setting_doc(name) for name in (*SERVER_SETTINGS, *ENGINE_SETTINGS)}
+    width = 3 + max(len(f"{env_var(name)}={default}") for name, (_, default) in docs.items())
+
+    def rows(names) -> list[str]:
+        lines = []
+        for name in names:
+            description, default = docs[name]
+            first = f"  {env_var(name)}={default}".ljust(width)
+            lines += textwrap.wrap(description, 100, initial_indent=first, subsequent_indent=" " * width)
+        return lines
+
+    return "\n".join(["server ([server] table):", *rows(SERVER_SETTINGS), "", "engine ([engine] table):",
+                      *rows(ENGINE_SETTINGS)])

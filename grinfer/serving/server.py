@@ -145,25 +145,24 @@ def build_server(cfg: ServerConfig, model_path: Path, device: str) -> Server:
     store.register_model(ranker.cfg.name, str(model_path.resolve()), {"ranking": str(ranking_dir),
                                                                        "retrieval": str(retrieval_dir or "")})
     devices = cfg.device_list(device)  # one engine per device (engine_set.py)
-    dense = cfg.dense or read_checkpoint_meta(ranking_dir).get(DENSE, "none")
+    dense = cfg.engine.dense or read_checkpoint_meta(ranking_dir).get(DENSE, "none")
+    backend = cfg.engine.backend
+    # what the server decides beside the engine's settings as given
+    decided = {"backend": "eager" if backend == "auto" else backend, "dense": dense, "device": devices[0],
+               "dtype": "bfloat16" if devices[0].startswith("cuda") else "float32",
+               "disk_cache_dir": str(cfg.home_dir / "kv"),
+               "onnx_path": onnx_export(ranking_dir, cfg) if backend == "onnx" else None,
+               "aoti_path": aoti_export(ranker, ranking_dir, cfg) if backend == "aoti" else None}
     try:
         check_devices(devices)
         check_dense(dense, devices[0])
+        engine_cfg = cfg.engine.resolved(**decided)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    engine_cfg = EngineConfig(backend="eager" if cfg.backend == "auto" else cfg.backend, device=devices[0],
-                              onnx_path=onnx_export(ranking_dir, cfg) if cfg.backend == "onnx" else None,
-                              aoti_path=aoti_export(ranker, ranking_dir, cfg) if cfg.backend == "aoti" else None,
-                              dtype="bfloat16" if devices[0].startswith("cuda") else "float32",
-                              kv_cache_bytes=cfg.kv_cache_mb << 20, host_cache_bytes=cfg.kv_host_mb << 20,
-                              disk_cache_bytes=cfg.kv_disk_mb << 20, disk_cache_dir=str(cfg.home_dir / "kv"),
-                              pipeline_depth=cfg.pipeline_depth, max_queue=cfg.max_queue,
-                              dense=dense, kv_dtype=cfg.kv_dtype,
-                              max_batch_tokens=cfg.max_batch_tokens)
     log.info("%s; torch %s", cfg.describe(",".join(devices), {"ranking": ranking_dir, "retrieval": retrieval_dir}),
              torch.__version__)
     probes = []
-    if cfg.backend == "auto":
+    if backend == "auto":
         engine_cfg, probes = choose_backend(ranker, catalog, engine_cfg, ranking_dir, cfg)
     plan, registry = serving_plan(cfg.model_name, store, model_path)  # the registry's versions, or MODEL alone
     split = cfg.kv_split if registry is not None else 0.0
@@ -223,7 +222,7 @@ def aoti_export(ranker, ranking_dir: Path, cfg: ServerConfig, wait: bool = True)
     without `wait`, None while a first export runs in a background process (for the next start)."""
     from grinfer.export.cache import step_package, step_package_in_background
 
-    block_size, root = EngineConfig().block_size, cfg.home_dir / "exports" / "aoti"
+    block_size, root = cfg.engine.block_size, cfg.home_dir / "exports" / "aoti"
     path = step_package(ranker, block_size, root) if wait else \
         step_package_in_background(ranker, ranking_dir, block_size, root)
     return None if path is None else str(path)
@@ -255,9 +254,10 @@ def front_state(cfg: ServerConfig, engine, catalog: ItemCatalog, store, cache, u
     target = cfg.latency_target_ms / 1e3 if cfg.latency_target_ms else None
     settings = ServiceSettings(user_ttl_s=ttl, latency_target_s=target, replica=cfg.replica_name)
     service = RecommenderService(engine, catalog, store, cache, settings, model_name=engine.model_config.name)
-    backend = engine.stats()["strategy"]["primary"] if cfg.backend == "auto" else cfg.backend
+    setting = cfg.engine.backend
+    backend = engine.stats()["strategy"]["primary"] if setting == "auto" else setting
     return AppState(service, Metrics(engine, backend), api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
-                    process=process, backend_setting=cfg.backend)
+                    process=process, backend_setting=setting)
 
 
 def run(cfg: ServerConfig, model_path: Path, device: str, train_models: TrainModels | None = None) -> None:

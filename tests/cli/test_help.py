@@ -1,11 +1,11 @@
-"""Help text is plain (bracketed text survives, no `--help <bool>`) and lists every server setting with
-its environment variable."""
+"""Help text is plain (bracketed text survives, no `--help <bool>`) and lists every server and engine
+setting with its environment variable."""
 
 import pytest
 from typer.testing import CliRunner
 
 from grinfer.cli import app
-from grinfer.config import ServerConfig
+from grinfer.config import ENGINE_SETTINGS, SERVER_SETTINGS
 
 runner = CliRunner()
 
@@ -18,9 +18,13 @@ def help_text(*command: str) -> str:
 
 def test_serve_help_keeps_brackets_and_lists_every_setting_with_its_variable():
     text = help_text("serve")
-    assert "([server] table)" in text and "[GRINFER_DEVICE, default auto]" in text
-    assert "[GRINFER_BACKEND, default auto]" in text
-    for name in ServerConfig.model_fields:  # GRINFER_HOME, GRINFER_MAX_QUEUE, GRINFER_KV_CACHE_MB, ... too
+    assert "[server] table" in text and "[engine] table" in text and "[GRINFER_DEVICE, default auto]" in text
+    flat = " ".join(text.split())  # a flag's help may wrap anywhere
+    assert "[GRINFER_BACKEND, default auto]" in flat and "[GRINFER_KV_CACHE_MB, default 256]" in flat
+    for flag in ("--kv-cache-mb", "--kv-host-mb", "--kv-disk-mb", "--pipeline-depth", "--max-batch-tokens",
+                 "--max-queue", "--dense", "--kv-dtype", "--backend"):
+        assert f"{flag} <" in text, flag
+    for name in (*SERVER_SETTINGS, *ENGINE_SETTINGS):  # GRINFER_HOME, GRINFER_MAX_QUEUE, GRINFER_KV_CACHE_MB, ...
         assert f"GRINFER_{name.upper()}=" in text, name
 
 

@@ -83,6 +83,6 @@ def test_available_backends_on_the_cpu():
 def test_auto_is_the_served_default():
     from grinfer.config import ServerConfig
 
-    assert ServerConfig().backend == "auto"
+    assert ServerConfig().engine.backend == "auto"
     with pytest.raises(ValueError):
-        ServerConfig(backend="nope")
+        ServerConfig(engine={"backend": "nope"})

@@ -19,8 +19,8 @@ class Served:
     """`build_server` of the checkpoint on the CPU (devices: None = one engine), served on loopback."""
 
     def __init__(self, checkpoint: Path, home: Path, devices: str | None, **settings):
-        cfg = ServerConfig(home=str(home), store=f"sqlite:///{home / 'grinfer.db'}", backend="eager", grpc_port=0,
-                           devices=devices, **settings)
+        cfg = ServerConfig(home=str(home), store=f"sqlite:///{home / 'grinfer.db'}", engine={"backend": "eager"},
+                           grpc_port=0, devices=devices, **settings)
         self.server = build_server(cfg, checkpoint, "cpu")
         self.engine = self.server.engine.production  # the served version's engine (models.py's ModelSet)
         self.http_server = BackgroundServer(create_app(self.server.state))

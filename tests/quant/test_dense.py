@@ -119,5 +119,6 @@ def test_quantize_records_the_dense_mode_the_server_applies(tmp_path, model):
     assert read_checkpoint_meta(tmp_path / "q")["dense"] == "int8"
     bad = runner.invoke(app, ["quantize", "--model", str(src), "--out", str(tmp_path / "x"), "--dense", "int3"])
     assert bad.exit_code == 2 and "--dense: expected one of" in bad.output
-    assert load_server_config(env={}).dense is None and load_server_config(env={}, dense="none").dense == "none"
-    assert load_server_config(env={"GRINFER_KV_DTYPE": "int8"}).kv_dtype == "int8"
+    assert load_server_config(env={}).engine.dense is None
+    assert load_server_config(env={}, dense="none").engine.dense == "none"
+    assert load_server_config(env={"GRINFER_KV_DTYPE": "int8"}).engine.kv_dtype == "int8"

@@ -17,7 +17,7 @@ def test_auto_probes_chooses_and_reports(served_checkpoint, tmp_path, monkeypatc
     import grinfer.engine.probe as probe
 
     monkeypatch.setattr(probe, "available_backends", lambda device: ["eager", "baseline"])
-    cfg = ServerConfig(home=str(tmp_path / "home"), store=f"sqlite:///{tmp_path / 'g.db'}", backend="auto",
+    cfg = ServerConfig(home=str(tmp_path / "home"), store=f"sqlite:///{tmp_path / 'g.db'}", engine={"backend": "auto"},
                        grpc_port=0)
     server = build_server(cfg, served_checkpoint, "cpu")
     try:
