@@ -10,7 +10,10 @@ stays one per device, so a user's K/V live in one place whichever worker took th
 
 Messages are pickled tuples on `multiprocessing.connection` (length-prefixed frames):
 worker -> engine `(id, op, args)`, engine -> worker `(id, ok, value)`; ops are rank, retrieve, health, stats
-and listening (a worker saying it serves the shared port).
+and listening (a worker saying it serves the shared port). A worker's health asks with the number of workers:
+until that many have said they listen (and the engine process has opened its own app and left the port,
+which `on_listening` does for the last of them) the answer is "starting", so no worker's /readyz says 200
+while a connection the kernel hands to the engine process could still meet its start-up gate's 503.
 They are pickled with the plain pickler, torch tensors as numpy arrays (`dumps`/`loads`): the connection's
 own pickler would hand each tensor over as shared memory through a file descriptor, a socket round trip
 to the sender's resource-sharer thread per tensor (a profile of the H200 server showed that thread and the
@@ -81,6 +84,7 @@ class EngineHost:
         path.unlink(missing_ok=True)
         self.listener = Listener(str(path), family="AF_UNIX")
         self.info = {"model_config": engine.model_config, "has_retriever": engine.has_retriever}
+        self._listened: set[int] = set()  # workers whose `listening` has been handled (on_listening returned)
         self._closed = False
         threading.Thread(target=self._accept, name="grinfer-engine-host", daemon=True).start()
 
@@ -128,14 +132,23 @@ class EngineHost:
         if op in ("rank", "retrieve"):
             submit = self.engine.submit if op == "rank" else self.engine.submit_retrieval
             submit(*args).add_done_callback(lambda f: forward(request_id, f))
-        elif op in ("health", "stats"):
-            reply(request_id, True, self.engine.health() if op == "health" else self.engine.stats())
+        elif op == "health":  # args: the number of workers that must listen first (none: the engine alone)
+            reply(request_id, True, self.engine.health() or self._handover(*args))
+        elif op == "stats":
+            reply(request_id, True, self.engine.stats())
         elif op == "listening":  # worker N serves the shared port now
             reply(request_id, True, None)
             if self.on_listening is not None:
                 self.on_listening(*args)
+            self._listened.add(args[0])
         else:
             reply(request_id, False, EngineError(f"unknown engine op {op!r}"))
+
+
+    def _handover(self, workers: int = 0) -> str | None:
+        """Why a worker is not ready yet: fewer than `workers` have been handled as listening."""
+        listening = len(self._listened)
+        return None if listening >= workers else f"starting the front-end workers ({listening} of {workers} listen)"
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -148,7 +161,9 @@ def _portable(exc: BaseException) -> BaseException:
 class EngineClient:
     """The Engine interface of a worker process, answered by the engine process's EngineHost."""
 
-    def __init__(self, path: Path, timeout_s: float = 30.0):
+    def __init__(self, path: Path, timeout_s: float = 30.0, workers: int = 0):
+        """`workers`: how many front-end workers must listen before `health` says this one serves."""
+        self.workers = workers
         self.conn = Client(str(path), family="AF_UNIX")
         if not self.conn.poll(timeout_s):
             raise EngineError(f"engine at {path} did not answer within {timeout_s} s")
@@ -190,7 +205,7 @@ class EngineClient:
         if not self._alive:
             return "the engine process is gone"
         try:
-            return self.call("health").result(timeout_s)
+            return self.call("health", self.workers).result(timeout_s)
         except Exception as exc:
             return f"engine unreachable: {exc}"
 

@@ -93,7 +93,7 @@ def worker_main(cfg_fields: dict, engine_socket: str, index: int) -> None:
     logging.basicConfig(level=cfg.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
     store, cache = RevisionCheckedStore(open_store(cfg.store)), open_cache(cfg.cache)
-    engine = EngineClient(Path(engine_socket))
+    engine = EngineClient(Path(engine_socket), workers=cfg.workers)  # ready once every worker listens
     try:
         catalog = store.load_catalog()
         if catalog is None:
