@@ -5,6 +5,8 @@
 #           recommend, GPU utilisation (NVML), host CPU, py-spy stacks at 64 clients (serve_sweep)
 #   r1      grinfer bench R1-cold / R1-warm, fused, B = 8 and 32, pipeline depth 1 and 2
 #   r1all   the same over eager, compiled, fused and auto (aoti packages the CPU step only)
+#   stream  R1 on fused with every timed batch queued at once (--stream): depth 1 against 2, sustained
+#   kernels the attention kernel's versions and launch shapes at the R1 shapes (grinfer.bench.kernels --sweep)
 #   lowp    R1 on fused at B = 32: dense none / int8 / fp8, then KV cache model / int8 / fp8
 #   8b      mtgr-8b: init-model (int8 tables, memory-mapped), then the server's time to ready and rank
 #           latency at 1 and 8 clients, peak memory
@@ -26,6 +28,11 @@ for s in "$@"; do
           --pipeline-depth 1 --pipeline-depth 2 --json "$out/r1.json" ;;
     r1all) stage r1all 540 "${bench[@]}" --workloads R1-cold,R1-warm --backends eager,compiled,fused,auto \
              --batch 8 --batch 32 --pipeline-depth 1 --pipeline-depth 2 --json "$out/r1all.json" ;;
+    stream) stage stream 200 "${bench[@]}" --workloads R1-cold,R1-warm --backends fused --batch 8 --batch 32 \
+              --pipeline-depth 1 --pipeline-depth 2 --stream --iters "${ITERS:-8}" --json "$out/stream.json" ;;
+    kernels) stage kernels 360 python3 -m grinfer.bench.kernels --sweep --json "$out/kernels.json" ;;
+    lowp-kv) stage lowp-kv 150 "${bench[@]}" --workloads R1-cold,R1-warm --backends fused --batch 32 \
+               --kv-dtype model --kv-dtype int8 --kv-dtype fp8 --json "$out/lowp-kv.json" ;;
     lowp) stage lowp-dense 270 "${bench[@]}" --workloads R1-cold,R1-warm --backends fused --batch 32 \
             --dense none --dense int8 --dense fp8 --json "$out/lowp-dense.json"
           stage lowp-kv 150 "${bench[@]}" --workloads R1-cold,R1-warm --backends fused --batch 32 \
@@ -33,7 +40,7 @@ for s in "$@"; do
     8b) stage 8b-init 240 python3 -m grinfer.cli init-model --preset mtgr-8b --out /tmp/mtgr-8b
         stage 8b-serve 300 python3 -m grinfer.bench.serve_sweep --device cuda --model /tmp/mtgr-8b \
           --out "$out/8b" --backends fused --clients 1,8 --duration 6 --endpoints rank ;;
-    *) echo "gpu_perf: unknown stage $s (serve, r1, r1all, lowp, 8b)" >&2; exit 2 ;;
+    *) echo "gpu_perf: unknown stage $s (serve, r1, r1all, stream, kernels, lowp, lowp-kv, 8b)" >&2; exit 2 ;;
   esac
 done
 # the device tool brings back only a few files: everything but the stage list goes into one archive
