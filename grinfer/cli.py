@@ -481,6 +481,9 @@ def init_model(
                                             help="Override a model setting (repeatable), e.g. num_items=20000.")]
     = [],  # noqa: B006
     seed: int = 0,
+    data: Annotated[str | None, typer.Option(metavar="SPEC", help="Record this dataset (a MovieLens dir or "
+                                                "synthetic:users=N,items=M,...) as the training data, so that "
+                                                "`grinfer serve --model OUT` fills its store from it.")] = None,
 ) -> None:
     """Write a randomly initialised checkpoint, its tables streamed in chunks (bounded memory)."""
     from tqdm import tqdm
@@ -493,7 +496,7 @@ def init_model(
         raise _fail(f"--embeddings: unknown row format {embeddings!r}; choose one of {', '.join(ROW_FORMATS)}")
     with tqdm(total=total_table_rows(cfg), unit="row", unit_scale=True, desc="embedding rows") as bar:
         try:
-            write_random_checkpoint(cfg, out, embeddings, seed=seed, progress=bar.update)
+            write_random_checkpoint(cfg, out, embeddings, seed=seed, progress=bar.update, data=data)
         except ValueError as exc:
             raise _fail(str(exc)) from None
     typer.echo(f"wrote {out}: {cfg.name}, {parameter_count(cfg):,} parameters, tables as {embeddings}")

@@ -37,7 +37,8 @@ for s in "$@"; do
             --dense none --dense int8 --dense fp8 --json "$out/lowp-dense.json"
           stage lowp-kv 150 "${bench[@]}" --workloads R1-cold,R1-warm --backends fused --batch 32 \
             --kv-dtype model --kv-dtype int8 --kv-dtype fp8 --json "$out/lowp-kv.json" ;;
-    8b) stage 8b-init 240 python3 -m grinfer.cli init-model --preset mtgr-8b --out /tmp/mtgr-8b
+    8b) stage 8b-init 300 python3 -m grinfer.cli init-model --preset mtgr-8b --out /tmp/mtgr-8b --set num_items=20000 \
+          --data synthetic:users=200,items=20000,events=30,seed=0
         stage 8b-serve 300 python3 -m grinfer.bench.serve_sweep --device cuda --model /tmp/mtgr-8b \
           --out "$out/8b" --backends fused --clients 1,8 --duration 6 --endpoints rank ;;
     *) echo "gpu_perf: unknown stage $s (serve, r1, r1all, stream, kernels, lowp, lowp-kv, 8b)" >&2; exit 2 ;;

@@ -29,9 +29,11 @@ def parameter_count(cfg: ModelConfig) -> int:
 
 
 def write_random_checkpoint(cfg: ModelConfig, out: str | Path, fmt: str = "int8", seed: int = 0,
-                            chunk_rows: int = CHUNK_ROWS, progress: Callable[[int], None] | None = None) -> Path:
+                            chunk_rows: int = CHUNK_ROWS, progress: Callable[[int], None] | None = None,
+                            data: str | None = None) -> Path:
     """Write a random `cfg` model to `out` with every sparse table in row format `fmt` (rows drawn as
-    nn.Embedding initialises them, N(0, 1)); `progress(n)` is called after each chunk of n rows."""
+    nn.Embedding initialises them, N(0, 1)); `progress(n)` is called after each chunk of n rows. `data` is
+    recorded as the training dataset, so `grinfer serve --model OUT` fills its store from it."""
     shapes = table_shapes(cfg)
     for shape in shapes.values():
         check_format(fmt, shape.dim)
@@ -56,6 +58,8 @@ def write_random_checkpoint(cfg: ModelConfig, out: str | Path, fmt: str = "int8"
                     progress(n)
     meta = {"model": cfg.model_dump(mode="json"), EMBEDDINGS: dict.fromkeys(shapes, fmt),
             "init": {"random": True, "seed": seed}}
+    if data is not None:
+        meta["training"] = {"data": data}
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 

@@ -19,7 +19,13 @@ from grinfer.embedding.table import ServedTable
 from grinfer.engine import EngineCore, RankRequest, RankResult
 from grinfer.features import retrieval_batch
 from grinfer.model import build_model
-from grinfer.model.checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, save_checkpoint
+from grinfer.model.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.mtgr import MTGR
 from grinfer.model.quantize import QuantizeOptions, quantize_checkpoint
@@ -150,9 +156,11 @@ def test_cli_quantize_and_init_model(tmp_path, full_checkpoint):
         bad = runner.invoke(app, args)
         assert bad.exit_code == 2 and message in bad.output, bad.output
     made = runner.invoke(app, ["init-model", "--preset", "mtgr-tiny", "--out", str(tmp_path / "i"),
-                               "--set", "item_table_rows=999"])
+                               "--set", "item_table_rows=999", "--data", "synthetic:users=5,items=50,seed=1"])
     assert made.exit_code == 0, made.output
     assert load_checkpoint(tmp_path / "i").item_emb.num_embeddings == 999
+    # the recorded dataset is what `grinfer serve --model` fills its store from
+    assert read_checkpoint_meta(tmp_path / "i")["training"] == {"data": "synthetic:users=5,items=50,seed=1"}
 
 
 def test_metrics_export_each_served_tables_lookups_and_hit_ratio(tmp_path, mtgr_cfg, catalog, make_request):
