@@ -18,7 +18,6 @@ timestamp is only known for the last event, and its final state is needed anyway
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from grinfer.engine.block_manager import BlockManager
 from grinfer.engine.kv_cache import CacheHandle, KVCache
 from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.signature import CacheLookup, ContextSignature
-from grinfer.engine.step import build_step_index
+from grinfer.engine.step import TokenBatch, build_step_index, split_batch
 from grinfer.features.device import upload
 from grinfer.model.hstu import HSTURetrieval
 from grinfer.model.layers import TokenMeta
@@ -84,15 +83,6 @@ class _Sequence:
     @property
     def context_len(self) -> int:
         return self.signature.num_tokens
-
-
-@dataclass
-class _Tokens:
-    """A sequence's per-token metadata, as `build_step_index` reads a runner's embedded sequence."""
-
-    group: torch.Tensor
-    pos: torch.Tensor
-    ts: torch.Tensor
 
 
 class HistoryCache:
@@ -167,9 +157,7 @@ class HistoryCache:
         pos = [np.arange(n) for n in lengths]
         items, positions, ts, query_ts = upload(self.device, [[h.items for h in histories], pos,
                                                               [h.timestamps for h in histories], qts], torch.int64)
-        group = torch.full_like(items, GROUP_S)
-        bounds = np.cumsum([0, *lengths]).tolist()
-        tokens = [_Tokens(group[a:b], positions[a:b], ts[a:b]) for a, b in pairwise(bounds)]
+        tokens = split_batch(TokenBatch(torch.full_like(items, GROUP_S), positions, ts), lengths)
         idx = build_step_index(seqs, tokens, self.cache.pool, self.device)
         q = idx.q_meta
         idx.q_meta = TokenMeta(q.offsets, q.group, q.pos, query_ts[idx.q_rows])

@@ -26,25 +26,17 @@ from torch.profiler import record_function
 
 from grinfer.engine.kv_pool import KVPool
 from grinfer.engine.scheduler import RequestState, StepPlan
-from grinfer.engine.step import build_step_index
+from grinfer.engine.step import SequenceRows, TokenBatch, batch_rows, build_step_index, split_batch
 from grinfer.engine.strategy import NonFiniteOutput, StepTimeout
 from grinfer.features.device import DeviceFeaturizer
 from grinfer.features.featurizer import FeatureRequest
 
 
 @dataclass
-class _Embedded:
-    x: torch.Tensor  # [L, d] the request's full sequence [U | S | R | C]
-    group: torch.Tensor
-    pos: torch.Tensor
-    ts: torch.Tensor
-
-
-@dataclass
 class _RequestTensors:
     """The runner's state of one request."""
 
-    embedded: _Embedded | None = None
+    embedded: SequenceRows | None = None  # its full sequence [U | S | R | C] in an embedded batch
     # a layer-chunked context's hidden states by the layer they enter (kept so a failed chunk can re-run)
     layer_states: dict[int, torch.Tensor] = field(default_factory=dict)
     logits: list[torch.Tensor] = field(default_factory=list)  # [n, tasks] float32 host, per step
@@ -117,7 +109,7 @@ class ModelRunner:
         t2 = time.perf_counter()
         self.host_seconds["featurize"] += t1 - t0
         self.host_seconds["indices"] += t2 - t1
-        run = self._device_part(plan, items, embedded, idx, self.backends[level])
+        run = self._device_part(plan, items, idx, self.backends[level])
         output = StepOutput(counts, level, timeout_s=self.step_timeout_s or None)
         if self._worker is not None and not inline:
             output.done = self._worker.submit(run).result
@@ -130,7 +122,7 @@ class ModelRunner:
         self.host_seconds["launch"] += time.perf_counter() - t2
         return output
 
-    def _device_part(self, plan: StepPlan, items, embedded, idx, backend):
+    def _device_part(self, plan: StepPlan, items, idx, backend):
         """The step's device work as a function: (host logits or None, all-finite flag)."""
         first, last = plan.layers
         chunked = self.table[items[0].state.key]
@@ -138,7 +130,7 @@ class ModelRunner:
 
         @torch.inference_mode()
         def run():
-            x = torch.cat([e.x for e in embedded])[idx.q_rows] if first == 0 else chunked.layer_states[first]
+            x = batch_rows(idx.batches, "x").index_select(0, idx.q_rows) if first == 0 else chunked.layer_states[first]
             x = backend.run_layers(x, idx, self.pool, first, last)
             if last < len(backend.model.layers):
                 chunked.layer_states[last] = x
@@ -205,13 +197,11 @@ class ModelRunner:
         reqs = [FeatureRequest(s.request.context, s.request.candidates, s.request.request_ts) for s in states]
         raw = self.featurizer.prepare(reqs)  # features are built on the device, with the embedding
         x, meta = self.backend.featurize_embed(self.featurizer, raw)
-        x = x.to(self.dtype)
+        batch = TokenBatch(meta.group, meta.pos, meta.ts, x.to(self.dtype))
+        # the sequence lengths are known on the host: no device sync
         lengths = [len(r.context.profile) + len(r.context.items) + len(r.candidates) for r in reqs]
-        lo = 0
-        for state, n in zip(states, lengths):
-            hi = lo + n  # the sequence lengths are known on the host: no device sync
-            self._tensors(state).embedded = _Embedded(x[lo:hi], meta.group[lo:hi], meta.pos[lo:hi], meta.ts[lo:hi])
-            lo = hi
+        for state, rows in zip(states, split_batch(batch, lengths)):
+            self._tensors(state).embedded = rows
 
 
 def _merge(items, cached: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:

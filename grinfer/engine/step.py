@@ -9,14 +9,46 @@ for one step in scratch pages). Backends get a `StepIndex`: the eager path gathe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
 
 from grinfer.engine.kv_pool import KVPool
-from grinfer.features.device import upload
+from grinfer.features.device import take, upload
 from grinfer.model.layers import TokenMeta
-from grinfer.ops.jagged import offsets_of
+
+
+@dataclass(eq=False)  # identity: a step looks its sequences' batches up by object
+class TokenBatch:
+    """Tokens embedded together (one featurizing pass): per-token metadata, and their embeddings `x` where the
+    runner keeps them; sequences are row ranges of it (SequenceRows)."""
+
+    group: torch.Tensor
+    pos: torch.Tensor
+    ts: torch.Tensor
+    x: torch.Tensor | None = None
+
+
+@dataclass
+class SequenceRows:
+    """One sequence's rows [start, start + length) of a TokenBatch."""
+
+    batch: TokenBatch
+    start: int
+    length: int
+
+
+def split_batch(batch: TokenBatch, lengths) -> list[SequenceRows]:
+    """The batch's consecutive sequences of `lengths` rows."""
+    starts = np.cumsum(lengths) - lengths
+    return [SequenceRows(batch, int(a), int(n)) for a, n in zip(starts, lengths)]
+
+
+def batch_rows(batches: list[TokenBatch], name: str) -> torch.Tensor:
+    """Field `name` of the batches, one after another (the batch's own tensor when there is one: no copy)."""
+    parts = [getattr(b, name) for b in batches]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass
@@ -37,6 +69,8 @@ class StepIndex:
     block_table: torch.Tensor  # [B, max_blocks] each sequence's pages: its context's, then its candidates'
     k_counts: torch.Tensor  # [B, 2] U/S keys and context keys per sequence (the kernel's loop bounds)
     max_len_q: int  # the longest query sequence
+    # the batches the rows above index, one after another (batch_rows): the step's sequences' tokens
+    batches: list[TokenBatch]
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -50,21 +84,24 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x) - x
 
 
-def build_step_index(items, embedded: list, pool: KVPool, device: torch.device) -> StepIndex:
-    """All of a step's indices for the plan's work items (their sequences' embeddings `embedded`, from the
-    runner), vectorised over the items, from the pages each item carries; one host-to-device copy.
+def build_step_index(items, seqs: list[SequenceRows], pool: KVPool, device: torch.device) -> StepIndex:
+    """All of a step's indices for the plan's work items (`seqs`: each item's sequence, rows of the runner's
+    embedded batches), vectorised over the items, from the pages each item carries; one host-to-device copy.
 
     With scratch pages in the pool (backends that read every key from the pool), each sequence's
     candidates get slots after its context (the free tail of its last page, then scratch pages) and its
     block table covers them; without, candidates have slot -1 and the tables cover the context only. The
-    dense-key gather indices are always built."""
+    dense-key gather indices are always built. Rows index the sequences' distinct batches one after another
+    (`StepIndex.batches`), not a per-step copy of the sequences."""
     page = pool.block_size
-    ctx_start, ctx_end, cand_start, cand_end, ctx_len, n_seq, n_static = np.array(
+    batches = list(dict.fromkeys(s.batch for s in seqs))  # in order of first use
+    batch_start = dict(zip(batches, np.cumsum([0, *(len(b.group) for b in batches[:-1])]).tolist()))
+    ctx_start, ctx_end, cand_start, cand_end, ctx_len, base, n_static = np.array(
         [(it.ctx_start, it.ctx_end, it.cand_start, it.cand_end, it.state.context_len,
-          len(e.group), it.state.signature.static_tokens) for it, e in zip(items, embedded)], np.int64).T
+          batch_start[s.batch] + s.start, it.state.signature.static_tokens) for it, s in zip(items, seqs)], np.int64).T
     n_new, n_cand = ctx_end - ctx_start, cand_end - cand_start
     n_q, n_k = n_new + n_cand, ctx_end + n_cand
-    base, q_off, k_off = _exclusive_cumsum(n_seq), _exclusive_cumsum(n_q), _exclusive_cumsum(n_k)
+    q_off, k_off = _exclusive_cumsum(n_q), _exclusive_cumsum(n_k)
 
     # block tables: each sequence's own pages up to ctx_end, then scratch pages for its candidates
     own = -(-ctx_end // page)
@@ -73,8 +110,9 @@ def build_step_index(items, embedded: list, pool: KVPool, device: torch.device) 
         raise RuntimeError(f"kv cache: the step's candidates need {extra.sum()} scratch pages, the pool has "
                            f"{len(pool.scratch)}")
     table = np.zeros((len(items), max(int((own + extra).max()), 1)), np.int64)
-    for i, it in enumerate(items):
-        table[i, :own[i]] = it.blocks[:own[i]]
+    seq = np.repeat(np.arange(len(items)), own)
+    pages = np.fromiter(chain.from_iterable(it.blocks[:n] for it, n in zip(items, own.tolist())), np.int64, len(seq))
+    table[seq, _ranges(np.zeros_like(own), own)] = pages
     seq = np.repeat(np.arange(len(items)), extra)
     table[seq, own[seq] + _ranges(np.zeros_like(extra), extra)] = pool.scratch[:int(extra.sum())]
 
@@ -97,15 +135,15 @@ def build_step_index(items, embedded: list, pool: KVPool, device: torch.device) 
         "q": _ranges(np.stack([base + ctx_start, cand_rows], 1).ravel(), np.stack([n_new, n_cand], 1).ravel()),
         "k": _ranges(np.stack([base, cand_rows], 1).ravel(), np.stack([ctx_end, n_cand], 1).ravel()),
         "write_src": write_src, "write_slots": write_slots, **gather, "cand_src": cand_src, "q_slots": q_slots,
-        "q_len": n_q, "k_len": n_k, "counts": np.stack([np.minimum(n_static, ctx_end), ctx_end], 1).ravel(),
-        "table": table.ravel(),
+        "q_offsets": np.r_[0, np.cumsum(n_q)], "k_offsets": np.r_[0, np.cumsum(n_k)],
+        "counts": np.stack([np.minimum(n_static, ctx_end), ctx_end], 1).ravel(), "table": table.ravel(),
     }
     t = dict(zip(parts, upload(device, [[a] for a in parts.values()], torch.int64)))
-    group, pos, ts = (torch.cat([getattr(e, f) for e in embedded]) for f in ("group", "pos", "ts"))
+    group, pos, ts = (batch_rows(batches, f) for f in ("group", "pos", "ts"))
 
-    def meta(rows: torch.Tensor, lengths: torch.Tensor) -> TokenMeta:
-        return TokenMeta(offsets_of(lengths), group[rows], pos[rows], ts[rows])
+    def meta(rows: torch.Tensor, offsets: torch.Tensor) -> TokenMeta:
+        return TokenMeta(offsets, take(group, rows), take(pos, rows), take(ts, rows))
 
-    return StepIndex(t["q"], meta(t["q"], t["q_len"]), meta(t["k"], t["k_len"]), t["write_src"], t["write_slots"],
-                     t["ctx_dest"], t["ctx_slots"], t["cand_dest"], t["cand_src"], t["q_slots"],
-                     t["table"].view(table.shape), t["counts"].view(-1, 2), int(n_q.max(initial=0)))
+    return StepIndex(t["q"], meta(t["q"], t["q_offsets"]), meta(t["k"], t["k_offsets"]), t["write_src"],
+                     t["write_slots"], t["ctx_dest"], t["ctx_slots"], t["cand_dest"], t["cand_src"], t["q_slots"],
+                     t["table"].view(table.shape), t["counts"].view(-1, 2), int(n_q.max(initial=0)), batches)

@@ -13,7 +13,7 @@ from grinfer.features.featurizer import FeatureRequest
 from grinfer.ops.groups import time_bucket
 
 
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] along dim 0 (index_select: several times faster than advanced indexing on CPU)."""
     return x.index_select(0, index)
 
@@ -122,16 +122,16 @@ class DeviceFeaturizer:
 
         # context tokens in output order: src = index in the input context, seg = user, prev = previous timestamp
         run = torch.repeat_interleave(torch.arange(2 * b, device=dev), run_len, output_size=n_ctx)
-        src = torch.arange(n_ctx, device=dev) + _take(run_shift, run)
-        seg = _take(run_user, run)
-        ts = _take(stamps, src)
-        prev = torch.where(src == _take(run_first, run), ts, _take(stamps, (src - 1).clamp(min=0)))
+        src = torch.arange(n_ctx, device=dev) + take(run_shift, run)
+        seg = take(run_user, run)
+        ts = take(stamps, src)
+        prev = torch.where(src == take(run_first, run), ts, take(stamps, (src - 1).clamp(min=0)))
         # candidates: at request_ts, after the user's last event (request_ts itself without events)
         seg_c = torch.repeat_interleave(torch.arange(b, device=dev), c_off.diff(), output_size=n_cand)
-        c_ts, c_prev = _take(request_ts, seg_c), _take(_take(torch.cat([stamps, request_ts]), last), seg_c)
+        c_ts, c_prev = take(request_ts, seg_c), take(take(torch.cat([stamps, request_ts]), last), seg_c)
         gaps = time_bucket(torch.cat([ts - prev, c_ts - c_prev]), self.num_time_buckets).split([n_ctx, n_cand])
 
-        context = self._tokens(_take(items, src), _take(ratings, src), ts, gaps[0])
+        context = self._tokens(take(items, src), take(ratings, src), ts, gaps[0])
         candidates = self._tokens(cands, torch.zeros_like(cands), c_ts, gaps[1])
         parts = {k: v.split([n_s, n_ctx - n_s]) for k, v in context.items()}  # split: no guard on n_s's value
         history, realtime = ({k: v[i] for k, v in parts.items()} for i in (0, 1))
@@ -145,7 +145,7 @@ class DeviceFeaturizer:
         )
 
     def _tokens(self, items, actions, stamps, gaps) -> dict[str, torch.Tensor]:
-        return {"items": items, "genres": _take(self.genres, items), "years": _take(self.years, items),
+        return {"items": items, "genres": take(self.genres, items), "years": take(self.years, items),
                 "actions": actions, "timestamps": stamps, "gaps": gaps}
 
     def _cross(self, b: int, lengths, seg, ctx: dict, seg_c, cand: dict, n_ctx: int) -> torch.Tensor:
@@ -159,14 +159,14 @@ class DeviceFeaturizer:
         counts = genres.new_zeros(b, genres.shape[1]).index_add_(0, seg, genres)
         rating = genres.new_zeros(b, genres.shape[1]).index_add_(0, seg, genres * centred[:, None])
         per_user = torch.stack([counts / n[:, None], rating / counts.clamp(min=1)], 1)  # [B, 2, G]
-        affinity = (_take(per_user, seg_c) * cand_genres[:, None]).sum(2) / cand_genres.sum(1, keepdim=True).clamp(1)
+        affinity = (take(per_user, seg_c) * cand_genres[:, None]).sum(2) / cand_genres.sum(1, keepdim=True).clamp(1)
         era = genres.new_zeros(b * self.num_years).index_add_(0, seg * self.num_years + ctx["years"],
                                                               genres.new_ones(len(seg)))
-        same_era = _take(era, seg_c * self.num_years + cand["years"]) / _take(n, seg_c)
+        same_era = take(era, seg_c * self.num_years + cand["years"]) / take(n, seg_c)
         keys, cand_keys = seg * self.num_rows + ctx["items"], seg_c * self.num_rows + cand["items"]
         if n_ctx:  # sort + searchsorted: torch.isin would sync with the host (unique) on CUDA
             keys = keys.sort().values
-            seen = _take(keys, torch.searchsorted(keys, cand_keys).clamp(max=n_ctx - 1)) == cand_keys
+            seen = take(keys, torch.searchsorted(keys, cand_keys).clamp(max=n_ctx - 1)) == cand_keys
         else:
             seen = torch.zeros_like(cand_keys, dtype=torch.bool)
         return torch.cat([affinity, same_era[:, None], seen[:, None].to(torch.float32)], 1)
