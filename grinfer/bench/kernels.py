@@ -31,7 +31,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import cast
 
@@ -70,6 +70,18 @@ SMOKE = Shapes(heads=2, head_dim=40, u=2, s=21, r=6, c=9, new_r=2, max_seq_len=4
 SWEEP = [KernelConfig(128, 32, 8, 2), KernelConfig(128, 32, 8, 3), KernelConfig(128, 16, 8, 2),
          KernelConfig(64, 32, 4, 2), KernelConfig(64, 32, 4, 3), KernelConfig(64, 64, 8, 2),
          KernelConfig(128, 64, 8, 2)]
+# the kernel's opt-in variants (KERNELS.md, versions 5+), also timed by --sweep in the fused backend's call;
+# shared memory per program from an offline sm_90 compile (Triton 3.6) in the comments
+M64, M128 = KernelConfig(64, 32, 4, 3), KernelConfig(128, 32, 8, 3)
+VARIANTS = [
+    replace(M64, num_stages=2, prefetch=True), replace(M64, prefetch=True),  # 132 KB at s3: 1 program per SM
+    replace(M64, num_stages=4, prefetch=True), replace(M128, num_stages=2, prefetch=True),
+    replace(M128, prefetch=True),  # 165 KB, 24-byte stack
+    replace(M64, scan=256), replace(M64, prefetch=True, scan=256), replace(M128, prefetch=True, scan=256),
+    replace(M64, prefetch=True, loop_stages=4), replace(M64, warp_specialize=True), replace(M64, unroll=2),
+    replace(M64, persistent=2), replace(M64, prefetch=True, persistent=1), replace(M128, prefetch=True, persistent=1),
+    replace(M64, overlap=True), replace(M128, overlap=True),
+]
 
 
 def bench(fn) -> float:
@@ -164,7 +176,7 @@ def dense_baseline(x: dict, plan, alpha: float):
     return run, to_jagged
 
 
-def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,  # noqa: C901 (one row per timed variant)
+def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,
              gen: torch.Generator) -> list[dict]:
     x = build(sh, case, batch, gen)
     meta = (x["q_offsets"], x["k_offsets"], x["q_group"], x["q_pos"], x["k_group"], x["k_pos"])
@@ -184,15 +196,6 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,  # noqa
     counts = key_counts(x["k_group"], x["k_offsets"])
     rows = []
 
-    def resources(cfg: KernelConfig, fast: bool = True) -> dict:
-        """Registers per thread, spilled bytes and shared memory of the compiled kernel."""
-        if DEVICE == "cpu":
-            return {}
-        k = launch_hstu_attention(qb, kb, vb, *meta, max_len_q=x["max_len_q"], k_counts=counts, config=cfg,
-                                  fast_silu=fast)[1]
-        return {"regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
-                "smem": getattr(getattr(k, "metadata", None), "shared", None)}
-
     def record(impl: str, ms: float | None, err: dict | None, **extra):
         row = {"case": case, "batch": batch, "impl": impl, "ms": ms, "tflops": flops / ms / 1e9 if ms else None,
                "x_floor": ms / floor_ms if ms else None, "floor_ms": floor_ms, "gflop": flops / 1e9,
@@ -200,9 +203,11 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,  # noqa
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    def kernel(cfg: KernelConfig | None, out: torch.Tensor | None = None, q=qb, k=kb, v=vb, **kw):
-        return triton_hstu_attention(q, k, v, *meta, max_len_q=x["max_len_q"], k_counts=counts, out=out,
-                                     config=cfg, **kw)
+    def kernel(cfg: KernelConfig | None, out: torch.Tensor | None = None, q=qb, k=kb, v=vb, compiled=False, **kw):
+        """The kernel's output (compiled: and the compiled kernel) at this case's shapes."""
+        got = launch_hstu_attention(q, k, v, *meta, max_len_q=x["max_len_q"], k_counts=counts, out=out,
+                                    config=cfg, **kw)
+        return got if compiled else got[0]
 
     # correctness: poisoned output, bf16 and fp32 inputs, the other normaliser and the causal mask
     default = default_config(sh.head_dim, sh.head_dim)
@@ -219,7 +224,8 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,  # noqa
         del ref, got
 
     # timings
-    record(f"triton {default}", bench(lambda: kernel(default)), err_kernel, **resources(default))
+    record(f"triton {default}", bench(lambda: kernel(default)), err_kernel,
+           **resources(kernel(default, compiled=True)[1]))
     record(f"triton {default} (again)", bench(lambda: kernel(default)), None)
     k_pool, v_pool, table = paged(x, kb, vb, batch, gen)
     paged_kernel = partial(kernel, default, k=k_pool, v=v_pool, block_table=table, page_size=32)
@@ -229,12 +235,10 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,  # noqa
     record(f"triton {fused} paged + layout counts (the fused backend's call)", bench(partial(engine, fused)),
            errors(engine(fused), ref32))
     if sweep:
-        for cfg in SWEEP:
-            if cfg != fused:
-                try:
-                    record(f"triton {cfg} paged + layout counts", bench(partial(engine, cfg)), None)
-                except Exception as exc:
-                    record(f"triton {cfg} paged + layout counts", None, None, error=f"{type(exc).__name__}")
+        configs = [cfg for cfg in SWEEP + VARIANTS if cfg != fused]
+        for i, cfg in enumerate(configs):
+            print(f"-- {case} [{i + 1}/{len(configs)}] {cfg}", file=sys.stderr, flush=True)
+            timed_variant(record, partial(engine, cfg), ref32, f"triton {cfg} paged + layout counts")
     k_pool, v_pool, table = paged(x, kb, vb, batch, gen, page=16)
     paged_kernel = partial(kernel, default, k=k_pool, v=v_pool, block_table=table, page_size=16)
     record(f"triton {default} paged, 16-slot pages (a block id per key)", bench(paged_kernel),
@@ -242,14 +246,7 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,  # noqa
     paged_kernel = engine = k_pool = v_pool = table = None  # free the pool before the baselines
     record("triton per call (counts + offsets check)",
            bench(lambda: triton_hstu_attention(qb, kb, vb, *meta)), None)
-    variants = [(default, False)] + ([(cfg, True) for cfg in SWEEP if cfg != default] if sweep else [])
-    for cfg, fast in variants:
-        name = f"triton {cfg}" + ("" if fast else " exact-silu")
-        try:
-            err = errors(kernel(cfg, fast_silu=fast), ref32)
-            record(name, bench(lambda cfg=cfg, fast=fast: kernel(cfg, fast_silu=fast)), err, **resources(cfg, fast))
-        except Exception as exc:  # out of shared memory / registers: report and go on
-            record(name, None, None, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+    timed_variant(record, partial(kernel, default, fast_silu=False), ref32, f"triton {default} exact-silu")
     ref_bf16 = hstu_attention(qb, kb, vb, *meta)
     record("reference bf16 (plan + attend)", bench(lambda: hstu_attention(qb, kb, vb, *meta)), errors(ref_bf16, ref32))
     record("reference bf16 (attend, plan shared)", bench(lambda: attend(qb, kb, vb, plan)), None)
@@ -259,18 +256,40 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,  # noqa
     return rows
 
 
+def timed_variant(record, call, ref32: torch.Tensor, name: str) -> None:
+    """One row: call(out=...) checked on a NaN-poisoned output (every element written), then timed; a variant
+    that fails to compile or launch (shared memory, registers, the compiler) is a row saying so."""
+    start = time.perf_counter()
+    try:
+        out, compiled = call(out=torch.full_like(ref32, float("nan"), dtype=torch.bfloat16), compiled=True)
+        first_s = time.perf_counter() - start
+        record(name, bench(call), errors(out, ref32), first_call_s=round(first_s, 2), **resources(compiled))
+    except Exception as exc:  # any failure is a row of the table, and the sweep goes on
+        record(name, None, None, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def resources(compiled) -> dict:
+    """Registers per thread, spilled bytes and shared memory of a compiled kernel (none in the interpreter)."""
+    if DEVICE == "cpu" or compiled is None:
+        return {}
+    return {"regs": getattr(compiled, "n_regs", None), "spills": getattr(compiled, "n_spills", None),
+            "smem": getattr(getattr(compiled, "metadata", None), "shared", None)}
+
+
 def table(rows: list[dict], caps: dict, device: str) -> str:
     lines = [f"card: {device}; torch {torch.__version__}, triton {triton.__version__}; "
              f"bf16 matmul 8192^3: {caps['matmul_tflops']:.0f} TFLOP/s; copy: {caps['copy_tbps']:.2f} TB/s",
-             "", "| case | implementation | ms (median) | useful TFLOP/s | x floor | max abs err | rel err |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| case | implementation | ms (median) | useful TFLOP/s | x floor | max abs err | rel err "
+             "| regs/spill/smem |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = f"{r['ms']:.3f}" if r["ms"] else r.get("error", "-").split(",")[0]
         tf = f"{r['tflops']:.0f}" if r["tflops"] else "-"
         xf = f"{r['x_floor']:.1f}" if r["x_floor"] else "-"
         ea = f"{r['max_abs']:.2e}" if "max_abs" in r else "-"
         er = f"{r['rel']:.2e}" if "rel" in r else "-"
-        lines.append(f"| {r['case']} B={r['batch']} | {r['impl']} | {ms} | {tf} | {xf} | {ea} | {er} |")
+        res = f"{r['regs']}/{r['spills']}/{r['smem'] // 1024 if r['smem'] else '-'}K" if r.get("regs") else "-"
+        lines.append(f"| {r['case']} B={r['batch']} | {r['impl']} | {ms} | {tf} | {xf} | {ea} | {er} | {res} |")
     floors = {r["case"]: (r["gflop"], r["mbytes"], r["floor_ms"]) for r in rows}
     lines += [""] + [f"{c}: {g:.1f} GFLOP useful, {mb:.0f} MB, floor {f:.3f} ms" for c, (g, mb, f) in floors.items()]
     return "\n".join(lines)
@@ -278,7 +297,7 @@ def table(rows: list[dict], caps: dict, device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=None, help="users (default 32; --smoke: 2)")
     parser.add_argument("--cases", default="cold,warm")
     parser.add_argument("--sweep", action="store_true", help="also time the launch shapes in SWEEP")
     parser.add_argument("--json", default=None, help="write every row here")
@@ -287,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     global DEVICE
     DEVICE = "cpu" if args.smoke else "cuda"
     sh = SMOKE if args.smoke else R1
+    batch = args.batch or (2 if args.smoke else 32)
     if not args.smoke and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
@@ -298,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows = []
     for case in args.cases.split(","):
-        rows += run_case(sh, case, args.batch, args.sweep, caps, gen)
+        rows += run_case(sh, case, batch, args.sweep, caps, gen)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     text = table(rows, caps, device)

@@ -39,6 +39,7 @@ result (the tests shuffle and reverse keys). Positions must lie in (-2**30, 2**3
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -109,13 +110,18 @@ def _silu(x, alpha, FAST: tl.constexpr):
 
 @triton.jit
 def _key_rows(start_n, offs_n, n_valid, k_rows0, bt_row, PAGED: tl.constexpr, PAGE: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              BLOCK_N: tl.constexpr, SAFE: tl.constexpr = False):
     """Rows of K/V holding keys offs_n = start_n + [0, BLOCK_N) of the sequence: k_rows0 + offs_n, or, PAGED,
     their slots in the pool through the sequence's block table: one block id per tile when tiles never
-    straddle pages (PAGE a multiple of BLOCK_N; tiles start at multiples of BLOCK_N), else one per key."""
+    straddle pages (PAGE a multiple of BLOCK_N; tiles start at multiples of BLOCK_N), else one per key.
+    SAFE: the tile may lie past the sequence's keys (a prefetch), so its one block id is read under a mask."""
     if PAGED:
         if PAGE % BLOCK_N == 0:
-            blk = tl.load(bt_row + start_n // PAGE).to(tl.int64)
+            if SAFE:
+                blk = tl.load(bt_row + start_n // PAGE, mask=tl.max(n_valid.to(tl.int32), axis=0) > 0,
+                              other=0).to(tl.int64)
+            else:
+                blk = tl.load(bt_row + start_n // PAGE).to(tl.int64)
             rows = blk * PAGE + start_n % PAGE + tl.arange(0, BLOCK_N)
         else:
             blk = tl.load(bt_row + offs_n // PAGE, mask=n_valid, other=0).to(tl.int64)
@@ -126,23 +132,27 @@ def _key_rows(start_n, offs_n, n_valid, k_rows0, bt_row, PAGED: tl.constexpr, PA
 
 
 @triton.jit
-def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, bt_row, Kh, Vh, KSh, VSh, k_group, k_pos, stride_kt,
-          stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr,
-          BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
-          UPCAST: tl.constexpr, FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-          QUANT: tl.constexpr):
-    """acc += (SiLU(alpha q K^T) * M) V and cnt += row sums of M over key tile [start_n, start_n + BLOCK_N).
-
-    QUANT: K and V are 8-bit with one scale per (key, head): the tile's values are widened to q's dtype
-    (exactly: int8 and e4m3 fit in bf16), key j's scale multiplies score column j and its V scale
-    probability column j, which is K and V dequantised, factored out of the dot products."""
+def _tile_rows(start_n, lk, k_rows0, bt_row, PAGED: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+               SAFE: tl.constexpr = False):
+    """`_key_rows` of the key tile starting at start_n."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < lk
-    rows = k_rows0 + offs_n
-    kg = tl.load(k_group + rows, mask=n_valid, other=-1).to(tl.int32)
-    kp = tl.load(k_pos + rows, mask=n_valid, other=0).to(tl.int32)
-    rank, cpos = _key_codes(kg, kp, n_valid, DYNAMIC)
-    kv_rows = _key_rows(start_n, offs_n, n_valid, k_rows0, bt_row, PAGED, PAGE, BLOCK_N)
+    return _key_rows(start_n, offs_n, offs_n < lk, k_rows0, bt_row, PAGED, PAGE, BLOCK_N, SAFE)
+
+
+@triton.jit
+def _tile_start(t, n_a, band_lo, BLOCK_N: tl.constexpr):
+    """First key of the main loop's t-th tile: range A's tiles, then the band's."""
+    return tl.where(t < n_a, t * BLOCK_N, band_lo + (t - n_a) * BLOCK_N)
+
+
+@triton.jit
+def _scores(q, start_n, lk, kv_rows, Kh, KSh, stride_kt, stride_st, offs_dqk, D_QK: tl.constexpr,
+            BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, QUANT: tl.constexpr):
+    """q K^T over key tile [start_n, start_n + BLOCK_N) (keys at K rows kv_rows), fp32.
+
+    QUANT: K is 8-bit with one scale per (key, head): the tile is widened to q's dtype (exactly: int8 and
+    e4m3 fit in bf16) and key j's scale multiplies score column j, K dequantised outside the dot product."""
+    n_valid = start_n + tl.arange(0, BLOCK_N) < lk
     kt = tl.load(Kh + kv_rows[None, :] * stride_kt + offs_dqk[:, None],
                  mask=n_valid[None, :] & (offs_dqk < D_QK)[:, None], other=0.0)
     if QUANT:  # (the interpreter's int8 -> bf16 cast is wrong: there, fp32, which _dot upcasts to anyway)
@@ -150,19 +160,279 @@ def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, bt_row, Kh, Vh, KSh, VSh, 
     s = _dot(q, kt, PRECISION, UPCAST)
     if QUANT:
         s *= tl.load(KSh + kv_rows * stride_st, mask=n_valid, other=0.0)[None, :]
+    return s
+
+
+@triton.jit
+def _mask(lim, qp, start_n, lk, k_rows0, k_group, k_pos, BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr):
+    """M of key tile [start_n, start_n + BLOCK_N): which (query, key) pairs are visible."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < lk
+    rows = k_rows0 + offs_n
+    kg = tl.load(k_group + rows, mask=n_valid, other=-1).to(tl.int32)
+    kp = tl.load(k_pos + rows, mask=n_valid, other=0).to(tl.int32)
+    rank, cpos = _key_codes(kg, kp, n_valid, DYNAMIC)
     m = rank[None, :] <= lim[:, None]
     if DYNAMIC:
         m |= cpos[None, :] == qp[:, None]
+    return m
+
+
+@triton.jit
+def _probs(s, m, q, start_n, lk, kv_rows, VSh, stride_st, alpha, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+           FAST_SILU: tl.constexpr, QUANT: tl.constexpr):
+    """P = SiLU(alpha s) * M of a key tile from its scores s, in q's dtype (QUANT: column j times key j's V
+    scale, V dequantised outside the dot product)."""
     p = tl.where(m, _silu(s, alpha, FAST_SILU), 0.0)
+    if QUANT:
+        n_valid = start_n + tl.arange(0, BLOCK_N) < lk
+        p *= tl.load(VSh + kv_rows * stride_st, mask=n_valid, other=0.0)[None, :]
+    return round_to(p, q.dtype, UPCAST)
+
+
+@triton.jit
+def _pv(acc, p, start_n, lk, kv_rows, Vh, stride_vt, offs_dv, D_V: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST: tl.constexpr, QUANT: tl.constexpr):
+    """acc + P V over key tile [start_n, start_n + BLOCK_N) (values at V rows kv_rows)."""
+    n_valid = start_n + tl.arange(0, BLOCK_N) < lk
     v = tl.load(Vh + kv_rows[:, None] * stride_vt + offs_dv[None, :],
                 mask=n_valid[:, None] & (offs_dv < D_V)[None, :], other=0.0)
     if QUANT:
-        v = v.to(tl.float32) if UPCAST else v.to(q.dtype)
-        p *= tl.load(VSh + kv_rows * stride_st, mask=n_valid, other=0.0)[None, :]
-    acc += _dot(round_to(p, q.dtype, UPCAST), v, PRECISION, UPCAST)
+        v = v.to(tl.float32) if UPCAST else v.to(p.dtype)
+    return acc + _dot(p, v, PRECISION, UPCAST)
+
+
+@triton.jit
+def _tile(acc, cnt, q, lim, qp, start_n, lk, k_rows0, kv_rows, Kh, Vh, KSh, VSh, k_group, k_pos, stride_kt,
+          stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr,
+          BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
+          UPCAST: tl.constexpr, FAST_SILU: tl.constexpr, QUANT: tl.constexpr):
+    """acc += (SiLU(alpha q K^T) * M) V and cnt += row sums of M over key tile [start_n, start_n + BLOCK_N)."""
+    m = _mask(lim, qp, start_n, lk, k_rows0, k_group, k_pos, BLOCK_N, DYNAMIC)
+    s = _scores(q, start_n, lk, kv_rows, Kh, KSh, stride_kt, stride_st, offs_dqk, D_QK, BLOCK_N, PRECISION,
+                UPCAST, QUANT)
+    p = _probs(s, m, q, start_n, lk, kv_rows, VSh, stride_st, alpha, BLOCK_N, UPCAST, FAST_SILU, QUANT)
+    acc = _pv(acc, p, start_n, lk, kv_rows, Vh, stride_vt, offs_dv, D_V, BLOCK_N, PRECISION, UPCAST, QUANT)
     if COUNT:
         cnt += tl.sum(m.to(tl.float32), axis=1)
     return acc, cnt
+
+
+@triton.jit
+def _seen(start, lk, keys, k_group, k_pos, max_lim, min_pos, max_pos, WIDTH: tl.constexpr, DYNAMIC: tl.constexpr):
+    """Per key of [start, start + WIDTH): whether some query of the tile may see it (a test on the keys'
+    metadata alone that never says no to a visible key: see the constants above)."""
+    offs_n = start + tl.arange(0, WIDTH)
+    n_valid = offs_n < lk
+    kg = tl.load(k_group + keys + offs_n, mask=n_valid, other=-1).to(tl.int32)
+    kp = tl.load(k_pos + keys + offs_n, mask=n_valid, other=0).to(tl.int32)
+    rank, cpos = _key_codes(kg, kp, n_valid, DYNAMIC)
+    seen = rank <= max_lim
+    if DYNAMIC:
+        seen |= (cpos >= min_pos) & (cpos <= max_pos)
+    return seen
+
+
+@triton.jit
+def _main_loop(acc, cnt, q, lim, qp, n_a, n_main, band_lo, lk, k_start, bt_row, Kh, Vh, KSh, VSh, k_group, k_pos,
+               stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr,
+               BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, COUNT: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr, FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+               QUANT: tl.constexpr, PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr,
+               WARP_SPEC: tl.constexpr):
+    """Range A and the band, n_main tiles with no tests, so the loads pipeline. PREFETCH: each tile's K/V rows
+    (its block id) are read one iteration ahead and carried, so the K/V loads do not wait on them."""
+    if PREFETCH:
+        rows_next = _tile_rows(_tile_start(0, n_a, band_lo, BLOCK_N), tl.where(n_main > 0, lk, 0), k_start, bt_row,
+                               PAGED, PAGE, BLOCK_N, True)
+    for t in tl.range(0, n_main, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL, warp_specialize=WARP_SPEC):
+        start_n = _tile_start(t, n_a, band_lo, BLOCK_N)
+        if PREFETCH:
+            kv_rows = rows_next
+            # the last iteration re-reads its own tile's block id (in bounds, unused)
+            start_next = tl.where(t + 1 < n_main, _tile_start(t + 1, n_a, band_lo, BLOCK_N), start_n)
+            rows_next = _tile_rows(start_next, lk, k_start, bt_row, PAGED, PAGE, BLOCK_N)
+        else:
+            kv_rows = _tile_rows(start_n, lk, k_start, bt_row, PAGED, PAGE, BLOCK_N)
+        acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, kv_rows, Kh, Vh, KSh, VSh, k_group, k_pos,
+                         stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
+                         COUNT, PRECISION, UPCAST, FAST_SILU, QUANT)
+    return acc, cnt
+
+
+@triton.jit
+def _main_loop_overlapped(acc, cnt, q, lim, qp, n_a, n_main, band_lo, lk, k_start, bt_row, Kh, Vh, KSh, VSh,
+                          k_group, k_pos, stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv,
+                          D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr,
+                          COUNT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
+                          PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr,
+                          WARP_SPEC: tl.constexpr):
+    """`_main_loop` restructured (version 6): iteration t issues S = q K^T of tile t + 1 before P V of tile t
+    and evaluates SiLU and the mask of tile t + 1 after it, so the SiLU can run while the tensor cores do P V.
+    Tile 0's scores come before the loop (all masked when n_main == 0) and the last tile's P V after it.
+    PREFETCH: the K/V rows of tile t + 2 are read in iteration t."""
+    lk0 = tl.where(n_main > 0, lk, 0)  # no keys in tile 0 when the loop is empty
+    start_n = _tile_start(0, n_a, band_lo, BLOCK_N)
+    kv_rows = _tile_rows(start_n, lk0, k_start, bt_row, PAGED, PAGE, BLOCK_N, True)
+    if PREFETCH:
+        rows_ahead = _tile_rows(_tile_start(1, n_a, band_lo, BLOCK_N), tl.where(n_main > 1, lk, 0), k_start,
+                                bt_row, PAGED, PAGE, BLOCK_N, True)
+    m = _mask(lim, qp, start_n, lk0, k_start, k_group, k_pos, BLOCK_N, DYNAMIC)
+    s = _scores(q, start_n, lk0, kv_rows, Kh, KSh, stride_kt, stride_st, offs_dqk, D_QK, BLOCK_N, PRECISION,
+                UPCAST, QUANT)
+    p = _probs(s, m, q, start_n, lk0, kv_rows, VSh, stride_st, alpha, BLOCK_N, UPCAST, FAST_SILU, QUANT)
+    if COUNT:
+        cnt += tl.sum(m.to(tl.float32), axis=1)
+    for t in tl.range(0, n_main - 1, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL,
+                      warp_specialize=WARP_SPEC):
+        start_next = _tile_start(t + 1, n_a, band_lo, BLOCK_N)
+        if PREFETCH:
+            rows_next = rows_ahead
+            # the last iteration re-reads tile t + 1's block id (in bounds, unused)
+            start_ahead = tl.where(t + 2 < n_main, _tile_start(t + 2, n_a, band_lo, BLOCK_N), start_next)
+            rows_ahead = _tile_rows(start_ahead, lk, k_start, bt_row, PAGED, PAGE, BLOCK_N)
+        else:
+            rows_next = _tile_rows(start_next, lk, k_start, bt_row, PAGED, PAGE, BLOCK_N)
+        m = _mask(lim, qp, start_next, lk, k_start, k_group, k_pos, BLOCK_N, DYNAMIC)
+        s = _scores(q, start_next, lk, rows_next, Kh, KSh, stride_kt, stride_st, offs_dqk, D_QK, BLOCK_N,
+                    PRECISION, UPCAST, QUANT)
+        acc = _pv(acc, p, start_n, lk, kv_rows, Vh, stride_vt, offs_dv, D_V, BLOCK_N, PRECISION, UPCAST, QUANT)
+        p = _probs(s, m, q, start_next, lk, rows_next, VSh, stride_st, alpha, BLOCK_N, UPCAST, FAST_SILU, QUANT)
+        if COUNT:
+            cnt += tl.sum(m.to(tl.float32), axis=1)
+        start_n = start_next
+        kv_rows = rows_next
+    acc = _pv(acc, p, start_n, lk0, kv_rows, Vh, stride_vt, offs_dv, D_V, BLOCK_N, PRECISION, UPCAST, QUANT)
+    return acc, cnt
+
+
+@triton.jit
+def _remainder_tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, band_lo, band_end, max_lim, min_pos,
+                    max_pos, Kh, Vh, KSh, VSh, k_group, k_pos, stride_kt, stride_vt, stride_st, alpha, offs_dqk,
+                    offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr,
+                    COUNT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST_SILU: tl.constexpr,
+                    PAGED: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr):
+    """One key tile past range A: computed if it lies outside the band and a query may see one of its keys."""
+    seen = _seen(start_n, lk, k_start, k_group, k_pos, max_lim, min_pos, max_pos, BLOCK_N, DYNAMIC)
+    outside = (start_n < band_lo) | (start_n >= band_end)
+    if outside & (tl.max(seen.to(tl.int32), axis=0) > 0):  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
+        kv_rows = _tile_rows(start_n, lk, k_start, bt_row, PAGED, PAGE, BLOCK_N)
+        acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, kv_rows, Kh, Vh, KSh, VSh, k_group, k_pos,
+                         stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
+                         COUNT, PRECISION, UPCAST, FAST_SILU, QUANT)
+    return acc, cnt
+
+
+@triton.jit
+def _query_tile(
+    pid_m, b, h,
+    Q, K, V, Out, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, k_counts, K_scale, V_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh,
+    alpha, inv_norm, block_table, stride_bt,
+    D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, LAYOUT_COUNT: tl.constexpr,
+    COUNT: tl.constexpr, QUANT: tl.constexpr, PREFETCH: tl.constexpr, OVERLAP: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr, WARP_SPEC: tl.constexpr, SCAN: tl.constexpr,
+):
+    """Query tile pid_m of sequence b, head h (nothing when the sequence has fewer queries)."""
+    q_start = tl.load(q_offsets + b).to(tl.int64)
+    lq = (tl.load(q_offsets + b + 1) - q_start).to(tl.int32)
+    if pid_m * BLOCK_M < lq:
+        k_start = tl.load(k_offsets + b).to(tl.int64)
+        lk = (tl.load(k_offsets + b + 1) - k_start).to(tl.int32)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_valid = offs_m < lq
+        q_rows = q_start + offs_m
+        offs_dqk = tl.arange(0, BLOCK_DQK)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        qg = tl.load(q_group + q_rows, mask=m_valid, other=-1).to(tl.int32)
+        qp = tl.load(q_pos + q_rows, mask=m_valid, other=-1).to(tl.int32)
+        q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_dqk[None, :],
+                    mask=m_valid[:, None] & (offs_dqk < D_QK)[None, :], other=0.0)
+        Kh = K + h * stride_kh
+        Vh = V + h * stride_vh
+        KSh = K_scale + h * stride_sh
+        VSh = V_scale + h * stride_sh
+        bt_row = block_table + b * stride_bt
+
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if DYNAMIC:
+            lim = tl.where(qg == _C, _LIM_ALL, tl.where(qg == _R, qp, _LIM_CTX))
+            # range A, from the per-sequence key counts (keys in [U | S | R | C] order, index == position)
+            n_us = tl.load(k_counts + 2 * b)
+            n_ctx = tl.load(k_counts + 2 * b + 1)
+            is_c = m_valid & (qg == _C)
+            has_c = tl.max(is_c.to(tl.int32), axis=0) > 0  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
+            max_r_pos = tl.max(tl.where(m_valid & (qg == _R), qp, -1), axis=0)
+            hi = tl.where(has_c, n_ctx, tl.maximum(n_us, tl.minimum(n_ctx, max_r_pos + 1)))  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
+            # the band: the candidate queries' own keys, as if the candidates were the keys' consecutive suffix
+            last_pos = tl.load(k_pos + k_start + lk - 1, mask=lk > 0, other=0).to(tl.int32)
+            self_n = lk - 1 - (last_pos - qp)
+            band_lo = tl.maximum(tl.min(tl.where(is_c, self_n, _LIM_ALL), axis=0), 0)
+            band_hi = tl.minimum(tl.max(tl.where(is_c, self_n, -1), axis=0) + 1, lk)  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
+        else:
+            lim = qp
+            hi = tl.max(tl.where(m_valid, qp, -1), axis=0) + 1  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
+            band_lo = lk
+            band_hi = 0
+        hi = tl.minimum(hi, lk)
+        a_end = (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        band_lo = tl.maximum(a_end, band_lo // BLOCK_N * BLOCK_N)
+        band_end = tl.maximum(band_lo, (band_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+        n_a = a_end // BLOCK_N
+        n_main = n_a + (band_end - band_lo) // BLOCK_N
+
+        # 1. the main loop over range A, then the band
+        if OVERLAP:
+            acc, cnt = _main_loop_overlapped(
+                acc, cnt, q, lim, qp, n_a, n_main, band_lo, lk, k_start, bt_row, Kh, Vh, KSh, VSh, k_group, k_pos,
+                stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, COUNT,
+                PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, QUANT, PREFETCH, LOOP_STAGES, UNROLL, WARP_SPEC)
+        else:
+            acc, cnt = _main_loop(
+                acc, cnt, q, lim, qp, n_a, n_main, band_lo, lk, k_start, bt_row, Kh, Vh, KSh, VSh, k_group, k_pos,
+                stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, COUNT,
+                PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, QUANT, PREFETCH, LOOP_STAGES, UNROLL, WARP_SPEC)
+
+        # 2. the remainder (any tile past range A and outside the band), tested on its keys' metadata first;
+        # with the usual layout every such tile is skipped. SCAN: the test runs on SCAN keys at a time and only
+        # a chunk with a visible key outside the band is gone through tile by tile.
+        max_lim = tl.max(tl.where(m_valid, lim, _LIM_CTX), axis=0)
+        min_pos = tl.min(tl.where(m_valid, qp, _LIM_ALL), axis=0)
+        max_pos = tl.max(tl.where(m_valid, qp, _LIM_CTX), axis=0)
+        if SCAN > 0:
+            for chunk in range(a_end, lk, SCAN):
+                offs = chunk + tl.arange(0, SCAN)
+                seen = _seen(chunk, lk, k_start, k_group, k_pos, max_lim, min_pos, max_pos, SCAN, DYNAMIC)
+                seen &= (offs < band_lo) | (offs >= band_end)  # the band is tile-aligned
+                if tl.max(seen.to(tl.int32), axis=0) > 0:  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
+                    for start_n in range(chunk, tl.minimum(chunk + SCAN, lk), BLOCK_N):
+                        acc, cnt = _remainder_tile(
+                            acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, band_lo, band_end, max_lim,
+                            min_pos, max_pos, Kh, Vh, KSh, VSh, k_group, k_pos, stride_kt, stride_vt, stride_st,
+                            alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, COUNT, PRECISION, UPCAST,
+                            FAST_SILU, PAGED, PAGE, QUANT)
+        else:
+            for start_n in range(a_end, lk, BLOCK_N):
+                acc, cnt = _remainder_tile(
+                    acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, band_lo, band_end, max_lim, min_pos,
+                    max_pos, Kh, Vh, KSh, VSh, k_group, k_pos, stride_kt, stride_vt, stride_st, alpha, offs_dqk,
+                    offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, COUNT, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, QUANT)
+
+        if VISIBLE_NORM:
+            if LAYOUT_COUNT:  # the engine's layout: U/S queries see the U/S keys, R at p p + 1, C the context + self
+                cnt = tl.where(qg == _C, n_ctx + 1, tl.where(qg == _R, qp + 1, n_us)).to(tl.float32)
+            out = acc / tl.maximum(cnt, 1.0)[:, None]
+        else:
+            out = acc * inv_norm
+        out = round_to(out, Out.dtype.element_ty, UPCAST).to(Out.dtype.element_ty)
+        tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :], out,
+                 mask=m_valid[:, None] & (offs_dv < D_V)[None, :])
 
 
 @triton.jit
@@ -171,120 +441,79 @@ def _hstu_attention_fwd(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh,
     alpha, inv_norm,
     block_table, stride_bt,
+    n_tiles_m, n_seq, n_heads,  # the work of a PERSISTENT grid: query tiles per sequence, sequences, heads
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, LAYOUT_COUNT: tl.constexpr,
     COUNT: tl.constexpr,  # VISIBLE_NORM and not LAYOUT_COUNT: count the visible keys tile by tile
     QUANT: tl.constexpr,  # 8-bit K/V with scales [slots, heads] in K_scale / V_scale
+    PREFETCH: tl.constexpr = False, OVERLAP: tl.constexpr = False,  # KernelConfig's variants
+    LOOP_STAGES: tl.constexpr = None, UNROLL: tl.constexpr = None, WARP_SPEC: tl.constexpr = False,
+    SCAN: tl.constexpr = 0, PERSISTENT: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    q_start = tl.load(q_offsets + b).to(tl.int64)
-    lq = (tl.load(q_offsets + b + 1) - q_start).to(tl.int32)
-    if pid_m * BLOCK_M >= lq:
-        return
-    k_start = tl.load(k_offsets + b).to(tl.int64)
-    lk = (tl.load(k_offsets + b + 1) - k_start).to(tl.int32)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < lq
-    q_rows = q_start + offs_m
-    offs_dqk = tl.arange(0, BLOCK_DQK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    qg = tl.load(q_group + q_rows, mask=m_valid, other=-1).to(tl.int32)
-    qp = tl.load(q_pos + q_rows, mask=m_valid, other=-1).to(tl.int32)
-    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_dqk[None, :],
-                mask=m_valid[:, None] & (offs_dqk < D_QK)[None, :], other=0.0)
-    Kh = K + h * stride_kh
-    Vh = V + h * stride_vh
-    KSh = K_scale + h * stride_sh
-    VSh = V_scale + h * stride_sh
-    bt_row = block_table + b * stride_bt
-
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if DYNAMIC:
-        lim = tl.where(qg == _C, _LIM_ALL, tl.where(qg == _R, qp, _LIM_CTX))
-        # range A, from the per-sequence key counts (keys in [U | S | R | C] order, index == position)
-        n_us = tl.load(k_counts + 2 * b)
-        n_ctx = tl.load(k_counts + 2 * b + 1)
-        is_c = m_valid & (qg == _C)
-        has_c = tl.max(is_c.to(tl.int32), axis=0) > 0  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
-        max_r_pos = tl.max(tl.where(m_valid & (qg == _R), qp, -1), axis=0)
-        hi = tl.where(has_c, n_ctx, tl.maximum(n_us, tl.minimum(n_ctx, max_r_pos + 1)))  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
-        # the band: the candidate queries' own keys, as if the candidates were the keys' consecutive suffix
-        last_pos = tl.load(k_pos + k_start + lk - 1, mask=lk > 0, other=0).to(tl.int32)
-        self_n = lk - 1 - (last_pos - qp)
-        band_lo = tl.maximum(tl.min(tl.where(is_c, self_n, _LIM_ALL), axis=0), 0)
-        band_hi = tl.minimum(tl.max(tl.where(is_c, self_n, -1), axis=0) + 1, lk)  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
-    else:
-        lim = qp
-        hi = tl.max(tl.where(m_valid, qp, -1), axis=0) + 1  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
-        band_lo = lk
-        band_hi = 0
-    hi = tl.minimum(hi, lk)
-    a_end = (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    band_lo = tl.maximum(a_end, band_lo // BLOCK_N * BLOCK_N)
-    band_end = tl.maximum(band_lo, (band_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
-    n_a = a_end // BLOCK_N
-
-    # 1. the main loop over range A, then the band: no tests, so the loads pipeline
-    for t in range(0, n_a + (band_end - band_lo) // BLOCK_N):
-        start_n = tl.where(t < n_a, t * BLOCK_N, band_lo + (t - n_a) * BLOCK_N)
-        acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, KSh, VSh, k_group, k_pos,
-                         stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
-                         COUNT, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, QUANT)
-
-    # 2. the remainder (any tile past range A and outside the band): a test on the tile's key metadata
-    # first, which never misses a visible key; with the usual layout every such tile is skipped
-    max_lim = tl.max(tl.where(m_valid, lim, _LIM_CTX), axis=0)
-    min_pos = tl.min(tl.where(m_valid, qp, _LIM_ALL), axis=0)
-    max_pos = tl.max(tl.where(m_valid, qp, _LIM_CTX), axis=0)
-    for start_n in range(a_end, lk, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < lk
-        kg = tl.load(k_group + k_start + offs_n, mask=n_valid, other=-1).to(tl.int32)
-        kp = tl.load(k_pos + k_start + offs_n, mask=n_valid, other=0).to(tl.int32)
-        rank, cpos = _key_codes(kg, kp, n_valid, DYNAMIC)
-        seen = rank <= max_lim
-        if DYNAMIC:
-            seen |= (cpos >= min_pos) & (cpos <= max_pos)
-        outside = (start_n < band_lo) | (start_n >= band_end)
-        if outside & (tl.max(seen.to(tl.int32), axis=0) > 0):  # pyright: ignore[reportOperatorIssue] (Triton's jit typing)
-            acc, cnt = _tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, Kh, Vh, KSh, VSh, k_group,
-                             k_pos, stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N,
-                             DYNAMIC, COUNT, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, QUANT)
-
-    if VISIBLE_NORM:
-        if LAYOUT_COUNT:  # the engine's layout: U/S queries see the U/S keys, R at p sees p + 1, C the context + self
-            cnt = tl.where(qg == _C, n_ctx + 1, tl.where(qg == _R, qp + 1, n_us)).to(tl.float32)
-        out = acc / tl.maximum(cnt, 1.0)[:, None]
-    else:
-        out = acc * inv_norm
-    out = round_to(out, Out.dtype.element_ty, UPCAST).to(Out.dtype.element_ty)
-    tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :], out,
-             mask=m_valid[:, None] & (offs_dv < D_V)[None, :])
+    if PERSISTENT:  # a grid of a few programs per SM, each taking work items (query tile, sequence, head)
+        n_work = n_tiles_m * n_seq * n_heads
+        for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
+            # the last query tiles first: the candidates', which see the most keys
+            pid_m = n_tiles_m - 1 - w // (n_seq * n_heads)
+            _query_tile(pid_m, w // n_heads % n_seq, w % n_heads, Q, K, V, Out, q_offsets, k_offsets, q_group,
+                        q_pos, k_group, k_pos, k_counts, K_scale, V_scale, stride_qt, stride_qh, stride_kt,
+                        stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh, alpha, inv_norm,
+                        block_table, stride_bt, D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, DYNAMIC,
+                        VISIBLE_NORM, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, LAYOUT_COUNT, COUNT, QUANT,
+                        PREFETCH, OVERLAP, LOOP_STAGES, UNROLL, WARP_SPEC, SCAN)
+    else:  # program (query tile, sequence, head)
+        _query_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), Q, K, V, Out, q_offsets, k_offsets,
+                    q_group, q_pos, k_group, k_pos, k_counts, K_scale, V_scale, stride_qt, stride_qh, stride_kt,
+                    stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh, alpha, inv_norm,
+                    block_table, stride_bt, D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, DYNAMIC,
+                    VISIBLE_NORM, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, LAYOUT_COUNT, COUNT, QUANT,
+                    PREFETCH, OVERLAP, LOOP_STAGES, UNROLL, WARP_SPEC, SCAN)
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shape: query rows and key rows per tile, warps per program, software-pipelining depth."""
+    """Launch shape (query rows and key rows per tile, warps per program, software-pipelining depth) and the
+    kernel's opt-in variants (KERNELS.md, versions 5+; off, the kernel is version 4):
+
+    prefetch: each tile's block id (K/V rows) read one iteration ahead of its K/V loads (version 5).
+    overlap: q K^T of tile t + 1 issued before P V of tile t, its SiLU after (version 6).
+    loop_stages / unroll / warp_specialize: `tl.range` hints on the main loop (0 / False: none).
+    scan: the remainder's metadata test on this many keys at a time (a multiple of block_n; 0: per tile).
+    persistent: programs per SM of a persistent grid over (query tile, sequence, head) (0: one per tile).
+    """
 
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    prefetch: bool = False
+    overlap: bool = False
+    loop_stages: int = 0
+    unroll: int = 0
+    warp_specialize: bool = False
+    scan: int = 0
+    persistent: int = 0
 
     def __str__(self) -> str:
-        return f"m{self.block_m} n{self.block_n} w{self.num_warps} s{self.num_stages}"
+        variants = [name for name in ("prefetch", "overlap") if getattr(self, name)]
+        variants += [f"{tag}{getattr(self, name)}" for tag, name in
+                     (("ls", "loop_stages"), ("u", "unroll"), ("scan", "scan"), ("p", "persistent"))
+                     if getattr(self, name)]
+        variants += ["ws"] if self.warp_specialize else []
+        return " ".join([f"m{self.block_m} n{self.block_n} w{self.num_warps} s{self.num_stages}", *variants])
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name}: expected a power of two >= 16, got {value}")
+        for name in ("loop_stages", "unroll", "persistent"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        if self.scan and (self.scan < self.block_n or self.scan & (self.scan - 1)):
+            raise ValueError(f"scan: expected 0 or a power of two >= block_n ({self.block_n}), got {self.scan}")
 
 
 def default_config(d_qk: int, d_v: int, dtype: torch.dtype = torch.bfloat16,
@@ -302,6 +531,19 @@ def default_config(d_qk: int, d_v: int, dtype: torch.dtype = torch.bfloat16,
     if d <= 128:
         return KernelConfig(128, 32, num_warps=8, num_stages=3)
     return KernelConfig(128, 32, num_warps=8, num_stages=3)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 for the interpreter's CPU programs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _grid(cfg: KernelConfig, n_tiles_m: int, batch: int, heads: int, device: torch.device) -> tuple[int, ...]:
+    """One program per (query tile, sequence, head), or a persistent grid of cfg.persistent programs per SM."""
+    if cfg.persistent:
+        return (min(n_tiles_m * batch * heads, cfg.persistent * _sm_count(device)),)
+    return (n_tiles_m, batch, heads)
 
 
 def interpreted() -> bool:
@@ -458,7 +700,8 @@ def launch_hstu_attention(
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
     alpha = 1.0 / math.sqrt(d_qk) if alpha is None else float(alpha)
     counts = key_counts(k_group, k_offsets) if k_counts is None else k_counts
-    grid = (triton.cdiv(max_len_q, cfg.block_m), batch, heads)
+    n_tiles_m = triton.cdiv(max_len_q, cfg.block_m)
+    grid = _grid(cfg, n_tiles_m, batch, heads, q.device)
     if fast_silu is None:
         fast_silu = q.dtype != torch.float32
     k_sc = k_scale if quant and k_scale is not None else counts  # any tensor: unread without 8-bit K/V
@@ -470,6 +713,7 @@ def launch_hstu_attention(
         stride_st, stride_sh,
         alpha, 1.0 / float(max_seq_len),
         k_offsets if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
+        n_tiles_m, batch, heads,
         D_QK=d_qk, D_V=d_v,
         BLOCK_DQK=max(16, triton.next_power_of_2(d_qk)), BLOCK_DV=max(16, triton.next_power_of_2(d_v)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -479,6 +723,8 @@ def launch_hstu_attention(
         FAST_SILU=bool(fast_silu) and not interpreted(),  # inline PTX does not run in the interpreter
         PAGED=block_table is not None, PAGE=page_size if block_table is not None else 1,
         LAYOUT_COUNT=layout_counts, COUNT=normalizer == "visible" and not layout_counts, QUANT=quant,
+        PREFETCH=cfg.prefetch, OVERLAP=cfg.overlap, LOOP_STAGES=cfg.loop_stages or None, UNROLL=cfg.unroll or None,
+        WARP_SPEC=cfg.warp_specialize, SCAN=cfg.scan, PERSISTENT=cfg.persistent > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,  # pyright: ignore[reportCallIssue] (Triton's jit typing)
     )
     return out, compiled
