@@ -105,7 +105,8 @@ class ModelRunner:
         embedded = [self.table[it.state.key].embedded for it in items]
         t1 = time.perf_counter()
         with record_function("grinfer.index"):
-            idx = build_step_index(items, embedded, self.pool, self.device)
+            idx = build_step_index(items, embedded, self.pool, self.device,
+                                   dense_keys=not self.backends[level].keys_in_pool)
         t2 = time.perf_counter()
         self.host_seconds["featurize"] += t1 - t0
         self.host_seconds["indices"] += t2 - t1
@@ -171,7 +172,7 @@ class ModelRunner:
         tensors = self.table.pop(state.key, None)
         if tensors is None or not tensors.logits:
             return torch.zeros(0, num_tasks)
-        return torch.cat(tensors.logits)
+        return tensors.logits[0] if len(tensors.logits) == 1 else torch.cat(tensors.logits)
 
     def forget(self, state: RequestState) -> None:
         """Drop a failed or expired request's tensors."""

@@ -25,11 +25,14 @@ class ContextSignature:
 
     def shared_prefix(self, other: ContextSignature) -> int:
         """Number of leading context tokens the two signatures have in common."""
-        mine = (self.user, self.version, self.static_tokens, self.profile)
-        if mine != (other.user, other.version, other.static_tokens, other.profile):
+        key = (self.user, self.version, self.static_tokens, self.profile)
+        if key != (other.user, other.version, other.static_tokens, other.profile):
             return 0
         n = min(len(self.realtime), len(other.realtime))
-        same = np.all(self.realtime[:n] == other.realtime[:n], axis=1)
+        mine, theirs = self.realtime[:n], other.realtime[:n]
+        if mine.dtype == theirs.dtype and mine.tobytes() == theirs.tobytes():  # the usual case: one memcmp
+            return self.static_tokens + n
+        same = np.all(mine == theirs, axis=1)
         return self.static_tokens + (n if same.all() else int(np.argmin(same)))
 
     def to_json(self) -> dict:

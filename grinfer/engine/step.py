@@ -60,10 +60,10 @@ class StepIndex:
     k_meta: TokenMeta
     write_src: torch.Tensor  # rows of the new-token tensor that are context tokens
     write_slots: torch.Tensor  # their cache slots
-    # the gather of a dense key tensor (backends that do not read every key from the pool):
-    ctx_dest: torch.Tensor  # rows of the key tensor filled from the cache
-    ctx_slots: torch.Tensor
-    cand_dest: torch.Tensor  # rows of the key tensor filled with the step's candidate K/V
+    # the gather of a dense key tensor, for backends that do not read every key from the pool (None otherwise):
+    ctx_dest: torch.Tensor | None  # rows of the key tensor filled from the cache
+    ctx_slots: torch.Tensor | None
+    cand_dest: torch.Tensor | None  # rows of the key tensor filled with the step's candidate K/V
     cand_src: torch.Tensor  # rows of the new-token tensor that are candidates
     q_slots: torch.Tensor  # [Tq] cache slot of each query row (candidates: scratch, or -1 without)
     block_table: torch.Tensor  # [B, max_blocks] each sequence's pages: its context's, then its candidates'
@@ -84,15 +84,17 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return np.cumsum(x) - x
 
 
-def build_step_index(items, seqs: list[SequenceRows], pool: KVPool, device: torch.device) -> StepIndex:
+def build_step_index(items, seqs: list[SequenceRows], pool: KVPool, device: torch.device,
+                     dense_keys: bool = True) -> StepIndex:
     """All of a step's indices for the plan's work items (`seqs`: each item's sequence, rows of the runner's
     embedded batches), vectorised over the items, from the pages each item carries; one host-to-device copy.
 
     With scratch pages in the pool (backends that read every key from the pool), each sequence's
     candidates get slots after its context (the free tail of its last page, then scratch pages) and its
     block table covers them; without, candidates have slot -1 and the tables cover the context only. The
-    dense-key gather indices are always built. Rows index the sequences' distinct batches one after another
-    (`StepIndex.batches`), not a per-step copy of the sequences."""
+    dense-key gather indices are built with `dense_keys` (a backend that reads every key from the pool needs
+    none: a step that falls back to one that does is indexed afresh). Rows index the sequences' distinct
+    batches one after another (`StepIndex.batches`), not a per-step copy of the sequences."""
     page = pool.block_size
     batches = list(dict.fromkeys(s.batch for s in seqs))  # in order of first use
     batch_start = dict(zip(batches, np.cumsum([0, *(len(b.group) for b in batches[:-1])]).tolist()))
@@ -126,10 +128,8 @@ def build_step_index(items, seqs: list[SequenceRows], pool: KVPool, device: torc
     q_slots[write_src] = write_slots
     if len(pool.scratch):
         q_slots[cand_src] = slots(ctx_end, n_cand)
-    # the dense-key gather, for backends that do not read the candidates' K/V from the pool (and for any
-    # backend a failed step falls back to)
     gather = {"ctx_dest": _ranges(k_off, ctx_end), "ctx_slots": slots(np.zeros_like(ctx_end), ctx_end),
-              "cand_dest": _ranges(k_off + ctx_end, n_cand)}
+              "cand_dest": _ranges(k_off + ctx_end, n_cand)} if dense_keys else {}
     cand_rows = base + ctx_len + cand_start
     parts = {
         "q": _ranges(np.stack([base + ctx_start, cand_rows], 1).ravel(), np.stack([n_new, n_cand], 1).ravel()),
@@ -145,5 +145,6 @@ def build_step_index(items, seqs: list[SequenceRows], pool: KVPool, device: torc
         return TokenMeta(offsets, take(group, rows), take(pos, rows), take(ts, rows))
 
     return StepIndex(t["q"], meta(t["q"], t["q_offsets"]), meta(t["k"], t["k_offsets"]), t["write_src"],
-                     t["write_slots"], t["ctx_dest"], t["ctx_slots"], t["cand_dest"], t["cand_src"], t["q_slots"],
+                     t["write_slots"], t.get("ctx_dest"), t.get("ctx_slots"), t.get("cand_dest"), t["cand_src"],
+                     t["q_slots"],
                      t["table"].view(table.shape), t["counts"].view(-1, 2), int(n_q.max(initial=0)), batches)

@@ -92,8 +92,27 @@ def test_step_indices_match_a_token_by_token_reference(seed, scratch):
     n_q = [it.tokens for it in items]
     assert idx.q_meta.offsets.tolist() == np.r_[0, np.cumsum(n_q)].tolist() and idx.max_len_q == max(n_q)
     assert idx.k_counts.tolist() == [[min(it.state.signature.static_tokens, it.ctx_end), it.ctx_end] for it in items]
-    # the dense-key gather (always built): context rows from the pool slots, candidates from the new tokens
+    # the dense-key gather: context rows from the pool slots, candidates from the new tokens
     page = pool.block_size
     ctx = [it.blocks[p // page] * page + p % page for it in items for p in range(it.ctx_end)]
     assert idx.ctx_slots.tolist() == ctx
-    assert len(idx.ctx_dest) + len(idx.cand_dest) == len(k_rows)
+    keys = idx.k_meta.group
+    assert keys[idx.ctx_dest].tolist() == [r for it, s in zip(items, seqs) for r in
+                                           s.batch.group[s.start:s.start + it.ctx_end].tolist()]
+    assert keys[idx.cand_dest].tolist() == idx.q_meta.group[idx.cand_src].tolist()
+    assert sorted(torch.cat([idx.ctx_dest, idx.cand_dest]).tolist()) == list(range(len(k_rows)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_without_dense_keys_the_step_index_is_the_same_less_the_gather(seed):
+    rng = np.random.default_rng(seed)
+    pool = KVPool(1, 1, 2, block_size=3, num_blocks=80, dtype=torch.float32, device="cpu", scratch_blocks=40)
+    items, seqs = random_items(rng, pool, int(rng.integers(1, 6)))
+    full, paged = (build_step_index(items, seqs, pool, torch.device("cpu"), dense_keys=d) for d in (True, False))
+    assert paged.ctx_dest is None and paged.ctx_slots is None and paged.cand_dest is None
+    assert paged.batches == full.batches and paged.max_len_q == full.max_len_q
+    for name in ("q_rows", "write_src", "write_slots", "cand_src", "q_slots", "block_table", "k_counts"):
+        assert torch.equal(getattr(paged, name), getattr(full, name)), name
+    for meta in ("q_meta", "k_meta"):
+        for name in ("offsets", "group", "pos", "ts"):
+            assert torch.equal(getattr(getattr(paged, meta), name), getattr(getattr(full, meta), name)), (meta, name)
