@@ -1,7 +1,11 @@
 """Benchmark: check and time the Triton HSTU attention kernel on a GPU at the R1 shapes.
 
     python3 -m grinfer.bench.kernels [--batch 32] [--sweep] [--json PATH]
-    TRITON_INTERPRET=1 python3 -m grinfer.bench.kernels --smoke   # tiny shapes on the CPU: the script runs
+    TRITON_INTERPRET=1 python3 -m grinfer.bench.kernels --smoke [--sweep]   # tiny shapes on the CPU: the script runs
+
+--sweep also times the launch shapes (SWEEP) and the kernel's variants (VARIANTS, KERNELS.md's versions 5+) in
+the fused backend's call (paged keys + layout counts), each checked against the reference on a poisoned output;
+a variant that fails to compile is a row saying why.
 
 Needs only torch and triton (no grinfer module that imports pydantic or typer). Shapes: mtgr-large
 attention, 3 heads of head dim 256, B users of 16 U + 1000 S + 100 R context events and 512
@@ -70,13 +74,13 @@ SMOKE = Shapes(heads=2, head_dim=40, u=2, s=21, r=6, c=9, new_r=2, max_seq_len=4
 SWEEP = [KernelConfig(128, 32, 8, 2), KernelConfig(128, 32, 8, 3), KernelConfig(128, 16, 8, 2),
          KernelConfig(64, 32, 4, 2), KernelConfig(64, 32, 4, 3), KernelConfig(64, 64, 8, 2),
          KernelConfig(128, 64, 8, 2)]
-# the kernel's opt-in variants (KERNELS.md, versions 5+), also timed by --sweep in the fused backend's call;
-# shared memory per program from an offline sm_90 compile (Triton 3.6) in the comments
+# the kernel's opt-in variants, also timed by --sweep in the fused backend's call (KERNELS.md, versions 5+, lists
+# each one's shared memory and spills from an offline sm_90 compile with Triton 3.6)
 M64, M128 = KernelConfig(64, 32, 4, 3), KernelConfig(128, 32, 8, 3)
 VARIANTS = [
     replace(M64, num_stages=2, prefetch=True), replace(M64, prefetch=True),  # 132 KB at s3: 1 program per SM
-    replace(M64, num_stages=4, prefetch=True), replace(M128, num_stages=2, prefetch=True),
-    replace(M128, prefetch=True),  # 165 KB, 24-byte stack
+    replace(M64, num_stages=4, prefetch=True), KernelConfig(64, 16, 4, 4), KernelConfig(64, 16, 4, 4, prefetch=True),
+    replace(M128, num_stages=2, prefetch=True), replace(M128, prefetch=True),  # 165 KB, 24-byte stack
     replace(M64, scan=256), replace(M64, prefetch=True, scan=256), replace(M128, prefetch=True, scan=256),
     replace(M64, prefetch=True, loop_stages=4), replace(M64, warp_specialize=True), replace(M64, unroll=2),
     replace(M64, persistent=2), replace(M64, prefetch=True, persistent=1), replace(M128, prefetch=True, persistent=1),
