@@ -27,8 +27,10 @@ def _finish(layer, x, attn, u, group):
 
 def compile_featurize_embed(model: MTGR):
     """Featurizing and embedding through torch.compile: ~200 small device ops fused into a few kernels, one
-    graph, sizes symbolic (a recompile only for batches without S or R events)."""
-    compiled = torch.compile(featurize_embed, dynamic=True, fullgraph=True)
+    graph, sizes symbolic (a recompile only for batches without S or R events). Inductor's matmul padding is
+    off: its choice guards on the sizes (e.g. `18 <= tokens`), and on an H200 a request the warm-up's sizes had
+    not covered recompiled this graph in the request path (11 s; the first 1-client requests waited seconds)."""
+    compiled = torch.compile(featurize_embed, dynamic=True, fullgraph=True, options={"shape_padding": False})
     return lambda featurizer, raw: compiled(model, featurizer, *raw.tensors(), *raw.sizes())
 
 
