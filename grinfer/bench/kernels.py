@@ -85,6 +85,8 @@ VARIANTS = [
     replace(M64, prefetch=True, loop_stages=4), replace(M64, warp_specialize=True), replace(M64, unroll=2),
     replace(M64, persistent=2), replace(M64, prefetch=True, persistent=1), replace(M128, prefetch=True, persistent=1),
     replace(M64, overlap=True), replace(M128, overlap=True),
+    replace(M64, tma=True), replace(M64, num_stages=2, tma=True, prefetch=True), replace(M128, tma=True, prefetch=True),
+    replace(M128, tma=True, prefetch=True, scan=256),
 ]
 
 

@@ -16,6 +16,7 @@ from test_triton_paged_attention import CUTS, LAYOUTS
 from triton_util import interpreted_module
 
 from grinfer.ops.reference.hstu_attention import hstu_attention as reference_attention
+from grinfer.ops.reference.hstu_attention import paged_slots
 
 tk = interpreted_module("grinfer.ops.triton.hstu_attention")
 BASE = tk.KernelConfig(16, 16)
@@ -28,9 +29,17 @@ VARIANTS = {
     "persistent": tk.KernelConfig(16, 16, persistent=1),
     "persistent+overlap": tk.KernelConfig(32, 16, persistent=2, overlap=True),
     "range-hints": tk.KernelConfig(16, 16, num_stages=3, loop_stages=3, unroll=2, warp_specialize=True),
+    "tma": tk.KernelConfig(16, 16, tma=True),
+    "tma+prefetch": tk.KernelConfig(16, 16, tma=True, prefetch=True),
+    "tma+ws+persistent": tk.KernelConfig(16, 16, tma=True, warp_specialize=True, persistent=1, scan=32),
 }
 CONFIGS = list(VARIANTS.values())
 IDS = list(VARIANTS)
+
+
+def dims(config) -> dict[str, int]:
+    """Head dims for make_batch: padded ones (24, 20), or powers of two where TMA needs them."""
+    return {"d_qk": 16, "d_v": 16} if config.tma else {"d_qk": 24, "d_v": 20}
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +52,7 @@ def _interpreter(monkeypatch):
 @pytest.mark.parametrize("mode, normalizer", [("dynamic", "visible"), ("causal", "max_len")])
 def test_variants_on_jagged_keys_match_reference(config, mode, normalizer):
     """Full sequences and suffix queries (the warm shape), empty sequences and only-candidate ones included."""
-    b = make_batch(MIXED, seed=21)
+    b = make_batch(MIXED, seed=21, **dims(config))
     assert_matches(*run_both(b, mode, normalizer, config=config))
     rows, q_offsets = suffix_rows(b, [11, 1, 0, 5, 0, 0, 20])
     assert_matches(*run_both(b, mode, normalizer, rows, q_offsets, config=config))
@@ -55,6 +64,8 @@ def test_variants_on_jagged_keys_match_reference(config, mode, normalizer):
 def test_variants_on_paged_keys_match_the_paged_reference(config, kv_dtype, dtype, page):
     """Shuffled pages over a garbage pool; pages of 16 and 32 (one block id per tile, the prefetched one) and of 4
     (one per key); 8-bit K/V; the fused backend's hints (layout counts) and without them."""
+    if config.tma and kv_dtype != "model":
+        pytest.skip("TMA tiles are model-dtype K/V only (8-bit K/V raise: test_tma_needs)")
     b = paged_batch(LAYOUTS, page=page, cuts=CUTS, kv_dtype=kv_dtype, dtype=dtype, heads=2, d_qk=16, d_v=16, seed=22)
     want = b.paged(kernel="reference")
     hints = {"max_len_q": int((b.q_offsets[1:] - b.q_offsets[:-1]).max()),
@@ -76,7 +87,7 @@ def test_variants_on_paged_keys_match_the_paged_reference(config, kv_dtype, dtyp
 def test_variants_with_shuffled_keys_match_reference(config, mode):
     """Keys shuffled within each sequence, or ordered [U/S | C | R] with one query per sequence: visible keys past
     the main loop, found only by the remainder (tile by tile, or chunk by chunk with scan)."""
-    b = make_batch([*MIXED[:4], MIXED[6]], seed=23)
+    b = make_batch([*MIXED[:4], MIXED[6]], seed=23, **dims(config))
     gen = torch.Generator().manual_seed(1)
     perm = torch.cat([int(b.offsets[i]) + torch.randperm(int(b.offsets[i + 1] - b.offsets[i]), generator=gen)
                       for i in range(len(b.offsets) - 1)])
@@ -86,7 +97,7 @@ def test_variants_with_shuffled_keys_match_reference(config, mode):
                                             mode=mode))
     us, r, c = range(0, 16), range(16, 32), range(32, 64)
     cases = [([*us, *c, *r], 16), ([*us, *c, *r], 40), ([*us, *r, *reversed(c)], 40)]  # (key order, query pos)
-    b = make_batch([(2, 14, 16, 32)] * len(cases), heads=1, seed=24)
+    b = make_batch([(2, 14, 16, 32)] * len(cases), heads=1, seed=24, **dims(config))
     perm = torch.tensor([64 * i + j for i, (order, _) in enumerate(cases) for j in order])
     rows = torch.tensor([64 * i + pos for i, (_, pos) in enumerate(cases)])
     meta = (torch.arange(len(cases) + 1), b.offsets, b.group[rows], b.pos[rows])
@@ -124,3 +135,29 @@ def test_the_default_config_is_version_4():
 def test_bad_variant_fields_raise_naming_them(change, match):
     with pytest.raises(ValueError, match=match):
         tk.KernelConfig(16, 16, **change)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_variants_read_only_the_sequences_pages(config):
+    """Every slot no key owns holds NaN (prefetched block ids past the end, TMA's whole tiles): nothing changes."""
+    b = paged_batch(LAYOUTS, page=16, cuts=CUTS, heads=1, d_qk=16, d_v=16, seed=26)
+    want = b.paged(kernel="triton", config=config)
+    owned = torch.zeros(len(b.k_pool), dtype=torch.bool)
+    owned[paged_slots(b.block_table, b.page, b.k_offsets, len(b.k_group))] = True
+    b.k_pool[~owned], b.v_pool[~owned] = float("nan"), float("nan")
+    got = b.paged(kernel="triton", config=config)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, want)
+
+
+def test_tma_needs_its_shapes_and_says_so():
+    b = paged_batch(LAYOUTS, page=4, cuts=CUTS, heads=2, d_qk=16, d_v=16, seed=25)
+    with pytest.raises(ValueError, match=r"config\.tma"):  # pages smaller than a tile
+        b.paged(kernel="triton", config=VARIANTS["tma"])
+    b = paged_batch(LAYOUTS, page=16, cuts=CUTS, kv_dtype="int8", heads=2, d_qk=16, d_v=16, seed=25)
+    with pytest.raises(ValueError, match=r"config\.tma"):
+        b.paged(kernel="triton", config=VARIANTS["tma"])
+    with pytest.raises(ValueError, match=r"config\.tma"):  # a padded head dim
+        run_both(make_batch(MIXED), "dynamic", "visible", config=VARIANTS["tma"])
+    with pytest.raises(ValueError, match="tma"):
+        tk.KernelConfig(16, 16, tma=True, overlap=True)

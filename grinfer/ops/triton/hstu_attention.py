@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
 from grinfer.ops.triton.rounding import round_to
@@ -308,6 +309,55 @@ def _main_loop_overlapped(acc, cnt, q, lim, qp, n_a, n_main, band_lo, lk, k_star
 
 
 @triton.jit
+def _tile_row0(start_n, valid, k_start, bt_row, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """K/V row (int32, a TMA coordinate) of the key tile starting at start_n, a whole tile of one page; its block id
+    read only if valid (0 else)."""
+    if PAGED:
+        row0 = (tl.load(bt_row + start_n // PAGE, mask=valid, other=0) * PAGE + start_n % PAGE).to(tl.int32)
+    else:
+        row0 = (k_start + start_n).to(tl.int32)
+    return row0
+
+
+@triton.jit
+def _main_loop_tma(acc, cnt, q, lim, qp, n_a, n_main, band_lo, lk, k_start, bt_row, h, K_desc, V_desc, Kh, Vh, KSh,
+                   VSh, k_group, k_pos, stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK: tl.constexpr,
+                   D_V: tl.constexpr, BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr, COUNT: tl.constexpr,
+                   PRECISION: tl.constexpr, UPCAST: tl.constexpr, FAST_SILU: tl.constexpr, PAGED: tl.constexpr,
+                   PAGE: tl.constexpr, PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr,
+                   WARP_SPEC: tl.constexpr):
+    """`_main_loop` with K/V tiles through TMA tensor descriptors (version 7; whole tiles of BLOCK_N rows of one
+    page, head h's columns) so Triton's Hopper warp specialisation can split loads from math. A tile holding the
+    sequence's last key would read slots no key owns (garbage, maybe NaN, times P = 0): the last tile of the loop,
+    if it holds the end, goes through the masked loads instead."""
+    last_start = _tile_start(n_main - 1, n_a, band_lo, BLOCK_N)
+    n_whole = n_main - ((n_main > 0) & (last_start + BLOCK_N > lk)).to(tl.int32)
+    if PREFETCH:
+        row_next = _tile_row0(_tile_start(0, n_a, band_lo, BLOCK_N), n_whole > 0, k_start, bt_row, PAGED, PAGE)
+    for t in tl.range(0, n_whole, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL, warp_specialize=WARP_SPEC):
+        start_n = _tile_start(t, n_a, band_lo, BLOCK_N)
+        if PREFETCH:
+            row0 = row_next
+            row_next = _tile_row0(_tile_start(t + 1, n_a, band_lo, BLOCK_N), t + 1 < n_whole, k_start, bt_row, PAGED,
+                                  PAGE)
+        else:
+            row0 = _tile_row0(start_n, True, k_start, bt_row, PAGED, PAGE)
+        m = _mask(lim, qp, start_n, lk, k_start, k_group, k_pos, BLOCK_N, DYNAMIC)
+        kt = K_desc.load([row0, h * D_QK])
+        s = _dot(q, kt.T, PRECISION, UPCAST)
+        p = _probs(s, m, q, start_n, lk, row0, VSh, stride_st, alpha, BLOCK_N, UPCAST, FAST_SILU, False)
+        acc += _dot(p, V_desc.load([row0, h * D_V]), PRECISION, UPCAST)
+        if COUNT:
+            cnt += tl.sum(m.to(tl.float32), axis=1)
+    if n_whole < n_main:
+        kv_rows = _tile_rows(last_start, lk, k_start, bt_row, PAGED, PAGE, BLOCK_N)
+        acc, cnt = _tile(acc, cnt, q, lim, qp, last_start, lk, k_start, kv_rows, Kh, Vh, KSh, VSh, k_group, k_pos,
+                         stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC,
+                         COUNT, PRECISION, UPCAST, FAST_SILU, False)
+    return acc, cnt
+
+
+@triton.jit
 def _remainder_tile(acc, cnt, q, lim, qp, start_n, lk, k_start, bt_row, band_lo, band_end, max_lim, min_pos,
                     max_pos, Kh, Vh, KSh, VSh, k_group, k_pos, stride_kt, stride_vt, stride_st, alpha, offs_dqk,
                     offs_dv, D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_N: tl.constexpr, DYNAMIC: tl.constexpr,
@@ -329,13 +379,13 @@ def _query_tile(
     pid_m, b, h,
     Q, K, V, Out, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, k_counts, K_scale, V_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh,
-    alpha, inv_norm, block_table, stride_bt,
+    alpha, inv_norm, block_table, stride_bt, K_desc, V_desc,
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FAST_SILU: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, LAYOUT_COUNT: tl.constexpr,
     COUNT: tl.constexpr, QUANT: tl.constexpr, PREFETCH: tl.constexpr, OVERLAP: tl.constexpr,
-    LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr, WARP_SPEC: tl.constexpr, SCAN: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, UNROLL: tl.constexpr, WARP_SPEC: tl.constexpr, SCAN: tl.constexpr, TMA: tl.constexpr,
 ):
     """Query tile pid_m of sequence b, head h (nothing when the sequence has fewer queries)."""
     q_start = tl.load(q_offsets + b).to(tl.int64)
@@ -388,7 +438,12 @@ def _query_tile(
         n_main = n_a + (band_end - band_lo) // BLOCK_N
 
         # 1. the main loop over range A, then the band
-        if OVERLAP:
+        if TMA:
+            acc, cnt = _main_loop_tma(
+                acc, cnt, q, lim, qp, n_a, n_main, band_lo, lk, k_start, bt_row, h, K_desc, V_desc, Kh, Vh, KSh, VSh,
+                k_group, k_pos, stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N,
+                DYNAMIC, COUNT, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, PREFETCH, LOOP_STAGES, UNROLL, WARP_SPEC)
+        elif OVERLAP:
             acc, cnt = _main_loop_overlapped(
                 acc, cnt, q, lim, qp, n_a, n_main, band_lo, lk, k_start, bt_row, Kh, Vh, KSh, VSh, k_group, k_pos,
                 stride_kt, stride_vt, stride_st, alpha, offs_dqk, offs_dv, D_QK, D_V, BLOCK_N, DYNAMIC, COUNT,
@@ -442,6 +497,7 @@ def _hstu_attention_fwd(
     alpha, inv_norm,
     block_table, stride_bt,
     n_tiles_m, n_seq, n_heads,  # the work of a PERSISTENT grid: query tiles per sequence, sequences, heads
+    K_desc, V_desc,  # TMA: tensor descriptors over K and V as [rows, heads * head dim] (else None)
     D_QK: tl.constexpr, D_V: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DYNAMIC: tl.constexpr, VISIBLE_NORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -450,7 +506,7 @@ def _hstu_attention_fwd(
     QUANT: tl.constexpr,  # 8-bit K/V with scales [slots, heads] in K_scale / V_scale
     PREFETCH: tl.constexpr = False, OVERLAP: tl.constexpr = False,  # KernelConfig's variants
     LOOP_STAGES: tl.constexpr = None, UNROLL: tl.constexpr = None, WARP_SPEC: tl.constexpr = False,
-    SCAN: tl.constexpr = 0, PERSISTENT: tl.constexpr = False,
+    SCAN: tl.constexpr = 0, PERSISTENT: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     if PERSISTENT:  # a grid of a few programs per SM, each taking work items (query tile, sequence, head)
         n_work = n_tiles_m * n_seq * n_heads
@@ -460,16 +516,16 @@ def _hstu_attention_fwd(
             _query_tile(pid_m, w // n_heads % n_seq, w % n_heads, Q, K, V, Out, q_offsets, k_offsets, q_group,
                         q_pos, k_group, k_pos, k_counts, K_scale, V_scale, stride_qt, stride_qh, stride_kt,
                         stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh, alpha, inv_norm,
-                        block_table, stride_bt, D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, DYNAMIC,
-                        VISIBLE_NORM, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, LAYOUT_COUNT, COUNT, QUANT,
-                        PREFETCH, OVERLAP, LOOP_STAGES, UNROLL, WARP_SPEC, SCAN)
+                        block_table, stride_bt, K_desc, V_desc, D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N,
+                        DYNAMIC, VISIBLE_NORM, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, LAYOUT_COUNT, COUNT, QUANT,
+                        PREFETCH, OVERLAP, LOOP_STAGES, UNROLL, WARP_SPEC, SCAN, TMA)
     else:  # program (query tile, sequence, head)
         _query_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), Q, K, V, Out, q_offsets, k_offsets,
                     q_group, q_pos, k_group, k_pos, k_counts, K_scale, V_scale, stride_qt, stride_qh, stride_kt,
                     stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_st, stride_sh, alpha, inv_norm,
-                    block_table, stride_bt, D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N, DYNAMIC,
-                    VISIBLE_NORM, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, LAYOUT_COUNT, COUNT, QUANT,
-                    PREFETCH, OVERLAP, LOOP_STAGES, UNROLL, WARP_SPEC, SCAN)
+                    block_table, stride_bt, K_desc, V_desc, D_QK, D_V, BLOCK_DQK, BLOCK_DV, BLOCK_M, BLOCK_N,
+                    DYNAMIC, VISIBLE_NORM, PRECISION, UPCAST, FAST_SILU, PAGED, PAGE, LAYOUT_COUNT, COUNT, QUANT,
+                    PREFETCH, OVERLAP, LOOP_STAGES, UNROLL, WARP_SPEC, SCAN, TMA)
 
 
 @dataclass(frozen=True)
@@ -482,6 +538,8 @@ class KernelConfig:
     loop_stages / unroll / warp_specialize: `tl.range` hints on the main loop (0 / False: none).
     scan: the remainder's metadata test on this many keys at a time (a multiple of block_n; 0: per tile).
     persistent: programs per SM of a persistent grid over (query tile, sequence, head) (0: one per tile).
+    tma: K/V tiles through TMA tensor descriptors (version 7; not with overlap or 8-bit K/V; head dims
+    powers of two >= 16, pages a multiple of block_n), for warp_specialize on Hopper.
     """
 
     block_m: int
@@ -495,9 +553,10 @@ class KernelConfig:
     warp_specialize: bool = False
     scan: int = 0
     persistent: int = 0
+    tma: bool = False
 
     def __str__(self) -> str:
-        variants = [name for name in ("prefetch", "overlap") if getattr(self, name)]
+        variants = [name for name in ("prefetch", "overlap", "tma") if getattr(self, name)]
         variants += [f"{tag}{getattr(self, name)}" for tag, name in
                      (("ls", "loop_stages"), ("u", "unroll"), ("scan", "scan"), ("p", "persistent"))
                      if getattr(self, name)]
@@ -514,6 +573,8 @@ class KernelConfig:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         if self.scan and (self.scan < self.block_n or self.scan & (self.scan - 1)):
             raise ValueError(f"scan: expected 0 or a power of two >= block_n ({self.block_n}), got {self.scan}")
+        if self.tma and self.overlap:
+            raise ValueError("tma: a main loop of its own, not combined with overlap")
 
 
 def default_config(d_qk: int, d_v: int, dtype: torch.dtype = torch.bfloat16,
@@ -537,6 +598,21 @@ def default_config(d_qk: int, d_v: int, dtype: torch.dtype = torch.bfloat16,
 def _sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (4 for the interpreter's CPU programs)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _descriptors(cfg: KernelConfig, k: torch.Tensor, v: torch.Tensor, quant: bool, page: int) -> tuple:
+    """(K, V) TMA descriptors over [rows, heads * head dim] for cfg.tma, else (None, None)."""
+    if not cfg.tma:
+        return None, None
+    d_qk, d_v = k.shape[2], v.shape[2]
+    if quant or max(16, triton.next_power_of_2(d_qk)) != d_qk or max(16, triton.next_power_of_2(d_v)) != d_v:
+        raise ValueError(f"config.tma: needs model-dtype K/V and head dims powers of two >= 16, got {k.dtype}, "
+                         f"{d_qk}, {d_v}")
+    if page % cfg.block_n or any(t.stride(1) != t.shape[2] for t in (k, v)) or not len(k):
+        raise ValueError(f"config.tma: needs pages a multiple of block_n {cfg.block_n} (got {page}) and K/V rows "
+                         "of contiguous heads")
+    return tuple(TensorDescriptor(t, [t.shape[0], t.shape[1] * t.shape[2]], [t.stride(0), 1], [cfg.block_n, t.shape[2]])
+                 for t in (k, v))
 
 
 def _grid(cfg: KernelConfig, n_tiles_m: int, batch: int, heads: int, device: torch.device) -> tuple[int, ...]:
@@ -713,7 +789,7 @@ def launch_hstu_attention(
         stride_st, stride_sh,
         alpha, 1.0 / float(max_seq_len),
         k_offsets if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
-        n_tiles_m, batch, heads,
+        n_tiles_m, batch, heads, *_descriptors(cfg, k, v, quant, page_size if block_table is not None else cfg.block_n),
         D_QK=d_qk, D_V=d_v,
         BLOCK_DQK=max(16, triton.next_power_of_2(d_qk)), BLOCK_DV=max(16, triton.next_power_of_2(d_v)),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -724,7 +800,7 @@ def launch_hstu_attention(
         PAGED=block_table is not None, PAGE=page_size if block_table is not None else 1,
         LAYOUT_COUNT=layout_counts, COUNT=normalizer == "visible" and not layout_counts, QUANT=quant,
         PREFETCH=cfg.prefetch, OVERLAP=cfg.overlap, LOOP_STAGES=cfg.loop_stages or None, UNROLL=cfg.unroll or None,
-        WARP_SPEC=cfg.warp_specialize, SCAN=cfg.scan, PERSISTENT=cfg.persistent > 0,
+        WARP_SPEC=cfg.warp_specialize, SCAN=cfg.scan, PERSISTENT=cfg.persistent > 0, TMA=cfg.tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,  # pyright: ignore[reportCallIssue] (Triton's jit typing)
     )
     return out, compiled
