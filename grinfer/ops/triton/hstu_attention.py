@@ -585,8 +585,8 @@ def default_config(d_qk: int, d_v: int, dtype: torch.dtype = torch.bfloat16,
     d = max(triton.next_power_of_2(d_qk), triton.next_power_of_2(d_v))
     if dtype == torch.float32:  # twice the bytes per tile: half the keys per tile
         return KernelConfig(64, 32, num_warps=4, num_stages=2)
-    if layout_counts and d > 128:
-        return KernelConfig(64, 32, num_warps=4, num_stages=3)
+    if layout_counts and d > 128:  # versions 5 + scan (H200, R1: cold 0.719 / warm 0.330 ms against v4's 0.820 / 0.369)
+        return KernelConfig(128, 32, num_warps=8, num_stages=3, prefetch=True, scan=256)
     if d <= 64:
         return KernelConfig(64, 32, num_warps=4, num_stages=3)
     if d <= 128:
