@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -209,8 +209,9 @@ def run_case(sh: Shapes, case: str, batch: int, sweep: bool, caps: dict,
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    def kernel(cfg: KernelConfig | None, out: torch.Tensor | None = None, q=qb, k=kb, v=vb, compiled=False, **kw):
-        """The kernel's output (compiled: and the compiled kernel) at this case's shapes."""
+    def kernel(cfg: KernelConfig | None, out: torch.Tensor | None = None, q=qb, k=kb, v=vb, compiled=False,
+               **kw) -> Any:
+        """The kernel's output (compiled: the output and the compiled kernel) at this case's shapes."""
         got = launch_hstu_attention(q, k, v, *meta, max_len_q=x["max_len_q"], k_counts=counts, out=out,
                                     config=cfg, **kw)
         return got if compiled else got[0]

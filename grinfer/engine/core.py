@@ -89,6 +89,7 @@ class EngineCore:
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for the float32 attention of the eager path
         dtype = DTYPES[config.dtype]
+        assert config.dense is not None  # EngineConfig refuses an unresolved dense mode
         self.model = quantize_dense(model.to(self.device, dtype).eval(), config.dense)
         cfg = model.cfg
         baseline = BaselineScorer(self.model, Featurizer(catalog, cfg.num_time_buckets), self.device)

@@ -39,6 +39,7 @@ class Engine:
         self.retriever = BatchRetriever(retriever, catalog.num_items, self.core.device, config.retrieval_cache_bytes,
                                         config.block_size)
         if self.retriever.model is not None:  # the retrieval HSTU's projections in the same low precision
+            assert config.dense is not None  # EngineConfig refuses an unresolved dense mode
             quantize_dense(self.retriever.model, config.dense)
         self.on_step = on_step  # called (outside the lock) with each computing step's stats
         self._futures: dict[int, Future] = {}  # keyed by id(RequestState): callers' request ids may repeat

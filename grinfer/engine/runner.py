@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch.profiler import record_function
@@ -102,7 +103,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         with record_function("grinfer.embed"):
             self._embed([it.state for it in items if self._tensors(it.state).embedded is None])
-        embedded = [self.table[it.state.key].embedded for it in items]
+        embedded = cast(list[SequenceRows], [self.table[it.state.key].embedded for it in items])  # all embedded now
         t1 = time.perf_counter()
         with record_function("grinfer.index"):
             idx = build_step_index(items, embedded, self.pool, self.device,

@@ -1,3 +1,5 @@
+# pyright: reportArgumentType=false, reportOperatorIssue=false, reportGeneralTypeIssues=false, reportCallIssue=false
+# (Triton's JIT language: constexpr parameters, tl.range and tl tensors are not typed for pyright)
 """Jagged HSTU attention under the MTGR dynamic (or causal) mask: a Triton forward kernel.
 
 The twin of `grinfer.ops.reference.hstu_attention` without the relative bias (the dispatcher in
