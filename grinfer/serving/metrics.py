@@ -97,6 +97,7 @@ def engine_families(members: list[tuple[list[str], dict]], labels: list[str]):
         memory.add_metric(values if "device" in labels else [*values, stats["device"]], stats["device_bytes"])
     yield memory
     yield counter("grinfer_engine_failures", "Engine steps or retrieval batches that failed", lambda s: s["failures"])
+    yield from retrieval_cache_metrics(members, labels)
     yield from backend_metrics(members, labels)
     yield from embedding_metrics(members, labels)
     graphs = [(values, stats["backend"]) for values, stats in members if stats["backend"]]
@@ -109,6 +110,26 @@ def engine_families(members: list[tuple[list[str], dict]], labels: list[str]):
                       "(their buckets run without graphs)", labels, graphs, lambda g: g["capture_failures"])
         yield _family(CounterMetricFamily, "grinfer_eager_steps", "Fused steps run without a graph (bucket pending "
                       "or failed)", labels, graphs, lambda g: g["eager_steps"])
+
+
+RETRIEVAL_COUNTERS = {"hits": "Retrieval history lookups served whole from the history K/V cache",
+                      "partial_hits": "Retrieval history lookups that reused a cached prefix (new events appended)",
+                      "misses": "Retrieval history lookups with nothing cached",
+                      "evictions": "Retrieval history K/V entries evicted from their pool"}
+
+
+def retrieval_cache_metrics(members: list[tuple[list[str], dict]], labels: list[str]):
+    """The retrieval model's history K/V cache (engine/retrieval_cache.py), for the members that have one."""
+    cached = [(values, stats["retrieval_cache"]) for values, stats in members if stats.get("retrieval_cache")]
+    if not cached:
+        return
+    for name, doc in RETRIEVAL_COUNTERS.items():
+        yield _family(CounterMetricFamily, f"grinfer_retrieval_cache_{name}", doc, labels, cached,
+                      lambda c, n=name: c[n])
+    yield _family(GaugeMetricFamily, "grinfer_retrieval_cache_occupancy", "Fraction of the history K/V pool's "
+                  "blocks in use", labels, cached, lambda c: c["occupancy"])
+    yield _family(GaugeMetricFamily, "grinfer_retrieval_cache_users", "Users with history K/V cached", labels,
+                  cached, lambda c: c["users"])
 
 
 def ring_families(members: list[tuple[list[str], dict]]):
