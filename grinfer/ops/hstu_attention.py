@@ -64,7 +64,12 @@ def check_paged_inputs(
     _check_keys(q, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, k_group.numel(),
                 (("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table)))
     _check_bias(q_ts, k_ts, pos_table, time_table)
-    batch = len(q_offsets) - 1
+    check_block_table(block_table, page_size, len(q_offsets) - 1)
+
+
+def check_block_table(block_table: torch.Tensor, page_size: int, batch: int) -> None:
+    """Raise ValueError unless block_table is integer [batch, max_blocks] and page_size a power of two (no host
+    sync); the Triton kernel's launch checks its block tables here too."""
     if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.is_floating_point():
         raise ValueError(f"block_table: expected integer [{batch}, max_blocks], got {block_table.dtype} "
                          f"{tuple(block_table.shape)}")

@@ -51,6 +51,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
+from grinfer.ops.hstu_attention import check_block_table
 from grinfer.ops.triton.rounding import round_to
 
 _U = tl.constexpr(GROUP_U)
@@ -690,15 +691,6 @@ def _check_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: to
     return True
 
 
-def _check_block_table(block_table: torch.Tensor, page_size: int, batch: int) -> None:
-    """Raise ValueError if the block table or page size cannot serve this batch and key tile (no host sync)."""
-    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.is_floating_point():
-        raise ValueError(f"block_table: expected integer [{batch}, max_blocks], got {block_table.dtype} "
-                         f"{tuple(block_table.shape)}")
-    if page_size < 1 or page_size & (page_size - 1):
-        raise ValueError(f"page_size: expected a power of two with a block table, got {page_size}")
-
-
 def triton_hstu_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_offsets: torch.Tensor, k_offsets: torch.Tensor,
@@ -770,7 +762,7 @@ def launch_hstu_attention(
     if layout_counts and mode != "dynamic":
         raise ValueError("layout_counts: the layout's visible-key counts are those of the dynamic mask")
     if block_table is not None:
-        _check_block_table(block_table, page_size, batch)
+        check_block_table(block_table, page_size, batch)
     if max_len_q is None:
         max_len_q = _check_offsets(q_offsets, k_offsets, t_q, k.shape[0] if block_table is None else len(k_group))
     if max_len_q == 0 or heads == 0 or t_q == 0:
