@@ -58,6 +58,14 @@ class PagedBatch:
         return reference.hstu_attention(self.q, self.k, self.v, *self.meta(), k_scale=self.k_scale,
                                         v_scale=self.v_scale, **kw)
 
+    def poison_unowned(self) -> int:
+        """NaN in every pool slot no key owns (a kernel that reads one would leak it into its output); returns
+        how many slots that is."""
+        owned = torch.zeros(len(self.k_pool), dtype=torch.bool)
+        owned[reference.paged_slots(self.block_table, self.page, self.k_offsets, len(self.k_group))] = True
+        self.k_pool[~owned], self.v_pool[~owned] = float("nan"), float("nan")
+        return int((~owned).sum())
+
     def paged(self, kernel: str = "reference", **kw) -> torch.Tensor:
         """The dispatcher's paged entry over the pool."""
         return attention.paged_hstu_attention(self.q, self.k_pool, self.v_pool, self.block_table, self.page,
@@ -152,11 +160,8 @@ def test_paged_reference_reads_only_the_sequences_pages():
     """Changing every slot no key owns (spare pages, the unused table column's pages) changes nothing."""
     b = paged_batch([(2, 5, 4, 6), (1, 0, 3, 2), (0, 0, 0, 0), (3, 6, 2, 5)], page=4, cuts=[0.3, 0.0, 0.0, 0.6])
     want = b.paged()
-    owned = reference.paged_slots(b.block_table, b.page, b.k_offsets, len(b.k_group))
-    garbage = torch.ones(len(b.k_pool), dtype=torch.bool)
-    garbage[owned] = False
-    assert garbage.any() and want.abs().max() > 1e-2
-    b.k_pool[garbage], b.v_pool[garbage] = float("nan"), float("nan")
+    assert want.abs().max() > 1e-2
+    assert b.poison_unowned() > 0
     assert torch.equal(b.paged(), want)
 
 

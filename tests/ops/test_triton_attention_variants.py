@@ -16,7 +16,6 @@ from test_triton_paged_attention import CUTS, LAYOUTS
 from triton_util import interpreted_module
 
 from grinfer.ops.reference.hstu_attention import hstu_attention as reference_attention
-from grinfer.ops.reference.hstu_attention import paged_slots
 
 tk = interpreted_module("grinfer.ops.triton.hstu_attention")
 BASE = tk.KernelConfig(16, 16)
@@ -145,9 +144,7 @@ def test_variants_read_only_the_sequences_pages(config):
     """Every slot no key owns holds NaN (prefetched block ids past the end, TMA's whole tiles): nothing changes."""
     b = paged_batch(LAYOUTS, page=16, cuts=CUTS, heads=1, d_qk=16, d_v=16, seed=26)
     want = b.paged(kernel="triton", config=config)
-    owned = torch.zeros(len(b.k_pool), dtype=torch.bool)
-    owned[paged_slots(b.block_table, b.page, b.k_offsets, len(b.k_group))] = True
-    b.k_pool[~owned], b.v_pool[~owned] = float("nan"), float("nan")
+    b.poison_unowned()
     got = b.paged(kernel="triton", config=config)
     assert torch.isfinite(got).all()
     assert torch.equal(got, want)

@@ -12,8 +12,6 @@ import torch
 from test_attention_dispatch import PagedBatch, paged_batch
 from triton_util import interpreted_module
 
-from grinfer.ops.reference.hstu_attention import paged_slots
-
 tk = interpreted_module("grinfer.ops.triton.hstu_attention")
 SMALL = tk.KernelConfig(16, 16)
 # U/S/R/C mixes: full, empty S, empty sequence, only candidates, longer than two key tiles
@@ -66,9 +64,7 @@ def test_triton_reads_only_the_sequences_pages():
     """Every slot no key owns holds NaN: the kernel's output stays finite and unchanged."""
     b = paged_batch(LAYOUTS, page=4, cuts=CUTS, heads=1, d_qk=16, d_v=16, seed=6)
     want = b.paged(kernel="triton", config=SMALL)
-    owned = torch.zeros(len(b.k_pool), dtype=torch.bool)
-    owned[paged_slots(b.block_table, b.page, b.k_offsets, len(b.k_group))] = True
-    b.k_pool[~owned], b.v_pool[~owned] = float("nan"), float("nan")
+    b.poison_unowned()
     got = b.paged(kernel="triton", config=SMALL)
     assert torch.isfinite(got).all()
     assert torch.equal(got, want)
