@@ -43,7 +43,7 @@ def check_inputs(
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError naming the first argument whose shape, dtype or device does not fit (no host sync)."""
-    _check_modes(mode, normalizer)
+    check_modes(mode, normalizer)
     _check_qkv(q, (("k", k, k_scale), ("v", v, v_scale)))
     _check_keys(q, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, k.shape[0], (("k", k), ("v", v)))
     _check_bias(q_ts, k_ts, pos_table, time_table)
@@ -59,7 +59,7 @@ def check_paged_inputs(
 ) -> None:
     """`check_inputs` for keys in a paged pool: k_pool, v_pool [slots, H, D] (scales [slots, H]), k_group and k_pos
     one per logical key, block_table [B, max_blocks] integers, page_size a power of two (no host sync)."""
-    _check_modes(mode, normalizer)
+    check_modes(mode, normalizer)
     _check_qkv(q, (("k_pool", k_pool, k_scale), ("v_pool", v_pool, v_scale)))
     _check_keys(q, q_offsets, k_offsets, q_group, q_pos, k_group, k_pos, k_group.numel(),
                 (("k_pool", k_pool), ("v_pool", v_pool), ("block_table", block_table)))
@@ -77,7 +77,8 @@ def check_block_table(block_table: torch.Tensor, page_size: int, batch: int) -> 
         raise ValueError(f"page_size: expected a power of two, got {page_size!r}")
 
 
-def _check_modes(mode: str, normalizer: str) -> None:
+def check_modes(mode: str, normalizer: str) -> None:
+    """Raise ValueError naming the mask mode or normaliser that no kernel has."""
     if mode not in ("dynamic", "causal"):
         raise ValueError(f"mask mode: expected 'dynamic' or 'causal', got {mode!r}")
     if normalizer not in ("visible", "max_len"):
@@ -236,7 +237,7 @@ def plan_attention(
 ) -> AttentionPlan:
     """The mask, normaliser and (with bias_reach) relative-bias indices of the queries over the keys, shared by
     every layer's `attend` (see `grinfer.ops.reference.hstu_attention.plan_attention`)."""
-    _check_modes(mode, normalizer)
+    check_modes(mode, normalizer)
     tq, tk = q_group.numel(), k_group.numel()
     _check_layout(q_offsets, k_offsets, (("q_group", q_group, tq), ("q_pos", q_pos, tq), ("k_group", k_group, tk),
                                          ("k_pos", k_pos, tk)))

@@ -51,7 +51,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from grinfer.ops.groups import GROUP_C, GROUP_R, GROUP_S, GROUP_U
-from grinfer.ops.hstu_attention import check_block_table
+from grinfer.ops.hstu_attention import check_block_table, check_modes
 from grinfer.ops.triton.rounding import round_to
 
 _U = tl.constexpr(GROUP_U)
@@ -741,10 +741,7 @@ def launch_hstu_attention(
 ) -> tuple[torch.Tensor, object | None]:
     """`triton_hstu_attention`, also returning the launched compiled kernel (None when nothing ran), whose
     registers, spills and shared memory check.py reports."""
-    if mode not in ("dynamic", "causal"):
-        raise ValueError(f"mask mode: expected 'dynamic' or 'causal', got {mode!r}")
-    if normalizer not in ("visible", "max_len"):
-        raise ValueError(f"normalizer: expected 'visible' or 'max_len', got {normalizer!r}")
+    check_modes(mode, normalizer)
     quant = _check_dtypes(q, k, v, k_scale, v_scale)
     t_q, heads, d_qk = q.shape
     d_v = v.shape[2]
