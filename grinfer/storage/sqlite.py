@@ -132,13 +132,25 @@ class SQLiteStore:
         self._write_lock = threading.Lock()
         self._closed = False
         self.key_pruning = KeyPruning(key_retention, self.prune_idempotency_keys)
-        conn = self._conn()
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = self._switch_to_wal(self._conn())
         if mode.lower() != "wal":
             raise RuntimeError(f"{self.path}: SQLite could not switch to WAL mode (journal_mode={mode})")
         self._migrate()
 
     # -- connections and transactions -------------------------------------------------------
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> str:
+        """PRAGMA journal_mode=WAL, retried for up to the busy timeout: the switch takes the file's exclusive lock
+        without SQLite's busy handler, so processes or threads opening a new file at once get "database is
+        locked" at once (4 in 200 four-way opens here)."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
 
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
